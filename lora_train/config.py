@@ -1,0 +1,441 @@
+"""Typed recipe schema, YAML loading, command-line overrides and validation.
+
+A recipe is a YAML file with one mapping per section (``model``, ``quantization``, ``peft``,
+``data``, ``training``, ``output``). Every field is declared below with its type, default and a
+one-line ``help`` text; ``--help`` on the scripts prints this table. Overrides are given as
+``section.field=value`` and are parsed as YAML scalars, then typed by the schema.
+
+All problems are collected in one pass and reported together in a :class:`RecipeError`, before
+any model or data is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+DType = Literal["float32", "bfloat16", "float16"]
+PeftMethod = Literal["lora", "adalora", "head_only", "full"]
+
+
+def _f(default: Any, help: str, **kwargs: Any) -> Any:
+    """A dataclass field with its help text (shown by ``--help`` and in the README)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """The pretrained base model."""
+
+    name_or_path: str = _f("sentence-transformers/all-MiniLM-L6-v2", "Hub id or local directory of the base model.")
+    revision: str = _f("main", "Hub revision (branch, tag or commit) of the base model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the non-quantized weights are loaded in ('auto' keeps the checkpoint's)."
+    )
+    trust_remote_code: bool = _f(False, "Run code shipped with the checkpoint. Off unless you trust the repo.")
+    attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = _f(
+        "sdpa", "Attention kernel; null lets transformers choose."
+    )
+
+
+@dataclass
+class QuantizationConfig:
+    """Base-weight quantization (QLoRA = LoRA on a 4-bit NF4 base)."""
+
+    method: Literal["none", "nf4"] = _f("none", "'nf4' loads the base in 4-bit NormalFloat via bitsandbytes (QLoRA).")
+    double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: DType = _f("bfloat16", "dtype the 4-bit weights are dequantized to for matmuls.")
+    quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
+        "uint8", "dtype packing the 4-bit weights; must equal compute_dtype under FSDP / ZeRO-3."
+    )
+    skip_modules: Optional[list[str]] = _f(
+        None, "Modules kept out of quantization; null = the classification head (classifier, score, pooler...)."
+    )
+
+
+@dataclass
+class PeftConfig:
+    """What is trained: LoRA / AdaLoRA adapters, the head only, or everything."""
+
+    method: PeftMethod = _f(
+        "lora", "lora | adalora (adapters + head), head_only (frozen encoder) or full (full fine-tuning)."
+    )
+    r: int = _f(8, "LoRA rank (for AdaLoRA: the rank budget per module is set by init_r / target_r).")
+    alpha: float = _f(16.0, "LoRA scaling numerator: the update is scaled by alpha / r.")
+    dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).")
+    bias: Literal["none", "all", "lora_only"] = _f("none", "Which biases are trained.")
+    target_modules: Union[list[str], str] = _f(
+        ["query", "value"], "Module name suffixes to adapt (a list), or 'all-linear'."
+    )
+    modules_to_save: Optional[list[str]] = _f(
+        None, "Modules trained in full and saved with the adapter; null = the head modules the checkpoint lacks"
+        " (e.g. classifier), found automatically."
+    )
+    init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
+    target_r: int = _f(8, "AdaLoRA: average target rank after pruning (<= init_r).")
+    tinit: int = _f(0, "AdaLoRA: warm-up optimizer steps before rank pruning starts; 0 = 10% of the steps.")
+    tfinal: int = _f(0, "AdaLoRA: final optimizer steps with the budget frozen; 0 = 20% of the steps.")
+    deltaT: int = _f(10, "AdaLoRA: optimizer steps between two budget allocations.")
+    beta1: float = _f(0.85, "AdaLoRA: EMA coefficient of the importance sensitivity.")
+    beta2: float = _f(0.85, "AdaLoRA: EMA coefficient of the importance uncertainty.")
+    orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality regulariser on P and Q.")
+
+
+@dataclass
+class DataConfig:
+    """The task and its data."""
+
+    task: Optional[str] = _f("sst2", "Built-in task (sst2, imdb, emotion), or null for a generic dataset.")
+    path: Optional[str] = _f(
+        None,
+        "Where the data lives: a Hub dataset id, or a local directory of {split}.parquet|csv|json|jsonl files."
+        " null = the task's Hub dataset.",
+    )
+    config_name: Optional[str] = _f(None, "Hub dataset config name (generic datasets).")
+    text_column: Optional[str] = _f(None, "Text column; null = the task's.")
+    label_column: Optional[str] = _f(None, "Integer label column; null = the task's ('label').")
+    label_names: Optional[list[str]] = _f(None, "Class names for a generic dataset; null = read from the data.")
+    train_split: Optional[str] = _f(None, "Training split; null = the task's.")
+    eval_split: Optional[str] = _f(None, "Split evaluated during and after training; null = the task's.")
+    validation_fraction: float = _f(
+        0.1, "When the data has no evaluation split (IMDb), carve this fraction out of train, stratified."
+    )
+    max_length: int = _f(128, "Truncate inputs to this many tokens.")
+    max_train_samples: Optional[int] = _f(None, "Use a fixed random subset of this many training rows.")
+    max_eval_samples: Optional[int] = _f(None, "Use a fixed random subset of this many evaluation rows.")
+    group_by_length: bool = _f(True, "Batch examples of similar length (less padding, same epoch contents).")
+    num_workers: int = _f(0, "DataLoader worker processes.")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation and the loop."""
+
+    num_epochs: float = _f(3.0, "Passes over the training set (ignored when max_steps > 0).")
+    max_steps: int = _f(-1, "Optimizer steps to run; -1 = num_epochs.")
+    per_device_train_batch_size: int = _f(32, "Training batch per process.")
+    per_device_eval_batch_size: int = _f(128, "Evaluation batch per process.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    learning_rate: float = _f(5e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = _f(0.01, "AdamW decoupled weight decay (not applied to biases and norms).")
+    warmup_ratio: float = _f(0.06, "Fraction of optimizer steps spent warming up linearly, in [0, 1).")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warm-up.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
+    seed: int = _f(42, "Seed of data order, dropout and head initialisation.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast dtype (GPU); 'no' on CPU.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
+    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    eval_steps: int = _f(0, "Evaluate every N optimizer steps; 0 = at the end of each epoch only.")
+    save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps; 0 = at the end of each epoch.")
+    logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.")
+    keep_last: int = _f(2, "Resumable checkpoints kept (oldest deleted first).")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint directory to resume from.")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go and who hears about them."""
+
+    output_dir: str = _f("runs/default", "Directory of the run: final adapter, metrics, checkpoints, logs.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run.")
+    report_to: list[str] = _f(["tensorboard"], "Trackers: any of tensorboard, wandb; [] for none.")
+    push_to_hub: bool = _f(False, "Push the final adapter and model card to the Hub.")
+    hub_model_id: Optional[str] = _f(None, "Hub repo id (user/name) to push to.")
+    hub_private: bool = _f(True, "Create the Hub repo as private.")
+    push_checkpoints: bool = _f(False, "Also push the adapter at every checkpoint.")
+
+
+@dataclass
+class Recipe:
+    """A whole training recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """The recipe as plain YAML-able data."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Recipe)}  # type: ignore[misc]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; ``problems`` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{source} has {len(problems)} problem(s):\n{lines}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing of raw YAML values
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return text + " or null" if type(None) in args else text
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert ``value`` to the schema type ``tp`` or raise ``TypeError``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError
+    if origin is list:
+        if isinstance(value, str) and args[0] is str:
+            raise TypeError  # a bare string for a list is ambiguous unless the union allows it
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise TypeError
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. a revision that looks like a number
+        raise TypeError
+    raise TypeError
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls, include_extras=False)
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.field=value`` into its parts; the value is read as a YAML scalar or list."""
+    if "=" not in text:
+        raise RecipeError([f"override '{text}' is not of the form section.field=value"], "command line")
+    key, raw = text.split("=", 1)
+    if key.count(".") != 1:
+        raise RecipeError([f"override key '{key}' must be section.field, e.g. training.learning_rate"], "command line")
+    section, name = key.split(".")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file; YAML syntax errors are reported with their line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"recipe file '{path}' does not exist"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(["the top level must be a mapping of sections: " + ", ".join(SECTIONS)], str(path))
+    return raw
+
+
+def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
+    """Type ``raw`` (and the ``overrides``) against the schema and validate the result."""
+    problems: list[str] = []
+    merged: dict[str, dict[str, Any]] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            problems.append(f"unknown section '{section}'{_suggest(section, list(SECTIONS))}; valid: {', '.join(SECTIONS)}")
+            continue
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            problems.append(f"section '{section}' must be a mapping of field: value")
+            continue
+        merged[section] = dict(values)
+    for text in overrides:
+        try:
+            section, name, value = parse_override(text)
+        except RecipeError as err:
+            problems.extend(err.problems)
+            continue
+        if section not in SECTIONS:
+            problems.append(f"unknown section '{section}' in override '{text}'{_suggest(section, list(SECTIONS))}")
+            continue
+        merged.setdefault(section, {})[name] = value
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        hints = _field_types(cls)
+        values = merged.get(section, {})
+        typed: dict[str, Any] = {}
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            if name not in hints:
+                problems.append(f"unknown field '{key}'{_suggest(name, list(hints))}")
+                continue
+            try:
+                typed[name] = _coerce(value, hints[name])
+            except TypeError:
+                problems.append(f"{key} = {value!r} is invalid: expected {_describe(hints[name])}")
+        sections[section] = cls(**typed)
+    recipe = Recipe(**sections)
+    problems.extend(validate(recipe))
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override, type and validate a recipe file."""
+    return build_recipe(read_yaml(path), list(overrides), source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values (types are already right here)
+
+
+def validate(recipe: Recipe) -> list[str]:
+    """Every value and cross-field problem of a typed recipe, as messages."""
+    from lora_train.tasks import TASKS  # local import: tasks imports nothing heavy, but keep config standalone
+
+    p: list[str] = []
+    m, q, pe, d, t, o = recipe.model, recipe.quantization, recipe.peft, recipe.data, recipe.training, recipe.output
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(bool(m.name_or_path), "model.name_or_path must name a Hub id or a local directory")
+    need(pe.r > 0, f"peft.r = {pe.r} must be a positive integer")
+    need(pe.alpha > 0, f"peft.alpha = {pe.alpha} must be > 0")
+    need(0 <= pe.dropout < 1, f"peft.dropout = {pe.dropout} must be in [0, 1)")
+    if isinstance(pe.target_modules, str):
+        need(pe.target_modules == "all-linear", f"peft.target_modules = {pe.target_modules!r}: give a list of module names or 'all-linear'")
+    else:
+        need(len(pe.target_modules) > 0, "peft.target_modules must not be empty")
+    if pe.method == "adalora":
+        need(pe.init_r > 0, f"peft.init_r = {pe.init_r} must be > 0")
+        need(0 < pe.target_r <= pe.init_r, f"peft.target_r = {pe.target_r} must be in (0, init_r = {pe.init_r}]")
+        need(pe.deltaT > 0, f"peft.deltaT = {pe.deltaT} must be > 0")
+        need(pe.tinit >= 0 and pe.tfinal >= 0, "peft.tinit and peft.tfinal must be >= 0")
+        for name in ("beta1", "beta2"):
+            need(0 <= getattr(pe, name) < 1, f"peft.{name} = {getattr(pe, name)} must be in [0, 1)")
+        need(pe.orth_reg_weight >= 0, "peft.orth_reg_weight must be >= 0")
+    if q.method == "nf4":
+        need(pe.method in ("lora", "adalora"),
+             f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}")
+
+    if d.task is not None and d.task not in TASKS:
+        p.append(f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))}; valid: {', '.join(TASKS)}, or null with data.path")
+    if d.task is None:
+        need(d.path is not None, "data.task is null, so data.path must name a Hub dataset id or a local directory")
+        need(d.text_column is not None, "data.task is null, so data.text_column must be set")
+    need(d.max_length > 0, f"data.max_length = {d.max_length} must be > 0")
+    need(0 < d.validation_fraction < 1, f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)")
+    for name in ("max_train_samples", "max_eval_samples"):
+        v = getattr(d, name)
+        need(v is None or v > 0, f"data.{name} = {v} must be > 0 or null")
+    need(d.num_workers >= 0, "data.num_workers must be >= 0")
+
+    need(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"training.learning_rate = {t.learning_rate} must be > 0")
+    need(t.num_epochs > 0 or t.max_steps > 0, "set training.num_epochs > 0 or training.max_steps > 0")
+    need(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps = {t.max_steps} must be > 0 or -1")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "keep_last"):
+        need(getattr(t, name) > 0, f"training.{name} = {getattr(t, name)} must be > 0")
+    need(0 <= t.warmup_ratio < 1, f"training.warmup_ratio = {t.warmup_ratio} must be in [0, 1)")
+    need(t.weight_decay >= 0, "training.weight_decay must be >= 0")
+    need(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 = no clipping)")
+    need(t.eval_steps >= 0 and t.save_steps >= 0, "training.eval_steps and training.save_steps must be >= 0")
+
+    for tracker in o.report_to:
+        need(tracker in ("tensorboard", "wandb"), f"output.report_to: unknown tracker {tracker!r}; valid: tensorboard, wandb")
+    if o.push_to_hub:
+        need(bool(o.hub_model_id) and "/" in (o.hub_model_id or ""),
+             "output.push_to_hub is true, so output.hub_model_id must be 'user/name'")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def fields_help() -> str:
+    """Every recipe field with its type, default and meaning, for ``--help``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:  {cls.__doc__}")
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"  {section}.{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+                         f"  ({_describe(hints[f.name])})")
+            lines.append(f"      {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The resolved recipe as YAML (what a run saves beside its adapter)."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,223 @@
+"""Tokenizer, base model (optionally 4-bit NF4), and the PEFT / head-only / full training regime."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from lora_train.config import Recipe, RecipeError
+
+logger = logging.getLogger(__name__)
+
+HEAD_MODULE_NAMES = ("classifier", "pre_classifier", "score", "pooler", "out_proj")
+"""Names of classification-head modules across architectures (BERT: pooler + classifier, DistilBERT:
+pre_classifier + classifier, decoder LMs: score). They are trained in full and never quantized."""
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
+
+
+@dataclass
+class ParamCount:
+    """Trainable and total parameter counts (4-bit weights counted as their unpacked number)."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {self.percent:.4f}"
+
+
+def load_tokenizer(recipe: Recipe):
+    """The base model's tokenizer; decoder tokenizers without a pad token reuse EOS for padding."""
+    from transformers import AutoTokenizer
+
+    m = recipe.model
+    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise RecipeError([f"tokenizer of {m.name_or_path} has neither a pad nor an eos token to pad with"])
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(recipe: Recipe, num_labels: int, label_names: list[str]):
+    """The base model's config with the task's label mapping (reads config.json only)."""
+    from transformers import AutoConfig
+
+    m = recipe.model
+    config = AutoConfig.from_pretrained(
+        m.name_or_path,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        num_labels=num_labels,
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    return config
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Top-level names of the classification head modules present in ``model`` (e.g. pooler, classifier)."""
+    present = set()
+    for name, _ in model.named_modules():
+        leaf = name.split(".")[-1]
+        if leaf in HEAD_MODULE_NAMES and "attention" not in name:
+            present.add(leaf)
+    return sorted(present)
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear layers outside the head (valid ``target_modules`` entries)."""
+    heads = set(head_modules(model))
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ in ("Linear4bit", "Conv1D"):
+            parts = name.split(".")
+            if not heads.intersection(parts):
+                names.add(parts[-1])
+    return sorted(names)
+
+
+def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
+    """Refuse target modules the model lacks, listing the Linear names that exist."""
+    targets = recipe.peft.target_modules
+    if recipe.peft.method not in ("lora", "adalora") or targets == "all-linear":
+        return
+    available = linear_module_names(model)
+    missing = [t for t in targets if t.split(".")[-1] not in available]
+    if missing:
+        raise RecipeError(
+            [f"peft.target_modules {missing} not found in {recipe.model.name_or_path}; its Linear layers are: {available}"]
+        )
+
+
+def meta_model(config) -> nn.Module:
+    """Instantiate the architecture on the meta device (no memory, no weights) to inspect module names."""
+    from transformers import AutoModelForSequenceClassification
+
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def quantization_config(recipe: Recipe, skip: list[str]):
+    """The BitsAndBytesConfig for NF4, or None."""
+    q = recipe.quantization
+    if q.method == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES[q.quant_storage_dtype],
+        llm_int8_skip_modules=skip,
+    )
+
+
+def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -> tuple[nn.Module, list[str]]:
+    """The pretrained classifier (NF4 when asked, heads kept out of quantization) and its new head modules.
+
+    The second value names the head modules the checkpoint did not provide (e.g. BERT's ``classifier``,
+    DistilBERT's ``pre_classifier`` and ``classifier``, a decoder's ``score``): they start random and
+    must be trained. A pretrained pooler stays frozen, which keeps adapters small.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    m, q = recipe.model, recipe.quantization
+    skip = q.skip_modules if q.skip_modules is not None else head_modules(meta_model(config))
+    kwargs = dict(
+        config=config,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        dtype="auto" if m.dtype == "auto" else DTYPES[m.dtype],
+    )
+    if m.attn_implementation:
+        kwargs["attn_implementation"] = m.attn_implementation
+    qconfig = quantization_config(recipe, skip)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = device_map or {"": "cpu"}
+    model, info = AutoModelForSequenceClassification.from_pretrained(m.name_or_path, output_loading_info=True, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    missing = {part for key in info["missing_keys"] for part in key.split(".")}
+    new_heads = [h for h in head_modules(model) if h in missing] or [h for h in head_modules(model) if h in ("classifier", "score")]
+    return model, new_heads
+
+
+def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
+    """LoraConfig / AdaLoraConfig for sequence classification (the head goes to modules_to_save)."""
+    from peft import AdaLoraConfig, LoraConfig, TaskType
+
+    pe = recipe.peft
+    common = dict(
+        task_type=TaskType.SEQ_CLS,
+        target_modules=pe.target_modules,
+        lora_alpha=pe.alpha,
+        lora_dropout=pe.dropout,
+        bias=pe.bias,
+        modules_to_save=pe.modules_to_save if pe.modules_to_save is not None else trainable_heads,
+    )
+    if pe.method == "lora":
+        return LoraConfig(r=pe.r, **common)
+    tinit = pe.tinit or max(1, int(0.1 * total_steps))
+    tfinal = pe.tfinal or max(1, int(0.2 * total_steps))
+    if tinit + tfinal >= total_steps:
+        raise RecipeError(
+            [f"AdaLoRA needs tinit + tfinal < total optimizer steps, got {tinit} + {tfinal} >= {total_steps};"
+             " lower peft.tinit / peft.tfinal or train longer"]
+        )
+    return AdaLoraConfig(
+        init_r=pe.init_r, target_r=pe.target_r, tinit=tinit, tfinal=tfinal, deltaT=pe.deltaT,
+        beta1=pe.beta1, beta2=pe.beta2, orth_reg_weight=pe.orth_reg_weight, total_step=total_steps, **common,
+    )
+
+
+def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], total_steps: int) -> nn.Module:
+    """Make only what the recipe trains trainable: adapters + head, the head alone, or everything."""
+    method = recipe.peft.method
+    if method == "full":
+        model.requires_grad_(True)
+        if recipe.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+    if method == "head_only":
+        heads = set(recipe.peft.modules_to_save or trainable_heads)
+        for name, param in model.named_parameters():
+            param.requires_grad_(bool(heads.intersection(name.split("."))))
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if recipe.quantization.method != "none":
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.training.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif recipe.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, peft_config(recipe, trainable_heads, total_steps))
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Trainable / total parameters; a packed 4-bit tensor holds two weights per byte."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n = n * 2 * param.element_size()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return ParamCount(trainable, total)

@@ -1,0 +1,66 @@
+"""Built-in text-classification tasks: where their data lives and how it is laid out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the loop needs to know about a task's dataset."""
+
+    name: str
+    hub_id: str
+    hub_config: Optional[str]
+    text_column: str
+    label_column: str
+    label_names: tuple[str, ...]
+    train_split: str
+    eval_split: str
+    test_split: Optional[str]
+    has_eval_split: bool
+    """False when the eval split must be carved out of train (IMDb)."""
+    note: str = ""
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst2": TaskSpec(
+        name="sst2",
+        hub_id="glue",
+        hub_config="sst2",
+        text_column="sentence",
+        label_column="label",
+        label_names=("negative", "positive"),
+        train_split="train",
+        eval_split="validation",
+        test_split=None,
+        has_eval_split=True,
+        note="GLUE hides the test labels (-1), so results are reported on validation.",
+    ),
+    "imdb": TaskSpec(
+        name="imdb",
+        hub_id="stanfordnlp/imdb",
+        hub_config="plain_text",
+        text_column="text",
+        label_column="label",
+        label_names=("neg", "pos"),
+        train_split="train",
+        eval_split="validation",
+        test_split="test",
+        has_eval_split=False,
+        note="No validation split: a stratified one is carved out of train (data.validation_fraction).",
+    ),
+    "emotion": TaskSpec(
+        name="emotion",
+        hub_id="dair-ai/emotion",
+        hub_config="split",
+        text_column="text",
+        label_column="label",
+        label_names=("sadness", "joy", "love", "anger", "fear", "surprise"),
+        train_split="train",
+        eval_split="validation",
+        test_split="test",
+        has_eval_split=True,
+    ),
+}
