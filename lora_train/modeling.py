@@ -74,6 +74,19 @@ def head_modules(model: nn.Module) -> list[str]:
     return sorted(present)
 
 
+def head_linear_names(model: nn.Module) -> list[str]:
+    """Full names of the Linear layers inside head modules (e.g. ``bert.pooler.dense``, ``classifier``).
+
+    transformers matches ``llm_int8_skip_modules`` as a prefix or suffix of full module names, so a
+    bare ``pooler`` would not keep ``bert.pooler.dense`` out of quantization; full names do.
+    """
+    heads = set(head_modules(model))
+    return sorted(
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and heads.intersection(name.split(".")) and "attention" not in name
+    )
+
+
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the Linear layers outside the head (valid ``target_modules`` entries)."""
     heads = set(head_modules(model))
@@ -134,7 +147,7 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
     from transformers import AutoModelForSequenceClassification
 
     m, q = recipe.model, recipe.quantization
-    skip = q.skip_modules if q.skip_modules is not None else head_modules(meta_model(config))
+    skip = q.skip_modules if q.skip_modules is not None else head_linear_names(meta_model(config))
     kwargs = dict(
         config=config,
         revision=m.revision,

@@ -1,0 +1,127 @@
+"""Shared fixtures: the real assets in ../shared (skipped when absent) and tiny random models built here."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+HF_HUB = SHARED / "hf-hub"
+DATA = SHARED / "data"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+HAS_SHARED = (HF_HUB / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir() and (DATA / "sst2").is_dir()
+needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs the real assets in ../shared (data and hf-hub)")
+
+# Offline everywhere: tests never reach the Hub. The real checkpoint cache is used when present.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if HAS_SHARED:
+    os.environ["HF_HUB_CACHE"] = str(HF_HUB)
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "fun", "brilliant"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak", "ugly", "terrible"]
+FILLER = ["the", "movie", "film", "was", "a", "plot", "and", "actors", "story", "very", "quite", "it", "this", "is"]
+
+
+def make_sentiment_rows(n: int, seed: int) -> list[dict]:
+    """Synthetic two-class rows: the label is carried by one sentiment word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(3, 12))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory) -> Path:
+    """A local dataset directory ({split}.parquet) of synthetic sentiment rows."""
+    import pandas as pd
+
+    directory = tmp_path_factory.mktemp("toy_data")
+    for split, n, seed in (("train", 512, 1), ("validation", 128, 2), ("test", 128, 3)):
+        pd.DataFrame(make_sentiment_rows(n, seed)).to_parquet(directory / f"{split}.parquet")
+    return directory
+
+
+def _word_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    from tokenizers.processors import TemplateProcessing
+
+    backend.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        model_max_length=64,
+    )
+    tok.save_pretrained(directory)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 64; bitsandbytes CPU kernels need in_features >= 64) with a word-level tokenizer, saved as safetensors.
+
+    Saved without a pooler, so the pooler and the classifier are the new head modules that get trained.
+    """
+    import torch
+    from transformers import BertConfig, BertModel
+
+    directory = tmp_path_factory.mktemp("tiny_bert")
+    tok = _word_tokenizer(directory)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    BertModel(config, add_pooling_layer=False).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer Llama (hidden 64) without a pad token, as decoder classifiers ship."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    tok = _word_tokenizer(directory)
+    tok.pad_token = None
+    tok.eos_token = "[SEP]"
+    tok.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, eos_token_id=3, bos_token_id=2, pad_token_id=None)
+    LlamaModel(config).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def write_recipe(path: Path, sections: dict) -> Path:
+    """Write a recipe YAML file from nested dicts."""
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def tiny_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **sections) -> dict:
+    """A recipe dict for a fast CPU run of a tiny model on the synthetic data; ``sections`` update it."""
+    recipe = {
+        "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
+        "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
+        "data": {"task": None, "path": str(data_dir), "text_column": "text", "label_names": ["neg", "pos"], "max_length": 32},
+        "training": {"num_epochs": 2, "per_device_train_batch_size": 16, "learning_rate": 5e-3, "logging_steps": 4,
+                     "warmup_ratio": 0.0, "seed": 0},
+        "output": {"output_dir": str(output_dir), "report_to": []},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
