@@ -36,10 +36,10 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     """``lora-train RECIPE [overrides]``: the same as ``scripts/train.py``."""
     import json
 
-    from lora_train.data import DataError
+    recipe, _ = parse_recipe(recipe_parser("Train a LoRA / AdaLoRA / QLoRA text classifier from a recipe."), argv)
+    from lora_train.data import DataError  # imports torch: only after the recipe is known to be valid
     from lora_train.train import TrainingError, train
 
-    recipe, _ = parse_recipe(recipe_parser("Train a LoRA / AdaLoRA / QLoRA text classifier from a recipe."), argv)
     try:
         metrics = train(recipe)
     except (RecipeError, DataError, TrainingError) as err:

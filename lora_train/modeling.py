@@ -48,20 +48,29 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-def load_model_config(recipe: Recipe, num_labels: int, label_names: list[str]):
-    """The base model's config with the task's label mapping (reads config.json only)."""
+def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
+    """The base model's config (reads config.json only), with the task's label mapping when given."""
     from transformers import AutoConfig
 
     m = recipe.model
-    config = AutoConfig.from_pretrained(
-        m.name_or_path,
-        revision=m.revision,
-        trust_remote_code=m.trust_remote_code,
-        num_labels=num_labels,
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
-    return config
+    labels = {}
+    if label_names is not None:
+        labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
+                      label2id={name: i for i, name in enumerate(label_names)})
+    try:
+        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels)
+    except (OSError, ValueError) as err:
+        raise RecipeError([f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]) from None
+
+
+def offline_hint() -> str:
+    """What to check when something cannot be fetched from the Hub."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return ("HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
+                " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it.")
+    return "Check the id and revision, your network, and `hf auth login` for gated or private repos."
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -187,13 +187,15 @@ def evaluate(model, loader: DataLoader, accelerator, num_labels: int, label_name
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate and save the recipe; return the final metrics."""
-    from accelerate import Accelerator
+    t = recipe.training
+    out = check_output_dir(recipe)
+    check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
+
+    from accelerate import Accelerator  # heavy imports (peft, bitsandbytes) only once the checks passed
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import DataCollatorWithPadding, get_scheduler
 
-    t = recipe.training
-    out = check_output_dir(recipe)
     trackers = [name for name in recipe.output.report_to if _tracker_available(name)]
     accelerator = Accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
@@ -214,10 +216,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
     num_labels = len(label_names)
     check_labels(train_raw, spec, num_labels, "train")
     check_labels(eval_raw, spec, num_labels, "eval")
-    config = load_model_config(recipe, num_labels, label_names)
+    config = load_model_config(recipe, label_names)
     if config.pad_token_id is None:
         config.pad_token_id = tokenizer.pad_token_id
-    check_model_fits(recipe, config)
 
     # --- tokenize once, batch dynamically ---------------------------------------------------
     with accelerator.main_process_first():
