@@ -436,6 +436,21 @@ def fields_help() -> str:
     return "\n".join(lines)
 
 
+def fields_markdown() -> str:
+    """The recipe reference as Markdown tables (the README embeds this; a test keeps them equal)."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out += [f"**{section}**: {cls.__doc__}", "", "| field | default | type | meaning |", "|---|---|---|---|"]
+        hints = _field_types(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            meaning = f.metadata["help"].replace("|", "\\|")  # a bare pipe would split the table cell
+            out.append(f"| `{section}.{f.name}` | `{shown}` | {_describe(hints[f.name])} | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The resolved recipe as YAML (what a run saves beside its adapter)."""
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

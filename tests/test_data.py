@@ -1,0 +1,130 @@
+"""Task registry, data loading (the ../shared layout and generic files), label checks, batching."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pandas as pd
+import pytest
+
+from lora_train.config import DataConfig
+from lora_train.data import DataError, EpochSampler, check_labels, label_names_of, load_splits, resolve_spec, tokenize
+from lora_train.tasks import TASKS
+from tests.conftest import DATA, MINILM, needs_shared
+
+
+def test_registry_describes_the_three_tasks():
+    assert set(TASKS) == {"sst2", "imdb", "emotion"}
+    assert TASKS["emotion"].label_names == ("sadness", "joy", "love", "anger", "fear", "surprise")
+    assert not TASKS["imdb"].has_eval_split and TASKS["sst2"].eval_split == "validation"
+
+
+def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
+    spec = resolve_spec(DataConfig(task="sst2"))
+    assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == ("glue", "sst2", "sentence", "validation")
+    local = resolve_spec(DataConfig(task="sst2", path="/data/sst2", eval_split="test"))
+    assert local.source == "/data/sst2" and local.config_name is None and local.eval_split == "test"
+    assert resolve_spec(DataConfig(task="imdb")).carve_eval_from_train
+
+
+@needs_shared
+@pytest.mark.parametrize("task,train_n,eval_n,classes", [("sst2", 67349, 872, 2), ("emotion", 16000, 2000, 6)])
+def test_shared_layout_loads_as_is(task, train_n, eval_n, classes):
+    cfg = DataConfig(task=task, path=str(DATA / task))
+    spec = resolve_spec(cfg)
+    train, evaluation = load_splits(spec, cfg)
+    assert (len(train), len(evaluation)) == (train_n, eval_n)
+    names = label_names_of(train, spec)
+    assert len(names) == classes
+    check_labels(train, spec, classes, "train")
+
+
+@needs_shared
+def test_imdb_validation_is_carved_stratified_and_deterministic():
+    cfg = DataConfig(task="imdb", path=str(DATA / "imdb"), validation_fraction=0.1)
+    spec = resolve_spec(cfg)
+    train, evaluation = load_splits(spec, cfg)
+    assert (len(train), len(evaluation)) == (22500, 2500)
+    assert Counter(evaluation["label"]) == {0: 1250, 1: 1250}
+    _, again = load_splits(spec, cfg)
+    assert again["text"][:20] == evaluation["text"][:20]
+    assert len(set(evaluation["text"]) & set(train["text"])) < 20  # only IMDb's own duplicated reviews (96 in train)
+
+
+@needs_shared
+def test_hidden_test_labels_are_refused_with_advice():
+    cfg = DataConfig(task="sst2", path=str(DATA / "sst2"), eval_split="test")
+    spec = resolve_spec(cfg)
+    _, test = load_splits(spec, cfg)
+    with pytest.raises(DataError, match=r"label\(s\) \[-1\] outside \[0, 2\).*Hidden test labels"):
+        check_labels(test, spec, 2, "test")
+
+
+def test_generic_csv_with_missing_column_names_the_columns(tmp_path):
+    pd.DataFrame({"review": ["good", "bad"], "label": [1, 0]}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"review": ["fine"], "label": [1]}).to_csv(tmp_path / "validation.csv", index=False)
+    cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
+    with pytest.raises(DataError, match=r"no text column 'text'; its columns are \['review', 'label'\]"):
+        load_splits(resolve_spec(cfg), cfg)
+
+
+def test_generic_data_without_label_names_counts_classes(tmp_path):
+    pd.DataFrame({"text": list("abcd"), "label": [0, 2, 1, 2]}).to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    pd.DataFrame({"text": ["e"], "label": [1]}).to_json(tmp_path / "validation.jsonl", orient="records", lines=True)
+    cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
+    spec = resolve_spec(cfg)
+    train, _ = load_splits(spec, cfg)
+    assert label_names_of(train, spec) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+
+
+def test_missing_split_file_lists_what_exists(tmp_path):
+    pd.DataFrame({"text": ["a"], "label": [0]}).to_parquet(tmp_path / "train.parquet")
+    cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
+    with pytest.raises(DataError, match=r"no file for split\(s\) \['validation'\]; found \['train'\]"):
+        load_splits(resolve_spec(cfg), cfg)
+
+
+def test_subsets_are_fixed_across_training_seeds(toy_data_dir):
+    cfg = DataConfig(task=None, path=str(toy_data_dir), text_column="text", max_train_samples=50)
+    a, _ = load_splits(resolve_spec(cfg), cfg)
+    b, _ = load_splits(resolve_spec(cfg), cfg)
+    assert len(a) == 50 and a["text"] == b["text"]
+
+
+def test_epoch_sampler_is_a_seeded_permutation_with_length_grouping():
+    lengths = [i % 37 for i in range(1000)]
+    plain = EpochSampler(lengths, 16, seed=3, group_by_length=False)
+    grouped = EpochSampler(lengths, 16, seed=3, group_by_length=True)
+    for sampler in (plain, grouped):
+        first = list(sampler)
+        assert sorted(first) == list(range(1000))
+        assert list(sampler) == first  # same (seed, epoch) -> same order: exact resume and DDP sharding rely on it
+        sampler.set_epoch(1)
+        assert list(sampler) != first
+    grouped.set_epoch(0)
+    order = list(grouped)
+    spread = lambda idx: max(lengths[i] for i in idx) - min(lengths[i] for i in idx)  # noqa: E731
+    grouped_spread = sum(spread(order[i:i + 16]) for i in range(0, 992, 16))
+    plain_order = list(EpochSampler(lengths, 16, seed=3, group_by_length=False))
+    plain_spread = sum(spread(plain_order[i:i + 16]) for i in range(0, 992, 16))
+    assert grouped_spread < 0.3 * plain_spread
+
+
+@needs_shared
+def test_tokenize_truncates_and_collator_pads_dynamically():
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    tok = AutoTokenizer.from_pretrained(MINILM)
+    cfg = DataConfig(task="sst2", path=str(DATA / "sst2"), max_train_samples=64)
+    spec = resolve_spec(cfg)
+    train, _ = load_splits(spec, cfg)
+    ds = tokenize(train, tok, spec, max_length=16)
+    assert set(ds.column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels", "length"}
+    assert max(ds["length"]) <= 16
+    rows = [ds[i] for i in range(8)]
+    for row in rows:
+        row.pop("length")
+    batch = DataCollatorWithPadding(tok)(rows)
+    assert batch["input_ids"].shape[1] == max(sum(r["attention_mask"]) for r in rows)
+    batch8 = DataCollatorWithPadding(tok, pad_to_multiple_of=8)(rows)
+    assert batch8["input_ids"].shape[1] % 8 == 0
