@@ -188,7 +188,8 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
         lora_alpha=pe.alpha,
         lora_dropout=pe.dropout,
         bias=pe.bias,
-        modules_to_save=pe.modules_to_save if pe.modules_to_save is not None else trainable_heads,
+        # A copy: peft extends modules_to_save in place with its SEQ_CLS defaults.
+        modules_to_save=list(pe.modules_to_save if pe.modules_to_save is not None else trainable_heads),
     )
     if pe.method == "lora":
         return LoraConfig(r=pe.r, **common)

@@ -125,3 +125,28 @@ def tiny_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **sections) -
     for section, values in sections.items():
         recipe.setdefault(section, {}).update(values)
     return recipe
+
+
+def reload_accuracy(run_dir: Path, texts: list[str], labels, max_length: int) -> float:
+    """Reload a saved adapter the way users do (AutoPeftModelForSequenceClassification; NF4 again when the
+    run was NF4, with the same skip list) and return its accuracy on ``texts``."""
+    import numpy as np
+    import torch
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from lora_train.config import load_recipe
+    from lora_train.modeling import head_linear_names, load_model_config, meta_model, quantization_config
+
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    kwargs = {}
+    if recipe.quantization.method == "nf4":
+        kwargs["quantization_config"] = quantization_config(recipe, head_linear_names(meta_model(load_model_config(recipe))))
+    model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    predictions = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 128):
+            enc = tokenizer(texts[i:i + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            predictions.append(model(**enc).logits.argmax(-1).numpy())
+    return float((np.concatenate(predictions) == np.asarray(labels)).mean())

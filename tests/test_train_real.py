@@ -1,0 +1,46 @@
+"""End-to-end CPU runs on the real all-MiniLM-L6-v2 and real SST-2 subsets: each method learns,
+saves an adapter-only checkpoint under 1 MB, and reloads to the same accuracy."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from lora_train.config import load_recipe
+from lora_train.train import train
+from tests.conftest import DATA, ROOT, needs_shared, reload_accuracy
+
+MAJORITY = 444 / 872  # SST-2 validation: 444 positive of 872
+
+
+@needs_shared
+@pytest.mark.parametrize("recipe_name", ["sst2_lora", "sst2_qlora", "sst2_adalora"])
+def test_cpu_recipe_learns_on_a_real_subset(tmp_path, monkeypatch, recipe_name):
+    monkeypatch.chdir(ROOT)  # recipes name ../shared relative to the project root
+    out = tmp_path / recipe_name
+    recipe = load_recipe(
+        ROOT / "recipes" / "cpu" / f"{recipe_name}.yaml",
+        ["data.max_train_samples=3000", "training.eval_steps=0", "training.save_steps=0",
+         f"output.output_dir={out}", "output.report_to=[]"],
+    )
+    metrics = train(recipe)
+
+    history = json.loads((out / "history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+    assert metrics["eval_samples"] == 872
+    assert metrics["eval_accuracy"] > MAJORITY + 0.1, metrics["eval_accuracy"]
+
+    files = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
+    assert files["adapter_model.safetensors"] < 1_000_000
+    assert not {"model.safetensors", "pytorch_model.bin"} & set(files)
+    from safetensors import safe_open
+
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        assert all("lora_" in k or "classifier" in k for k in f.keys())  # no base weights
+
+    val = pd.read_parquet(DATA / "sst2" / "validation.parquet")
+    accuracy = reload_accuracy(out, list(val["sentence"]), val["label"].to_numpy(), recipe.data.max_length)
+    assert accuracy == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
