@@ -1,0 +1,440 @@
+"""The LoRA studies, one command each: ``python scripts/study.py {rank,regimes,quant,toy}``.
+
+Each study is a list of sweep arms over one recipe (see :mod:`lora_train.sweep`; finished runs are
+skipped, so a command resumes) followed by an analysis that writes its tables (CSV + Markdown) and plots
+into the study's directory, copies the plots to ``--figures``, and writes ``report.md`` for docs/results.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from lora_train import sweep
+
+logger = logging.getLogger("lora_train.studies")
+
+RANKS = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass
+class Study:
+    """A named grid of runs over one recipe and the analysis of its results."""
+
+    name: str
+    recipe: str
+    arms: Callable[[int], list[tuple[str, list[str]]]]
+    """Seeds -> (arm, axes) pairs in run order."""
+    analyse: Callable[["Study", list[dict[str, Any]], Path, Path], str]
+    """(study, rows, study dir, figures dir) -> the Markdown report."""
+    seeds: int = 1
+    extra_runs: Optional[Callable[[Path], None]] = None
+    """Work outside the training loop (e.g. frozen features + logistic regression), run before the sweep."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 1: rank sweep on SST-2
+
+
+def rank_arms(seeds: int) -> list[tuple[str, list[str]]]:
+    """Head-only, full fine-tuning, LoRA with alpha = 2r and LoRA with alpha fixed at 16, seed-major.
+
+    Every arm's first seed runs before any second seed, and the fixed-alpha arm (a side curve) gets its
+    extra seeds last, so a study stopped early still has a balanced main comparison.
+    """
+    ranks = ",".join(map(str, RANKS))
+    arms = []
+    for seed in range(seeds):
+        arms += [
+            ("head_only", ["peft.method=head_only", f"training.seed={seed}"]),
+            ("full", ["peft.method=full", "training.learning_rate=1e-4", f"training.seed={seed}"]),
+            ("lora_alpha_2r", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=2*peft.r", f"training.seed={seed}"]),
+        ]
+        if seed == 0:
+            arms.append(("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"]))
+    arms += [("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"])
+             for seed in range(1, seeds)]
+    return arms
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, fontsize: int = 8) -> None:
+    """Labels, legend, grid; save the PNG and close the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.legend(fontsize=fontsize - 1)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    _pyplot().close(fig)
+
+
+def data_setting(recipe_path: str) -> str:
+    """``2,048 sst2 rows, 1 epoch(s)``: the training budget of a study recipe, for titles."""
+    from lora_train.config import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    rows = f"{recipe.data.max_train_samples:,}" if recipe.data.max_train_samples else "all"
+    return f"{rows} {recipe.data.task or 'train'} rows, {recipe.training.num_epochs:g} epoch(s)"
+
+
+def _by_arm(summary: Sequence[dict[str, Any]], arm: str) -> list[dict[str, Any]]:
+    rows = [row for row in summary if row["arm"] == arm]
+    return sorted(rows, key=lambda row: int(row.get("peft.r") or 0))
+
+
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, validation accuracy) of every evaluation a run logged."""
+    history = json.loads((run_dir / "history.json").read_text())
+    return [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats with fewer or equal parameters and higher accuracy, by parameters."""
+    front, best = [], -1.0
+    for params, acc in sorted(points, key=lambda p: (p[0], -p[1])):
+        if acc > best:
+            front.append((params, acc))
+            best = acc
+    return front
+
+
+def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
+    """Study 1: accuracy vs rank (alpha = 2r and alpha = 16), vs trainable parameters, learning curves."""
+    plt = _pyplot()
+    summary = sweep.aggregate(rows, "training.seed")
+    columns = ["arm", "peft.r", "peft.alpha", "n", "trainable_params", "eval_accuracy", "eval_accuracy_std",
+               "best_eval_accuracy", "train_seconds", "train_samples_per_s"]
+    sweep.write_table(rows, out / "results.csv", out / "results.md")
+    sweep.write_table(summary, out / "summary.csv", out / "summary.md", columns)
+    baselines = {arm: _by_arm(summary, arm) for arm in ("head_only", "full")}
+    setting = data_setting(study.recipe)
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
+    for arm, style, label in (("lora_alpha_2r", "o-", r"LoRA, $\alpha = 2r$"), ("lora_alpha_16", "s--", r"LoRA, $\alpha = 16$ fixed")):
+        points = _by_arm(summary, arm)
+        if points:
+            ax.errorbar([int(p["peft.r"]) for p in points], [100 * p["eval_accuracy"] for p in points],
+                        yerr=[100 * p["eval_accuracy_std"] for p in points], fmt=style, capsize=3, label=label)
+    for (arm, points), color in zip(baselines.items(), ("tab:gray", "tab:red")):
+        if points:
+            mean, std = 100 * points[0]["eval_accuracy"], 100 * points[0]["eval_accuracy_std"]
+            ax.axhline(mean, color=color, lw=1, label=f"{arm.replace('_', '-')} ({mean:.1f})")
+            ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(RANKS, [str(r) for r in RANKS])
+    finish_plot(fig, ax, "LoRA rank r (query, value)", "SST-2 validation accuracy (%)",
+                f"all-MiniLM-L6-v2, {setting}; mean ± std over seeds", figures / "study1_accuracy_vs_rank.png")
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
+    points = []
+    for arm, marker in (("head_only", "v"), ("full", "D"), ("lora_alpha_2r", "o"), ("lora_alpha_16", "s")):
+        arm_points = _by_arm(summary, arm)
+        xs = [p["trainable_params"] for p in arm_points]
+        ys = [100 * p["eval_accuracy"] for p in arm_points]
+        points += list(zip(xs, ys))
+        if xs:
+            ax.errorbar(xs, ys, yerr=[100 * p["eval_accuracy_std"] for p in arm_points], fmt=marker, capsize=2,
+                        label=arm.replace("lora_alpha_2r", r"LoRA $\alpha=2r$").replace("lora_alpha_16", r"LoRA $\alpha=16$"))
+    front = pareto_front(points)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6, label="Pareto frontier")
+    ax.set_xscale("log")
+    finish_plot(fig, ax, "trainable parameters (log)", "SST-2 validation accuracy (%)",
+                f"Accuracy against trainable parameters ({setting}, mean over seeds)", figures / "study1_pareto.png")
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
+    curves = {"head-only": ("head_only", None), "full FT": ("full", None), "LoRA r=1": ("lora_alpha_2r", "1"),
+              "LoRA r=8": ("lora_alpha_2r", "8"), "LoRA r=32": ("lora_alpha_2r", "32"), r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32")}
+    for label, (arm, r) in curves.items():
+        members = [row for row in rows if row["arm"] == arm and (r is None or row.get("peft.r") == r)]
+        if not members:
+            continue
+        per_seed = [dict(eval_curve(out / row["run"])) for row in members]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+        ax.plot(steps, [100 * statistics.mean(c[s] for c in per_seed) for s in steps], "o-", ms=3, label=f"{label} (n={len(members)})")
+    finish_plot(fig, ax, "optimizer step (batch 32)", "SST-2 validation accuracy (%)",
+                f"Learning curves ({setting}, mean over seeds)", figures / "study1_learning_curves.png")
+
+    lines = ["| regime | r | alpha | seeds | trainable params | val. accuracy (%) mean ± std | best-during-run acc. (%) | train s (mean) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in summary:
+        lines.append(f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} | {row['trainable_params']:,.0f} |"
+                     f" {100 * row['eval_accuracy']:.1f} ± {100 * row['eval_accuracy_std']:.1f} | {100 * row['best_eval_accuracy']:.1f} |"
+                     f" {row['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"![{name}](figures/{name}.png)" for name in
+                                                  ("study1_accuracy_vs_rank", "study1_pareto", "study1_learning_curves")) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 2: frozen features + logistic regression vs full fine-tuning vs LoRA (emotion)
+
+
+def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
+    """Mean-pooled embeddings of the frozen base model + scikit-learn LogisticRegression, on the recipe's data.
+
+    Uses the recipe's model, data subset and max_length, so it sees exactly the rows the trained arms see.
+    Writes ``metrics.json`` (the training loop's keys: eval_accuracy, eval_macro_f1, trainable_params,
+    train_seconds_this_session = feature extraction + fit, peak_memory_mb = peak RSS) and returns it.
+    """
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from transformers import AutoModel
+
+    from lora_train.config import load_recipe
+    from lora_train.data import label_names_of, load_splits, resolve_spec
+    from lora_train.metrics import classification_report
+    from lora_train.modeling import load_tokenizer
+    from lora_train.train import peak_memory_mb
+
+    recipe = load_recipe(recipe_path)
+    torch.manual_seed(recipe.training.seed)
+    spec = resolve_spec(recipe.data)
+    train_raw, eval_raw = load_splits(spec, recipe.data)
+    label_names = label_names_of(train_raw, spec)
+    tokenizer = load_tokenizer(recipe)
+    model = AutoModel.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision).eval()
+
+    @torch.no_grad()
+    def embed(texts: list[str]) -> np.ndarray:
+        chunks = []
+        for i in range(0, len(texts), recipe.training.per_device_eval_batch_size):
+            enc = tokenizer(texts[i:i + recipe.training.per_device_eval_batch_size], padding=True, truncation=True,
+                            max_length=recipe.data.max_length, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            chunks.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())  # mean over real tokens
+        return np.concatenate(chunks)
+
+    start = time.perf_counter()
+    x_train = embed(list(train_raw[spec.text_column]))
+    classifier = LogisticRegression(max_iter=2000).fit(x_train, np.asarray(train_raw[spec.label_column]))
+    train_seconds = time.perf_counter() - start
+    predictions = classifier.predict(embed(list(eval_raw[spec.text_column])))
+    report = classification_report(predictions, eval_raw[spec.label_column], len(label_names), label_names)
+    metrics = {
+        "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_samples": report["num_samples"],
+        "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
+        "best_eval_accuracy": report["accuracy"], "train_seconds_this_session": train_seconds,
+        "peak_memory_mb": peak_memory_mb(torch.device("cpu")),
+        "trainable_params": int(classifier.coef_.size + classifier.intercept_.size),
+        "train_examples": len(train_raw), "label_names": label_names,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+FEATURES_RUN = "frozen_features_logreg"
+
+
+def regimes_extra(study: Study, root: Path) -> None:
+    """Run the frozen-features baseline in its own process (clean peak RSS), unless it is done."""
+    run = sweep.Run({}, root / FEATURES_RUN, "frozen_features")
+    if (run.out_dir / "metrics.json").exists():
+        return
+    code = f"from pathlib import Path; from lora_train.studies import frozen_features; frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
+    logger.info("%s: extracting features and fitting the logistic regression", FEATURES_RUN)
+    if sweep.execute([sys.executable, "-c", code], run, root / "logs") != 0:
+        raise RuntimeError(f"{FEATURES_RUN} failed; see {root / 'logs' / (FEATURES_RUN + '.log')}")
+
+
+def regimes_arms(seeds: int) -> list[tuple[str, list[str]]]:
+    """Full fine-tuning and LoRA on query/key/value, per seed."""
+    arms = []
+    for seed in range(seeds):
+        arms += [("full", ["peft.method=full", "training.learning_rate=1e-4", f"training.seed={seed}"]),
+                 ("lora_qkv", ["peft.method=lora", f"training.seed={seed}"])]
+    return arms
+
+
+COMPARE_COLUMNS = ("eval_accuracy", "eval_macro_f1", "train_seconds", "train_samples_per_s", "peak_memory_mb", "trainable_params", "wall_seconds")
+
+
+def comparison_table(rows: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
+    """A Markdown table of one row per run: accuracy, macro-F1, time, throughput, peak memory, parameters."""
+    lines = ["| arm | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        rate = row.get("train_samples_per_s")
+        wall = row.get("wall_seconds")
+        lines.append(f"| {label(row)} | {100 * row['eval_accuracy']:.1f} | {100 * row['eval_macro_f1']:.1f} | {row['train_seconds']:.0f} |"
+                     f" {'' if rate is None else f'{rate:.0f}'} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
+                     f" {'' if wall is None else f'{wall:.0f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_panels(rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
+               panels: Sequence[tuple[str, str, float]]) -> None:
+    """One bar chart per metric (key, axis label, factor), side by side."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=100)
+    for ax, (key, ylabel, factor) in zip(axes, panels):
+        values = [factor * (row.get(key) or 0) for row in rows]
+        ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_ylabel(ylabel, fontsize=8)
+        if key == "trainable_params":
+            ax.set_yscale("log")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def analyse_regimes(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
+    """Study 2: frozen features + LogReg, full fine-tuning and LoRA side by side."""
+    features = sweep.read_result(sweep.Run({}, out / FEATURES_RUN, "frozen_features"))
+    rows = ([features] if features else []) + rows
+    sweep.write_table(rows, out / "results.csv", out / "results.md")
+    names = {"frozen_features": "frozen features + LogReg", "full": "full fine-tuning", "lora_qkv": "LoRA q,k,v"}
+    labels = [names.get(row["arm"], row["arm"]) + (f" (seed {row['training.seed']})" if "training.seed" in row and study.seeds > 1 else "")
+              for row in rows]
+    bar_panels(rows, labels, figures / "study2_regimes.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (6 classes)",
+               [("eval_accuracy", "val. accuracy (%)", 100), ("eval_macro_f1", "val. macro-F1 (%)", 100),
+                ("train_seconds", "train time (s)", 1), ("peak_memory_mb", "peak RSS (MB)", 1), ("trainable_params", "trainable params", 1)])
+    return comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study2_regimes](figures/study2_regimes.png)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 3: LoRA vs QLoRA (NF4, with and without double quantization) vs AdaLoRA
+
+
+def quant_arms(seeds: int) -> list[tuple[str, list[str]]]:
+    """LoRA r=8, QLoRA r=8 (double quant on / off) and AdaLoRA 12 -> 8 (same final rank budget), per seed."""
+    arms = []
+    for seed in range(seeds):
+        s = f"training.seed={seed}"
+        arms += [("lora", ["peft.method=lora", "quantization.method=none", s]),
+                 ("qlora_nf4_dq", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=true", s]),
+                 ("qlora_nf4", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=false", s]),
+                 ("adalora", ["peft.method=adalora", "quantization.method=none", s])]
+    return arms
+
+
+def analyse_quant(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
+    """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA."""
+    sweep.write_table(rows, out / "results.csv", out / "results.md")
+    names = {"lora": "LoRA r=8 (fp32 base)", "qlora_nf4_dq": "QLoRA NF4 + double quant", "qlora_nf4": "QLoRA NF4", "adalora": "AdaLoRA 12 -> 8"}
+    labels = [names[row["arm"]] + (f" (seed {row['training.seed']})" if study.seeds > 1 else "") for row in rows]
+    bar_panels(rows, labels, figures / "study3_quant.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)}",
+               [("eval_accuracy", "val. accuracy (%)", 100), ("peak_memory_mb", "peak RSS (MB)", 1),
+                ("train_seconds", "train time (s)", 1), ("train_samples_per_s", "train samples/s", 1)])
+    return comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear toy (no training loop; seconds)
+
+
+def toy_study(out: Path, figures: Path) -> str:
+    """Learned LoRA error vs the SVD bound for r = 1..32 on a 64 x 64 layer; table + plot."""
+    from lora_train.toy import plot_toy, run_toy
+
+    results = run_toy()
+    rows = [{"r": res.r, "svd_bound": res.bound, "learned_error": res.learned, "learned_over_bound": res.ratio, "steps": res.steps} for res in results]
+    sweep.write_table(rows, out / "results.csv")
+    plot_toy(results, figures / "toy_svd_bound.png")
+    lines = ["| r | SVD bound sum_{i>r} sigma_i^2 | learned error | (learned - bound) / bound |", "|---|---|---|---|"]
+    lines += [f"| {res.r} | {res.bound:.6g} | {res.learned:.6g} | {res.ratio - 1:.1e} |" for res in results]
+    return "\n".join(lines) + "\n\n![toy_svd_bound](figures/toy_svd_bound.png)\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a study
+
+
+STUDIES: dict[str, Study] = {
+    "rank": Study("rank", "recipes/studies/sst2_minilm_rank.yaml", rank_arms, analyse_rank, seeds=3),
+    "regimes": Study("regimes", "recipes/studies/emotion_minilm_regimes.yaml", regimes_arms, analyse_regimes, seeds=1,
+                     extra_runs=lambda root: regimes_extra(STUDIES["regimes"], root)),
+    "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=1),
+}
+
+
+def hardware() -> str:
+    """One line naming the machine the study ran on."""
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+
+
+def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = None, analyse_only: bool = False) -> str:
+    """Run (or resume) a study, analyse it, write ``report.md`` in its directory and return the report."""
+    figures.mkdir(parents=True, exist_ok=True)
+    out = out_root / name
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if name == "toy":
+        body = toy_study(out, figures)
+        command = "python scripts/study.py toy"
+    else:
+        study = STUDIES[name]
+        if seeds is not None:
+            study = Study(study.name, study.recipe, study.arms, study.analyse, seeds, study.extra_runs)
+        runs = sweep.plan(study.arms(study.seeds), out)
+        if not analyse_only:
+            sweep.validate_runs(study.recipe, sweep.unique(runs))
+            if study.extra_runs:
+                study.extra_runs(out)
+            failed = sweep.run_sweep(study.recipe, runs, out / "logs")
+            if failed:
+                logger.warning("%d run(s) failed: %s", len(failed), ", ".join(r.name for r in failed))
+        rows = sweep.collect(runs)
+        missing = len(sweep.unique(runs)) - len({row["run"] for row in rows})
+        body = study.analyse(study, rows, out, figures)
+        if missing:
+            body += f"\n{missing} planned run(s) have no results yet (not run or failed).\n"
+        walls = [row["wall_seconds"] for row in {row["run"]: row for row in rows}.values() if row.get("wall_seconds")]
+        body += f"\nSum of run wall times: {sum(walls) / 60:.1f} min over {len(walls)} runs.\n"
+        command = f"python scripts/study.py {name}" + (f" --seeds {seeds}" if seeds is not None else "")
+    report = (f"Command: `HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-hub {command}`  \nHardware: {hardware()}  \n"
+              f"This invocation took {time.perf_counter() - start:.0f} s.\n\n{body}")
+    (out / "report.md").write_text(report)
+    return report
+
+
+def study_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``scripts/study.py NAME``: run or resume one study and write its tables, plots and report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run one LoRA study end to end (resumable): its runs, tables and plots.")
+    parser.add_argument("study", choices=["rank", "regimes", "quant", "toy"],
+                        help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
+                             " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); toy: the linear SVD-bound toy")
+    parser.add_argument("--out", default="runs/studies", help="Root of the study directories (default runs/studies)")
+    parser.add_argument("--figures", default="docs/figures", help="Where the PNG plots go (default docs/figures)")
+    parser.add_argument("--seeds", type=int, default=None, help="Seeds per configuration (default: the study's own)")
+    parser.add_argument("--analyse-only", action="store_true", help="Only rebuild tables and plots from finished runs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    from lora_train.config import RecipeError
+
+    try:
+        print(run_study(args.study, Path(args.out), Path(args.figures), args.seeds, args.analyse_only))
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,126 @@
+"""Sweep machinery: grid expansion with tied axes, validation before work, a tiny real grid end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+
+from lora_train import sweep
+from lora_train.config import RecipeError
+from lora_train.studies import frozen_features, pareto_front, rank_arms
+from tests.conftest import tiny_recipe, write_recipe
+
+
+def test_lists_expand_to_the_product_and_tied_axes_follow():
+    runs = sweep.expand_grid(["peft.r=1,2,4", "peft.alpha=2*peft.r", "training.seed=0,1"])
+    assert len(runs) == 6
+    assert [(r["peft.r"], r["peft.alpha"]) for r in runs[::2]] == [("1", "2"), ("2", "4"), ("4", "8")]
+    assert list(runs[0]) == ["peft.r", "peft.alpha", "training.seed"]
+    assert sweep.expand_grid(["peft.r=8,16", "peft.alpha=0.5*peft.r"])[1]["peft.alpha"] == "8"
+    assert sweep.expand_grid(["peft.r=4", "peft.alpha=peft.r"]) == [{"peft.r": "4", "peft.alpha": "4"}]
+    assert sweep.expand_grid(["peft.alpha=16"]) == [{"peft.alpha": "16"}]
+
+
+def test_commas_inside_brackets_do_not_split():
+    runs = sweep.expand_grid(["peft.target_modules=[query,value],[query,key,value]"])
+    assert [r["peft.target_modules"] for r in runs] == ["[query,value]", "[query,key,value]"]
+    assert sweep.run_name(runs[1]) == "target_modules-query-key-value"
+
+
+@pytest.mark.parametrize("specs,message", [
+    (["peft.alpha=2*peft.r"], "not a list axis of the same grid"),
+    (["peft.r=1,,2"], "malformed"),
+    (["peft.target_modules=[query,value"], "malformed"),
+    (["r=1,2"], "must be section.field"),
+    (["peft.r"], "not of the form"),
+    (["peft.r=1", "peft.r=2"], "given twice"),
+    (["peft.method=lora,full", "peft.alpha=2*peft.method"], "needs numeric values"),
+])
+def test_bad_grids_are_refused_with_the_reason(specs, message):
+    with pytest.raises(RecipeError, match=message):
+        sweep.expand_grid(specs)
+
+
+def test_arms_sharing_a_run_train_it_once(tmp_path):
+    runs = sweep.plan({"scaled": ["peft.r=4,8", "peft.alpha=2*peft.r"], "fixed": ["peft.r=4,8", "peft.alpha=16"]}, tmp_path)
+    assert [r.name for r in runs] == ["r-4_alpha-8", "r-8_alpha-16", "r-4_alpha-16", "r-8_alpha-16"]
+    assert len(sweep.unique(runs)) == 3
+    study_runs = sweep.plan(rank_arms(3), tmp_path)
+    assert len(sweep.unique(study_runs)) == 3 * (2 + 6) + 3 * 5  # the alpha=16, r=8 run is the alpha=2r one
+
+
+def test_every_run_is_validated_before_any_trains(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused"))
+    runs = sweep.plan({"main": ["peft.r=4,0", "peft.dropout=0.1,1.5"]}, tmp_path / "sweep")
+    with pytest.raises(RecipeError) as err:
+        sweep.run_sweep(recipe, runs)
+    text = str(err.value)
+    assert "run r-0_dropout-0.1: peft.r = 0 must be a positive integer" in text and "peft.dropout = 1.5" in text
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_aggregate_means_and_sample_std_over_seeds():
+    rows = [{"run": f"s{s}", "arm": "a", "peft.r": "8", "training.seed": str(s), "eval_accuracy": acc}
+            for s, acc in enumerate((0.80, 0.82, 0.84))]
+    rows.append({"run": "x", "arm": "a", "peft.r": "16", "training.seed": "0", "eval_accuracy": 0.9})
+    agg = sweep.aggregate(rows, "training.seed", ["eval_accuracy"])
+    assert [(a["peft.r"], a["n"]) for a in agg] == [("8", 3), ("16", 1)]
+    assert agg[0]["eval_accuracy"] == pytest.approx(0.82) and agg[0]["eval_accuracy_std"] == pytest.approx(0.02)
+    assert agg[1]["eval_accuracy_std"] == 0.0
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    points = [(100, 0.80), (1000, 0.79), (10, 0.70), (1000, 0.85), (50, 0.70), (1e6, 0.84)]
+    assert pareto_front(points) == [(10, 0.70), (100, 0.80), (1000, 0.85)]
+
+
+def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir):
+    """Two real LoRA runs of a tiny BERT, each in its own process and directory, and the tables."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused",
+                                                           training={"num_epochs": 1, "save_steps": 1000}))
+    out = tmp_path / "sweep"
+    argv = [str(recipe), "peft.r=2,4", "peft.alpha=2*peft.r", "--out", str(out), "--aggregate-over", "peft.r"]
+    assert sweep.sweep_main(argv) == 0
+    for r in (2, 4):
+        run_dir = out / f"r-{r}_alpha-{2 * r}"
+        config = json.loads((run_dir / "adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) == (r, 2 * r)
+        assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 32
+        assert json.loads((run_dir / "sweep_run.json").read_text())["wall_seconds"] > 0
+        assert (out / "logs" / f"{run_dir.name}.log").exists()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["peft.r"], row["peft.alpha"]) for row in rows] == [("2", "4"), ("4", "8")]
+    assert int(rows[1]["trainable_params"]) > int(rows[0]["trainable_params"])
+    assert all(0 <= float(row["eval_accuracy"]) <= 1 and float(row["train_samples_per_s"]) > 0 for row in rows)
+    assert "| peft.r | peft.alpha |" in (out / "results.md").read_text().replace("| arm ", "").replace("| run ", "")
+    summary = list(csv.DictReader(open(out / "summary.csv")))
+    assert len(summary) == 1 and summary[0]["n"] == "2"
+    assert math.isclose(float(summary[0]["eval_accuracy"]), sum(float(row["eval_accuracy"]) for row in rows) / 2)
+
+    stamp = (out / "r-2_alpha-4" / "metrics.json").stat().st_mtime_ns
+    assert sweep.sweep_main(argv) == 0  # finished runs are skipped
+    assert (out / "r-2_alpha-4" / "metrics.json").stat().st_mtime_ns == stamp
+
+
+def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused",
+                                                           training={"max_steps": 2, "save_steps": 1000}))
+    out = tmp_path / "sweep"
+    # "nonexistent" is not a module of this model: that run fails at its model check, the other one trains.
+    argv = [str(recipe), "peft.target_modules=[nonexistent],[query,value]", "--out", str(out)]
+    assert sweep.sweep_main(argv) == 1
+    assert "not found" in (out / "logs" / "target_modules-nonexistent.log").read_text()
+    assert (out / "target_modules-query-value" / "metrics.json").exists()
+
+
+def test_frozen_features_baseline_on_a_tiny_model(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused"))
+    metrics = frozen_features(str(recipe), tmp_path / "features")
+    assert metrics["trainable_params"] == 64 + 1  # binary LogisticRegression on 64-d mean-pooled features
+    assert metrics["eval_samples"] == 128 and metrics["train_examples"] == 512
+    assert 0.5 < metrics["eval_accuracy"] <= 1.0 and metrics["peak_memory_mb"] > 0
+    assert json.loads((tmp_path / "features" / "metrics.json").read_text())["eval_macro_f1"] == metrics["eval_macro_f1"]
