@@ -106,6 +106,13 @@ def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
 
 
+def _mean_std(row: dict[str, Any], key: str) -> str:
+    """``81.2 ± 0.4`` in percent, or ``81.2 (1 seed)`` where there is nothing to take a std of."""
+    if row["n"] == 1:
+        return f"{100 * row[key]:.1f} (1 seed)"
+    return f"{100 * row[key]:.1f} ± {100 * row[key + '_std']:.1f}"
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """The points no other point beats with fewer or equal parameters and higher accuracy, by parameters."""
     front, best = [], -1.0
@@ -172,11 +179,11 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
     finish_plot(fig, ax, "optimizer step (batch 32)", "SST-2 validation accuracy (%)",
                 f"Learning curves ({setting}, mean over seeds)", figures / "study1_learning_curves.png")
 
-    lines = ["| regime | r | alpha | seeds | trainable params | val. accuracy (%) mean ± std | best-during-run acc. (%) | train s (mean) |",
+    lines = ["| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std | best-during-run acc. (%) | train s (mean) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in summary:
         lines.append(f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} | {row['trainable_params']:,.0f} |"
-                     f" {100 * row['eval_accuracy']:.1f} ± {100 * row['eval_accuracy_std']:.1f} | {100 * row['best_eval_accuracy']:.1f} |"
+                     f" {_mean_std(row, 'eval_accuracy')} | {100 * row['best_eval_accuracy']:.1f} |"
                      f" {row['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n\n" + "\n".join(f"![{name}](figures/{name}.png)" for name in
                                                   ("study1_accuracy_vs_rank", "study1_pareto", "study1_learning_curves")) + "\n"

@@ -199,7 +199,7 @@ def execute(command: list[str], run: Run, log_dir: Path) -> int:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if code == 0 and (run.out_dir / "metrics.json").exists():
-        info = {"arm": run.arm, "overrides": run.overrides, "extra": run.extra, "wall_seconds": wall, "command": command[3:] if command[1] == "-c" else command}
+        info = {"arm": run.arm, "overrides": run.overrides, "extra": run.extra, "wall_seconds": wall, "command": command}
         (run.out_dir / "sweep_run.json").write_text(json.dumps(info, indent=1))
     return code
 
@@ -319,12 +319,13 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
     import shlex
 
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a grid of one recipe with overrides, one output directory per run, and collect a results table"
                     " (results.csv, results.md; with --aggregate-over also summary.csv/.md of mean and std).",
         epilog="Axis syntax: section.field=V1,V2,... (commas inside [...] do not split), or a tied axis"
-               " section.field=C*other.field (e.g. peft.alpha=2*peft.r). Example:\n"
-               "  python scripts/sweep.py recipes/cpu/sst2_lora.yaml peft.r=1,2,4,8 peft.alpha=2*peft.r"
-               " training.seed=0,1,2 --out runs/sweeps/rank --aggregate-over training.seed",
+               " section.field=C*other.field (e.g. peft.alpha=2*peft.r).\nExample:\n"
+               "  python scripts/sweep.py recipes/cpu/sst2_lora.yaml peft.r=1,2,4,8 peft.alpha=2*peft.r \\\n"
+               "      training.seed=0,1,2 --out runs/sweeps/rank --aggregate-over training.seed",
     )
     parser.add_argument("recipe", help="Recipe YAML shared by every run")
     parser.add_argument("axes", nargs="*", help="Axes of the main grid (section.field=V1,V2,... or section.field=C*other.field)")
