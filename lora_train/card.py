@@ -1,78 +1,243 @@
-"""The model card (README.md) saved beside every adapter and pushed to the Hub."""
+"""The model card (README.md) saved beside every adapter and pushed to the Hub.
+
+Everything in it is read from the run itself (recipe, measured metrics, history, hardware); nothing
+is assumed. The YAML header is what the Hub indexes (base_model, library_name, pipeline_tag,
+datasets, license, tags, model-index).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Optional
 
 from lora_train.config import Recipe, recipe_to_yaml
 from lora_train.tasks import TASKS
+
+PLOT_NAME = "learning_curve.png"
+
+
+def _metric(metrics: dict[str, Any], name: str) -> Optional[float]:
+    """An evaluation figure from final metrics (``eval_accuracy``) or a raw report (``accuracy``)."""
+    value = metrics.get(f"eval_{name}", metrics.get(name))
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def hardware_summary(device: Any, num_processes: int = 1) -> str:
+    """What the run trained on, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU: <model name> (2 cores)``."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return f"{num_processes} x {torch.cuda.get_device_name(torch.device(device))}"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    procs = f", {num_processes} processes" if num_processes > 1 else ""
+    return f"CPU: {name} ({cores} cores{procs})"
+
+
+def base_license(name_or_path: str) -> Optional[str]:
+    """The base model's license from its model card, found locally (its directory or the Hub cache)."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    local = Path(name_or_path) / "README.md"
+    readme = local if local.is_file() else try_to_load_from_cache(name_or_path, "README.md") if _is_hub_id(name_or_path) else None
+    if not isinstance(readme, (str, Path)):
+        return None
+    try:
+        return ModelCard(Path(readme).read_text()).data.license
+    except Exception:  # noqa: BLE001 - a malformed card only means the license is not known
+        return None
+
+
+def _is_hub_id(name_or_path: str) -> bool:
+    return not Path(name_or_path).exists() and name_or_path.count("/") <= 1
+
+
+def _dataset(recipe: Recipe) -> tuple[Optional[str], str, Optional[str], str]:
+    """(Hub dataset id or None for local data, dataset name, config, split) of the evaluation."""
+    d = recipe.data
+    task = TASKS.get(d.task or "")
+    if task:
+        return task.hub_id, task.name, task.hub_config, d.eval_split or task.eval_split
+    if d.path and _is_hub_id(d.path):
+        return d.path, d.path, d.config_name, d.eval_split or "validation"
+    return None, Path(d.path or "local").name, None, d.eval_split or "validation"
 
 
 def _card_data(recipe: Recipe, metrics: dict[str, Any]):
     from huggingface_hub import EvalResult, ModelCardData
 
-    task = TASKS.get(recipe.data.task or "")
-    dataset_id = task.hub_id if task else (recipe.data.path or "custom")
-    dataset_name = task.name if task else dataset_id
-    results = []
-    for metric, key in (("accuracy", "eval_accuracy"), ("f1", "eval_macro_f1")):
-        if metrics.get(key) is not None:
-            results.append(EvalResult(
-                task_type="text-classification", dataset_type=dataset_id, dataset_name=dataset_name,
-                dataset_config=task.hub_config if task else None, dataset_split=task.eval_split if task else recipe.data.eval_split,
-                metric_type=metric, metric_name="macro-F1" if metric == "f1" else metric, metric_value=round(float(metrics[key]), 4),
-            ))
+    dataset_id, dataset_name, dataset_config, split = _dataset(recipe)
+    results = [
+        EvalResult(
+            task_type="text-classification", dataset_type=dataset_id or "local", dataset_name=dataset_name,
+            dataset_config=dataset_config, dataset_split=split, metric_type=metric_type, metric_name=name,
+            metric_value=round(value, 4),
+        )
+        for metric_type, name, value in (("accuracy", "accuracy", _metric(metrics, "accuracy")), ("f1", "macro-F1", _metric(metrics, "macro_f1")))
+        if value is not None
+    ]
     adapter = recipe.peft.method in ("lora", "adalora")
+    license_id = base_license(recipe.model.name_or_path)
+    base = recipe.model.name_or_path
     return ModelCardData(
-        base_model=recipe.model.name_or_path,
+        base_model=base,
         library_name="peft" if adapter else "transformers",
         pipeline_tag="text-classification",
-        datasets=[dataset_id],
-        license="apache-2.0",
-        tags=["lora_train", recipe.peft.method] + (["qlora", "nf4"] if recipe.quantization.method == "nf4" else []),
-        model_name=f"{recipe.model.name_or_path.split('/')[-1]}-{dataset_name}-{recipe.peft.method}",
+        datasets=[dataset_id] if dataset_id else None,
+        license=license_id or "other",
+        license_name=None if license_id else "same-as-base-model",
+        license_link=None if license_id or not _is_hub_id(base) else f"https://huggingface.co/{base}",
+        tags=["lora_train", "text-classification", recipe.peft.method]
+        + (["lora"] if recipe.peft.method == "adalora" else [])
+        + (["qlora", "nf4", "4-bit"] if recipe.quantization.method == "nf4" else []),
+        model_name=f"{base.rstrip('/').split('/')[-1]}-{dataset_name}-{recipe.peft.method}",
         eval_results=results or None,
     )
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], history: list[dict[str, Any]]) -> str:
-    """Hub-parsable YAML metadata, then recipe, parameters, metrics and a usage snippet."""
+def _duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min {secs} s" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
+    pe, q, t, d = recipe.peft, recipe.quantization, recipe.training, recipe.data
+    rows = [("method", pe.method)]
+    if pe.method == "lora":
+        rows.append(("LoRA r / alpha / dropout", f"{pe.r} / {pe.alpha:g} / {pe.dropout:g}"))
+    elif pe.method == "adalora":
+        rows.append(("AdaLoRA init_r -> target_r / alpha / dropout", f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}"))
+    if pe.method in ("lora", "adalora"):
+        rows.append(("target modules", ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules))
+    rows.append(("base weights", f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})" if q.method == "nf4" else recipe.model.dtype))
+    steps = metrics.get("global_step")
+    rows += [
+        ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warm-up {t.warmup_ratio:g} of the steps)"),
+        ("optimizer", f"AdamW, weight decay {t.weight_decay:g}, gradient clipping {t.max_grad_norm:g}"),
+        ("batch", f"{t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} accumulation"
+                  f" x {metrics.get('num_processes', 1)} processes = {metrics.get('global_batch_size', '?')}"),
+        ("optimizer steps", f"{steps if steps is not None else '?'}"
+                            + (f" ({metrics['epochs']:.2f} epochs)" if isinstance(metrics.get("epochs"), (int, float)) else "")),
+        ("max sequence length", str(d.max_length)),
+        ("training examples", str(d.max_train_samples) + " (subset)" if d.max_train_samples else "all"),
+        ("mixed precision", t.mixed_precision),
+        ("seed", str(t.seed)),
+    ]
+    return "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
+    adapter = recipe.peft.method in ("lora", "adalora")
+    loader = "AutoPeftModelForSequenceClassification" if adapter else "AutoModelForSequenceClassification"
+    module = "peft" if adapter else "transformers"
+    labels = dict(enumerate(label_names))
+    # AutoPeftModel builds the base from its own config (2 labels, LABEL_i names): pass the run's labels.
+    label_kwargs = f", id2label={labels!r}, label2id={ {v: k for k, v in labels.items()}!r}" if adapter and labels else ""
+    nf4 = recipe.quantization.method == "nf4"
+    note = (
+        "\nThe adapter was trained on a 4-bit NF4 base. The snippet loads the base in full precision;"
+        " `scripts/predict.py` and `lora_train.inference.load_run` rebuild the NF4 base from `recipe.yaml` as in training.\n"
+        if nf4 else ""
+    )
+    return f"""```python
+import torch
+from {module} import {loader}
+from transformers import AutoTokenizer
+
+model = {loader}.from_pretrained("{repo}"{label_kwargs}).eval()
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+inputs = tokenizer(["a delightful film"], return_tensors="pt", truncation=True, max_length={recipe.data.max_length})
+with torch.no_grad():
+    probs = model(**inputs).logits.softmax(-1)[0]
+print(model.config.id2label[int(probs.argmax())], float(probs.max()))
+```
+{note}
+With lora_train: `python scripts/predict.py {repo} "a delightful film"`, `python scripts/eval.py {repo}`,
+`python scripts/merge_adapter.py {repo} merged/` (standalone safetensors model).
+"""
+
+
+def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = None, repo_id: Optional[str] = None) -> str:
+    """Hub-parsable YAML metadata, then results, recipe, hyperparameters, hardware, plot and usage.
+
+    ``metrics`` is the final ``metrics.json`` (or an evaluation report); ``plot`` the file name of the
+    learning curve beside the card; ``repo_id`` the Hub repo used in the usage snippet.
+    """
     data = _card_data(recipe, metrics)
-    pe = recipe.peft
+    base = recipe.model.name_or_path
+    repo = repo_id or (recipe.output.hub_model_id if recipe.output.push_to_hub else None) or "PATH_TO_THIS_DIRECTORY"
+    label_names = metrics.get("label_names") or list(metrics.get("per_class", {}))
     rows = "\n".join(
-        f"| {name} | {metrics[key]:.4f} |" for name, key in (("accuracy", "eval_accuracy"), ("macro-F1", "eval_macro_f1"), ("loss", "eval_loss"))
-        if isinstance(metrics.get(key), (int, float))
+        f"| {name} | {value:.4f} |"
+        for name, value in (("accuracy", _metric(metrics, "accuracy")), ("macro-F1", _metric(metrics, "macro_f1")), ("loss", _metric(metrics, "loss")))
+        if value is not None
+    )
+    per_class = "\n".join(
+        f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+        for name, c in metrics.get("per_class", {}).items()
     )
     trainable = metrics.get("trainable_params")
     params_line = (
-        f"Trainable parameters: {trainable:,} of {metrics['total_params']:,} ({metrics['trainable_percent']:.3f}%)."
-        if trainable else ""
+        f"- trainable parameters: {trainable:,} of {metrics['total_params']:,} ({metrics['trainable_percent']:.3f}%)"
+        if trainable else "- trainable parameters: see the final run directory"
     )
-    loader = "AutoPeftModelForSequenceClassification" if pe.method in ("lora", "adalora") else "AutoModelForSequenceClassification"
-    module = "peft" if pe.method in ("lora", "adalora") else "transformers"
+    device = str(metrics.get("device", ""))
+    memory_kind = "peak GPU memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
+    memory = metrics.get("peak_memory_mb")
+    resumed = metrics.get("resumed_from_step")
+    session = f" (this session, resumed at step {resumed})" if resumed else ""
+    dataset_id, dataset_name, dataset_config, split = _dataset(recipe)
+    source = f"`{dataset_id}`" + (f" / `{dataset_config}`" if dataset_config else "") if dataset_id else f"local data `{recipe.data.path}`"
+    at_step = f", step {metrics['step']}" if "step" in metrics else ""
+    base_link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}` (a local directory)"
     return f"""---
 {data.to_yaml()}
 ---
 
 # {data.model_name}
 
-Fine-tuned from [{recipe.model.name_or_path}](https://huggingface.co/{recipe.model.name_or_path}) with
-**{pe.method}**{' on a 4-bit NF4 base (QLoRA)' if recipe.quantization.method == 'nf4' else ''} by
-[lora_train](https://github.com/), task `{recipe.data.task or recipe.data.path}`.
-{params_line}
+A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
+{'on a 4-bit NF4 base (QLoRA) ' if recipe.quantization.method == 'nf4' else ''}by lora_train on {source}
+(task `{recipe.data.task or 'custom'}`, labels: {', '.join(label_names) or '?'}).
+{'Only the adapter and the classification head are stored here (adapter-only weights).' if data.library_name == 'peft' else ''}
 
-## Evaluation ({metrics.get('eval_samples', '?')} examples)
+## Evaluation: split `{split}` of {dataset_name}, {metrics.get('eval_samples', metrics.get('num_samples', '?'))} examples{at_step}
 
 | metric | value |
 |---|---|
 {rows}
 
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}
+
 ## Training
 
-- steps: {metrics.get('global_step', '?')}, global batch {metrics.get('global_batch_size', '?')}, processes {metrics.get('num_processes', '?')}, device {metrics.get('device', '?')}
-- peak memory: {metrics.get('peak_memory_mb', float('nan')):.0f} MB
+{f'![learning curve: loss and evaluation metrics against optimizer step]({plot})' if plot else ''}
 
-<details><summary>Recipe</summary>
+| hyperparameter | value |
+|---|---|
+{_hyperparameters(recipe, metrics)}
+
+{params_line}
+- hardware: {metrics.get('hardware', device or '?')}
+- training time: {_duration(metrics.get('train_seconds_this_session'))}{session}
+- {memory_kind}: {f'{memory:,.0f} MB' if isinstance(memory, (int, float)) else '?'}
+
+<details><summary>Full recipe (recipe.yaml)</summary>
 
 ```yaml
 {recipe_to_yaml(recipe)}```
@@ -80,13 +245,14 @@ Fine-tuned from [{recipe.model.name_or_path}](https://huggingface.co/{recipe.mod
 
 ## Usage
 
-```python
-from {module} import {loader}
-from transformers import AutoTokenizer
+{_usage(recipe, repo, label_names)}"""
 
-model = {loader}.from_pretrained("PATH_OR_REPO")
-tokenizer = AutoTokenizer.from_pretrained("PATH_OR_REPO")
-inputs = tokenizer(["a delightful film"], return_tensors="pt")
-print(model.config.id2label[model(**inputs).logits.argmax(-1).item()])
-```
-"""
+
+def run_card(directory: Path, repo_id: Optional[str] = None) -> str:
+    """Rebuild a run directory's card from its files (recipe.yaml, metrics.json, learning curve)."""
+    from lora_train.config import build_recipe, read_yaml
+
+    recipe = build_recipe(read_yaml(directory / "recipe.yaml"), source=str(directory / "recipe.yaml"))
+    metrics = json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").is_file() else {}
+    plot = PLOT_NAME if (directory / PLOT_NAME).is_file() else None
+    return model_card(recipe, metrics, plot=plot, repo_id=repo_id)

@@ -84,15 +84,16 @@ def holds_run(directory: Path) -> bool:
 # The adapter (what users keep and share)
 
 
-def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str]) -> None:
-    """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and text files."""
+def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str | bytes]) -> None:
+    """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and extra files (text or bytes)."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    for name, text in extra_files.items():
-        (directory / name).write_text(text)
+    for name, content in extra_files.items():
+        path = directory / name
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
-def save_final(output_dir: Path, model, tokenizer, extra_files: dict[str, str]) -> None:
+def save_final(output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes]) -> None:
     """Write the final model into ``output_dir`` itself, each file replaced atomically."""
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final.tmp-"))
     try:

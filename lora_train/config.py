@@ -415,6 +415,8 @@ def validate(recipe: Recipe) -> list[str]:
     if o.push_to_hub:
         need(bool(o.hub_model_id) and "/" in (o.hub_model_id or ""),
              "output.push_to_hub is true, so output.hub_model_id must be 'user/name'")
+    need(o.push_to_hub or not o.push_checkpoints,
+         "output.push_checkpoints is true but output.push_to_hub is false: set output.push_to_hub=true (and output.hub_model_id)")
     return p
 
 

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lora_train import checkpoint as ckpt
+from lora_train import hub
+from lora_train.card import hardware_summary
 from lora_train.config import Recipe, RecipeError, recipe_to_yaml
 from lora_train.data import (
     DataError,
@@ -205,6 +207,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     )
     refuse_silent_duplication(accelerator.num_processes)
     setup_logging(accelerator.is_main_process)
+    pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
 
     # --- data and model checks that are cheap come first -------------------------------------
@@ -297,6 +300,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
             )
             ckpt.rotate_checkpoints(checkpoints_root, t.keep_last)
             logger.info("saved checkpoint %s", path)
+            if pusher is not None and recipe.output.push_checkpoints:
+                card_metrics = {"global_step": state.global_step, "step": last_eval.get("step"), **last_eval.get("report", {})}
+                pusher.push_in_background(
+                    lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, card_metrics, state.history)),
+                    f"lora_train: adapter at step {state.global_step}",
+                )
         accelerator.wait_for_everyone()
 
     last_eval: dict[str, Any] = {}
@@ -416,12 +425,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "trainable_params": params.trainable, "total_params": params.total, "trainable_percent": params.percent,
         "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
         "device": str(accelerator.device), "label_names": label_names,
+        "hardware": hardware_summary(accelerator.device, accelerator.num_processes), "resumed_from_step": steps_at_start,
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history))
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], out)
     accelerator.wait_for_everyone()
+    if pusher is not None:
+        _push_final(pusher, out, state.global_step)
     accelerator.end_training()
     return metrics
 
@@ -448,19 +460,30 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
     return flat
 
 
-def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None) -> dict[str, str]:
-    """Text files saved beside every adapter: recipe, labels, metrics, history."""
-    from lora_train.card import model_card
+def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None) -> dict[str, str | bytes]:
+    """Files saved beside every adapter: recipe, labels, metrics, model card; with a history, it and its learning curve."""
+    from lora_train.card import PLOT_NAME, model_card
+    from lora_train.plots import learning_curve_png
 
-    files = {
+    files: dict[str, str | bytes] = {
         "recipe.yaml": recipe_to_yaml(recipe),
         "labels.json": json.dumps({"id2label": dict(enumerate(label_names))}, indent=1),
         "metrics.json": json.dumps(metrics, indent=1),
-        "README.md": model_card(recipe, metrics, history or []),
+        "README.md": model_card(recipe, metrics, plot=PLOT_NAME if history is not None else None),
     }
     if history is not None:
         files["history.json"] = json.dumps(history, indent=1)
+        files[PLOT_NAME] = learning_curve_png(history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method})")
     return files
+
+
+def _push_final(pusher: "hub.HubPusher", out: Path, step: int) -> None:
+    """Push the final run directory; a failure leaves the saved run intact and says how to retry."""
+    try:
+        pusher.push_directory(out, f"lora_train: final adapter, step {step}")
+    except Exception as err:  # noqa: BLE001 - network / HTTP errors of any kind
+        raise TrainingError(f"training finished and {out} is saved, but the push to {pusher.repo_id} failed"
+                            f" ({type(err).__name__}: {err}). Retry with: python scripts/push_to_hub.py {out} {pusher.repo_id}") from None
 
 
 def _rankallocator_tensors(unwrapped) -> dict[str, torch.Tensor]:

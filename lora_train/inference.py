@@ -1,0 +1,234 @@
+"""Use a trained run: load it (local directory or Hub repo), classify texts, evaluate a split.
+
+The base model is rebuilt from the run's own ``recipe.yaml`` with :func:`lora_train.modeling.load_base_model`,
+so an adapter trained on a 4-bit NF4 base is applied to the same NF4 base it was trained with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from lora_train.config import Recipe, RecipeError, build_recipe, read_yaml
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
+"""Files of a pushed run that inference does not need."""
+
+
+class RunError(ValueError):
+    """The given run directory or Hub repo cannot be used; the message says why and what would work."""
+
+
+@dataclass
+class LoadedRun:
+    """A trained classifier ready for inference, with what it was trained from."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    recipe: Recipe
+    label_names: list[str]
+    directory: Path
+    source: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def resolve_run(source: str, revision: Optional[str] = None) -> Path:
+    """A local run directory as it is; a Hub repo id (``user/name``) downloaded into the Hub cache."""
+    path = Path(source).expanduser()
+    if path.exists():
+        directory = path
+    elif REPO_ID.match(source):
+        from huggingface_hub import snapshot_download
+
+        from lora_train.modeling import offline_hint
+
+        try:
+            directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
+        except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with advice
+            raise RunError(f"cannot download Hub repo '{source}': {type(err).__name__}: {err}. {offline_hint()}") from None
+    else:
+        raise RunError(f"'{source}' is neither an existing run directory nor a Hub repo id of the form user/name")
+    missing = [name for name in ("recipe.yaml", "labels.json") if not (directory / name).is_file()]
+    if missing:
+        raise RunError(
+            f"'{source}' is not a lora_train run: it lacks {missing}. Give the output_dir of a training run"
+            " (or its best/ subdirectory), or a Hub repo pushed by lora_train."
+        )
+    return directory
+
+
+def read_run(directory: Path) -> tuple[Recipe, list[str]]:
+    """The recipe a run was trained with and its class names (``labels.json``)."""
+    try:
+        recipe = build_recipe(read_yaml(directory / "recipe.yaml"), source=str(directory / "recipe.yaml"))
+    except RecipeError as err:
+        raise RunError(str(err)) from None
+    id2label = json.loads((directory / "labels.json").read_text())["id2label"]
+    return recipe, [id2label[str(i)] for i in range(len(id2label))]
+
+
+def is_adapter_run(directory: Path) -> bool:
+    """True for LoRA / AdaLoRA runs (adapter-only weights), False for full or head-only models."""
+    return (directory / "adapter_config.json").is_file()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence the 'newly initialized classifier weights' warning: the adapter brings the trained head."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
+    """The run's base model with its label mapping, quantized (NF4) as in training."""
+    from lora_train.modeling import load_base_model, load_model_config
+
+    config = load_model_config(recipe, label_names)
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    with _quiet_transformers():
+        base, _ = load_base_model(recipe, config, {"": device})
+    return base if recipe.quantization.method == "nf4" else base.to(device)
+
+
+def load_run(source: str, device: Optional[str] = None, revision: Optional[str] = None) -> LoadedRun:
+    """Load a run for inference: the base in the training quantization plus the adapter, or a full model."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    directory = resolve_run(source, revision)
+    recipe, label_names = read_run(directory)
+    target = torch.device(device) if device else default_device()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if is_adapter_run(directory):
+        from peft import PeftModel
+
+        base = load_base_for_run(recipe, label_names, tokenizer, target)
+        model = PeftModel.from_pretrained(base, directory)
+    else:
+        m = recipe.model
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, trust_remote_code=m.trust_remote_code, dtype="auto" if m.dtype == "auto" else m.dtype
+        ).to(target)
+    return LoadedRun(model.eval(), tokenizer, recipe, label_names, directory, source)
+
+
+@torch.no_grad()
+def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Iterator[dict[str, Any]]:
+    """Classify ``texts`` in batches, streaming results in input order: ``{"text", "label", "probability", "probabilities"}``."""
+    run.model.eval()
+    for batch in batched(texts, batch_size):
+        enc = run.tokenizer(batch, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt")
+        probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
+        for text, row in zip(batch, probs):
+            best = int(row.argmax())
+            yield {
+                "text": text,
+                "label": run.label_names[best],
+                "probability": float(row[best]),
+                "probabilities": {name: float(p) for name, p in zip(run.label_names, row)},
+            }
+
+
+def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of at most ``size`` items (streams: stdin is classified as it arrives)."""
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def read_texts(path: str, column: str = "text") -> Iterator[str]:
+    """Texts from a file, streamed: ``.txt`` (one per line; ``-`` = stdin), ``.jsonl`` or ``.csv`` (the ``column`` field).
+
+    The path and type are checked now, so a bad input fails before any model is loaded.
+    """
+    suffix = Path(path).suffix.lower()
+    if path != "-" and not Path(path).is_file():
+        raise RunError(f"input file '{path}' does not exist")
+    if path != "-" and suffix not in (".txt", ".text", ".jsonl", ".csv"):
+        raise RunError(f"input file '{path}': unsupported type '{suffix}'; use .txt (one text per line), .jsonl or .csv")
+    return _stream_texts(path, suffix, column)
+
+
+def _stream_texts(path: str, suffix: str, column: str) -> Iterator[str]:
+    import csv
+    import sys
+
+    if path == "-":
+        yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+        return
+    with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as handle:
+        if suffix == ".jsonl":
+            yield from (_field(json.loads(line), column, path, n) for n, line in enumerate(handle, 1) if line.strip())
+        elif suffix == ".csv":
+            yield from (_field(row, column, path, n) for n, row in enumerate(csv.DictReader(handle), 2))
+        else:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+
+
+def _field(record: Any, column: str, path: str, line: int) -> str:
+    if isinstance(record, str):
+        return record
+    if not isinstance(record, dict) or not isinstance(record.get(column), str):
+        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise RunError(f"{path}, line {line}: no text field '{column}' (found {found}); choose the field with --text-column")
+    return record[column]
+
+
+def evaluate_run(
+    run: LoadedRun, split: Optional[str] = None, data_path: Optional[str] = None,
+    max_samples: Optional[int] = None, batch_size: int = 64,
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, per-class P/R/F1 and confusion matrix of ``run`` on a split of its task.
+
+    ``split=None`` evaluates exactly the recipe's evaluation set (so the figures reproduce ``metrics.json``);
+    another split name is loaded from the same data (``data_path`` replaces the recipe's ``data.path``).
+    The loop and the metric are training's own (:func:`lora_train.train.evaluate`).
+    """
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    from lora_train.data import check_labels, load_splits, resolve_spec, tokenize
+    from lora_train.train import evaluate
+
+    cfg = run.recipe.data
+    cfg = dataclasses.replace(cfg, path=data_path or cfg.path, max_train_samples=1)  # train rows are not needed
+    if split is not None and split != resolve_spec(cfg).eval_split:
+        cfg = dataclasses.replace(cfg, eval_split=split, max_eval_samples=max_samples)
+    elif max_samples is not None:
+        cfg = dataclasses.replace(cfg, max_eval_samples=max_samples)
+    spec = resolve_spec(cfg)
+    _, raw = load_splits(spec, cfg)
+    check_labels(raw, spec, len(run.label_names), spec.eval_split)
+    dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length).remove_columns("length")
+    accelerator = Accelerator(cpu=run.device.type == "cpu")
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(run.tokenizer)))
+    report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
+    run.model.eval()
+    return {"source": run.source, "split": spec.eval_split, "data": spec.source, **report, "label_names": run.label_names}

@@ -1,0 +1,62 @@
+"""Merge a LoRA / AdaLoRA adapter into its base and save a standalone safetensors classifier.
+
+An adapter trained on a 4-bit NF4 base learned a correction of the *quantized* weights, so it is
+merged into the dequantized NF4 weights (what it was trained against), in the quantization's
+compute dtype, not into the original full-precision checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
+from lora_train.modeling import DTYPES
+
+COPIED_FILES = ("recipe.yaml", "labels.json", "metrics.json")
+
+
+def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
+    """Merge the run's adapter into its base and save the result in ``output_dir``; return a summary.
+
+    ``dtype`` (float32 / bfloat16 / float16) sets the saved weights' dtype; by default the training
+    dtype of the base, or the compute dtype for an NF4-trained adapter.
+    """
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RunError(f"output directory '{out}' is not empty; choose another one or allow overwriting")
+    directory = resolve_run(source)
+    if not is_adapter_run(directory):
+        raise RunError(f"'{source}' holds a full model (peft.method full or head_only), not an adapter: it is already standalone")
+    recipe, label_names = read_run(directory)
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    nf4 = recipe.quantization.method == "nf4"
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
+    if nf4:
+        base = base.dequantize(dtype=DTYPES[recipe.quantization.compute_dtype])
+    merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    target = DTYPES[dtype] if dtype else (DTYPES[recipe.quantization.compute_dtype] if nf4 else merged.dtype)
+    merged = merged.to(target).eval()
+
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    for name in COPIED_FILES:
+        if (directory / name).is_file():
+            shutil.copy2(directory / name, out / name)
+    summary = {
+        "source": source, "output_dir": str(out), "base_model": recipe.model.name_or_path,
+        "peft_method": recipe.peft.method, "trained_on": "nf4" if nf4 else recipe.model.dtype,
+        "dtype": str(target).removeprefix("torch."), "parameters": sum(p.numel() for p in merged.parameters()),
+    }
+    (out / "merge.json").write_text(json.dumps(summary, indent=1))
+    return summary

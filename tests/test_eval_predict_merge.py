@@ -1,0 +1,210 @@
+"""Using trained tiny adapters: the learning curve and card, scripts/eval.py, scripts/predict.py, scripts/merge_adapter.py.
+
+The adapters are trained here (tiny random BERT, synthetic data, a few dozen steps), with LoRA and
+AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from lora_train.config import build_recipe
+from lora_train.inference import load_run, read_run
+from lora_train.train import train
+from tests.conftest import ROOT, tiny_recipe
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
+
+
+def script(name: str):
+    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trained(tmp_path_factory, model_dir, data_dir, name: str, **sections) -> Path:
+    out = tmp_path_factory.mktemp(name) / "run"
+    base = {"training": {"max_steps": 24, "eval_steps": 8, "save_steps": 24, "logging_steps": 2}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    train(build_recipe(tiny_recipe(model_dir, data_dir, out, **base)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
+    return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, "lora")
+
+
+@pytest.fixture(scope="module")
+def adalora_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
+    return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, "adalora", peft={"method": "adalora", "init_r": 6, "target_r": 4})
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+def nf4_run(request, tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
+    return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, f"nf4_{request.param}",
+                   quantization={"method": "nf4", "compute_dtype": request.param}, training={"max_steps": 8, "eval_steps": 4})
+
+
+@torch.no_grad()
+def logits_of(model, tokenizer, texts=TEXTS) -> torch.Tensor:
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return model.eval()(**enc).logits.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# What training leaves behind: learning curve and model card
+
+
+def test_run_has_learning_curve_and_true_card(lora_run, capsys):
+    from huggingface_hub import ModelCard
+
+    png = (lora_run / "learning_curve.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    card = ModelCard.load(lora_run / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "peft" and data["pipeline_tag"] == "text-classification"
+    assert data["base_model"] == read_run(lora_run)[0].model.name_or_path
+    results = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert results == {"accuracy": round(metrics["eval_accuracy"], 4), "f1": round(metrics["eval_macro_f1"], 4)}
+    text = card.text
+    assert "![learning curve" in text and "(learning_curve.png)" in text
+    assert metrics["hardware"] in text and "AutoPeftModelForSequenceClassification" in text
+    assert f"{metrics['trainable_params']:,} of {metrics['total_params']:,}" in text
+    assert "peak resident memory of the process" in text
+    assert not (lora_run / "best" / "learning_curve.png").exists()  # best/ has no history, its card no plot
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0].replace("PATH_TO_THIS_DIRECTORY", str(lora_run))
+    exec(snippet, {})  # the usage snippet runs as written and prints a class name of this task
+    assert capsys.readouterr().out.split()[0] in ("neg", "pos")
+    assert "learning_curve" not in (lora_run / "best" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# eval
+
+
+def test_eval_reproduces_training_metrics_and_draws_confusion_matrix(lora_run, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert script("eval").main([str(lora_run), "--output-dir", str(out)]) == 0
+    report = json.loads((out / "eval_validation.json").read_text())
+    metrics = json.loads((lora_run / "metrics.json").read_text())
+    assert report["num_samples"] == metrics["eval_samples"] == 128
+    assert report["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
+    assert report["macro_f1"] == pytest.approx(metrics["eval_macro_f1"], abs=1e-12)
+    assert report["confusion_matrix"] == metrics["confusion_matrix"]
+    assert set(report["per_class"]) == {"neg", "pos"}
+    assert (out / "confusion_matrix_validation.png").read_bytes().startswith(PNG_MAGIC)
+    assert "accuracy" in capsys.readouterr().out
+
+    assert script("eval").main([str(lora_run), "--split", "test", "--max-samples", "50", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "eval_test.json").read_text())["num_samples"] == 50
+
+
+def test_eval_on_nf4_adapter_uses_nf4_base(nf4_run):
+    run = load_run(str(nf4_run), device="cpu")
+    assert any(type(m).__name__ == "Linear4bit" for m in run.model.modules())
+    from lora_train.inference import evaluate_run
+
+    report = evaluate_run(run)
+    assert report["accuracy"] == pytest.approx(json.loads((nf4_run / "metrics.json").read_text())["eval_accuracy"], abs=1e-12)
+
+
+def test_eval_refuses_bad_input_clearly(tmp_path, lora_run, capsys):
+    assert script("eval").main([str(tmp_path)]) == 2
+    assert "is not a lora_train run" in capsys.readouterr().err
+    assert script("eval").main([str(lora_run), "--split", "nope"]) == 2
+    assert "no file for split(s) ['nope']" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# predict
+
+
+def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, tmp_path, capsys, monkeypatch):
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    reference = AutoPeftModelForSequenceClassification.from_pretrained(lora_run, id2label={0: "neg", 1: "pos"})
+    probs = torch.softmax(logits_of(reference, AutoTokenizer.from_pretrained(lora_run)), -1)
+    expected = [(["neg", "pos"][int(p.argmax())], float(p.max())) for p in probs]
+
+    predict = script("predict").main
+    assert predict([str(lora_run), *TEXTS, "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [(l.split("\t")[0], l.split("\t")[2]) for l in lines] == [(label, t) for (label, _), t in zip(expected, TEXTS)]
+    assert [float(l.split("\t")[1]) for l in lines] == pytest.approx([p for _, p in expected], abs=1e-4)
+
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n\n")
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"review": t, "id": i}) for i, t in enumerate(TEXTS)))
+    pd.DataFrame({"id": range(len(TEXTS)), "review": TEXTS}).to_csv(tmp_path / "in.csv", index=False)
+    outputs = []
+    for args in (["--file", str(tmp_path / "in.txt")], ["--file", str(tmp_path / "in.jsonl"), "--text-column", "review"],
+                 ["--file", str(tmp_path / "in.csv"), "--text-column", "review"], []):
+        monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS) + "\n"))
+        assert predict([str(lora_run), "--json", "--batch-size", "3", *args]) == 0
+        outputs.append([json.loads(l) for l in capsys.readouterr().out.splitlines()])
+    for rows in outputs:
+        assert [(r["text"], r["label"]) for r in rows] == [(t, label) for t, (label, _) in zip(TEXTS, expected)]
+        assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def test_predict_refuses_bad_input_before_loading(lora_run, tmp_path, capsys):
+    (tmp_path / "in.tsv").write_text("a\tb\n")
+    assert script("predict").main([str(lora_run), "--file", str(tmp_path / "in.tsv")]) == 2
+    assert "unsupported type '.tsv'" in capsys.readouterr().err
+    (tmp_path / "in.csv").write_text("id,body\n1,nice\n")
+    assert script("predict").main([str(lora_run), "--file", str(tmp_path / "in.csv")]) == 2
+    assert "no text field 'text' (found ['body', 'id'])" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def merged_vs_adapter(run: Path, out: Path) -> tuple[float, torch.nn.Module]:
+    """Max |logit difference| between the merged standalone model and the adapter on its training base."""
+    from transformers import AutoModelForSequenceClassification
+
+    assert script("merge_adapter").main([str(run), str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and not any(n.startswith("adapter_") for n in names)
+    merged = AutoModelForSequenceClassification.from_pretrained(out)  # transformers alone, no peft
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    adapter = load_run(str(run), device="cpu")
+    return (logits_of(merged, adapter.tokenizer) - logits_of(adapter.model, adapter.tokenizer)).abs().max().item(), merged
+
+
+@pytest.mark.parametrize("which", ["lora_run", "adalora_run"])
+def test_merge_full_precision_equals_adapter(which, request, tmp_path):
+    deviation, merged = merged_vs_adapter(request.getfixturevalue(which), tmp_path / "merged")
+    print(f"{which}: max |merged - adapter| logit = {deviation:.3g}")
+    assert merged.dtype == torch.float32
+    assert deviation < 1e-5
+
+
+def test_merge_nf4_into_dequantized_base(nf4_run, tmp_path):
+    deviation, merged = merged_vs_adapter(nf4_run, tmp_path / "merged")
+    dtype = read_run(nf4_run)[0].quantization.compute_dtype
+    print(f"NF4 ({dtype} compute): max |merged - adapter on NF4 base| logit = {deviation:.3g}")
+    assert merged.dtype == getattr(torch, dtype)
+    assert json.loads((tmp_path / "merged" / "merge.json").read_text())["trained_on"] == "nf4"
+    # float32: the same dequantized weights, summed once instead of per forward; bfloat16: every layer in bf16.
+    assert deviation < (1e-4 if dtype == "float32" else 0.1)
+
+
+def test_merge_refuses_non_empty_output(lora_run, tmp_path, capsys):
+    (tmp_path / "x").write_text("keep me")
+    assert script("merge_adapter").main([str(lora_run), str(tmp_path)]) == 2
+    assert "is not empty" in capsys.readouterr().err
