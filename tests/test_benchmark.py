@@ -1,0 +1,94 @@
+"""The benchmark machinery on a tiny model and a few steps: jobs run in subprocesses, results add up, reports
+are written. No timing is asserted (speed is measured with scripts/benchmark.py, see docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_train.benchmark import (
+    CONTENDERS,
+    MEMORY_VARIANTS,
+    Settings,
+    interleaved_order,
+    run_benchmark,
+    run_memory,
+    weight_memory,
+)
+from lora_train.config import build_recipe
+from tests.conftest import tiny_recipe
+
+
+def test_interleaved_order_rotates_and_runs_everyone_each_repeat():
+    order = interleaved_order(["a", "b", "c"], 3)
+    assert [n for _, n in order] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert [r for r, _ in order] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_settings_refuse_impossible_measurements():
+    with pytest.raises(ValueError, match="measured steps"):
+        Settings(measure_steps=0).check()
+    with pytest.raises(ValueError, match="epochs"):
+        Settings(epochs=0).check()
+
+
+def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", data={"max_length": 32, "max_train_samples": 256}))
+    settings = Settings(warmup_steps=2, measure_steps=4, repeats=1, threads=1)
+    report = run_benchmark(recipe, settings, tmp_path / "bench", log=lambda _: None)
+
+    runs = {r["contender"]: r for r in report["runs"]}
+    assert set(runs) == set(CONTENDERS)
+    for run in runs.values():
+        assert run["steps"] == 4 and run["samples"] == 4 * 16  # the same 4 steps of 16 samples were timed
+        assert run["torch_threads"] == 1
+        assert run["samples_per_s"] > 0 and run["step_time_ms"] > 0 and run["peak_memory_mb"] > 0
+    # All three train the same LoRA model.
+    assert len({(r["trainable_params"], r["total_params"]) for r in runs.values()}) == 1
+    # Padding to max_length does not change the count of real (non-pad) tokens, and they are fewer than 32 per sample.
+    for run in runs.values():
+        assert 4 * 16 * 3 < run["tokens"] < 4 * 16 * 32
+    summary = report["summary"]
+    assert summary["ours"]["ours_speedup"] == pytest.approx(1.0)
+    saved = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert saved["summary"] == summary and saved["machine"]["threads"] == 1
+    markdown = (tmp_path / "bench" / "results.md").read_text()
+    assert "padding=max_length" in markdown and "group_by_length" in markdown
+
+
+def test_epochs_mode_reports_accuracy_on_the_whole_eval_split(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", data={"max_train_samples": 64}))
+    report = run_benchmark(recipe, Settings(repeats=1, threads=1, epochs=1), tmp_path / "bench", ("ours", "trainer_dynamic"),
+                           log=lambda _: None)
+    for run in report["runs"]:
+        assert run["steps"] == 4 and run["samples"] == 64
+        assert 0 <= run["eval_accuracy"] <= 1
+
+
+def test_nf4_weights_are_about_a_quarter_of_bf16(tiny_bert_dir, toy_data_dir, tmp_path):
+    """On the tiny BERT, whose Linear layers are 64 wide (bitsandbytes' CPU minimum)."""
+    from lora_train.modeling import apply_regime, load_base_model, load_model_config
+
+    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path, quantization={"compute_dtype": "float32"})
+    sizes = {}
+    for name, overrides in MEMORY_VARIANTS.items():
+        recipe = build_recipe(raw, overrides)
+        model, heads = load_base_model(recipe, load_model_config(recipe, ["neg", "pos"]))
+        sizes[name] = weight_memory(apply_regime(recipe, model, heads, 10))["linear_weight_bytes"]
+    assert sizes["fp32"] == 2 * sizes["bf16"]
+    # 4 bits per weight plus one float32 absmax per 64 weights (0.28x), less with double quantization.
+    assert sizes["nf4"] / sizes["bf16"] == pytest.approx(0.28, abs=0.02)
+    # Double quantization stores absmax in 8 bits, but each layer also carries a 256-entry float32 code: on 64x64
+    # layers that outweighs the saving (on MiniLM's 384-wide layers it is a saving: docs/performance.md).
+    assert sizes["nf4_double_quant"] != sizes["nf4"]
+    assert 0.25 < sizes["nf4_double_quant"] / sizes["bf16"] < 0.5
+
+
+def test_memory_mode_writes_its_table(tmp_path, tiny_bert_dir, toy_data_dir):
+    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", quantization={"compute_dtype": "float32"})
+    report = run_memory(build_recipe(raw), Settings(warmup_steps=1, measure_steps=2, threads=1), tmp_path / "mem",
+                        ("nf4_double_quant",), log=lambda _: None)
+    (row,) = report["rows"]
+    assert 0 < row["linear_weight_bytes"] < row["weight_bytes"] and row["peak_memory_mb"] > 0
+    assert "nf4_double_quant" in (tmp_path / "mem" / "results.md").read_text()
