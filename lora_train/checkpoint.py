@@ -13,8 +13,11 @@ Layout of a run directory::
         state.json              counters, data position, history, scheduler, recipe fingerprint
         COMPLETE                written last: a directory without it is ignored
 
-Every directory is written under a temporary name and renamed into place, so a crash (even SIGKILL)
-during a save leaves the previous checkpoint intact.
+Every directory is written under a temporary name, flushed to disk and renamed into place, so a crash (even
+SIGKILL or a power cut) during a save leaves the previous checkpoint intact.
+
+Test hook: ``LORA_TRAIN_PAUSE_IN_SAVE=step-00000016`` makes the save of that checkpoint sleep half-way through
+writing its files, so the crash tests can SIGKILL a real run inside the save window (see docs/checkpoints.md).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,9 +37,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_train.config import RecipeError
+
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "COMPLETE"
+PAUSE_IN_SAVE_ENV = "LORA_TRAIN_PAUSE_IN_SAVE"
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{8})$")
 RUN_MARKERS = ("recipe.yaml", "checkpoints", "adapter_config.json", "metrics.json")
 """Files whose presence means a directory already holds a run."""
@@ -56,17 +63,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_directory(final: Path, write) -> Path:
-    """Call ``write(tmp_dir)`` then move ``tmp_dir`` to ``final``, replacing any older ``final``."""
+    """Call ``write(tmp_dir)``, flush it to disk, then move ``tmp_dir`` to ``final``, replacing any older ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
+        for path in [*tmp.rglob("*"), tmp]:  # data before the rename, or a power cut could publish empty files
+            _fsync(path)
         old = None
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
         os.replace(tmp, final)
+        _fsync(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -156,6 +174,11 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def non_finite(model: torch.nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN or infinity (such a state is not worth checkpointing)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The parameters being trained, by name (adapter and head; everything for full fine-tuning)."""
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -175,6 +198,8 @@ def save_training_state(
         save_file(trainable_state(model), tmp / "trainable.safetensors")
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, tmp / "optimizer.safetensors")
+        if os.environ.get(PAUSE_IN_SAVE_ENV) == checkpoint_dir.name:  # test hook, see the module docstring
+            time.sleep(600)
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, tmp / "rng.safetensors")
         if extra_tensors:
@@ -230,10 +255,11 @@ def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path
         return found[-1] if found else None
     path = Path(spec)
     if not (path / COMPLETE_MARKER).exists():
-        raise FileNotFoundError(
+        raise RecipeError([
             f"training.resume_from_checkpoint = {spec!r} is not a complete checkpoint directory"
-            f" (expected {path / COMPLETE_MARKER}); use 'latest' to pick the newest complete one"
-        )
+            f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory, or 'latest' for the newest"
+            " complete one"
+        ])
     return path
 
 
@@ -243,6 +269,12 @@ def rotate_checkpoints(checkpoints_root: Path, keep_last: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for path in checkpoints_root.glob(".step-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def clear_training_state(output_dir: Path) -> None:
+    """Delete the checkpoints and best adapter of a run being overwritten."""
+    for name in ("checkpoints", "best"):
+        shutil.rmtree(output_dir / name, ignore_errors=True)
 
 
 def checkpoint_name(step: int) -> str:

@@ -86,7 +86,13 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
                 f"data.path '{local}' has no file for split(s) {missing}; found {sorted(files)}."
                 " Set data.train_split / data.eval_split to one of those."
             )
+        empty = [f"{s} ({files[s]})" for s in wanted if not _has_rows(Path(files[s]))]
+        if empty:
+            raise DataError(f"data.path '{local}': split(s) {', '.join(empty)} hold no rows; every split used needs examples")
         dd = datasets.load_dataset(builders.pop(), data_files={s: files[s] for s in wanted})
+    elif _looks_local(spec.source):
+        raise DataError(f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
+                        " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name")
     else:
         try:
             dd = datasets.load_dataset(spec.source, spec.config_name)
@@ -120,6 +126,21 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
         if len(split) == 0:
             raise DataError(f"the {name} split is empty; check data.{name}_split and data.max_{name}_samples")
     return train, evaluation
+
+
+def _looks_local(source: str) -> bool:
+    """A path rather than a Hub id (``name`` or ``user/name``)."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1
+
+
+def _has_rows(path: Path) -> bool:
+    """Whether a data file holds at least one example (datasets fails obscurely on empty files)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    lines = [line for line in path.read_text().splitlines() if line.strip() not in ("", "[", "]", "[]")]
+    return len(lines) > (1 if path.suffix == ".csv" else 0)  # a CSV header alone is no data
 
 
 def _as_class_label(ds: "datasets.Dataset", column: str) -> "datasets.Dataset":

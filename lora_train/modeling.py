@@ -162,6 +162,7 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
         dtype="auto" if m.dtype == "auto" else DTYPES[m.dtype],
+        use_safetensors=True,  # never unpickle a pytorch_model.bin
     )
     if m.attn_implementation:
         kwargs["attn_implementation"] = m.attn_implementation
@@ -206,6 +207,18 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
     )
 
 
+def keep_4bit_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPU inference at an evaluation during training.
+
+    That repacking rounds the quantization constants to bfloat16, is undone only lossily (by ``state_dict()``),
+    and breaks the next training forward (``result += bias`` on a leaf view); a model being trained keeps one
+    layout, so evaluation and training use the same numerics and a resumed run the same base weights.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], total_steps: int) -> nn.Module:
     """Make only what the recipe trains trainable: adapters + head, the head alone, or everything."""
     method = recipe.peft.method
@@ -222,6 +235,7 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantization.method != "none":
+        keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,

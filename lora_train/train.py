@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,25 +108,40 @@ def check_output_dir(recipe: Recipe) -> Path:
             f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
             " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
         ])
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise RecipeError([f"output.output_dir '{out}' is not writable ('{probe}' denies writing)"])
+    try:  # really create and write: permission bits say nothing for root, read-only mounts or a file in the path
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise RecipeError([f"output.output_dir '{out}' is not a writable directory ({err.strerror or err}: '{err.filename or out}');"
+                           " choose a directory you can write to"]) from None
     return out
 
 
 def check_model_fits(recipe: Recipe, config) -> None:
-    """Checks that need only config.json: sequence length and target modules (model built on 'meta')."""
+    """Checks that need only config.json and file names: sequence length, target modules (model built on 'meta'),
+    safetensors weights for a local model, and bitsandbytes kernels that run when NF4 is asked."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
         raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
     check_target_modules(recipe, meta_model(config))
+    local = Path(recipe.model.name_or_path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise RecipeError([f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
+                           " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
+                           " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"])
     if recipe.quantization.method == "nf4":
-        try:
-            import bitsandbytes  # noqa: F401
-        except Exception as err:  # noqa: BLE001
-            raise RecipeError([f"quantization.method = 'nf4' needs a working bitsandbytes ({err}); use quantization.method=none"]) from None
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:  # a 64x64 round trip: installed is not enough, its kernels must run on this device
+            import bitsandbytes.functional as bnb_functional
+
+            bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4"))
+        except Exception as err:  # noqa: BLE001 - import, library-loading and kernel errors alike
+            raise RecipeError([f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
+                               f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
+                               " platform (CPU support needs >= 0.46), or train without quantization:"
+                               " quantization.method=none"]) from None
 
 
 def check_resume_compatible(recipe: Recipe, saved_recipe: dict) -> None:
@@ -192,6 +208,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     t = recipe.training
     out = check_output_dir(recipe)
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
+    checkpoints_root = out / "checkpoints"
+    resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, checkpoints_root)
+    if resume_dir is not None:
+        saved = json.loads((resume_dir / "state.json").read_text())
+        check_resume_compatible(recipe, saved["recipe"])
 
     from accelerate import Accelerator  # heavy imports (peft, bitsandbytes) only once the checks passed
     from accelerate.utils import set_seed
@@ -232,10 +253,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
     sampler = EpochSampler(lengths, t.per_device_train_batch_size * accelerator.num_processes, t.seed, recipe.data.group_by_length)
     pin = accelerator.device.type == "cuda"
+    # Own generators: a DataLoader draws a worker seed from its generator (else from the global RNG that dropout
+    # uses) at every iteration start, so a resumed run's fresh iterator would shift dropout masks.
     train_loader = DataLoader(train_ds, batch_size=t.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-                              num_workers=recipe.data.num_workers, pin_memory=pin)
+                              num_workers=recipe.data.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(t.seed))
     eval_loader = DataLoader(eval_ds, batch_size=t.per_device_eval_batch_size, collate_fn=collator,
-                             num_workers=recipe.data.num_workers, pin_memory=pin)
+                             num_workers=recipe.data.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(t.seed))
 
     train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     per_process_batches = len(train_loader)
@@ -267,21 +290,18 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     # --- resume -------------------------------------------------------------------------------
     state = LoopState()
-    checkpoints_root = out / "checkpoints"
-    resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, checkpoints_root)
     if resume_dir is not None:
-        saved = json.loads((resume_dir / "state.json").read_text())
-        check_resume_compatible(recipe, saved["recipe"])
         loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
         state = LoopState(**loaded["loop"])
         if is_adalora:
-            _load_rankallocator(unwrapped, loaded["extra_tensors"])
+            _load_adalora(unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, state.global_step, state.epoch, state.batches_in_epoch)
     elif t.resume_from_checkpoint == "latest":
         logger.info("no checkpoint in %s yet: starting from scratch", checkpoints_root)
 
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        if recipe.output.overwrite_output_dir and t.resume_from_checkpoint is None:
+            ckpt.clear_training_state(out)  # or 'latest' could later resume the overwritten run
         ckpt.atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
     if trackers:
         accelerator.init_trackers("lora_train", config=_flat_config(recipe))
@@ -291,12 +311,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     def save_checkpoint() -> None:
         accelerator.wait_for_everyone()
+        bad = ckpt.non_finite(unwrapped)
+        if bad:  # keep the last good checkpoint rather than save a broken one
+            raise TrainingError(f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
+                                f" without saving. {_last_good(checkpoints_root)}")
         if accelerator.is_main_process:
-            extra = _rankallocator_tensors(unwrapped) if is_adalora else None
+            extra, adalora_meta = _adalora_state(unwrapped) if is_adalora else (None, None)
             path = ckpt.save_training_state(
                 checkpoints_root / ckpt.checkpoint_name(state.global_step), unwrapped,
                 base_optimizer, scheduler,
-                {"loop": state.__dict__, "recipe": recipe.to_dict()}, extra,
+                {"loop": state.__dict__, "recipe": recipe.to_dict(), "adalora": adalora_meta}, extra,
             )
             ckpt.rotate_checkpoints(checkpoints_root, t.keep_last)
             logger.info("saved checkpoint %s", path)
@@ -342,10 +366,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         losses = accelerator.reduce(torch.stack([loss for _, loss in pending]), reduction="mean").tolist()
         for (step, _), value in zip(pending, losses):
             if not math.isfinite(value):
-                raise TrainingError(
-                    f"loss became {value} at optimizer step {step}; stopping. The last good checkpoint is kept in"
-                    f" {checkpoints_root}. Lower training.learning_rate or check the data."
-                )
+                raise TrainingError(f"loss became {value} at optimizer step {step}; stopping. {_last_good(checkpoints_root)}")
         elapsed = time.perf_counter() - window_start
         samples, tokens = accelerator.reduce(torch.stack([window_samples, window_tokens]), reduction="sum").tolist()
         entry = {
@@ -363,7 +384,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     interrupted = False
     while state.global_step < total_steps and not interrupted:
-        sampler.set_epoch(state.epoch)
+        # Accelerate's loader re-sets the sampler's epoch from its own counter at every iteration start.
+        train_loader.set_epoch(state.epoch)
         loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
         for batch in loader:
             with accelerator.accumulate(model):
@@ -486,21 +508,31 @@ def _push_final(pusher: "hub.HubPusher", out: Path, step: int) -> None:
                             f" ({type(err).__name__}: {err}). Retry with: python scripts/push_to_hub.py {out} {pusher.repo_id}") from None
 
 
-def _rankallocator_tensors(unwrapped) -> dict[str, torch.Tensor]:
-    """AdaLoRA's importance EMAs (the rank allocator's state) as named tensors."""
+def _last_good(checkpoints_root: Path) -> str:
+    """Where a run stopped by a non-finite value can restart from, and what to change."""
+    kept = ckpt.list_checkpoints(checkpoints_root)
+    where = f"The last good checkpoint is kept: {kept[-1]}." if kept else "No checkpoint had been saved yet."
+    return where + " Lower training.learning_rate (or raise training.warmup_ratio), or check the data for broken rows."
+
+
+def _adalora_state(unwrapped) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdaLoRA's rank allocator: importance EMAs as named tensors, and the rank pattern once the budget is final
+    (peft masks with it in the last ``tfinal`` steps, so a resume there needs it)."""
     allocator = unwrapped.base_model.rankallocator
     tensors = {}
     for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
         for name, value in getattr(allocator, kind).items():
             tensors[f"{kind}::{name}"] = value
-    return tensors
+    config = unwrapped.peft_config[unwrapped.base_model.trainable_adapter_name]
+    return tensors, {"rank_pattern": config.rank_pattern}
 
 
-def _load_rankallocator(unwrapped, tensors: dict[str, torch.Tensor]) -> None:
+def _load_adalora(unwrapped, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     allocator = unwrapped.base_model.rankallocator
     for key, value in tensors.items():
         kind, name = key.split("::", 1)
         getattr(allocator, kind)[name] = value.to(unwrapped.device)
+    unwrapped.peft_config[unwrapped.base_model.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")
 
 
 class _StopFlag:
@@ -522,7 +554,13 @@ class _StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
+        if self.signal_name is not None:  # a second signal: stop now, as if we had not caught it
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
         self.signal_name = signal.Signals(signum).name
+        logger.warning("%s received: saving a checkpoint and stopping after this optimizer step (send it again to stop"
+                       " at once, without a checkpoint)", self.signal_name)
 
     def agreed(self, accelerator) -> bool:
         """True on every process once any process was signalled (so all stop at the same step)."""
