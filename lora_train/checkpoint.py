@@ -102,20 +102,23 @@ def holds_run(directory: Path) -> bool:
 # The adapter (what users keep and share)
 
 
-def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str | bytes]) -> None:
-    """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and extra files (text or bytes)."""
-    model.save_pretrained(directory, safe_serialization=True)
+def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None) -> None:
+    """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and extra files (text or bytes).
+
+    ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
+    """
+    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         path = directory / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
-def save_final(output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes]) -> None:
+def save_final(output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None) -> None:
     """Write the final model into ``output_dir`` itself, each file replaced atomically."""
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final.tmp-"))
     try:
-        save_model_dir(staging, model, tokenizer, extra_files)
+        save_model_dir(staging, model, tokenizer, extra_files, state_dict)
         # Weights last: a reader that sees the new weights also sees the new config.
         files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")
         for path in files:

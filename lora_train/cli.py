@@ -45,6 +45,8 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     except (RecipeError, DataError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
-    if not metrics.get("interrupted"):
+    from accelerate import PartialState
+
+    if not metrics.get("interrupted") and PartialState().is_main_process:  # one report, not one per process
         print(json.dumps({k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}, indent=1))
     return 0

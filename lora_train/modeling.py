@@ -124,8 +124,11 @@ def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
 def meta_model(config) -> nn.Module:
     """Instantiate the architecture on the meta device (no memory, no weights) to inspect module names."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.modeling_utils import set_zero3_state
 
-    with torch.device("meta"):
+    # set_zero3_state: under DeepSpeed ZeRO-3, from_config would partition the model and then fail initialising
+    # meta tensors ("Cannot copy out of meta tensor"); this marks zero.Init as already handled.
+    with torch.device("meta"), set_zero3_state():
         return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -169,7 +172,10 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
     qconfig = quantization_config(recipe, skip)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = device_map or {"": "cpu"}
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map; bitsandbytes then uses the current device
+            kwargs["device_map"] = device_map or {"": "cpu"}
     model, info = AutoModelForSequenceClassification.from_pretrained(m.name_or_path, output_loading_info=True, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id

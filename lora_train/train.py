@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import tempfile
 import time
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lora_train import checkpoint as ckpt
+from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.card import hardware_summary
 from lora_train.config import Recipe, RecipeError, recipe_to_yaml
@@ -86,18 +86,6 @@ def setup_logging(is_main: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
     else:
         transformers.utils.logging.set_verbosity_warning()
-
-
-def refuse_silent_duplication(num_processes: int) -> None:
-    """``WORLD_SIZE > 1`` but Accelerate sees one process: N copies would each train alone."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and num_processes == 1:
-        raise RecipeError([
-            f"WORLD_SIZE={world} but Accelerate sees a single process, so {world} independent copies of this run"
-            " would each train alone and overwrite each other's output. On a CPU-only host"
-            " `accelerate launch --multi_gpu` does this. Run several CPU processes with:"
-            " ACCELERATE_USE_CPU=true torchrun --nproc_per_node N scripts/train.py RECIPE"
-        ], "launch")
 
 
 def check_output_dir(recipe: Recipe) -> Path:
@@ -225,8 +213,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
         mixed_precision=t.mixed_precision,
         log_with=trackers or None,
         project_dir=str(out),
+        **dist.accelerator_kwargs(),
     )
-    refuse_silent_duplication(accelerator.num_processes)
+    launch = dist.check_launch(recipe, accelerator)  # silent duplication, unsupported recipe x launch combinations
+    dist.configure_deepspeed(recipe, launch)
     setup_logging(accelerator.is_main_process)
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
@@ -283,15 +273,20 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     logger.info("%s", params)
-    logger.info("examples: train %d, eval %d | processes %d | global batch %d (= %d per device x %d accumulation x %d)"
-                " | %d optimizer steps over %d epoch(s)", len(train_ds), len(eval_ds), accelerator.num_processes,
-                global_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps, accelerator.num_processes,
-                total_steps, num_epochs)
+    logger.info("examples: train %d, eval %d | %s, processes %d | global batch %d (= %d per device x %d accumulation x %d;"
+                " learning rate %.2e applies to it, not scaled with processes) | %d optimizer steps over %d epoch(s)",
+                len(train_ds), len(eval_ds), launch.name, accelerator.num_processes, global_batch,
+                t.per_device_train_batch_size, t.gradient_accumulation_steps, accelerator.num_processes,
+                t.learning_rate, total_steps, num_epochs)
 
     # --- resume -------------------------------------------------------------------------------
     state = LoopState()
     if resume_dir is not None:
-        loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
+        dist.check_resume_launch(saved, launch)
+        if launch.engine in ("deepspeed", "fsdp"):
+            loaded = dist.load_engine_state(accelerator, resume_dir, scheduler, launch)
+        else:
+            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
         state = LoopState(**loaded["loop"])
         if is_adalora:
             _load_adalora(unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -311,17 +306,19 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     def save_checkpoint() -> None:
         accelerator.wait_for_everyone()
+        path = checkpoints_root / ckpt.checkpoint_name(state.global_step)
         bad = ckpt.non_finite(unwrapped)
         if bad:  # keep the last good checkpoint rather than save a broken one
             raise TrainingError(f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
                                 f" without saving. {_last_good(checkpoints_root)}")
+        extra, adalora_meta = _adalora_state(unwrapped) if is_adalora else (None, None)
+        saved_state = {"loop": state.__dict__, "recipe": recipe.to_dict(), "num_processes": accelerator.num_processes,
+                       "adalora": adalora_meta}
+        if launch.engine in ("deepspeed", "fsdp"):  # the engine owns the optimizer: every process writes its shard
+            dist.save_engine_state(accelerator, path, saved_state, scheduler, launch)
+        elif accelerator.is_main_process:
+            ckpt.save_training_state(path, unwrapped, base_optimizer, scheduler, saved_state, extra)
         if accelerator.is_main_process:
-            extra, adalora_meta = _adalora_state(unwrapped) if is_adalora else (None, None)
-            path = ckpt.save_training_state(
-                checkpoints_root / ckpt.checkpoint_name(state.global_step), unwrapped,
-                base_optimizer, scheduler,
-                {"loop": state.__dict__, "recipe": recipe.to_dict(), "adalora": adalora_meta}, extra,
-            )
             ckpt.rotate_checkpoints(checkpoints_root, t.keep_last)
             logger.info("saved checkpoint %s", path)
             if pusher is not None and recipe.output.push_checkpoints:
@@ -344,17 +341,19 @@ def train(recipe: Recipe) -> dict[str, Any]:
         score = report["accuracy"]
         if state.best_metric is None or score > state.best_metric:
             state.best_metric, state.best_step = score, state.global_step
+            weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
             if accelerator.is_main_process:
-                ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report})))
+                ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report}), weights))
         return report
 
     # --- the loop -----------------------------------------------------------------------------
     model.train()
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_local_main_process, desc="train")
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process, desc="train")
     pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
     micro_losses: list[torch.Tensor] = []
     window_samples = torch.zeros((), device=accelerator.device)
     window_tokens = torch.zeros((), device=accelerator.device)
+    samples_this_process = torch.zeros(1, device=accelerator.device)  # reported per process: shows every rank trained
     window_start, train_start = time.perf_counter(), time.perf_counter()
     steps_at_start = state.global_step
 
@@ -393,6 +392,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 accelerator.backward(outputs.loss)
                 micro_losses.append(outputs.loss.detach().float())
                 window_samples += batch["labels"].numel()
+                samples_this_process += batch["labels"].numel()
                 window_tokens += batch["attention_mask"].sum()
                 if accelerator.sync_gradients:
                     if t.max_grad_norm > 0:
@@ -446,12 +446,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "trainable_params": params.trainable, "total_params": params.total, "trainable_percent": params.percent,
         "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
+        "train_samples_per_process": [int(n) for n in accelerator.gather(samples_this_process).tolist()],
         "device": str(accelerator.device), "label_names": label_names,
         "hardware": hardware_summary(accelerator.device, accelerator.num_processes), "resumed_from_step": steps_at_start,
     }
+    weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history))
+        ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history), weights)
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], out)
     accelerator.wait_for_everyone()
     if pusher is not None:

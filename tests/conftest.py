@@ -128,8 +128,15 @@ def tiny_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **sections) -
 
 
 def reload_accuracy(run_dir: Path, texts: list[str], labels, max_length: int) -> float:
+    """Reload a saved adapter the way users do and return its accuracy on ``texts`` (see :func:`reload_logits`)."""
+    import numpy as np
+
+    return float((reload_logits(run_dir, texts, max_length).argmax(-1) == np.asarray(labels)).mean())
+
+
+def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     """Reload a saved adapter the way users do (AutoPeftModelForSequenceClassification; NF4 again when the
-    run was NF4, with the same skip list) and return its accuracy on ``texts``."""
+    run was NF4, with the same skip list) in this one process and return its logits on ``texts``."""
     import numpy as np
     import torch
     from peft import AutoPeftModelForSequenceClassification
@@ -144,9 +151,9 @@ def reload_accuracy(run_dir: Path, texts: list[str], labels, max_length: int) ->
         kwargs["quantization_config"] = quantization_config(recipe, head_linear_names(meta_model(load_model_config(recipe))))
     model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, **kwargs).eval()
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
-    predictions = []
+    logits = []
     with torch.no_grad():
         for i in range(0, len(texts), 128):
             enc = tokenizer(texts[i:i + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            predictions.append(model(**enc).logits.argmax(-1).numpy())
-    return float((np.concatenate(predictions) == np.asarray(labels)).mean())
+            logits.append(model(**enc).logits.float().numpy())
+    return np.concatenate(logits)

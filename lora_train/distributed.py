@@ -1,0 +1,421 @@
+"""What changes when a run is sharded across processes: launch checks, DeepSpeed settings, sharded checkpoints.
+
+The loop in :mod:`lora_train.train` is the same for one process, DDP, DeepSpeed ZeRO and FSDP; only the
+Accelerate launch changes. This module holds the few places where they differ:
+
+* :func:`check_launch` refuses, before any data or weights are touched, every recipe x launch combination
+  that would crash mid-run or silently do something else (see docs/distributed.md for the table and why).
+* :func:`configure_deepspeed` writes the recipe's batch, accumulation and clipping into the DeepSpeed config:
+  the loop prepares its dataloaders apart from the model, so Accelerate cannot infer them.
+* Under DeepSpeed and FSDP the engine owns the optimizer (and under ZeRO-3 / FSDP the weights), so the
+  pickle-free checkpoint of :mod:`lora_train.checkpoint` cannot capture it: :func:`save_engine_state` and
+  :func:`load_engine_state` go through ``accelerator.save_state`` / ``load_state`` instead, and
+  :func:`full_state_dict` gathers sharded weights before the main process saves an adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lora_train import checkpoint as ckpt
+from lora_train.config import Recipe, RecipeError
+
+CPU_LAUNCH = "ACCELERATE_USE_CPU=true torchrun --nproc_per_node N scripts/train.py RECIPE"
+"""The command that runs N real data-parallel processes on a CPU-only host."""
+
+ENGINE_FORMAT = "accelerate-save-state"
+"""``state.json`` format of checkpoints written by :func:`save_engine_state` (DeepSpeed / FSDP)."""
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+@dataclass
+class Launch:
+    """What the launch gives this run; read from the Accelerator (or built from a config file in tests)."""
+
+    engine: str
+    """'single', 'ddp', 'deepspeed' or 'fsdp'."""
+    num_processes: int
+    device_type: str
+    gradient_accumulation_steps: int
+    deepspeed_config: dict = field(default_factory=dict)
+    fsdp_version: Optional[int] = None
+    bf16_supported: bool = True
+    requested: tuple[str, ...] = ()
+    """Engines the environment asks for (ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP, set by ``accelerate launch``)."""
+    launcher_mixed_precision: Optional[str] = None
+    """ACCELERATE_MIXED_PRECISION, set by ``accelerate launch`` from its config."""
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if self.engine == "deepspeed" else 0
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether no process holds the whole model (ZeRO-3, FSDP): adapters must be gathered to be saved."""
+        return self.engine == "fsdp" or self.zero_stage == 3
+
+    @property
+    def name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.engine == "deepspeed" else {"fsdp": "FSDP", "ddp": "DDP"}.get(self.engine, "one process")
+
+    @classmethod
+    def from_accelerator(cls, accelerator) -> "Launch":
+        from accelerate.utils import DistributedType
+
+        kind = accelerator.distributed_type
+        if kind == DistributedType.DEEPSPEED:
+            engine = "deepspeed"
+        elif kind == DistributedType.FSDP:
+            engine = "fsdp"
+        else:
+            engine = "ddp" if accelerator.num_processes > 1 else "single"
+        plugin = accelerator.state.deepspeed_plugin if engine == "deepspeed" else None
+        fsdp = accelerator.state.fsdp_plugin if engine == "fsdp" else None
+        return cls(
+            engine=engine,
+            num_processes=accelerator.num_processes,
+            device_type=accelerator.device.type,
+            gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+            deepspeed_config=plugin.deepspeed_config if plugin is not None else {},
+            fsdp_version=getattr(fsdp, "fsdp_version", None),
+            bf16_supported=accelerator.device.type != "cuda" or torch.cuda.is_bf16_supported(),
+            requested=tuple(e for e, var in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP")) if _env_flag(var)),
+            launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION"),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Before the Accelerator exists
+
+
+def accelerator_kwargs() -> dict[str, Any]:
+    """Extra ``Accelerator`` arguments for this launch.
+
+    Accelerate has no CPU path for DeepSpeed: ``ACCELERATE_USE_CPU`` turns DeepSpeed off, and without it a
+    host without CUDA gets no process group, so every process would train alone. DeepSpeed itself runs on
+    CPU over gloo (its CPU accelerator's backend), so on such a host we hand Accelerate that backend.
+    """
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and not _env_flag("ACCELERATE_USE_CPU") and "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        from accelerate.utils import InitProcessGroupKwargs
+
+        return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
+    return {}
+
+
+def refuse_silent_duplication(num_processes: int) -> None:
+    """``WORLD_SIZE > 1`` but Accelerate sees one process: N copies would each train alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and num_processes == 1:
+        raise RecipeError([
+            f"WORLD_SIZE={world} but Accelerate sees a single process, so {world} independent copies of this run"
+            " would each train alone and overwrite each other's output. On a CPU-only host"
+            " `accelerate launch --multi_gpu` (or a multi_gpu / fsdp config) does this. Run several CPU processes with:"
+            f" {CPU_LAUNCH}"
+        ], "launch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility of the recipe with the launch
+
+
+def deepspeed_values(recipe: Recipe, num_processes: int) -> dict[str, Any]:
+    """The DeepSpeed config entries the recipe decides."""
+    t = recipe.training
+    return {
+        "train_micro_batch_size_per_gpu": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.per_device_train_batch_size * t.gradient_accumulation_steps * num_processes,
+        "gradient_clipping": t.max_grad_norm,
+    }
+
+
+MIXED_PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+def _qlora_storage_problems(recipe: Recipe, launch: Launch) -> list[str]:
+    """What DeepSpeed / FSDP need of ``quantization.quant_storage_dtype``, the dtype packing the 4-bit weights.
+
+    FSDP shards only floating parameters (Accelerate leaves uint8 ``Params4bit`` out of sharding), and both
+    engines cast floating parameters to the mixed-precision dtype (DeepSpeed at initialize, FSDP at every
+    all-gather), which would convert packed 4-bit data as numbers unless it is stored in that dtype already.
+    uint8 storage is never cast, and DeepSpeed (ZeRO-2 and ZeRO-3) shards it as it is.
+    """
+    storage = recipe.quantization.quant_storage_dtype
+    training_dtype = MIXED_PRECISION_DTYPES.get(recipe.training.mixed_precision)
+    wanted = training_dtype or recipe.quantization.compute_dtype
+    if launch.engine == "fsdp" and storage == "uint8":
+        return [f"QLoRA under FSDP with quantization.quant_storage_dtype = uint8: Accelerate leaves non-floating 4-bit"
+                f" weights out of FSDP sharding, so every GPU would hold the whole 4-bit model. Set"
+                f" quantization.quant_storage_dtype={wanted}, or use DDP / DeepSpeed, which handle uint8 storage"]
+    if storage != "uint8" and training_dtype not in (None, storage):
+        return [f"QLoRA under {launch.name} with quantization.quant_storage_dtype = {storage} and"
+                f" training.mixed_precision = {recipe.training.mixed_precision}: the engine casts floating parameters to"
+                f" {training_dtype}, which would convert the packed 4-bit data as numbers. Set"
+                f" quantization.quant_storage_dtype={training_dtype}"
+                + (", or keep the default uint8 storage" if launch.engine == "deepspeed" else "")]
+    return []
+
+
+def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
+    """Every reason this recipe cannot run under this launch, each naming what works instead."""
+    p: list[str] = []
+    q, pe, t = recipe.quantization, recipe.peft, recipe.training
+    sharded = launch.engine in ("deepspeed", "fsdp")
+
+    # The launch asked for an engine that Accelerate is not running: the run would silently be plain DDP.
+    if "deepspeed" in launch.requested and launch.engine != "deepspeed":
+        p.append(f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but Accelerate runs {launch.name}:"
+                 " ACCELERATE_USE_CPU=true (accelerate launch --cpu) turns DeepSpeed off. Drop it: on a CPU-only host"
+                 " DeepSpeed runs over gloo with `accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml"
+                 " --num_processes N scripts/train.py RECIPE`")
+    if "fsdp" in launch.requested and launch.engine != "fsdp":
+        p.append(f"the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate runs {launch.name}: Accelerate"
+                 f" enables FSDP only on GPUs. On CPU use DDP: {CPU_LAUNCH}")
+
+    # Mixed precision: the recipe decides; refuse what Accelerate would ignore or cannot run.
+    if t.mixed_precision == "fp16" and launch.device_type == "cpu":
+        p.append("training.mixed_precision = 'fp16' on CPU: Accelerate silently runs fp32 there (no fp16 autocast"
+                 " on CPU). Use training.mixed_precision=no, or bf16 (CPU autocast)")
+    if t.mixed_precision == "bf16" and not launch.bf16_supported:
+        p.append("training.mixed_precision = 'bf16' but this GPU has no bfloat16 support: use training.mixed_precision=fp16"
+                 " (and quantization.compute_dtype=float16 for QLoRA)")
+    if launch.launcher_mixed_precision not in (None, "no", t.mixed_precision):
+        p.append(f"the Accelerate config asks for mixed_precision={launch.launcher_mixed_precision!r} but the recipe has"
+                 f" training.mixed_precision={t.mixed_precision!r}, which decides. Set the recipe field, and leave"
+                 " mixed_precision: 'no' in the Accelerate config")
+    if launch.gradient_accumulation_steps != t.gradient_accumulation_steps:
+        p.append(f"the launch sets gradient_accumulation_steps={launch.gradient_accumulation_steps}"
+                 f" (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, from the Accelerate config) but the recipe has"
+                 f" training.gradient_accumulation_steps={t.gradient_accumulation_steps}: remove it from the config, the"
+                 " recipe decides")
+
+    # Methods and quantization under sharding engines.
+    if pe.method == "adalora" and sharded:
+        why = ("Accelerate runs DeepSpeed's optimizer step inside accelerator.backward(), so the gradients AdaLoRA's"
+               " rank allocator scores are gone by update_and_allocate()" if launch.engine == "deepspeed" else
+               "FSDP shards the parameters and gradients AdaLoRA's rank allocator scores, so each process would prune"
+               " ranks from its own shard")
+        p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
+                 " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
+    if q.method == "nf4" and sharded:
+        p.extend(_qlora_storage_problems(recipe, launch))
+
+    # Engine-specific settings.
+    if launch.engine == "deepspeed":
+        ds = launch.deepspeed_config
+        for key in ("optimizer", "scheduler"):
+            if key in ds:
+                p.append(f"the DeepSpeed config defines a {key!r} section, but the recipe builds AdamW and its"
+                         f" {t.lr_scheduler} schedule: remove {key!r} from the DeepSpeed config")
+        for key, value in deepspeed_values(recipe, launch.num_processes).items():
+            if ds.get(key, "auto") not in ("auto", value):
+                p.append(f"the DeepSpeed config sets {key}={ds[key]} but the recipe gives {value}: set it to 'auto' (the"
+                         " recipe decides)")
+        if launch.zero_stage == 3 and ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
+            p.append("ZeRO-3 shards the adapter across processes, so saving it needs"
+                     " stage3_gather_16bit_weights_on_model_save: set zero3_save_16bit_model: true in the Accelerate"
+                     " config (as accelerate_configs/deepspeed_zero3.yaml does)")
+    if launch.engine == "fsdp" and launch.fsdp_version != 2:
+        p.append(f"fsdp_version {launch.fsdp_version} is not supported: the loop builds its optimizer before preparing"
+                 " the model, and Accelerate re-points an optimizer at the sharded parameters only for FSDP2. Set"
+                 " fsdp_version: 2 (as accelerate_configs/fsdp.yaml does)")
+    if launch.shards_weights and recipe.output.push_to_hub and recipe.output.push_checkpoints:
+        p.append(f"output.push_checkpoints is not supported under {launch.name} (the adapter is sharded at every"
+                 " checkpoint); keep output.push_to_hub for the final adapter and set output.push_checkpoints=false")
+    return p
+
+
+def check_launch(recipe: Recipe, accelerator) -> Launch:
+    """Refuse, before any work, a recipe this launch cannot run; return the launch description."""
+    refuse_silent_duplication(accelerator.num_processes)
+    launch = Launch.from_accelerator(accelerator)
+    problems = launch_problems(recipe, launch)
+    if problems:
+        raise RecipeError(problems, f"launch ({launch.name}, {launch.num_processes} process(es))")
+    return launch
+
+
+def configure_deepspeed(recipe: Recipe, launch: Launch) -> None:
+    """Write the recipe's batch, accumulation and clipping into the DeepSpeed config.
+
+    ``accelerator.prepare(model, optimizer)`` is called without the dataloaders (they are prepared
+    first), so Accelerate cannot read ``train_micro_batch_size_per_gpu`` from them; and DeepSpeed clips
+    gradients itself (``accelerator.clip_grad_norm_`` does nothing under it).
+    """
+    if launch.engine == "deepspeed":
+        launch.deepspeed_config.update(deepspeed_values(recipe, launch.num_processes))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving under DeepSpeed / FSDP
+
+
+def full_state_dict(accelerator, model, launch: Launch) -> Optional[dict]:
+    """The model's complete state dict when weights are sharded (ZeRO-3, FSDP), else None (the module holds them).
+
+    Gathering is collective: call it on every process; only the main process then writes.
+    """
+    if not launch.shards_weights:
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def save_engine_state(accelerator, directory: Path, state: dict[str, Any], scheduler, launch: Launch) -> Path:
+    """A resumable checkpoint written through ``accelerator.save_state`` (DeepSpeed / FSDP own the optimizer).
+
+    Every process writes its own shard files into one agreed temporary directory; the main process then adds
+    ``state.json`` and the ``COMPLETE`` marker and renames the directory into place, so no two processes
+    write one file and a crash never leaves a half-written checkpoint that looks complete.
+    """
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    kwargs = {"exclude_frozen_parameters": True} if launch.engine == "deepspeed" else {}  # adapters only, not the base
+    accelerator.save_state(str(tmp), **kwargs)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        full = dict(state, format=ENGINE_FORMAT, engine=launch.name, scheduler=scheduler.state_dict())
+        (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        (tmp / ckpt.COMPLETE_MARKER).write_text("ok\n")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def load_engine_state(accelerator, directory: Path, scheduler, launch: Launch) -> dict[str, Any]:
+    """Restore what :func:`save_engine_state` wrote (engine weights and optimizer, RNGs, schedule); return its state."""
+    state = json.loads((directory / "state.json").read_text())
+    kwargs = {"load_module_strict": False} if launch.engine == "deepspeed" else {}  # frozen base weights were not saved
+    accelerator.load_state(str(directory), **kwargs)
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
+    """Refuse a checkpoint written under another engine or number of processes, naming what it needs."""
+    problems = []
+    engine_ckpt = saved.get("format") == ENGINE_FORMAT
+    if engine_ckpt != (launch.engine in ("deepspeed", "fsdp")):
+        problems.append(f"the checkpoint was written under {saved.get('engine', 'one process or DDP')} and cannot be"
+                        f" resumed under {launch.name}: resume with the Accelerate config that wrote it")
+    elif engine_ckpt and saved.get("engine") != launch.name:
+        problems.append(f"the checkpoint was written under {saved.get('engine')}, this launch is {launch.name}:"
+                        " resume with the Accelerate config that wrote it")
+    written = saved.get("num_processes")
+    if written is not None and written != launch.num_processes:
+        problems.append(f"the checkpoint was written by {written} process(es) and this launch has {launch.num_processes}:"
+                        " its data position counts per-process batches (and DeepSpeed / FSDP shards are per process);"
+                        f" resume with {written} processes")
+    if problems:
+        raise RecipeError(["cannot resume from this checkpoint:"] + problems, "resume")
+
+
+# ---------------------------------------------------------------------------------------------
+# The Accelerate config files and the compatibility table of docs/distributed.md
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
+CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml")
+
+TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
+    "LoRA": {},
+    "AdaLoRA": {"peft": {"method": "adalora"}},
+    "QLoRA (uint8 storage)": {"quantization": {"method": "nf4"}},
+    "QLoRA (bf16 storage, bf16 mixed precision)": {
+        "quantization": {"method": "nf4", "quant_storage_dtype": "bfloat16", "compute_dtype": "bfloat16"},
+        "training": {"mixed_precision": "bf16"},
+    },
+    "head_only": {"peft": {"method": "head_only"}},
+    "full": {"peft": {"method": "full"}},
+}
+"""Recipe variants (on top of the defaults) that make the columns of the compatibility table."""
+
+
+class _Environ:
+    """Temporarily replace os.environ entries (to build Accelerate's plugins as a launched process would)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.saved = env, {}
+
+    def __enter__(self) -> None:
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *_exc) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def launch_env(config_file: Path) -> tuple[Any, dict[str, str]]:
+    """The parsed arguments and the environment ``accelerate launch --config_file CONFIG`` gives its processes.
+
+    Uses Accelerate's own parser and environment preparation, so a config Accelerate rejects fails here.
+    """
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config_file), "scripts/train.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # as accelerate's launch_command sets it before calling its DeepSpeed launcher
+        fields = [*defaults.deepspeed_config, *(["mixed_precision"] if mp_from_config else [])]
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        return args, prepare_deepspeed_cmd_env(args)[1]
+    if args.use_fsdp or args.multi_gpu:
+        return args, prepare_multi_gpu_env(args)
+    return args, prepare_simple_launcher_cmd_env(args)[1]
+
+
+def launch_from_config(config_file: Path) -> Launch:
+    """What a GPU launch with this Accelerate config gives a run, built with Accelerate's DeepSpeed / FSDP plugins."""
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    args, env = launch_env(config_file)
+    engine = "deepspeed" if args.use_deepspeed else "fsdp" if args.use_fsdp else "ddp" if args.multi_gpu else "single"
+    with _Environ({k: str(v) for k, v in env.items()}):
+        deepspeed = DeepSpeedPlugin() if engine == "deepspeed" else None
+        fsdp = FullyShardedDataParallelPlugin() if engine == "fsdp" else None
+    gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    return Launch(
+        engine=engine, num_processes=args.num_processes, device_type="cuda",
+        gradient_accumulation_steps=int(gas) if gas.isdigit() else 1,
+        deepspeed_config=deepspeed.deepspeed_config if deepspeed else {},
+        fsdp_version=fsdp.fsdp_version if fsdp else None,
+        requested=tuple(e for e in ("deepspeed", "fsdp") if env.get(f"ACCELERATE_USE_{e.upper()}") == "true"),
+        launcher_mixed_precision=env.get("ACCELERATE_MIXED_PRECISION"),
+    )
+
+
+def compatibility_table(config_dir: Path = CONFIG_DIR) -> str:
+    """Markdown table: which launch runs which method / quantization, from :func:`launch_problems` itself."""
+    from lora_train.config import build_recipe
+
+    launches = {f"`{name}`": launch_from_config(config_dir / name) for name in CONFIG_ORDER}
+    launches["CPU: `torchrun` (DDP, gloo)"] = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1)
+    lines = ["| launch | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for name, launch in launches.items():
+        cells = []
+        for sections in TABLE_COLUMNS.values():
+            recipe = build_recipe({"model": {"name_or_path": "base"}, **sections})
+            cells.append("no" if launch_problems(recipe, launch) else "yes")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(compatibility_table())

@@ -1,0 +1,308 @@
+"""Real multi-process CPU runs of the tiny recipe (torchrun, accelerate launch + DeepSpeed) and the launch checks.
+
+The 2-process runs are compared with a 1-process run of the same global batch (16 = 2 x 8 = 1 x 16): the
+sampler gives both the same epoch order and DDP averages the two halves' gradients, so with dropout off
+(peft.dropout = 0 and a copy of the tiny BERT with hidden/attention dropout 0) the loss trajectories must
+agree to float32 rounding. Tolerance: 1e-5 absolute per step loss (measured: ~1e-7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from lora_train.config import RecipeError, build_recipe
+from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
+from lora_train.train import train
+from tests.conftest import HF_HUB, MINILM, ROOT, needs_shared, reload_logits, tiny_recipe, write_recipe
+
+STEP_LOSS_TOL = 1e-5
+TRAIN_ROWS, STEPS = 256, 16  # one epoch at global batch 16
+EVAL_ROWS = 127  # odd: the last evaluation batch is padded on one of the 2 processes
+needs_cpu_host = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU launches; on a GPU host these would use the GPUs")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def bert_no_dropout(tiny_bert_dir, tmp_path_factory) -> Path:
+    """The tiny BERT with hidden and attention dropout off, so a run is a deterministic function of its batches."""
+    directory = tmp_path_factory.mktemp("bert_no_dropout") / "model"
+    shutil.copytree(tiny_bert_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def uneven_data(toy_data_dir, tmp_path_factory) -> Path:
+    """256 training rows of the toy data (16 steps of 16) and a 127-row validation split (uneven over 2 processes)."""
+    directory = tmp_path_factory.mktemp("uneven_data")
+    pd.read_parquet(toy_data_dir / "train.parquet").head(TRAIN_ROWS).to_parquet(directory / "train.parquet")
+    pd.read_parquet(toy_data_dir / "validation.parquet").head(EVAL_ROWS).to_parquet(directory / "validation.parquet")
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(command: list[str], env: dict[str, str], timeout: int = 420) -> subprocess.CompletedProcess:
+    """Run a launcher from the project root, offline, and return its completed process."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The documented CPU data-parallel command: ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 ..."""
+    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "scripts/train.py", str(recipe), *overrides], {"ACCELERATE_USE_CPU": "true"})
+
+
+def accelerate_launch(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    return launch([*accelerate, *(["--config_file", f"accelerate_configs/{config}"] if config else []), *extra,
+                   "--num_processes", "2", "--main_process_port", str(free_port()), "scripts/train.py", str(recipe), *overrides], {})
+
+
+def step_losses(run_dir: Path) -> list[float]:
+    history = json.loads((run_dir / "history.json").read_text())
+    return [loss for entry in history if "step_losses" in entry for loss in entry["step_losses"]]
+
+
+def printed_metrics(stdout: str) -> list[dict]:
+    """The metrics JSON documents the CLI printed (one per process that printed)."""
+    decoder, found, i = json.JSONDecoder(), [], 0
+    while (start := stdout.find("{\n", i)) != -1:
+        obj, i = decoder.raw_decode(stdout, start)
+        found.append(obj)
+    return found
+
+
+def one_process_eval(run_dir: Path, data_dir: Path) -> dict[str, float]:
+    """Accuracy, macro-F1 and mean loss of the saved adapter, evaluated in this single process."""
+    from sklearn.metrics import f1_score
+
+    val = pd.read_parquet(data_dir / "validation.parquet")
+    logits = torch.from_numpy(reload_logits(run_dir, list(val["text"]), max_length=32))
+    labels = torch.tensor(val["label"].to_numpy())
+    preds = logits.argmax(-1).numpy()
+    return {"accuracy": float((preds == labels.numpy()).mean()),
+            "macro_f1": float(f1_score(labels.numpy(), preds, average="macro")),
+            "loss": float(torch.nn.functional.cross_entropy(logits, labels)), "n": len(val)}
+
+
+def recipe_for(model: Path, data: Path, out: Path, per_device: int, quant: str = "none", **training) -> dict:
+    return tiny_recipe(model, data, out, quantization={"method": quant, "compute_dtype": "float32"},
+                       training={"num_epochs": 1, "per_device_train_batch_size": per_device, "per_device_eval_batch_size": 32,
+                                 **training})
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(bert_no_dropout, uneven_data, tmp_path_factory) -> dict[str, Path]:
+    """1-process references with the global batch of the 2-process runs (16), LoRA and QLoRA, trained in this process."""
+    runs = {}
+    for quant in ("none", "nf4"):
+        out = tmp_path_factory.mktemp(f"one_process_{quant}") / "run"
+        train(build_recipe(recipe_for(bert_no_dropout, uneven_data, out, per_device=16, quant=quant)))
+        runs[quant] = out
+    return runs
+
+
+def assert_same_trajectory(run: Path, reference: Path) -> None:
+    ours, ref = step_losses(run), step_losses(reference)
+    assert len(ours) == len(ref) == STEPS
+    assert np.max(np.abs(np.subtract(ours, ref))) < STEP_LOSS_TOL, (ours[:4], ref[:4])
+
+
+def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS,)) -> None:
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in steps]
+    assert [p.name for p in out.rglob(".*")] == []  # no temporary or half-written files left by any process
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")) == [
+        "adapter_model.safetensors", "best/adapter_model.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Real 2-process runs
+
+
+@needs_cpu_host
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_no_dropout, uneven_data, one_process_runs, quant):
+    out = tmp_path / "two"
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant=quant))
+    proc = torchrun(recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # Main process only: one metrics report, one "final" log line; the other rank printed nothing.
+    [metrics] = printed_metrics(proc.stdout)
+    assert proc.stderr.count("INFO lora_train: final:") == 1
+    assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 16
+    assert "global batch 16 (= 8 per device x 1 accumulation x 2" in proc.stderr
+    assert metrics["train_samples_per_process"] == [TRAIN_ROWS // 2] * 2  # both ranks trained on their half
+
+    assert_same_trajectory(out, one_process_runs[quant])
+    assert_one_checkpoint_and_adapter(out)
+    assert {p.name for p in (out / "checkpoints" / f"step-{STEPS:08d}").iterdir()} >= {"trainable.safetensors", "state.json", "COMPLETE"}
+
+    # Exact evaluation: every row once, the same figures as evaluating the saved adapter in one process.
+    reference = one_process_eval(out, uneven_data)
+    assert metrics["eval_samples"] == reference["n"] == EVAL_ROWS
+    assert metrics["eval_accuracy"] == reference["accuracy"]
+    assert metrics["eval_macro_f1"] == pytest.approx(reference["macro_f1"], abs=1e-12)
+    assert metrics["eval_loss"] == pytest.approx(reference["loss"], abs=1e-5)
+
+
+@needs_cpu_host
+def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    """ZeRO-2 over gloo: same trajectory as one process, per-rank optimizer shards, and an exact resume."""
+    out = tmp_path / "zero2"
+    raw = recipe_for(bert_no_dropout, uneven_data, out, per_device=8, save_steps=STEPS // 2)
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    proc = accelerate_launch("deepspeed_zero2.yaml", recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [metrics] = printed_metrics(proc.stdout)
+    assert "DeepSpeed ZeRO-2, processes 2" in proc.stderr
+    assert metrics["train_samples_per_process"] == [TRAIN_ROWS // 2] * 2
+    assert_same_trajectory(out, one_process_runs["none"])
+    assert_one_checkpoint_and_adapter(out, steps=(STEPS // 2, STEPS))
+    middle = out / "checkpoints" / f"step-{STEPS // 2:08d}"
+    shards = sorted(p.name for p in middle.rglob("*optim_states.pt"))
+    assert len(shards) == 2  # one optimizer shard per process, each written by its own process
+    saved = json.loads((middle / "state.json").read_text())
+    assert saved["format"] == ENGINE_FORMAT and saved["num_processes"] == 2
+
+    first_run = step_losses(out)
+    resumed = accelerate_launch("deepspeed_zero2.yaml", recipe, f"training.resume_from_checkpoint={middle}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {STEPS // 2} " in resumed.stderr
+    assert len(step_losses(out)) == STEPS
+    assert np.max(np.abs(np.subtract(step_losses(out)[STEPS // 2:], first_run[STEPS // 2:]))) < STEP_LOSS_TOL
+
+
+@needs_cpu_host
+def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    """ZeRO-3 partitions every weight (uint8 4-bit ones included); the saved adapter is gathered from the shards."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "zero3"
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant="nf4"))
+    proc = accelerate_launch("deepspeed_zero3.yaml", recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DeepSpeed ZeRO-3, processes 2" in proc.stderr
+    assert_same_trajectory(out, one_process_runs["nf4"])
+    assert_one_checkpoint_and_adapter(out)
+    ours, reference = load_file(out / "adapter_model.safetensors"), load_file(one_process_runs["nf4"] / "adapter_model.safetensors")
+    assert ours.keys() == reference.keys()
+    assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) < 1e-5  # whole tensors, not one shard
+
+
+@needs_cpu_host
+def test_silent_duplication_is_refused_before_any_work(tmp_path, bert_no_dropout, uneven_data):
+    """`accelerate launch --multi_gpu` on a CPU-only host starts 2 processes that each see one: refused, naming torchrun."""
+    out = tmp_path / "dup"
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8))
+    proc = accelerate_launch("", recipe, extra=("--multi_gpu",))
+    assert proc.returncode != 0
+    assert proc.stderr.count("WORLD_SIZE=2 but Accelerate sees a single process") == 2  # each process refused
+    assert CPU_LAUNCH in proc.stderr
+    assert not out.exists() or not any(out.iterdir())  # refused before anything was written
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusal messages (no processes needed: a Launch describes what the launch gives)
+
+
+def tiny_raw(**sections) -> dict:
+    return tiny_recipe(Path("model"), Path("data"), Path("out"), **sections)
+
+
+def problems(launch: Launch, **sections) -> list[str]:
+    return launch_problems(build_recipe(tiny_raw(**sections)), launch)
+
+
+CPU_DDP = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1)
+
+
+def test_mixed_precision_refusals():
+    assert any("silently runs fp32" in p for p in problems(CPU_DDP, training={"mixed_precision": "fp16"}))
+    assert problems(CPU_DDP, training={"mixed_precision": "bf16"}) == []  # CPU autocast works
+    old_gpu = Launch(engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, bf16_supported=False)
+    assert any("no bfloat16 support" in p for p in problems(old_gpu, training={"mixed_precision": "bf16"}))
+    from_config = Launch(engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, launcher_mixed_precision="bf16")
+    [message] = problems(from_config)
+    assert "mixed_precision='bf16'" in message and "training.mixed_precision='no'" in message
+
+
+def test_accumulation_from_the_launcher_is_refused():
+    launch = Launch(engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=4)
+    [message] = problems(launch)
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" in message and "training.gradient_accumulation_steps=1" in message
+
+
+def test_engine_requested_but_not_running_is_refused():
+    launch = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1, requested=("deepspeed", "fsdp"))
+    ds, fsdp = problems(launch)
+    assert "ACCELERATE_USE_CPU=true" in ds and "deepspeed_zero2.yaml" in ds
+    assert "FSDP only on GPUs" in fsdp and CPU_LAUNCH in fsdp
+
+
+def test_deepspeed_config_conflicts_are_refused():
+    ds = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}, "train_micro_batch_size_per_gpu": 4,
+          "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}
+    launch = Launch(engine="deepspeed", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, deepspeed_config=ds)
+    found = problems(launch)
+    assert len(found) == 2
+    assert "'optimizer' section" in found[0]
+    assert "train_micro_batch_size_per_gpu=4 but the recipe gives 16" in found[1]
+
+
+def test_zero3_needs_gathering_to_save_and_fsdp_needs_version_2():
+    zero3 = Launch(engine="deepspeed", num_processes=2, device_type="cuda", gradient_accumulation_steps=1,
+                   deepspeed_config={"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}})
+    [message] = problems(zero3)
+    assert "zero3_save_16bit_model: true" in message
+    fsdp1 = Launch(engine="fsdp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, fsdp_version=1)
+    [message] = problems(fsdp1)
+    assert "fsdp_version: 2" in message
+
+
+def test_resume_needs_the_same_engine_and_process_count():
+    ddp4 = Launch(engine="ddp", num_processes=4, device_type="cuda", gradient_accumulation_steps=1)
+    with pytest.raises(RecipeError, match="written by 2 process"):
+        check_resume_launch({"num_processes": 2}, ddp4)
+    with pytest.raises(RecipeError, match="written under DeepSpeed ZeRO-2"):
+        check_resume_launch({"num_processes": 4, "format": ENGINE_FORMAT, "engine": "DeepSpeed ZeRO-2"}, ddp4)
+    check_resume_launch({"num_processes": 4}, ddp4)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (run with -m gpu on a CUDA machine that has ../shared)
+
+
+@pytest.mark.gpu
+@needs_shared
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_check_runs_the_sst2_qlora_recipe(tmp_path):
+    proc = launch([sys.executable, "scripts/gpu_check.py", "recipes/sst2_qlora.yaml", f"model.name_or_path={MINILM}",
+                   "peft.target_modules=[query,value]", "data.path=../shared/data/sst2", "training.max_steps=30",
+                   f"output.output_dir={tmp_path / 'run'}"], {"HF_HUB_CACHE": str(HF_HUB)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [line for line in proc.stdout.splitlines() if line.startswith("gpu_check: {")]
+    summary = json.loads(line.removeprefix("gpu_check: "))
+    assert summary["optimizer_steps"] == 30 and summary["samples_per_s"] > 0 and summary["peak_memory_allocated_mb"] > 0
