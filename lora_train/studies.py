@@ -164,11 +164,12 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6, label="Pareto frontier")
     ax.set_xscale("log")
     finish_plot(fig, ax, "trainable parameters (log)", "SST-2 validation accuracy (%)",
-                f"Accuracy against trainable parameters ({setting}, mean over seeds)", figures / "study1_pareto.png")
+                f"Accuracy vs trainable parameters ({setting})", figures / "study1_pareto.png")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
     curves = {"head-only": ("head_only", None), "full FT": ("full", None), "LoRA r=1": ("lora_alpha_2r", "1"),
-              "LoRA r=8": ("lora_alpha_2r", "8"), "LoRA r=32": ("lora_alpha_2r", "32"), r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32")}
+              "LoRA r=8": ("lora_alpha_2r", "8"), "LoRA r=32": ("lora_alpha_2r", "32"), r"LoRA r=1, $\alpha$=16": ("lora_alpha_16", "1"),
+              r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32")}
     for label, (arm, r) in curves.items():
         members = [row for row in rows if row["arm"] == arm and (r is None or row.get("peft.r") == r)]
         if not members:
@@ -177,7 +178,7 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         ax.plot(steps, [100 * statistics.mean(c[s] for c in per_seed) for s in steps], "o-", ms=3, label=f"{label} (n={len(members)})")
     finish_plot(fig, ax, "optimizer step (batch 32)", "SST-2 validation accuracy (%)",
-                f"Learning curves ({setting}, mean over seeds)", figures / "study1_learning_curves.png")
+                f"Validation accuracy during training ({setting})", figures / "study1_learning_curves.png")
 
     lines = ["| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std | best-during-run acc. (%) | train s (mean) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -295,7 +296,8 @@ def bar_panels(rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=100)
     for ax, (key, ylabel, factor) in zip(axes, panels):
         values = [factor * (row.get(key) or 0) for row in rows]
-        ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        ax.bar_label(bars, fmt="%.1f" if factor == 100 else "%.0f", fontsize=6)
         ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
         if key == "trainable_params":
@@ -346,7 +348,34 @@ def analyse_quant(study: Study, rows: list[dict[str, Any]], out: Path, figures: 
     bar_panels(rows, labels, figures / "study3_quant.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)}",
                [("eval_accuracy", "val. accuracy (%)", 100), ("peak_memory_mb", "peak RSS (MB)", 1),
                 ("train_seconds", "train time (s)", 1), ("train_samples_per_s", "train samples/s", 1)])
-    return comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n"
+    footprints = weight_footprints(study.recipe, out / "weight_footprints.json")
+    lines = ["| base weights | in-memory footprint (MB, `get_memory_footprint`) |", "|---|---|"]
+    lines += [f"| {name} | {mb:.2f} |" for name, mb in footprints.items()]
+    return (comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
+    """The base model's weight memory (parameters + buffers) in fp32, NF4 and NF4 + double quant, cached in ``cache``.
+
+    Peak RSS on a CPU mixes the weights with the Python, torch and data footprint; this isolates the weights.
+    """
+    if cache.exists():
+        return json.loads(cache.read_text())
+    from lora_train.config import load_recipe
+    from lora_train.modeling import load_base_model, load_model_config
+
+    sizes = {}
+    for name, overrides in (("float32", ["quantization.method=none"]),
+                            ("NF4", ["quantization.method=nf4", "quantization.double_quant=false"]),
+                            ("NF4 + double quant", ["quantization.method=nf4", "quantization.double_quant=true"])):
+        recipe = load_recipe(recipe_path, overrides)
+        config = load_model_config(recipe, ["negative", "positive"])
+        model, _ = load_base_model(recipe, config)
+        sizes[name] = model.get_memory_footprint() / 2**20
+        del model
+    cache.write_text(json.dumps(sizes, indent=1))
+    return sizes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +443,8 @@ def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = N
         body = study.analyse(study, rows, out, figures)
         if missing:
             body += f"\n{missing} planned run(s) have no results yet (not run or failed).\n"
-        walls = [row["wall_seconds"] for row in {row["run"]: row for row in rows}.values() if row.get("wall_seconds")]
-        body += f"\nSum of run wall times: {sum(walls) / 60:.1f} min over {len(walls)} runs.\n"
+        walls = [json.loads(p.read_text())["wall_seconds"] for p in sorted(out.glob("*/sweep_run.json"))]
+        body += f"\nSum of the run wall times recorded by the sweep: {sum(walls) / 60:.1f} min over {len(walls)} runs.\n"
         command = f"python scripts/study.py {name}" + (f" --seeds {seeds}" if seeds is not None else "")
     report = (f"Command: `HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-hub {command}`  \nHardware: {hardware()}  \n"
               f"This invocation took {time.perf_counter() - start:.0f} s.\n\n{body}")

@@ -135,10 +135,16 @@ def expand_grid(specs: Sequence[str]) -> list[dict[str, str]]:
 
 
 def run_name(overrides: dict[str, str]) -> str:
-    """A readable, filesystem-safe directory name that spells out the overrides, e.g. ``method-lora_r-8_alpha-16``."""
+    """A readable, filesystem-safe directory name that spells out the overrides, e.g. ``method-lora_r-8_alpha-16``.
+
+    Fields are named without their section unless two sections share the field name
+    (``peft.method-lora_quantization.method-nf4``).
+    """
+    fields = [key.split(".", 1)[1] for key in overrides]
     parts = []
     for key, value in overrides.items():
         short = key.split(".", 1)[1]
+        short = key if fields.count(short) > 1 else short
         clean = re.sub(r"[^A-Za-z0-9.+-]+", "-", value).strip("-") or "none"
         parts.append(f"{short}-{clean}")
     return "_".join(parts) or "base"
