@@ -233,8 +233,10 @@ class EpochSampler(Sampler[int]):
         mega = self.batch_size * 50
         groups = [sorted(order[i : i + mega], key=lambda j: -self.lengths[j]) for i in range(0, len(order), mega)]
         batches = [grp[i : i + self.batch_size] for grp in groups for i in range(0, len(grp), self.batch_size)]
-        # Shuffle whole batches so long batches are not always first in their mega-batch.
+        # Shuffle whole batches so long batches are not always first in their mega-batch; the one short
+        # batch goes last so the DataLoader's fixed-size slices stay aligned with these batches.
         perm = torch.randperm(len(batches), generator=g).tolist()
+        perm.sort(key=lambda b: len(batches[b]) < self.batch_size)
         return iter([i for b in perm for i in batches[b]])
 
 

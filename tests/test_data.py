@@ -48,7 +48,7 @@ def test_imdb_validation_is_carved_stratified_and_deterministic():
     assert Counter(evaluation["label"]) == {0: 1250, 1: 1250}
     _, again = load_splits(spec, cfg)
     assert again["text"][:20] == evaluation["text"][:20]
-    assert len(set(evaluation["text"]) & set(train["text"])) < 20  # only IMDb's own duplicated reviews (96 in train)
+    assert len(set(evaluation["text"]) & set(train["text"])) <= 96  # only IMDb's own duplicated reviews (96 in train)
 
 
 @needs_shared
