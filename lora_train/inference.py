@@ -165,13 +165,16 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 def read_texts(path: str, column: str = "text") -> Iterator[str]:
     """Texts from a file, streamed: ``.txt`` (one per line; ``-`` = stdin), ``.jsonl`` or ``.csv`` (the ``column`` field).
 
-    The path and type are checked now, so a bad input fails before any model is loaded.
+    The path, the type and the first record's text field are checked now, so a bad input fails before any model
+    is loaded.
     """
     suffix = Path(path).suffix.lower()
     if path != "-" and not Path(path).is_file():
         raise RunError(f"input file '{path}' does not exist")
     if path != "-" and suffix not in (".txt", ".text", ".jsonl", ".csv"):
         raise RunError(f"input file '{path}': unsupported type '{suffix}'; use .txt (one text per line), .jsonl or .csv")
+    if suffix in (".jsonl", ".csv"):
+        next(_stream_texts(path, suffix, column), None)  # the first record names the field, or says it is missing
     return _stream_texts(path, suffix, column)
 
 

@@ -41,7 +41,7 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     nf4 = recipe.quantization.method == "nf4"
     tokenizer = AutoTokenizer.from_pretrained(directory)
     base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
-    if nf4:
+    if nf4:  # before any forward: bitsandbytes' CPU backend repacks 4-bit weights on first use
         base = base.dequantize(dtype=DTYPES[recipe.quantization.compute_dtype])
     merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
     target = DTYPES[dtype] if dtype else (DTYPES[recipe.quantization.compute_dtype] if nf4 else merged.dtype)

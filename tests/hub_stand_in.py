@@ -100,6 +100,18 @@ class HubStandIn:
     def stored_bytes(self) -> int:
         return sum(len(b) for r in self.repos.values() for c in r.commits for b in c.files.values())
 
+    def routes(self) -> set[str]:
+        """The kinds of request served successfully, e.g. ``POST commit``, ``HEAD resolve``."""
+        kinds = set()
+        for method, path, status in self.log:
+            if status >= 400:
+                continue
+            p = urlsplit(path).path
+            name = next((n for n in ("resolve", "preupload", "commit", "tree", "revision") if f"/{n}/" in p), None)
+            name = name or {"/api/repos/create": "create", "/api/validate-yaml": "validate-yaml"}.get(p, "repo-info")
+            kinds.add(f"{method} {name}")
+        return kinds
+
     def unhandled(self) -> list[tuple[str, str, int]]:
         """Requests answered 400/404/405/501 (an endpoint the client needs that the stand-in lacks shows up here)."""
         return [entry for entry in self.log if entry[2] in (400, 405, 501) or (entry[2] == 404 and "/resolve/" not in entry[1])]

@@ -1,6 +1,6 @@
 """Using trained tiny adapters: the learning curve and card, scripts/eval.py, scripts/predict.py, scripts/merge_adapter.py.
 
-The adapters are trained here (tiny random BERT, synthetic data, a few dozen steps), with LoRA and
+The adapters are trained here (tiny random BERT, synthetic data, 4 to 12 steps), with LoRA and
 AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute).
 """
 
@@ -34,7 +34,7 @@ def script(name: str):
 
 def trained(tmp_path_factory, model_dir, data_dir, name: str, **sections) -> Path:
     out = tmp_path_factory.mktemp(name) / "run"
-    base = {"training": {"max_steps": 24, "eval_steps": 8, "save_steps": 24, "logging_steps": 2}}
+    base = {"training": {"max_steps": 12, "eval_steps": 4, "save_steps": 12, "logging_steps": 2}}
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     train(build_recipe(tiny_recipe(model_dir, data_dir, out, **base)))
@@ -54,7 +54,7 @@ def adalora_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def nf4_run(request, tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
     return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, f"nf4_{request.param}",
-                   quantization={"method": "nf4", "compute_dtype": request.param}, training={"max_steps": 8, "eval_steps": 4})
+                   quantization={"method": "nf4", "compute_dtype": request.param}, training={"max_steps": 4, "eval_steps": 0})
 
 
 @torch.no_grad()

@@ -79,7 +79,7 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
         tiny_bert_dir, toy_data_dir, out,
-        training={"max_steps": 12, "eval_steps": 6, "save_steps": 6, "logging_steps": 2},
+        training={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
         output={"push_to_hub": True, "hub_model_id": "user/tiny-sentiment", "push_checkpoints": True},
     ))
     trained = run(["scripts/train.py", str(recipe)], hub_env(hub, tmp_path / "home_train"))
@@ -88,8 +88,8 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
     repo = hub.repos["user/tiny-sentiment"]
     assert repo.private  # output.hub_private defaults to true
     messages = [c.message for c in repo.commits]
-    assert messages == ["initial commit", "lora_train: adapter at step 6", "lora_train: adapter at step 12",
-                        "lora_train: final adapter, step 12"], messages
+    assert messages == ["initial commit", "lora_train: adapter at step 2", "lora_train: adapter at step 4",
+                        "lora_train: final adapter, step 4"], messages
     files = set(repo.head.files)
     assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
             "learning_curve.png", "recipe.yaml", "labels.json", "metrics.json", "history.json"} <= files
@@ -113,6 +113,8 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
     assert sorted(result["eval_results"]) == sorted([["accuracy", round(metrics["eval_accuracy"], 4)], ["f1", round(metrics["eval_macro_f1"], 4)]])
     assert 'from_pretrained("user/tiny-sentiment"' in result["text"] and "(learning_curve.png)" in result["text"]
     assert hub.unhandled() == []
+    assert {"POST create", "POST validate-yaml", "POST preupload", "POST commit", "GET repo-info", "GET tree",
+            "HEAD resolve", "GET resolve"} <= hub.routes(), hub.routes()
 
     # An existing run, pushed by the script to another repo: the card now names that repo.
     pushed = run(["scripts/push_to_hub.py", str(out), "user/copy", "--public"], hub_env(hub, tmp_path / "home_push"))
