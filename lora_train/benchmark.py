@@ -46,6 +46,15 @@ CONTENDER_LABELS = {
     "trainer_max_length": "Trainer + PEFT, padding=max_length (tutorial)",
     "trainer_dynamic": "Trainer + PEFT, dynamic padding + group_by_length",
 }
+LEVERS = {
+    "plain": (False, False), "fast_dropout": (True, False), "fused_adamw": (False, True), "both": (True, True),
+}
+"""Ablation (``--levers``): a bare loop over our data and model with (FastDropout, fused AdamW) on or off."""
+LABELS = {
+    **CONTENDER_LABELS,
+    "plain": "bare loop: torch dropout, foreach AdamW", "fast_dropout": "bare loop + FastDropout",
+    "fused_adamw": "bare loop + fused AdamW", "both": "bare loop + FastDropout + fused AdamW (= our loop)",
+}
 MEMORY_VARIANTS = {
     "fp32": ["model.dtype=float32", "quantization.method=none"],
     "bf16": ["model.dtype=bfloat16", "quantization.method=none"],
@@ -107,12 +116,13 @@ def interleaved_order(names: list[str], repeats: int) -> list[tuple[int, str]]:
 
 
 def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders: tuple[str, ...] = CONTENDERS,
-                  log=print) -> dict[str, Any]:
-    """Run every contender ``settings.repeats`` times, interleaved; write and return the report."""
+                  log=print, reference: str = "ours") -> dict[str, Any]:
+    """Run every contender (or lever of :data:`LEVERS`) ``settings.repeats`` times, interleaved; write and
+    return the report, with how many times faster ``reference`` is than each."""
     settings.check()
-    unknown = set(contenders) - set(CONTENDERS)
+    unknown = set(contenders) - set(LABELS)
     if unknown:
-        raise ValueError(f"unknown contender(s) {sorted(unknown)}; valid: {', '.join(CONTENDERS)}")
+        raise ValueError(f"unknown contender(s) {sorted(unknown)}; valid: {', '.join(LABELS)}")
     runs = []
     for repeat, name in interleaved_order(list(contenders), settings.repeats):
         job = {"kind": "train", "name": name, "recipe": recipe.to_dict(), "threads": settings.threads,
@@ -124,7 +134,7 @@ def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders:
             f"peak {result['peak_memory_mb']:.0f} MB" + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else ""))
     report = {"mode": "epochs" if settings.epochs is not None else "steps", "settings": settings.__dict__,
               "recipe": recipe.to_dict(), "machine": machine_summary(settings.threads), "runs": runs,
-              "summary": summarize(runs, list(contenders))}
+              "reference": reference, "summary": summarize(runs, list(contenders), reference)}
     write_report(report, out_dir, throughput_markdown(report))
     return report
 
@@ -183,8 +193,8 @@ def machine_summary(threads: int) -> dict[str, Any]:
 # Summaries and Markdown
 
 
-def summarize(runs: list[dict[str, Any]], contenders: list[str]) -> dict[str, Any]:
-    """Medians per contender, and how many times faster ``ours`` is than each other contender."""
+def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str = "ours") -> dict[str, Any]:
+    """Medians per contender, and how many times faster ``reference`` is than each contender."""
     keys = ("samples_per_s", "tokens_per_s", "step_time_ms", "peak_memory_mb", "eval_accuracy")
     summary: dict[str, Any] = {}
     for name in contenders:
@@ -196,9 +206,9 @@ def summarize(runs: list[dict[str, Any]], contenders: list[str]) -> dict[str, An
             if key == "samples_per_s" and values:
                 row["samples_per_s_range"] = [min(values), max(values)]
         summary[name] = row
-    if "ours" in summary:
+    if reference in summary:
         for name in contenders:
-            summary[name]["ours_speedup"] = summary["ours"]["samples_per_s"] / summary[name]["samples_per_s"]
+            summary[name]["speedup"] = summary[reference]["samples_per_s"] / summary[name]["samples_per_s"]
     return summary
 
 
@@ -224,13 +234,14 @@ def _header(report: dict[str, Any]) -> list[str]:
 def throughput_markdown(report: dict[str, Any]) -> str:
     """The throughput table (medians, with the samples/s range over runs)."""
     lines = [f"## Throughput ({report['mode']} mode)", ""] + _header(report) + ["",
-             "| contender | samples/s (min-max) | non-pad tokens/s | ms/step | peak memory MB | trainable params | accuracy | ours is x faster |",
+             f"| contender | samples/s (min-max) | non-pad tokens/s | ms/step | peak memory MB | trainable params | accuracy |"
+             f" {LABELS[report['reference']].split(' (')[0]} is x faster |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in report["summary"].items():
         low, high = row["samples_per_s_range"]
         acc = f"{row['eval_accuracy']:.4f}" if row.get("eval_accuracy") is not None else "-"
-        speed = f"{row['ours_speedup']:.2f}" if "ours_speedup" in row else "-"
-        lines.append(f"| {CONTENDER_LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
+        speed = f"{row['speedup']:.2f}" if "speedup" in row else "-"
+        lines.append(f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
                      f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} | {acc} | {speed} |")
     return "\n".join(lines) + "\n"
 
@@ -457,6 +468,52 @@ def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
     return weight_memory(model)
 
 
+def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> dict[str, Any]:
+    """A bare loop (forward, backward, clip, AdamW step) over our sampler, collator and model, with each lever
+    on or off: what FastDropout and fused AdamW buy, without the rest of :func:`train` around them."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from lora_train.data import EpochSampler, label_names_of, load_splits, resolve_spec, tokenize
+    from lora_train.modeling import apply_regime, count_parameters, load_base_model, load_model_config, load_tokenizer, use_fast_dropout
+
+    recipe = build_recipe(job["recipe"])
+    t, d = recipe.training, recipe.data
+    tokenizer = load_tokenizer(recipe)
+    spec = resolve_spec(d)
+    train_raw = load_splits(spec, d)[0]
+    train_ds = tokenize(train_raw, tokenizer, spec, d.max_length)
+    loader = DataLoader(train_ds.remove_columns("length"), batch_size=t.per_device_train_batch_size, collate_fn=DataCollatorWithPadding(tokenizer),
+                        sampler=EpochSampler(train_ds["length"], t.per_device_train_batch_size, t.seed, d.group_by_length))
+    set_seed(t.seed)
+    config = load_model_config(recipe, label_names_of(train_raw, spec))
+    model, heads = load_base_model(recipe, config)
+    model = apply_regime(recipe, model, heads, 100)
+    if fast_dropout:
+        use_fast_dropout(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, fused=fused_adamw)
+    model.train()
+    warmup, steps = job["warmup_steps"], job["measure_steps"]
+    samples = tokens = 0
+    for step, batch in enumerate(loader):
+        if step == warmup:
+            start = time.perf_counter()
+        if step == warmup + steps:
+            break
+        model(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            samples, tokens = samples + len(batch["labels"]), tokens + int(batch["attention_mask"].sum())
+    else:
+        raise ValueError(f"{warmup} + {steps} steps need more than one epoch of data; raise data.max_train_samples")
+    params = count_parameters(model)
+    return _result(samples=samples, tokens=tokens, seconds=time.perf_counter() - start, steps=steps, accuracy=None,
+                   trainable=params.trainable, total=params.total, device="cpu")
+
+
 def worker_main(job_path: str, result_path: str) -> None:
     """Subprocess entry point: run the job in ``job_path``, write its result to ``result_path``."""
     import torch
@@ -466,6 +523,8 @@ def worker_main(job_path: str, result_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
         if job["kind"] == "weights":
             result = bench_weights(job)
+        elif job["name"] in LEVERS:
+            result = bench_lever(job, *LEVERS[job["name"]])
         elif job["name"] == "ours":
             result = bench_ours(job, Path(tmp) / "run")
         else:

@@ -5,6 +5,8 @@
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_length=128 --out runs/bench/steps
     # accuracy at equal epochs (whole epochs timed, then the full validation split)
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_train_samples=8000 --epochs 1 --out runs/bench/epochs
+    # ablation: a bare loop with FastDropout / fused AdamW on and off
+    python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_length=128 --levers --out runs/bench/levers
     # memory: weight bytes and peak memory of fp32, bf16, NF4 and NF4 + double quant LoRA
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml --memory --out runs/bench/memory
 
@@ -14,7 +16,7 @@ Writes results.json and results.md into --out; see docs/performance.md.
 import sys
 from pathlib import Path
 
-from lora_train.benchmark import CONTENDERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
+from lora_train.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
 from lora_train.cli import parse_recipe, recipe_parser
 
 
@@ -27,6 +29,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=Settings.threads, help="torch / OpenMP threads, the same for every run.")
     parser.add_argument("--epochs", type=float, default=None, help="Time whole epochs and report accuracy instead of --steps.")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--levers", action="store_true", help="Ablation of " + ", ".join(LEVERS) + " instead (steps only).")
     parser.add_argument("--memory", action="store_true", help="Compare " + ", ".join(MEMORY_VARIANTS) + " instead.")
     recipe, args = parse_recipe(parser)
     settings = Settings(warmup_steps=args.warmup, measure_steps=args.steps, repeats=args.repeats, threads=args.threads,
@@ -34,6 +37,10 @@ def main() -> int:
     try:
         if args.memory:
             report = run_memory(recipe, settings, Path(args.out))
+        elif args.levers:
+            if args.epochs is not None:
+                raise ValueError("--levers times --steps after --warmup; it has no --epochs mode")
+            report = run_benchmark(recipe, settings, Path(args.out), tuple(LEVERS), reference="both")
         else:
             report = run_benchmark(recipe, settings, Path(args.out), tuple(args.contenders))
     except ValueError as err:

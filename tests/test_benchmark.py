@@ -50,7 +50,7 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
     for run in runs.values():
         assert 4 * 16 * 3 < run["tokens"] < 4 * 16 * 32
     summary = report["summary"]
-    assert summary["ours"]["ours_speedup"] == pytest.approx(1.0)
+    assert summary["ours"]["speedup"] == pytest.approx(1.0)
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["summary"] == summary and saved["machine"]["threads"] == 1
     markdown = (tmp_path / "bench" / "results.md").read_text()
@@ -92,3 +92,34 @@ def test_memory_mode_writes_its_table(tmp_path, tiny_bert_dir, toy_data_dir):
     (row,) = report["rows"]
     assert 0 < row["linear_weight_bytes"] < row["weight_bytes"] and row["peak_memory_mb"] > 0
     assert "nf4_double_quant" in (tmp_path / "mem" / "results.md").read_text()
+
+
+def test_fast_dropout_drops_p_and_keeps_the_mean():
+    import torch
+
+    from lora_train.modeling import FastDropout, use_fast_dropout
+
+    torch.manual_seed(0)
+    drop = FastDropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(0.9, abs=0.002)
+    assert y.mean().item() == pytest.approx(1.0, abs=0.003)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # gradients flow exactly through the kept elements
+    drop.eval()
+    assert drop(x) is x
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.2), torch.nn.Sequential(torch.nn.Dropout(0.3)))
+    assert use_fast_dropout(model) == 2
+    assert [type(m).__name__ for m in model.modules()].count("FastDropout") == 2 and model[2][0].p == 0.3
+
+
+def test_lever_ablation_times_a_bare_loop_with_and_without_each_lever(tmp_path, tiny_bert_dir, toy_data_dir):
+    recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", peft={"dropout": 0.1}))
+    report = run_benchmark(recipe, Settings(warmup_steps=1, measure_steps=3, repeats=1, threads=1), tmp_path / "levers",
+                           ("plain", "both"), log=lambda _: None, reference="both")
+    assert {r["contender"] for r in report["runs"]} == {"plain", "both"}
+    assert all(r["steps"] == 3 and r["samples"] == 3 * 16 for r in report["runs"])
+    assert report["summary"]["both"]["speedup"] == pytest.approx(1.0)
+    assert "FastDropout" in (tmp_path / "levers" / "results.md").read_text()
