@@ -213,7 +213,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=trackers or None,
-        project_dir=str(out),
+        project_dir=str(out / "logs"),  # TensorBoard events land in logs/lora_train/
         **dist.accelerator_kwargs(),
     )
     launch = dist.check_launch(recipe, accelerator)  # silent duplication, unsupported recipe x launch combinations
