@@ -501,7 +501,8 @@ def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: O
     }
     if history is not None:
         files["history.json"] = json.dumps(history, indent=1)
-        files[PLOT_NAME] = learning_curve_png(history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method})")
+        nf4 = " on an NF4 base" if recipe.quantization.method == "nf4" else ""
+        files[PLOT_NAME] = learning_curve_png(history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method}{nf4})")
     return files
 
 
