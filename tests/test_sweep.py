@@ -28,6 +28,7 @@ def test_commas_inside_brackets_do_not_split():
     runs = sweep.expand_grid(["peft.target_modules=[query,value],[query,key,value]"])
     assert [r["peft.target_modules"] for r in runs] == ["[query,value]", "[query,key,value]"]
     assert sweep.run_name(runs[1]) == "target_modules-query-key-value"
+    assert sweep.run_name({"peft.method": "lora", "quantization.method": "nf4"}) == "peft.method-lora_quantization.method-nf4"
 
 
 @pytest.mark.parametrize("specs,message", [
