@@ -177,6 +177,8 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map; bitsandbytes then uses the current device
             kwargs["device_map"] = device_map or {"": "cpu"}
     model, info = AutoModelForSequenceClassification.from_pretrained(m.name_or_path, output_loading_info=True, **kwargs)
+    if qconfig is not None:
+        keep_4bit_training_layout(model)  # training, evaluation and reloading all use one 4-bit layout
     if model.config.pad_token_id is None:
         model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     missing = {part for key in info["missing_keys"] for part in key.split(".")}
@@ -214,7 +216,7 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
 
 
 def keep_4bit_training_layout(model: nn.Module) -> None:
-    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPU inference at an evaluation during training.
+    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPU inference (at an evaluation, or a reload).
 
     That repacking rounds the quantization constants to bfloat16, is undone only lossily (by ``state_dict()``),
     and breaks the next training forward (``result += bias`` on a leaf view); a model being trained keeps one
@@ -241,7 +243,6 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if recipe.quantization.method != "none":
-        keep_4bit_training_layout(model)
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,

@@ -143,13 +143,14 @@ def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     from transformers import AutoTokenizer
 
     from lora_train.config import load_recipe
-    from lora_train.modeling import head_linear_names, load_model_config, meta_model, quantization_config
+    from lora_train.modeling import head_linear_names, keep_4bit_training_layout, load_model_config, meta_model, quantization_config
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     kwargs = {}
     if recipe.quantization.method == "nf4":
         kwargs["quantization_config"] = quantization_config(recipe, head_linear_names(meta_model(load_model_config(recipe))))
     model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, **kwargs).eval()
+    keep_4bit_training_layout(model)  # bitsandbytes would repack NF4 weights with bf16-rounded scales on AVX512-BF16 CPUs
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     logits = []
     with torch.no_grad():
