@@ -174,7 +174,9 @@ def evaluate(model, loader: DataLoader, accelerator, num_labels: int, label_name
     metric = load_metric(num_labels, label_names)
     total_loss, total_n = torch.zeros((), device=accelerator.device), 0
     for batch in loader:
-        outputs = model(**batch)
+        # Labels stay out of the forward: the loss is computed here, and a reloaded AdaLoRA model fails when
+        # asked for its (training-only) orthogonality loss.
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
         preds, refs = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
         losses = accelerator.gather_for_metrics(
             torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")

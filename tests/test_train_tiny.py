@@ -35,6 +35,9 @@ def test_tiny_bert_trains_and_saves_adapter_only(tmp_path, tiny_bert_dir, toy_da
     val = pd.read_parquet(toy_data_dir / "validation.parquet")
     metrics = json.loads((out / "metrics.json").read_text())
     assert reload_accuracy(out, list(val["text"]), val["label"].to_numpy(), 32) == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    from lora_train.inference import evaluate_run, load_run
+
+    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)  # scripts/eval.py
 
 
 def test_tiny_full_finetuning_learns(tmp_path, tiny_bert_dir, toy_data_dir):
