@@ -58,10 +58,11 @@ LABELS = {
 MEMORY_VARIANTS = {
     "fp32": ["model.dtype=float32", "quantization.method=none"],
     "bf16": ["model.dtype=bfloat16", "quantization.method=none"],
-    "nf4": ["quantization.method=nf4", "quantization.double_quant=false"],
-    "nf4_double_quant": ["quantization.method=nf4", "quantization.double_quant=true"],
+    "nf4": ["quantization.method=nf4", "quantization.double_quant=false", "quantization.compute_dtype=float32"],
+    "nf4_double_quant": ["quantization.method=nf4", "quantization.double_quant=true", "quantization.compute_dtype=float32"],
 }
-"""Recipe overrides of the memory comparison (NF4 keeps the recipe's dtype for the weights it does not quantize)."""
+"""Recipe overrides of the memory comparison. NF4 keeps the recipe's dtype for the weights it does not quantize and
+computes in float32 (bitsandbytes' fast path on CPU; a GPU recipe would use bfloat16)."""
 
 NO_STEP = 10**9  # eval_steps / save_steps that never come: keep evaluation and checkpoints out of the timing
 
@@ -217,6 +218,8 @@ def _header(report: dict[str, Any]) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m.get("load_average") else "n/a"
     if report["mode"] == "epochs":
         what = f"{s['epochs']:g} epoch(s), timed whole, then evaluated; {s['repeats']} run(s) each"
+    elif report["mode"] == "memory":
+        what = f"weights measured after loading; peak memory over {s['warmup_steps'] + s['measure_steps']} training steps; one run per variant"
     else:
         what = f"{s['measure_steps']} optimizer steps timed after {s['warmup_steps']} warm-up steps; {s['repeats']} run(s) each"
     return [
@@ -225,7 +228,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"- data `{r['data']['path'] or r['data']['task']}`: {r['data']['max_train_samples'] or 'all'} training rows,"
         f" max_length {r['data']['max_length']}, batch {r['training']['per_device_train_batch_size']},"
         f" mixed precision {r['training']['mixed_precision']}",
-        f"- {what}; medians over runs",
+        f"- {what}" + ("" if report["mode"] == "memory" else "; medians over runs"),
         f"- machine: {m['cpu']} ({m['cpu_count']} cores), GPU {m['gpu'] or 'none'}, {m['threads']} torch threads for every"
         f" run, load average at the end {load}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}",
     ]
@@ -250,7 +253,7 @@ def memory_markdown(report: dict[str, Any]) -> str:
     """The weight-memory / peak-memory table of the dtype and NF4 variants."""
     rows = {r["variant"]: r for r in report["rows"]}
     ref = rows.get("bf16")
-    lines = [f"## Memory: fp32 / bf16 / NF4 LoRA", ""] + _header({**report, "mode": "steps"}) + ["",
+    lines = ["## Memory: fp32 / bf16 / NF4 LoRA", ""] + _header(report) + ["",
              "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s | trainable params |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
