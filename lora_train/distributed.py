@@ -60,6 +60,11 @@ class Launch:
         return int(self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if self.engine == "deepspeed" else 0
 
     @property
+    def engine_owns_optimizer(self) -> bool:
+        """DeepSpeed and FSDP hold the optimizer state themselves: checkpoints go through the engine."""
+        return self.engine in ("deepspeed", "fsdp")
+
+    @property
     def shards_weights(self) -> bool:
         """Whether no process holds the whole model (ZeRO-3, FSDP): adapters must be gathered to be saved."""
         return self.engine == "fsdp" or self.zero_stage == 3
@@ -170,7 +175,7 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
     """Every reason this recipe cannot run under this launch, each naming what works instead."""
     p: list[str] = []
     q, pe, t = recipe.quantization, recipe.peft, recipe.training
-    sharded = launch.engine in ("deepspeed", "fsdp")
+    sharded = launch.engine_owns_optimizer
 
     # The launch asked for an engine that Accelerate is not running: the run would silently be plain DDP.
     if "deepspeed" in launch.requested and launch.engine != "deepspeed":
@@ -309,7 +314,7 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
     """Refuse a checkpoint written under another engine or number of processes, naming what it needs."""
     problems = []
     engine_ckpt = saved.get("format") == ENGINE_FORMAT
-    if engine_ckpt != (launch.engine in ("deepspeed", "fsdp")):
+    if engine_ckpt != launch.engine_owns_optimizer:
         problems.append(f"the checkpoint was written under {saved.get('engine', 'one process or DDP')} and cannot be"
                         f" resumed under {launch.name}: resume with the Accelerate config that wrote it")
     elif engine_ckpt and saved.get("engine") != launch.name:

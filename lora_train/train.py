@@ -288,7 +288,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     state = LoopState()
     if resume_dir is not None:
         dist.check_resume_launch(saved, launch)
-        if launch.engine in ("deepspeed", "fsdp"):
+        if launch.engine_owns_optimizer:
             loaded = dist.load_engine_state(accelerator, resume_dir, scheduler, launch)
         else:
             loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
@@ -319,7 +319,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         extra, adalora_meta = _adalora_state(unwrapped) if is_adalora else (None, None)
         saved_state = {"loop": state.__dict__, "recipe": recipe.to_dict(), "num_processes": accelerator.num_processes,
                        "adalora": adalora_meta}
-        if launch.engine in ("deepspeed", "fsdp"):  # the engine owns the optimizer: every process writes its shard
+        if launch.engine_owns_optimizer:  # every process writes its shard
             dist.save_engine_state(accelerator, path, saved_state, scheduler, launch)
         elif accelerator.is_main_process:
             ckpt.save_training_state(path, unwrapped, base_optimizer, scheduler, saved_state, extra)
