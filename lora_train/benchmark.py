@@ -77,6 +77,9 @@ class Settings:
     threads: int = 2
     epochs: Optional[float] = None
     """Set for the ``epochs`` mode (timed whole epochs + final accuracy); None = the ``steps`` mode."""
+    seed_per_repeat: bool = False
+    """Repeat k trains with ``training.seed + k`` (every contender alike), so the accuracy spread over seeds is
+    measured too; otherwise every repeat uses the recipe's seed."""
 
     def check(self) -> None:
         """Refuse settings that cannot give a measurement."""
@@ -126,10 +129,12 @@ def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders:
         raise ValueError(f"unknown contender(s) {sorted(unknown)}; valid: {', '.join(LABELS)}")
     runs = []
     for repeat, name in interleaved_order(list(contenders), settings.repeats):
-        job = {"kind": "train", "name": name, "recipe": recipe.to_dict(), "threads": settings.threads,
+        seed = recipe.training.seed + (repeat if settings.seed_per_repeat else 0)
+        job = {"kind": "train", "name": name, "recipe": build_recipe(recipe.to_dict(), [f"training.seed={seed}"]).to_dict(),
+               "threads": settings.threads,
                "warmup_steps": settings.warmup_steps, "measure_steps": settings.measure_steps, "epochs": settings.epochs}
         result = run_job(job, out_dir / "runs" / f"{repeat}-{name}", settings.threads)
-        result.update(contender=name, repeat=repeat)
+        result.update(contender=name, repeat=repeat, seed=seed)
         runs.append(result)
         log(f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
             f"peak {result['peak_memory_mb']:.0f} MB" + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else ""))
@@ -206,6 +211,9 @@ def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str 
             row[key] = statistics.median(values) if values else None
             if key == "samples_per_s" and values:
                 row["samples_per_s_range"] = [min(values), max(values)]
+            if key == "eval_accuracy" and values:
+                row["eval_accuracy_mean"] = statistics.fmean(values)
+                row["eval_accuracy_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         summary[name] = row
     if reference in summary:
         for name in contenders:
@@ -218,6 +226,8 @@ def _header(report: dict[str, Any]) -> list[str]:
     load = ", ".join(f"{x:.2f}" for x in m["load_average"]) if m.get("load_average") else "n/a"
     if report["mode"] == "epochs":
         what = f"{s['epochs']:g} epoch(s), timed whole, then evaluated; {s['repeats']} run(s) each"
+        if s.get("seed_per_repeat"):
+            what += f" with training seeds {r['training']['seed']}..{r['training']['seed'] + s['repeats'] - 1}"
     elif report["mode"] == "memory":
         what = f"weights measured after loading; peak memory over {s['warmup_steps'] + s['measure_steps']} training steps; one run per variant"
     else:
@@ -243,6 +253,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
     for name, row in report["summary"].items():
         low, high = row["samples_per_s_range"]
         acc = f"{row['eval_accuracy']:.4f}" if row.get("eval_accuracy") is not None else "-"
+        if row.get("eval_accuracy") is not None and report["settings"].get("seed_per_repeat"):
+            acc = f"{row['eval_accuracy_mean']:.4f} ± {row['eval_accuracy_std']:.4f} (mean ± std)"
         speed = f"{row['speedup']:.2f}" if "speedup" in row else "-"
         lines.append(f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
                      f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} | {acc} | {speed} |")

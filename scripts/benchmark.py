@@ -4,7 +4,7 @@
     # throughput: 30 steps timed after 10 warm-up steps, 3 interleaved runs of each contender
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_length=128 --out runs/bench/steps
     # accuracy at equal epochs (whole epochs timed, then the full validation split)
-    python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_train_samples=8000 --epochs 1 --out runs/bench/epochs
+    python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_train_samples=8000 --epochs 1 --seed-per-repeat --out runs/bench/epochs
     # ablation: a bare loop with FastDropout / fused AdamW on and off
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_length=128 --levers --out runs/bench/levers
     # memory: weight bytes and peak memory of fp32, bf16, NF4 and NF4 + double quant LoRA
@@ -27,13 +27,15 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=Settings.measure_steps, help="Timed optimizer steps.")
     parser.add_argument("--repeats", type=int, default=Settings.repeats, help="Runs of each contender (median reported).")
     parser.add_argument("--threads", type=int, default=Settings.threads, help="torch / OpenMP threads, the same for every run.")
+    parser.add_argument("--seed-per-repeat", action="store_true",
+                        help="Repeat k trains with training.seed + k (every contender alike): accuracy as mean ± std over seeds.")
     parser.add_argument("--epochs", type=float, default=None, help="Time whole epochs and report accuracy instead of --steps.")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--levers", action="store_true", help="Ablation of " + ", ".join(LEVERS) + " instead (steps only).")
     parser.add_argument("--memory", action="store_true", help="Compare " + ", ".join(MEMORY_VARIANTS) + " instead.")
     recipe, args = parse_recipe(parser)
     settings = Settings(warmup_steps=args.warmup, measure_steps=args.steps, repeats=args.repeats, threads=args.threads,
-                        epochs=args.epochs)
+                        epochs=args.epochs, seed_per_repeat=args.seed_per_repeat)
     try:
         if args.memory:
             report = run_memory(recipe, settings, Path(args.out))

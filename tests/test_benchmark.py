@@ -59,11 +59,17 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
 
 def test_epochs_mode_reports_accuracy_on_the_whole_eval_split(tmp_path, tiny_bert_dir, toy_data_dir):
     recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", data={"max_train_samples": 64}))
-    report = run_benchmark(recipe, Settings(repeats=1, threads=1, epochs=1), tmp_path / "bench", ("ours", "trainer_dynamic"),
-                           log=lambda _: None)
+    settings = Settings(repeats=2, threads=1, epochs=1, seed_per_repeat=True)
+    report = run_benchmark(recipe, settings, tmp_path / "bench", ("ours", "trainer_dynamic"), log=lambda _: None)
     for run in report["runs"]:
         assert run["steps"] == 4 and run["samples"] == 64
         assert 0 <= run["eval_accuracy"] <= 1
+        job = json.loads((tmp_path / "bench" / "runs" / f"{run['repeat']}-{run['contender']}" / "job.json").read_text())
+        assert job["recipe"]["training"]["seed"] == run["seed"] == recipe.training.seed + run["repeat"]
+    for name, row in report["summary"].items():
+        accuracies = [r["eval_accuracy"] for r in report["runs"] if r["contender"] == name]
+        assert row["eval_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
+    assert "mean ± std" in (tmp_path / "bench" / "results.md").read_text()
 
 
 def test_nf4_weights_are_about_a_quarter_of_bf16(tiny_bert_dir, toy_data_dir, tmp_path):
