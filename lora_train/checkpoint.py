@@ -71,9 +71,25 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def restore_interrupted_replace(final: Path) -> None:
+    """Undo a crash between :func:`atomic_directory`'s two renames, and drop the leftovers of one after them.
+
+    Replacing ``final`` moves the published directory aside to ``.NAME.old-PID`` and then renames the new one into
+    place; a kill between the two leaves no ``final``. The copy moved aside was complete (it was published), so the
+    newest one is renamed back; older copies, or any copy once ``final`` exists, are deleted.
+    """
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final.exists():
+        os.replace(olds.pop(), final)
+        _fsync(final.parent)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_directory(final: Path, write) -> Path:
     """Call ``write(tmp_dir)``, flush it to disk, then move ``tmp_dir`` to ``final``, replacing any older ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted_replace(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)

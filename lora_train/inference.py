@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
+from lora_train.checkpoint import restore_interrupted_replace
 from lora_train.config import Recipe, RecipeError, build_recipe, read_yaml
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -46,6 +47,9 @@ class LoadedRun:
 def resolve_run(source: str, revision: Optional[str] = None) -> Path:
     """A local run directory as it is; a Hub repo id (``user/name``) downloaded into the Hub cache."""
     path = Path(source).expanduser()
+    if path.parent.is_dir():  # a run killed while replacing its best/ (or the run's own directory) left it aside
+        restore_interrupted_replace(path)
+        restore_interrupted_replace(path / "best")
     if path.exists():
         directory = path
     elif REPO_ID.match(source):

@@ -221,6 +221,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     launch = dist.check_launch(recipe, accelerator)  # silent duplication, unsupported recipe x launch combinations
     dist.configure_deepspeed(recipe, launch)
     setup_logging(accelerator.is_main_process)
+    if accelerator.is_main_process:
+        ckpt.restore_interrupted_replace(out / "best")  # a kill while the last run replaced best/
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
 

@@ -284,3 +284,23 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, tiny_bert_dir, t
                                             r" saving. No checkpoint had been saved yet."):
         train(build_recipe(raw))
     assert ckpt.list_checkpoints(out / "checkpoints") == [] and not list((out / "checkpoints").glob(".step-*"))
+
+
+def test_a_kill_between_the_two_renames_of_best_is_undone(tmp_path):
+    from lora_train.inference import resolve_run
+
+    best = tmp_path / "run" / "best"
+    files = {"recipe.yaml": "model: {}\n", "labels.json": "[]", "adapter_model.safetensors": "v1"}
+    ckpt.atomic_directory(best, lambda d: [(d / name).write_text(text) for name, text in files.items()])
+    # What a SIGKILL between atomic_directory's renames leaves: the published best/ moved aside, no best/.
+    os.replace(best, best.with_name(".best.old-4242"))
+    assert not best.exists()
+    assert resolve_run(str(best)) == best  # eval / predict / merge open it as if nothing happened
+    assert (best / "adapter_model.safetensors").read_text() == "v1"
+
+    os.replace(best, best.with_name(".best.old-4242"))
+    (best.with_name(".best.old-17")).mkdir()  # an older leftover: deleted, never restored over the newer copy
+    os.utime(best.with_name(".best.old-17"), (0, 0))
+    ckpt.atomic_directory(best, lambda d: (d / "adapter_model.safetensors").write_text("v2"))
+    assert (best / "adapter_model.safetensors").read_text() == "v2"
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
