@@ -44,8 +44,14 @@ class Study:
 # Study 1: rank sweep on SST-2
 
 
+HEAD_POOLER = "peft.modules_to_save=[pooler,classifier]"
+"""Head-only that also trains BERT's pooler (dense + tanh on [CLS]): the analogue of DistilBERT's pre_classifier +
+classifier, the two layers a DistilBERT head-only run trains."""
+
+
 def rank_arms(seeds: int) -> list[tuple[str, list[str]]]:
-    """Head-only, full fine-tuning, LoRA with alpha = 2r and LoRA with alpha fixed at 16, seed-major.
+    """Head-only (classifier; pooler + classifier), full fine-tuning, LoRA with alpha = 2r and with alpha fixed at
+    16, seed-major.
 
     Every arm's first seed runs before any second seed, and the fixed-alpha arm (a side curve) gets its
     extra seeds last, so a study stopped early still has a balanced main comparison.
@@ -55,6 +61,7 @@ def rank_arms(seeds: int) -> list[tuple[str, list[str]]]:
     for seed in range(seeds):
         arms += [
             ("head_only", ["peft.method=head_only", f"training.seed={seed}"]),
+            ("head_pooler", ["peft.method=head_only", HEAD_POOLER, f"training.seed={seed}"]),
             ("full", ["peft.method=full", "training.learning_rate=1e-4", f"training.seed={seed}"]),
             ("lora_alpha_2r", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=2*peft.r", f"training.seed={seed}"]),
         ]
@@ -63,6 +70,10 @@ def rank_arms(seeds: int) -> list[tuple[str, list[str]]]:
     arms += [("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"])
              for seed in range(1, seeds)]
     return arms
+
+
+ARM_LABELS = {"head_only": "head-only (classifier)", "head_pooler": "head-only (pooler + classifier)", "full": "full fine-tuning",
+              "lora_alpha_2r": r"LoRA $\alpha=2r$", "lora_alpha_16": r"LoRA $\alpha=16$"}
 
 
 def _pyplot():
@@ -131,7 +142,7 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
                "best_eval_accuracy", "train_seconds", "train_samples_per_s"]
     sweep.write_table(rows, out / "results.csv", out / "results.md")
     sweep.write_table(summary, out / "summary.csv", out / "summary.md", columns)
-    baselines = {arm: _by_arm(summary, arm) for arm in ("head_only", "full")}
+    baselines = {arm: _by_arm(summary, arm) for arm in ("head_only", "head_pooler", "full")}
     setting = data_setting(study.recipe)
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
@@ -140,10 +151,10 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
         if points:
             ax.errorbar([int(p["peft.r"]) for p in points], [100 * p["eval_accuracy"] for p in points],
                         yerr=[100 * p["eval_accuracy_std"] for p in points], fmt=style, capsize=3, label=label)
-    for (arm, points), color in zip(baselines.items(), ("tab:gray", "tab:red")):
+    for (arm, points), color in zip(baselines.items(), ("tab:gray", "tab:olive", "tab:red")):
         if points:
             mean, std = 100 * points[0]["eval_accuracy"], 100 * points[0]["eval_accuracy_std"]
-            ax.axhline(mean, color=color, lw=1, label=f"{arm.replace('_', '-')} ({mean:.1f})")
+            ax.axhline(mean, color=color, lw=1, label=f"{ARM_LABELS[arm]} ({mean:.1f})")
             ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_xticks(RANKS, [str(r) for r in RANKS])
@@ -152,14 +163,14 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
     points = []
-    for arm, marker in (("head_only", "v"), ("full", "D"), ("lora_alpha_2r", "o"), ("lora_alpha_16", "s")):
+    for arm, marker in (("head_only", "v"), ("head_pooler", "^"), ("full", "D"), ("lora_alpha_2r", "o"), ("lora_alpha_16", "s")):
         arm_points = _by_arm(summary, arm)
         xs = [p["trainable_params"] for p in arm_points]
         ys = [100 * p["eval_accuracy"] for p in arm_points]
         points += list(zip(xs, ys))
         if xs:
             ax.errorbar(xs, ys, yerr=[100 * p["eval_accuracy_std"] for p in arm_points], fmt=marker, capsize=2,
-                        label=arm.replace("lora_alpha_2r", r"LoRA $\alpha=2r$").replace("lora_alpha_16", r"LoRA $\alpha=16$"))
+                        label=ARM_LABELS[arm])
     front = pareto_front(points)
     ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6, label="Pareto frontier")
     ax.set_xscale("log")
@@ -167,7 +178,7 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
                 f"Accuracy vs trainable parameters ({setting})", figures / "study1_pareto.png")
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
-    curves = {"head-only": ("head_only", None), "full FT": ("full", None), "LoRA r=1": ("lora_alpha_2r", "1"),
+    curves = {"head-only": ("head_only", None), "pooler + head": ("head_pooler", None), "full FT": ("full", None), "LoRA r=1": ("lora_alpha_2r", "1"),
               "LoRA r=8": ("lora_alpha_2r", "8"), "LoRA r=32": ("lora_alpha_2r", "32"), r"LoRA r=1, $\alpha$=16": ("lora_alpha_16", "1"),
               r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32")}
     for label, (arm, r) in curves.items():
@@ -273,32 +284,39 @@ def regimes_arms(seeds: int) -> list[tuple[str, list[str]]]:
     return arms
 
 
-COMPARE_COLUMNS = ("eval_accuracy", "eval_macro_f1", "train_seconds", "train_samples_per_s", "peak_memory_mb", "trainable_params", "wall_seconds")
+def over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per arm: the mean (and sample std) over its seeds of every result column, and n."""
+    return sweep.aggregate(rows, "training.seed")
 
 
-def comparison_table(rows: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
-    """A Markdown table of one row per run: accuracy, macro-F1, time, throughput, peak memory, parameters."""
-    lines = ["| arm | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        rate = row.get("train_samples_per_s")
-        wall = row.get("wall_seconds")
-        lines.append(f"| {label(row)} | {100 * row['eval_accuracy']:.1f} | {100 * row['eval_macro_f1']:.1f} | {row['train_seconds']:.0f} |"
-                     f" {'' if rate is None else f'{rate:.0f}'} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
-                     f" {'' if wall is None else f'{wall:.0f}'} |")
+def _with_std(row: dict[str, Any], key: str, factor: float = 100, fmt: str = ".1f") -> str:
+    value = f"{factor * row[key]:{fmt}}"
+    return value if row["n"] == 1 else f"{value} ± {factor * row[key + '_std']:{fmt}}"
+
+
+def comparison_table(arms: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
+    """A Markdown table of one row per arm (mean ± std over seeds): accuracy, macro-F1, time, throughput, memory."""
+    lines = ["| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in arms:
+        rate, wall = row.get("train_samples_per_s"), row.get("wall_seconds")
+        lines.append(f"| {label(row)} | {row['n']} | {_with_std(row, 'eval_accuracy')} | {_with_std(row, 'eval_macro_f1')} |"
+                     f" {_with_std(row, 'train_seconds', 1, '.0f')} | {'' if rate is None else f'{rate:.0f}'} |"
+                     f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,.0f} | {'' if wall is None else f'{wall:.0f}'} |")
     return "\n".join(lines) + "\n"
 
 
-def bar_panels(rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
+def bar_panels(arms: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
                panels: Sequence[tuple[str, str, float]]) -> None:
-    """One bar chart per metric (key, axis label, factor), side by side."""
+    """One bar chart per metric (key, axis label, factor), side by side; error bars are the std over seeds."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=100)
     for ax, (key, ylabel, factor) in zip(axes, panels):
-        values = [factor * (row.get(key) or 0) for row in rows]
-        bars = ax.bar(range(len(rows)), values, color=[f"C{i}" for i in range(len(rows))])
+        values = [factor * (row.get(key) or 0) for row in arms]
+        errors = [factor * (row.get(key + "_std") or 0) for row in arms]
+        bars = ax.bar(range(len(arms)), values, yerr=errors, capsize=2, color=[f"C{i}" for i in range(len(arms))])
         ax.bar_label(bars, fmt="%.1f" if factor == 100 else "%.0f", fontsize=6)
-        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_xticks(range(len(arms)), labels, rotation=35, ha="right", fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
         if key == "trainable_params":
             ax.set_yscale("log")
@@ -311,17 +329,17 @@ def bar_panels(rows: Sequence[dict[str, Any]], labels: Sequence[str], path: Path
 
 
 def analyse_regimes(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
-    """Study 2: frozen features + LogReg, full fine-tuning and LoRA side by side."""
+    """Study 2: frozen features + LogReg, full fine-tuning and LoRA side by side (mean ± std over seeds)."""
     features = sweep.read_result(sweep.Run({}, out / FEATURES_RUN, "frozen_features"))
     rows = ([features] if features else []) + rows
     sweep.write_table(rows, out / "results.csv", out / "results.md")
+    arms = over_seeds(rows)
     names = {"frozen_features": "frozen features + LogReg", "full": "full fine-tuning", "lora_qkv": "LoRA q,k,v"}
-    labels = [names.get(row["arm"], row["arm"]) + (f" (seed {row['training.seed']})" if "training.seed" in row and study.seeds > 1 else "")
-              for row in rows]
-    bar_panels(rows, labels, figures / "study2_regimes.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (6 classes)",
+    labels = [names.get(row["arm"], row["arm"]) for row in arms]
+    bar_panels(arms, labels, figures / "study2_regimes.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (6 classes)",
                [("eval_accuracy", "val. accuracy (%)", 100), ("eval_macro_f1", "val. macro-F1 (%)", 100),
                 ("train_seconds", "train time (s)", 1), ("peak_memory_mb", "peak RSS (MB)", 1), ("trainable_params", "trainable params", 1)])
-    return comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study2_regimes](figures/study2_regimes.png)\n"
+    return comparison_table(arms, lambda row: labels[arms.index(row)]) + "\n![study2_regimes](figures/study2_regimes.png)\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,22 +354,25 @@ def quant_arms(seeds: int) -> list[tuple[str, list[str]]]:
         arms += [("lora", ["peft.method=lora", "quantization.method=none", s]),
                  ("qlora_nf4_dq", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=true", s]),
                  ("qlora_nf4", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=false", s]),
-                 ("adalora", ["peft.method=adalora", "quantization.method=none", s])]
+                 # AdaLoRA's singular values start at 0: at LoRA's 2e-3 it does not move in 64 steps (measured), so it
+                 # gets the rate of recipes/cpu/sst2_adalora.yaml
+                 ("adalora", ["peft.method=adalora", "quantization.method=none", "training.learning_rate=6e-3", s])]
     return arms
 
 
 def analyse_quant(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
-    """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA."""
+    """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA (mean ± std over seeds)."""
     sweep.write_table(rows, out / "results.csv", out / "results.md")
+    arms = over_seeds(rows)
     names = {"lora": "LoRA r=8 (fp32 base)", "qlora_nf4_dq": "QLoRA NF4 + double quant", "qlora_nf4": "QLoRA NF4", "adalora": "AdaLoRA 12 -> 8"}
-    labels = [names[row["arm"]] + (f" (seed {row['training.seed']})" if study.seeds > 1 else "") for row in rows]
-    bar_panels(rows, labels, figures / "study3_quant.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)}",
+    labels = [names[row["arm"]] for row in arms]
+    bar_panels(arms, labels, figures / "study3_quant.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)}",
                [("eval_accuracy", "val. accuracy (%)", 100), ("peak_memory_mb", "peak RSS (MB)", 1),
                 ("train_seconds", "train time (s)", 1), ("train_samples_per_s", "train samples/s", 1)])
     footprints = weight_footprints(study.recipe, out / "weight_footprints.json")
     lines = ["| base weights | in-memory footprint (MB, `get_memory_footprint`) |", "|---|---|"]
     lines += [f"| {name} | {mb:.2f} |" for name, mb in footprints.items()]
-    return (comparison_table(rows, lambda row: labels[rows.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n\n"
+    return (comparison_table(arms, lambda row: labels[arms.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n\n"
             + "\n".join(lines) + "\n")
 
 
@@ -401,9 +422,9 @@ def toy_study(out: Path, figures: Path) -> str:
 
 STUDIES: dict[str, Study] = {
     "rank": Study("rank", "recipes/studies/sst2_minilm_rank.yaml", rank_arms, analyse_rank, seeds=3),
-    "regimes": Study("regimes", "recipes/studies/emotion_minilm_regimes.yaml", regimes_arms, analyse_regimes, seeds=1,
+    "regimes": Study("regimes", "recipes/studies/emotion_minilm_regimes.yaml", regimes_arms, analyse_regimes, seeds=3,
                      extra_runs=lambda root: regimes_extra(STUDIES["regimes"], root)),
-    "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=1),
+    "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=3),
 }
 
 

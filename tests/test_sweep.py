@@ -10,7 +10,7 @@ import pytest
 
 from lora_train import sweep
 from lora_train.config import RecipeError
-from lora_train.studies import frozen_features, pareto_front, rank_arms
+from lora_train.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
 from tests.conftest import tiny_recipe, write_recipe
 
 
@@ -50,7 +50,7 @@ def test_arms_sharing_a_run_train_it_once(tmp_path):
     assert [r.name for r in runs] == ["r-4_alpha-8", "r-8_alpha-16", "r-4_alpha-16", "r-8_alpha-16"]
     assert len(sweep.unique(runs)) == 3
     study_runs = sweep.plan(rank_arms(3), tmp_path)
-    assert len(sweep.unique(study_runs)) == 3 * (2 + 6) + 3 * 5  # the alpha=16, r=8 run is the alpha=2r one
+    assert len(sweep.unique(study_runs)) == 3 * (3 + 6) + 3 * 5  # the alpha=16, r=8 run is the alpha=2r one
 
 
 def test_every_run_is_validated_before_any_trains(tmp_path, tiny_bert_dir, toy_data_dir):
@@ -71,6 +71,20 @@ def test_aggregate_means_and_sample_std_over_seeds():
     assert [(a["peft.r"], a["n"]) for a in agg] == [("8", 3), ("16", 1)]
     assert agg[0]["eval_accuracy"] == pytest.approx(0.82) and agg[0]["eval_accuracy_std"] == pytest.approx(0.02)
     assert agg[1]["eval_accuracy_std"] == 0.0
+
+
+def test_study_tables_give_mean_and_std_over_seeds_per_arm():
+    def row(arm, seed, acc, f1, seconds):
+        return {"run": f"{arm}-{seed}", "arm": arm, **({"training.seed": str(seed)} if seed is not None else {}),
+                "eval_accuracy": acc, "eval_macro_f1": f1, "train_seconds": seconds, "train_samples_per_s": 10.0,
+                "peak_memory_mb": 1000.0, "trainable_params": 770, "wall_seconds": None}
+
+    rows = [row("features", None, 0.6, 0.5, 9.0)] + [row("lora", s, acc, 0.7, 100.0 + s) for s, acc in enumerate((0.80, 0.84))]
+    arms = over_seeds(rows)
+    assert [(a["arm"], a["n"]) for a in arms] == [("features", 1), ("lora", 2)]
+    table = comparison_table(arms, lambda a: a["arm"]).splitlines()
+    assert table[2].startswith("| features | 1 | 60.0 | 50.0 | 9 |")
+    assert table[3].startswith("| lora | 2 | 82.0 ± 2.8 | 70.0 ± 0.0 | 100 ± 1 |")
 
 
 def test_pareto_front_keeps_only_undominated_points():
