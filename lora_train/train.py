@@ -431,6 +431,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
                 run_eval()
             if due_save or interrupted:
                 save_checkpoint()
+            if due_eval or due_save:
+                window_start = time.perf_counter()  # samples/s of the next window: training only, not this eval/save
             if last or interrupted or end_of_epoch:
                 break
     progress.close()
