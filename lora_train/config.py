@@ -79,7 +79,8 @@ class PeftConfig:
     )
     modules_to_save: Optional[list[str]] = _f(
         None, "Modules trained in full and saved with the adapter; null = the head modules the checkpoint lacks"
-        " (e.g. classifier), found automatically."
+        " (e.g. classifier), found automatically. [pooler, classifier] also trains BERT's pretrained pooler:"
+        " much better on sentence-embedding checkpoints such as all-MiniLM-L6-v2 (docs/results.md)."
     )
     init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
     target_r: int = _f(8, "AdaLoRA: average target rank after pruning (<= init_r).")
