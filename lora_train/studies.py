@@ -117,11 +117,16 @@ def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
 
 
-def _mean_std(row: dict[str, Any], key: str) -> str:
-    """``81.2 ± 0.4`` in percent, or ``81.2 (1 seed)`` where there is nothing to take a std of."""
-    if row["n"] == 1:
-        return f"{100 * row[key]:.1f} (1 seed)"
-    return f"{100 * row[key]:.1f} ± {100 * row[key + '_std']:.1f}"
+def over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per arm: the mean (and sample std) over its seeds of every result column, and n."""
+    return sweep.aggregate(rows, "training.seed")
+
+
+def _mean_std(row: dict[str, Any], key: str, factor: float = 100, fmt: str = ".1f", single: str = " (1 seed)") -> str:
+    """``81.2 ± 0.4`` (``factor`` x the mean over seeds ± the std), or ``81.2`` + ``single`` where there is nothing
+    to take a std of (one run)."""
+    value = f"{factor * row[key]:{fmt}}"
+    return value + single if row["n"] == 1 else f"{value} ± {factor * row[key + '_std']:{fmt}}"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -137,7 +142,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
     """Study 1: accuracy vs rank (alpha = 2r and alpha = 16), vs trainable parameters, learning curves."""
     plt = _pyplot()
-    summary = sweep.aggregate(rows, "training.seed")
+    summary = over_seeds(rows)
     columns = ["arm", "peft.r", "peft.alpha", "n", "trainable_params", "eval_accuracy", "eval_accuracy_std",
                "best_eval_accuracy", "train_seconds", "train_samples_per_s"]
     sweep.write_table(rows, out / "results.csv", out / "results.md")
@@ -286,24 +291,14 @@ def regimes_arms(seeds: int) -> list[tuple[str, list[str]]]:
     return arms
 
 
-def over_seeds(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per arm: the mean (and sample std) over its seeds of every result column, and n."""
-    return sweep.aggregate(rows, "training.seed")
-
-
-def _with_std(row: dict[str, Any], key: str, factor: float = 100, fmt: str = ".1f") -> str:
-    value = f"{factor * row[key]:{fmt}}"
-    return value if row["n"] == 1 else f"{value} ± {factor * row[key + '_std']:{fmt}}"
-
-
 def comparison_table(arms: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
     """A Markdown table of one row per arm (mean ± std over seeds): accuracy, macro-F1, time, throughput, memory."""
     lines = ["| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in arms:
         rate, wall = row.get("train_samples_per_s"), row.get("wall_seconds")
-        lines.append(f"| {label(row)} | {row['n']} | {_with_std(row, 'eval_accuracy')} | {_with_std(row, 'eval_macro_f1')} |"
-                     f" {_with_std(row, 'train_seconds', 1, '.0f')} | {'' if rate is None else f'{rate:.0f}'} |"
+        lines.append(f"| {label(row)} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
+                     f" {_mean_std(row, 'eval_macro_f1', single='')} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} | {'' if rate is None else f'{rate:.0f}'} |"
                      f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,.0f} | {'' if wall is None else f'{wall:.0f}'} |")
     return "\n".join(lines) + "\n"
 
