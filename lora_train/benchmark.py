@@ -338,8 +338,8 @@ def bench_ours(job: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     windows = [h for h in history if "window_s" in h and h["step"] > first]
     seconds = sum(h["window_s"] for h in windows)
     steps = metrics["global_step"] - first
-    return _result(samples=sum(h["samples_per_s"] * h["window_s"] for h in windows),
-                   tokens=sum(h["tokens_per_s"] * h["window_s"] for h in windows), seconds=seconds, steps=steps,
+    return _result(samples=sum(h["window_samples"] for h in windows), tokens=sum(h["window_tokens"] for h in windows),
+                   seconds=seconds, steps=steps,
                    accuracy=metrics["eval_accuracy"] if job["epochs"] is not None else None,
                    trainable=metrics["trainable_params"], total=metrics["total_params"], device=metrics["device"])
 

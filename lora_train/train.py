@@ -378,6 +378,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         entry = {
             "step": pending[-1][0], "loss": sum(losses) / len(losses), "learning_rate": scheduler.get_last_lr()[0],
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "window_s": elapsed,
+            "window_samples": int(samples), "window_tokens": int(tokens),
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "step_losses": losses,
         }
