@@ -1,12 +1,13 @@
-"""PNG figures: the learning curve of a run and the confusion matrix of an evaluation.
+"""PNG figures: the learning curve of a run, the confusion matrix of an evaluation, and the studies' plots.
 
-Figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global state), so
-they work on headless machines and from any thread.
+A run's figures are drawn on matplotlib's Agg canvas directly (no pyplot, no display, no global state), so
+they work on headless machines and from any thread; the studies' multi-panel figures use pyplot on Agg.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from typing import Any, Sequence
 
 
@@ -68,3 +69,25 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], label_names: Sequence[
     ax.set_yticks(range(n), labels=label_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     return _png(fig)
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (study figures with several axes and legends)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: str | os.PathLike, fontsize: int = 8) -> None:
+    """Labels, legend, grid; save the PNG and close the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=fontsize)
+    ax.legend(fontsize=fontsize - 1)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    pyplot().close(fig)

@@ -16,7 +16,7 @@ Writes results.json and results.md into --out; see docs/performance.md.
 import sys
 from pathlib import Path
 
-from lora_train.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
+from lora_train.experiments.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
 from lora_train.cli import parse_recipe, recipe_parser
 
 

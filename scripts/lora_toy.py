@@ -7,7 +7,7 @@
 import argparse
 import sys
 
-from lora_train.toy import plot_toy, run_toy
+from lora_train.experiments.toy import plot_toy, run_toy
 
 
 def main() -> int:

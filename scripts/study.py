@@ -9,7 +9,7 @@ Results go to runs/studies/<study>/ (report.md, results.csv, summary.csv) and th
 
 import sys
 
-from lora_train.studies import study_main
+from lora_train.experiments.studies import study_main
 
 if __name__ == "__main__":
     sys.exit(study_main())

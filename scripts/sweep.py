@@ -9,7 +9,7 @@ Re-running the same command skips finished runs (those with metrics.json). `--he
 
 import sys
 
-from lora_train.sweep import sweep_main
+from lora_train.experiments.sweep import sweep_main
 
 if __name__ == "__main__":
     sys.exit(sweep_main())

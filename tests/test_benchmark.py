@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lora_train.benchmark import (
+from lora_train.experiments.benchmark import (
     CONTENDERS,
     MEMORY_VARIANTS,
     Settings,

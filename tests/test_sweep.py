@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from lora_train import sweep
+from lora_train.experiments import sweep
 from lora_train.config import RecipeError
-from lora_train.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
+from lora_train.experiments.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
 from tests.conftest import tiny_recipe, write_recipe
 
 

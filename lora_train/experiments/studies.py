@@ -1,6 +1,6 @@
 """The LoRA studies, one command each: ``python scripts/study.py {rank,regimes,quant,toy}``.
 
-Each study is a list of sweep arms over one recipe (see :mod:`lora_train.sweep`; finished runs are
+Each study is a list of sweep arms over one recipe (see :mod:`lora_train.experiments.sweep`; finished runs are
 skipped, so a command resumes) followed by an analysis that writes its tables (CSV + Markdown) and plots
 into the study's directory, copies the plots to ``--figures``, and writes ``report.md`` for docs/results.md.
 """
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from lora_train import sweep
+from lora_train.experiments import sweep
+from lora_train.plots import finish_plot, pyplot
 
-logger = logging.getLogger("lora_train.studies")
+logger = logging.getLogger("lora_train.experiments.studies")
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -76,27 +77,6 @@ ARM_LABELS = {"head_only": "head-only (classifier)", "head_pooler": "head-only (
               "lora_alpha_2r": r"LoRA $\alpha=2r$", "lora_alpha_16": r"LoRA $\alpha=16$"}
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def finish_plot(fig, ax, xlabel: str, ylabel: str, title: str, path: Path, fontsize: int = 8) -> None:
-    """Labels, legend, grid; save the PNG and close the figure."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=fontsize)
-    ax.legend(fontsize=fontsize - 1)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    _pyplot().close(fig)
-
-
 def data_setting(recipe_path: str) -> str:
     """``2,048 sst2 rows, 1 epoch(s)``: the training budget of a study recipe, for titles."""
     from lora_train.config import load_recipe
@@ -141,7 +121,7 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
     """Study 1: accuracy vs rank (alpha = 2r and alpha = 16), vs trainable parameters, learning curves."""
-    plt = _pyplot()
+    plt = pyplot()
     summary = over_seeds(rows)
     columns = ["arm", "peft.r", "peft.alpha", "n", "trainable_params", "eval_accuracy", "eval_accuracy_std",
                "best_eval_accuracy", "train_seconds", "train_samples_per_s"]
@@ -274,7 +254,7 @@ def regimes_extra(study: Study, root: Path) -> None:
     run = sweep.Run({}, root / FEATURES_RUN, "frozen_features")
     if (run.out_dir / "metrics.json").exists():
         return
-    code = f"from pathlib import Path; from lora_train.studies import frozen_features; frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
+    code = f"from pathlib import Path; from lora_train.experiments.studies import frozen_features; frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
     logger.info("%s: extracting features and fitting the logistic regression", FEATURES_RUN)
     if sweep.execute([sys.executable, "-c", code], run, root / "logs") != 0:
         raise RuntimeError(f"{FEATURES_RUN} failed; see {root / 'logs' / (FEATURES_RUN + '.log')}")
@@ -306,7 +286,7 @@ def comparison_table(arms: Sequence[dict[str, Any]], label: Callable[[dict[str, 
 def bar_panels(arms: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
                panels: Sequence[tuple[str, str, float]]) -> None:
     """One bar chart per metric (key, axis label, factor), side by side; error bars are the std over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=100)
     for ax, (key, ylabel, factor) in zip(axes, panels):
         values = [factor * (row.get(key) or 0) for row in arms]
@@ -412,7 +392,7 @@ def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
 
 def toy_study(out: Path, figures: Path) -> str:
     """Learned LoRA error vs the SVD bound for r = 1..32 on a 64 x 64 layer; table + plot."""
-    from lora_train.toy import plot_toy, run_toy
+    from lora_train.experiments.toy import plot_toy, run_toy
 
     results = run_toy()
     rows = [{"r": res.r, "svd_bound": res.bound, "learned_error": res.learned, "learned_over_bound": res.ratio, "steps": res.steps} for res in results]

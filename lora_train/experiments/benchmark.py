@@ -106,7 +106,7 @@ def run_job(job: dict[str, Any], work_dir: Path, threads: int) -> dict[str, Any]
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "lora_train.benchmark", str(job_path), str(result_path)],
+        proc = subprocess.run([sys.executable, "-m", "lora_train.experiments.benchmark", str(job_path), str(result_path)],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-3000:]

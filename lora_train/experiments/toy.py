@@ -97,9 +97,9 @@ def run_toy(ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), d_out: int = 64, d_in: 
 
 def plot_toy(results: Sequence[ToyResult], path) -> None:
     """Learned error and SVD bound against rank (log y), saved as a PNG."""
-    from lora_train.studies import _pyplot, finish_plot
+    from lora_train.plots import finish_plot, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     ranks = [res.r for res in results]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
     ax.plot(ranks, [res.bound for res in results], "o-", label=r"SVD bound $\sum_{i>r}\sigma_i^2$")

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from lora_train.config import RecipeError, load_recipe
 
-logger = logging.getLogger("lora_train.sweep")
+logger = logging.getLogger("lora_train.experiments.sweep")
 
 TIE = re.compile(r"^(?:(?P<coef>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<ref>[A-Za-z_]\w*\.[A-Za-z_]\w*)$")
 """``2*peft.r``, ``0.5 * peft.r`` or ``peft.r``: a value tied to another axis."""
