@@ -1,69 +1,60 @@
 #!/usr/bin/env python
-"""GPU check: run the real SST-2 QLoRA recipe briefly on one GPU; print throughput and peak memory.
+"""GPU check: NF4 + double-quant LoRA vs bf16 LoRA on decoder classifiers, in minutes, offline.
 
-    python scripts/gpu_check.py [RECIPE] [section.field=value ...]
+    python scripts/gpu_check.py [--out runs/gpu_check] [--batch-size 8] [--seq-len 256] [--steps 10]
+    python scripts/gpu_check.py --dry-run        # the same code on CPU at toy sizes, in seconds (what CI runs)
 
-RECIPE defaults to recipes/sst2_qlora.yaml. The run is cut to ``training.max_steps=60`` (logging every 10
-steps, one evaluation on 1000 validation rows, no trackers, output in runs/gpu_check/); any override given
-on the command line wins. Throughput is the median over the logging windows after the first (which holds
-CUDA start-up and kernel selection); peak memory is ``torch.cuda.max_memory_allocated`` (and reserved).
-Without a CUDA device it says so and exits 0 without doing anything.
+Measures, on the real llama2c stories260K weights and on a randomly initialised ~1.1B-parameter Llama-shaped
+classifier built from a config (TinyLlama's shape; nothing is downloaded), with LoRA r=16 on q/k/v/o + the score
+head and bf16 autocast: peak GPU memory, samples/s, tokens/s and MFU, each with gradient checkpointing on and off.
+Writes gpu_check.json and gpu_check.md (a Markdown table) into --out. See lora_train/experiments/gpu_check.py.
+Expected time on one H100/H200-class GPU: about 1-3 minutes (8 cases, 13 steps each, plus writing and loading the
+1.1B model twice per base); budget 8 minutes.
 
-On a machine without Hub access, point the recipe at local copies, e.g. with the checkpoint in the cache:
-    HF_HUB_OFFLINE=1 python scripts/gpu_check.py recipes/sst2_qlora.yaml \\
-        model.name_or_path=sentence-transformers/all-MiniLM-L6-v2 peft.target_modules=[query,value] \\
-        data.path=../shared/data/sst2
+A GPU host with torch, transformers, peft and accelerate but without bitsandbytes (nor datasets, evaluate, deepspeed,
+which this script never imports) gets what it lacks from the working tree, within a 64 MiB transfer:
+  * bitsandbytes: its 0.50.2 manylinux wheel (43 MB, `pip download bitsandbytes==0.50.2 --no-deps -d wheels/`
+    on a machine with network), installed there with `pip install --no-index --no-deps wheels/bitsandbytes-*.whl`;
+  * the llama2c weights (1 MB): `shared/hf-hub/models--local--llama2c-stories260K` (the run's HF_HUB_CACHE).
+One prepared command for the slot:
+    pip install --no-index --no-deps wheels/bitsandbytes-*.whl && HF_HUB_OFFLINE=1 HF_HUB_CACHE=shared/hf-hub \\
+        timeout 480 python scripts/gpu_check.py --out $OUT/gpu_check
 """
 
 from __future__ import annotations
 
-import json
-import statistics
+import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = ROOT / "recipes" / "sst2_qlora.yaml"
-BRIEF = ["training.max_steps=60", "training.logging_steps=10", "training.eval_steps=0", "training.save_steps=0",
-         "data.max_eval_samples=1000", "output.report_to=[]", "output.overwrite_output_dir=true"]
-
-
-def summarize(metrics: dict, history: list[dict]) -> dict:
-    """Throughput (median of the logging windows after the first) and peak memory of a finished run."""
-    windows = [h for h in history if "samples_per_s" in h]
-    steady = windows[1:] or windows
-    return {
-        "gpu": torch.cuda.get_device_name(0),
-        "optimizer_steps": metrics["global_step"],
-        "samples_per_s": statistics.median(h["samples_per_s"] for h in steady),
-        "tokens_per_s": statistics.median(h["tokens_per_s"] for h in steady),
-        "peak_memory_allocated_mb": metrics["peak_memory_mb"],
-        "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(0) / 2**20,
-        "eval_accuracy": metrics["eval_accuracy"],
-        "eval_samples": metrics["eval_samples"],
-    }
+from lora_train.experiments.gpu_check import LLAMA2C, Settings, run
 
 
 def main(argv: list[str]) -> int:
-    if not torch.cuda.is_available():
-        print("gpu_check: SKIPPED, no CUDA device visible (torch.cuda.is_available() is False); nothing was run.")
-        return 0
-    from lora_train.cli import parse_recipe, recipe_parser
-    from lora_train.train import train
-
-    parser = recipe_parser("Run a recipe briefly on one GPU and print throughput and peak memory.")
-    args = argv if argv and not argv[0].startswith("-") and "=" not in argv[0] else [str(DEFAULT_RECIPE), *argv]
-    name = Path(args[0]).stem
-    recipe, _ = parse_recipe(parser, [args[0], *BRIEF, f"output.output_dir=runs/gpu_check/{name}", *args[1:]])
-    if recipe.quantization.method != "nf4":
-        print(f"gpu_check: note: {args[0]} is not a QLoRA recipe (quantization.method = {recipe.quantization.method})")
-    metrics = train(recipe)
-    out = Path(recipe.output.output_dir)
-    summary = summarize(metrics, json.loads((out / "history.json").read_text()))
-    (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
-    print("gpu_check: " + json.dumps(summary))
+    defaults = Settings()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=defaults.out, help="Directory for gpu_check.json and gpu_check.md.")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Sequences per step.")
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="Tokens per sequence (no padding).")
+    parser.add_argument("--steps", type=int, default=defaults.measure_steps, help="Timed optimizer steps per case.")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup_steps, help="Untimed optimizer steps first.")
+    parser.add_argument("--peak-tflops", type=float, help="Dense bf16 peak of the device for MFU (default: known GPUs).")
+    parser.add_argument("--llama2c", default=LLAMA2C, help="Hub id or directory of the llama2c checkpoint.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Run the same code on CPU with a tiny random model and tiny batches (seconds).")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device visible (torch.cuda.is_available() is False); nothing was run."
+              " Use --dry-run to run the same code on CPU.")
+        return 1
+    settings = Settings(device=device, batch_size=args.batch_size, seq_len=args.seq_len, warmup_steps=args.warmup,
+                        measure_steps=2 if args.dry_run else args.steps, dry_run=args.dry_run,
+                        peak_tflops=args.peak_tflops, out=args.out)
+    run(settings, args.llama2c)
+    print((args.out / "gpu_check.md").read_text())
     return 0
 
 
