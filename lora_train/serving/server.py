@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="address to bind (default 127.0.0.1: this machine only; anything else is exposed)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads (default: torch's, one per core); 1 on a CPU shared with other work")
     parser.add_argument("--max-batch-texts", type=int, default=64, help="most texts in one forward")
     parser.add_argument("--max-wait-ms", type=float, default=5.0,
                         help="longest a request waits for others to share its forward")
@@ -78,8 +80,8 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("port", "max_batch_texts", "max_texts", "max_body_bytes", "max_queued_texts", "limit_concurrency"):
-        if getattr(args, flag) <= 0:
+    for flag in ("port", "threads", "max_batch_texts", "max_texts", "max_body_bytes", "max_queued_texts", "limit_concurrency"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             print(f"error: --{flag.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -89,6 +91,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_train.serving.batcher import MicroBatcher
     from lora_train.serving.registry import AdapterRegistry
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     registry = AdapterRegistry(args.device)
     try:
         for adapter in read_all(args.adapters):
