@@ -22,7 +22,7 @@ from lora_train.config import build_recipe
 from lora_train.inference import load_run, predict
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
-from lora_train.serving.registry import AdapterRegistry, read_adapter
+from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
 from lora_train.serving.server import build_parser, main as serve_main
 from lora_train.train import train
 from tests.conftest import _word_tokenizer, tiny_recipe
@@ -164,6 +164,17 @@ def test_mixed_and_per_adapter_forwards_agree(runs, reference):
         torch.testing.assert_close(single, reference[name][:len(TEXTS)], atol=1e-5, rtol=0)
 
 
+def test_length_buckets_bound_padding():
+    lengths = [25, 128, 20, 30, 128, 8, 40, 11, 16, 23]
+    buckets = length_buckets(lengths)
+    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest, real = max(lengths[i] for i in bucket), sum(lengths[i] for i in bucket)
+        assert len(bucket) * longest <= 1.5 * real
+    assert [1, 4] in buckets  # the two 128-token texts share a forward, without the short ones
+    assert length_buckets([30] * 8) == [list(range(8))]
+
+
 def test_list_health_ready_schema_and_page(server, runs):
     listing = httpx.get(f"{server}/v1/adapters").json()
     assert [a["name"] for a in listing] == ["sentiment", "three"]
@@ -217,6 +228,14 @@ def test_unload_while_requests_are_in_flight(server, runs, reference):
     assert 200 in statuses
     assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
     assert classify(server, "sentiment", TEXTS).status_code == 200
+
+
+def test_the_last_adapter_cannot_be_unloaded(runs):
+    registry = AdapterRegistry("cpu")
+    registry.attach(read_adapter(str(runs["sentiment"])))
+    with pytest.raises(ServingError, match="'sentiment' is the last loaded adapter; load another before unloading it"):
+        registry.mark_unloading("sentiment")
+    assert registry.names() == ["sentiment"]
 
 
 @pytest.mark.parametrize("body, status, message", [

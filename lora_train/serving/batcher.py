@@ -40,7 +40,7 @@ class Task:
 
 @dataclass
 class BatchStats:
-    """Counters for /healthz: how many forwards ran and how many requests and texts they held."""
+    """Counters for /healthz: how many batches the worker ran and how many requests and texts they held."""
 
     batches: int = 0
     requests: int = 0
