@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +44,7 @@ from lora_train.modeling import (
     meta_model,
     use_fast_dropout,
 )
+from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
 
@@ -90,20 +90,26 @@ def setup_logging(is_main: bool) -> None:
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs in one directory, and unwritable directories, before any work."""
+    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any work."""
+    if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
+        raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
+                           " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])
     out = Path(recipe.output.output_dir)
-    if ckpt.holds_run(out) and not recipe.output.overwrite_output_dir and recipe.training.resume_from_checkpoint is None:
+    overwrite = recipe.output.overwrite_output_dir
+    if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
         raise RecipeError([
             f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
             " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
         ])
-    try:  # really create and write: permission bits say nothing for root, read-only mounts or a file in the path
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise RecipeError([f"output.output_dir '{out}' is not a writable directory ({err.strerror or err}: '{err.filename or out}');"
-                           " choose a directory you can write to"]) from None
+    others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
+    if others and not ckpt.holds_run(out) and not overwrite:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise RecipeError([f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
+                           " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
+                           " it with output.overwrite_output_dir=true"])
+    problem = ckpt.writable_directory_problem(out)
+    if problem:
+        raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
     return out
 
 
@@ -196,8 +202,16 @@ def evaluate(model, loader: DataLoader, accelerator, num_labels: int, label_name
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate and save the recipe; return the final metrics."""
-    t = recipe.training
     out = check_output_dir(recipe)
+    if not is_launch_main_process():
+        return _train(recipe, out)
+    with run_lock(out):  # a second run into the same directory is refused at once
+        return _train(recipe, out)
+
+
+def _train(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """The run itself, in a checked (and, on the main process, locked) output directory."""
+    t = recipe.training
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     checkpoints_root = out / "checkpoints"
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, checkpoints_root)
