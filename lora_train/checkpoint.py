@@ -116,7 +116,8 @@ def holds_run(directory: Path) -> bool:
 
 def writable_directory_problem(directory: Path) -> Optional[str]:
     """None once ``directory`` exists and a file can be created in it, else what is wrong, e.g. "is a file, not a
-    directory". Really creates and writes: permission bits say nothing for root, read-only mounts or a file in the path."""
+    directory". Really creates and writes: permission bits say nothing for root, read-only mounts or a file in the
+    path."""
     if directory.exists() and not directory.is_dir():
         return "is a file, not a directory"
     try:

@@ -148,7 +148,7 @@ class OutputConfig:
     """Where results go and who hears about them."""
 
     output_dir: str = _f("runs/default", "Directory of the run: final adapter, metrics, checkpoints, logs.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run, or other files.")
     report_to: list[str] = _f(["tensorboard"], "Trackers: any of tensorboard, wandb; [] for none.")
     push_to_hub: bool = _f(False, "Push the final adapter and model card to the Hub.")
     hub_model_id: Optional[str] = _f(None, "Hub repo id (user/name) to push to.")
@@ -321,7 +321,8 @@ def read_text_file(path: Path, what: str) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{what} '{path}' is not UTF-8 text ({_undecodable_at(data, err)}); re-save it as UTF-8") from None
+        where = _undecodable_at(data, err)
+        raise ValueError(f"{what} '{path}' is not UTF-8 text ({where}); re-save it as UTF-8") from None
 
 
 def _undecodable_at(data: bytes, err: UnicodeDecodeError) -> str:
@@ -345,8 +346,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
     if raw is None or raw == {}:
-        raise RecipeError([f"recipe file '{path}' is empty: it needs at least the sections that differ from the defaults"
-                           " (model, data, ...); start from one of recipes/*.yaml"], str(path))
+        raise RecipeError([f"recipe file '{path}' is empty: it needs at least the sections that differ from the"
+                           " defaults (model, data, ...); start from one of recipes/*.yaml"], str(path))
     if not isinstance(raw, dict):
         raise RecipeError(["the top level must be a mapping of sections: " + ", ".join(SECTIONS)], str(path))
     return raw

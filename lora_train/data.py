@@ -153,8 +153,8 @@ def _readable_rows(path: Path) -> bool:
         try:
             return pq.ParquetFile(path).metadata.num_rows > 0
         except Exception as err:  # noqa: BLE001 - ArrowInvalid, OSError (thrift), ...
-            raise DataError(f"data file '{path}' cannot be read as parquet ({type(err).__name__}: {err}): it is truncated"
-                            " or corrupt; copy or export it again") from None
+            raise DataError(f"data file '{path}' cannot be read as parquet ({type(err).__name__}: {err}): it is"
+                            " truncated or corrupt; copy or export it again") from None
     try:
         text = read_text_file(path, "data file")
     except ValueError as err:
@@ -231,17 +231,17 @@ def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str
         names = spec.label_names
         order = (f"map them to 0..{len(names) - 1} in the order of data.label_names {names}" if names
                  else "map them to 0..K-1 and list the class names in that order in data.label_names")
-        raise DataError(f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not class"
-                        f" ids; {order}")
+        raise DataError(f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not"
+                        f" class ids; {order}")
     if pa.types.is_floating(values.type):
         numbers = values.to_numpy()
         fractional = np.flatnonzero(numbers != np.round(numbers))
         row = int(fractional[0]) if len(fractional) else 0
         kind = "non-integer" if len(fractional) else "floating-point"
-        raise DataError(f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row {row});"
-                        f" labels must be integer class ids: convert the column to integers")
-    raise DataError(f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer class ids"
-                    " 0..K-1")
+        raise DataError(f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row"
+                        f" {row}); labels must be integer class ids: convert the column to integers")
+    raise DataError(f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer"
+                    " class ids 0..K-1")
 
 
 def label_names_of(train: "datasets.Dataset", spec: DataSpec) -> list[str]:

@@ -86,8 +86,8 @@ def read_run(directory: Path) -> tuple[Recipe, list[str]]:
         problem = f"not valid JSON ({err})"
     except (ValueError, KeyError, TypeError) as err:
         problem = f"{type(err).__name__}: {err}"
-    raise RunError(f"'{labels}' is corrupt: {problem}; it should read {{\"id2label\": {{\"0\": NAME, \"1\": NAME, ...}}}}"
-                   " as training wrote it")
+    raise RunError(f"'{labels}' is corrupt: {problem}; it should read"
+                   ' {"id2label": {"0": NAME, "1": NAME, ...}} as training wrote it')
 
 
 def load_run_tokenizer(directory: Path):
@@ -188,7 +188,8 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def read_texts(path: str, column: str = "text") -> Iterator[str]:
-    """Texts from a file: ``.txt`` (one per line; ``-`` = stdin, streamed), ``.jsonl`` or ``.csv`` (the ``column`` field).
+    """Texts from a file: ``.txt`` (one per line; ``-`` = stdin, streamed), ``.jsonl`` or ``.csv`` (the ``column``
+    field).
 
     A file is read through once now (UTF-8, a byte-order mark allowed as in training data; every JSON line; every
     record's text field), so a bad input fails, naming the line, before any model is loaded; then it is streamed.
@@ -218,7 +219,8 @@ def _stream_texts(path: str, suffix: str, column: str) -> Iterator[str]:
         return
     with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
         if suffix == ".jsonl":
-            yield from (_field(_json_line(line, path, n), column, path, n) for n, line in enumerate(handle, 1) if line.strip())
+            records = ((n, _json_line(line, path, n)) for n, line in enumerate(handle, 1) if line.strip())
+            yield from (_field(record, column, path, n) for n, record in records)
         elif suffix == ".csv":
             yield from (_field(row, column, path, n) for n, row in enumerate(csv.DictReader(handle), 2))
         else:

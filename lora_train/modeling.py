@@ -43,7 +43,8 @@ def load_tokenizer(recipe: Recipe):
     m = recipe.model
     try:
         require_tokenizer_files(Path(m.name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision,
+                                                  trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError, TypeError) as err:  # missing or unreadable tokenizer files
         raise RecipeError([f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}:"
                            f" {tokenizer_error(err)}"]) from None
@@ -54,8 +55,8 @@ def load_tokenizer(recipe: Recipe):
     return tokenizer
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 """Files a saved tokenizer has at least one of (fast, slow WordPiece / BPE, SentencePiece)."""
 
 

@@ -90,7 +90,8 @@ def setup_logging(is_main: bool) -> None:
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any work."""
+    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
+    work."""
     if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
         raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
                            " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])

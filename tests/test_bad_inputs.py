@@ -180,8 +180,8 @@ def _string_labels_builtin_task(ctx: Context) -> list[str]:
     names = {0: "negative", 1: "positive"}
     splits = {s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").rename(columns={"text": "sentence"})
               .assign(label=lambda f: f["label"].map(names)) for s in ("train", "validation")}
-    return [str(ctx.recipe()), f"data.path={ctx.data('sst2_like', **splits)}", "data.task=sst2", "data.text_column=null",
-            "data.label_names=null"]
+    return [str(ctx.recipe()), f"data.path={ctx.data('sst2_like', **splits)}", "data.task=sst2",
+            "data.text_column=null", "data.label_names=null"]
 
 
 def _data_files(kind: str) -> Callable[[Context], list[str]]:
@@ -205,7 +205,8 @@ def _data_files(kind: str) -> Callable[[Context], list[str]]:
             train_rows.to_parquet(directory / "train.parquet")
             validation.to_parquet(directory / "validation.parquet")
             data = (directory / "train.parquet").read_bytes()
-            broken = data[: len(data) // 2] if kind == "truncated_parquet" else data[:4] + bytes(range(256)) * 8 + data[-8:]
+            garbled = data[:4] + bytes(range(256)) * 8 + data[-8:]  # magic bytes right, the rest noise
+            broken = data[: len(data) // 2] if kind == "truncated_parquet" else garbled
             (directory / "train.parquet").write_bytes(broken)
         return [str(ctx.recipe()), f"data.path={directory}"]
 
@@ -271,7 +272,8 @@ CASES = {
                             ["duplicate key 'r' at line 7 (first at line 6)", "keep one of them"]),
     "empty_recipe": Case("recipe: empty file (or only comments)", _recipe_file("empty.yaml", b"# nothing yet\n"),
                          ["empty.yaml' is empty", "recipes/"]),
-    "recipe_is_a_directory": Case("recipe: a directory", lambda ctx: [str(ctx.tmp)], ["recipe '", "is a directory, not a file"]),
+    "recipe_is_a_directory": Case("recipe: a directory", lambda ctx: [str(ctx.tmp)],
+                                  ["recipe '", "is a directory, not a file"]),
     "recipe_not_utf8": Case("recipe: not UTF-8", _recipe_file("latin1.yaml", b"model:\n  name_or_path: caf\xe9\n"),
                             ["latin1.yaml' is not UTF-8 text (byte 0xe9 at line 2)"]),
     "unknown_key_in_file": Case("recipe: unknown field", _typo_in_file,
@@ -289,16 +291,19 @@ CASES = {
                                ["training.learning_rate = 0.0 must be > 0"]),
     "learning_rate_negative": Case("out of range: negative learning rate", _overrides("training.learning_rate=-1e-4"),
                                    ["training.learning_rate = -0.0001 must be > 0"]),
-    "dropout_one": Case("out of range: dropout 1", _overrides("peft.dropout=1.0"), ["peft.dropout = 1.0 must be in [0, 1)"]),
+    "dropout_one": Case("out of range: dropout 1", _overrides("peft.dropout=1.0"),
+                        ["peft.dropout = 1.0 must be in [0, 1)"]),
     "dropout_negative": Case("out of range: negative dropout", _overrides("peft.dropout=-0.1"),
                              ["peft.dropout = -0.1 must be in [0, 1)"]),
     "adalora_target_above_init": Case("AdaLoRA target rank above initial rank",
                                       _overrides("peft.method=adalora", "peft.init_r=4", "peft.target_r=8"),
                                       ["peft.target_r = 8 must be in (0, init_r = 4]"]),
     "unknown_task": Case("unknown task", _overrides("data.task=sst3"),
-                         ["data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)", "valid: sst2, imdb, emotion"]),
+                         ["data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)",
+                          "valid: sst2, imdb, emotion"]),
     "model_not_found_offline": Case("model not found (offline)", _overrides("model.name_or_path=nobody/no-such-model"),
-                                    ["model.name_or_path = 'nobody/no-such-model' cannot be loaded", "HF_HUB_OFFLINE=1 is set"]),
+                                    ["model.name_or_path = 'nobody/no-such-model' cannot be loaded",
+                                     "HF_HUB_OFFLINE=1 is set"]),
     "model_without_safetensors": Case("model without safetensors weights", _no_safetensors,
                                       ["holds no .safetensors weights (only ['pytorch_model.bin'])",
                                        "pickle checkpoints are never loaded"]),
@@ -333,7 +338,8 @@ CASES = {
                           ["split 'train': label column 'label' holds strings (e.g. 'neg'), not class ids",
                            "map them to 0..1 in the order of data.label_names ['neg', 'pos']"]),
     "string_labels_builtin_task": Case("data: string labels (built-in task)", _string_labels_builtin_task,
-                                       ["split 'train': label column 'label' holds strings (e.g. 'negative'), not class ids",
+                                       ["split 'train': label column 'label' holds strings (e.g. 'negative'),"
+                                        " not class ids",
                                         "map them to 0..1 in the order of data.label_names ['negative', 'positive']"]),
     "float_labels": Case("data: float labels", _rows_edited("label", [5], [0.5]),
                          ["split 'train': label column 'label' holds non-integer values (e.g. 0.5 in row 5)",
@@ -371,19 +377,23 @@ CASES = {
         "peft.r: checkpoint has 4, recipe has 16",
         "peft.target_modules: checkpoint has ['query', 'value'], recipe has ['query', 'key']",
     ]),
-    "resume_from_non_checkpoint": Case("resume path not a checkpoint", _overrides("training.resume_from_checkpoint={tmp}"),
+    "resume_from_non_checkpoint": Case("resume path not a checkpoint",
+                                       _overrides("training.resume_from_checkpoint={tmp}"),
                                        ["is not a complete checkpoint directory", "'latest'"]),
-    "predict_input_not_utf8": Case("predict: input file not UTF-8", _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
+    "predict_input_not_utf8": Case("predict: input file not UTF-8",
+                                   _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
                                    ["in.txt' is not UTF-8 text (byte 0xe9 at line 2)", "re-save it as UTF-8"],
                                    entry="predict"),
     "predict_jsonl_malformed_line": Case("predict: JSONL input with a malformed line",
                                          _predict_file("in.jsonl", JSONL_BAD_LINE_3),
-                                         ["in.jsonl, line 3: not valid JSON (Expecting property name"], entry="predict"),
+                                         ["in.jsonl, line 3: not valid JSON (Expecting property name"],
+                                         entry="predict"),
     "predict_later_record_without_text": Case(
         "predict: a later record without the text field",
         _predict_file("in.jsonl", b'{"text": "good"}\n{"text": "bad"}\n{"review": "fine"}\n'),
         ["in.jsonl, line 3: no text field 'text' (found ['review'])"], entry="predict"),
-    "predict_input_is_a_directory": Case("predict: --file a directory", lambda ctx: [str(ctx.run), "--file", str(ctx.tmp)],
+    "predict_input_is_a_directory": Case("predict: --file a directory",
+                                         lambda ctx: [str(ctx.run), "--file", str(ctx.tmp)],
                                          ["is a directory, not a file"], entry="predict"),
     "run_labels_json_corrupt": Case("run: labels.json corrupt", _run_with("labels.json", b'{"id2label": {"0": "neg",'),
                                     ["labels.json' is corrupt", "not valid JSON"], entry="predict"),
@@ -453,8 +463,8 @@ def run_entry(case: Case, argv: list[str], capsys) -> tuple[int, str]:
 def test_bad_input_fails_fast_with_a_clear_message(name, tmp_path, corrupt_model_dir, toy_data_dir, finished_run,
                                                    corrupt_run, capsys):
     case = CASES[name]
-    code, err = run_entry(case, case.make(Context(tmp_path, corrupt_model_dir, toy_data_dir, finished_run, corrupt_run)),
-                          capsys)
+    argv = case.make(Context(tmp_path, corrupt_model_dir, toy_data_dir, finished_run, corrupt_run))
+    code, err = run_entry(case, argv, capsys)
     assert code == case.status, err[-3000:]
     missing = [text for text in case.expected if text not in err]
     assert not missing, f"{missing} not in:\n{err[-3000:]}"
@@ -498,7 +508,8 @@ def catalogue_markdown() -> str:
     ]
     for case in CASES.values():
         message = " … ".join(f"`{text.strip()}`" for text in case.expected).replace("|", "\\|")
-        lines.append(f"| {SCRIPTS[case.entry]} | {case.input.replace('|', chr(92) + '|')} | {message} | {case.status} |")
+        shown_input = case.input.replace("|", "\\|")
+        lines.append(f"| {SCRIPTS[case.entry]} | {shown_input} | {message} | {case.status} |")
     return "\n".join(lines) + "\n"
 
 

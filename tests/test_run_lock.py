@@ -26,7 +26,8 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_a_dead_runs_lock_does
     # What a job retry does: same recipe, resume=latest. Before the lock it trained into the directory too (exit 0).
     start = time.monotonic()
     second = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe),
-                             "training.resume_from_checkpoint=latest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                             "training.resume_from_checkpoint=latest"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"is in use by another run (process {first.proc.pid} on " in second.stderr
     assert "Traceback" not in second.stderr
