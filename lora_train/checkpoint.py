@@ -114,6 +114,26 @@ def holds_run(directory: Path) -> bool:
     return directory.is_dir() and any((directory / name).exists() for name in RUN_MARKERS)
 
 
+def writable_directory_problem(directory: Path) -> Optional[str]:
+    """None once ``directory`` exists and a file can be created in it, else what is wrong, e.g. "is a file, not a
+    directory". Really creates and writes: permission bits say nothing for root, read-only mounts or a file in the
+    path."""
+    if directory.exists() and not directory.is_dir():
+        return "is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return f"is not a writable directory ({err.strerror or err}: '{err.filename or directory}')"
+    return None
+
+
+def directory_contents(directory: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names in ``directory`` (none if it does not exist), sorted, without those in ``ignore``."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in ignore) if directory.is_dir() else []
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter (what users keep and share)
 

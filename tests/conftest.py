@@ -106,6 +106,16 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return directory
 
 
+def script(name: str):
+    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_recipe(path: Path, sections: dict) -> Path:
     """Write a recipe YAML file from nested dicts."""
     path.write_text(yaml.safe_dump(sections, sort_keys=False))

@@ -6,7 +6,6 @@ AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute)
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -18,18 +17,10 @@ import torch
 from lora_train.config import build_recipe
 from lora_train.inference import load_run, read_run
 from lora_train.train import train
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import script, tiny_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trained(tmp_path_factory, model_dir, data_dir, name: str, **sections) -> Path:

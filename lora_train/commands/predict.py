@@ -34,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.texts and not args.file and sys.stdin.isatty():
         parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
 
+    from lora_train.config import RecipeError
     from lora_train.data import resolve_spec
     from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
 
@@ -49,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(row, ensure_ascii=False), flush=True)
             else:
                 print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}", flush=True)
-    except RunError as err:
+    except (RunError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
