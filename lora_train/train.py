@@ -293,7 +293,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if launch.engine_owns_optimizer:
             loaded = dist.load_engine_state(accelerator, resume_dir, scheduler, launch)
         else:
-            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
+            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler, accelerator.process_index)
         state = LoopState(**loaded["loop"])
         if is_adalora:
             _load_adalora(unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -323,8 +323,10 @@ def train(recipe: Recipe) -> dict[str, Any]:
                        "adalora": adalora_meta}
         if launch.engine_owns_optimizer:  # every process writes its shard
             dist.save_engine_state(accelerator, path, saved_state, scheduler, launch)
-        elif accelerator.is_main_process:
-            ckpt.save_training_state(path, unwrapped, base_optimizer, scheduler, saved_state, extra)
+        else:
+            rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
+            if accelerator.is_main_process:
+                ckpt.save_training_state(path, unwrapped, base_optimizer, scheduler, saved_state, extra, rng_states)
         if accelerator.is_main_process:
             ckpt.rotate_checkpoints(checkpoints_root, t.keep_last)
             logger.info("saved checkpoint %s", path)
@@ -350,7 +352,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
             state.best_metric, state.best_step = score, state.global_step
             weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
             if accelerator.is_main_process:
-                ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report}), weights))
+                with ckpt.report_full_disk(f"the best adapter {out / 'best'}", checkpoints_root):
+                    ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report}), weights))
         return report
 
     # --- the loop -----------------------------------------------------------------------------
@@ -464,7 +467,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history), weights)
+        with ckpt.report_full_disk(f"the final adapter into {out}", checkpoints_root):
+            ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history), weights)
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], out)
     accelerator.wait_for_everyone()
     if pusher is not None:
