@@ -31,13 +31,14 @@ import logging
 import os
 import random
 import re
-import struct
 import shutil
+import struct
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -209,11 +210,11 @@ SAVE_FAILED_EXIT_STATUS = 3
 
 
 class SaveFailedError(RuntimeError):
-    """A save hit a full disk, a quota or the file-size limit; what was saved before is intact (the message says what)."""
+    """A save hit a full disk, a quota or the file-size limit; what was saved before is intact (the message says)."""
 
 
 def disk_full_errno(err: BaseException) -> Optional[int]:
-    """ENOSPC / EDQUOT / EFBIG behind ``err`` (an OSError, or safetensors' error carrying the OS error code), else None."""
+    """ENOSPC / EDQUOT / EFBIG behind ``err`` (an OSError, or safetensors' error naming the OS error), else None."""
     code = err.errno if isinstance(err, OSError) else None
     if code is None and (found := re.search(r"os error (\d+)", str(err))):  # safetensors (Rust) reports it in text
         code = int(found.group(1))
@@ -226,7 +227,7 @@ def report_full_disk(what: str, checkpoints_root: Path) -> Iterator[None]:
     names the checkpoint a resume will use (atomic saves leave everything older as it was)."""
     try:
         yield
-    except Exception as err:  # noqa: BLE001 - OSError, or safetensors' own error type for the same failure
+    except Exception as err:  # OSError, or safetensors' own error type for the same failure
         code = disk_full_errno(err)
         if code is None:
             raise
@@ -373,8 +374,9 @@ def save_training_state(
         return atomic_directory(checkpoint_dir, write)
 
 
-def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and process ``rank``'s RNGs from a checkpoint; return its ``state.json``."""
+def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler,
+                        rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and process ``rank``'s RNGs from a checkpoint; return ``state.json``."""
     state = json.loads((checkpoint_dir / "state.json").read_text())
     weights = load_file(checkpoint_dir / "trainable.safetensors")
     params = dict(model.named_parameters())
@@ -399,7 +401,8 @@ def _read_rng(checkpoint_dir: Path, rank: int, state: dict) -> tuple[dict[str, t
     if not path.exists() and "rng" in state:
         return load_file(checkpoint_dir / "rng.safetensors"), state["rng"]
     with safe_open(path, framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, json.loads(handle.metadata()["rng"])
+        meta = json.loads(handle.metadata()["rng"])
+    return load_file(path), meta
 
 
 def list_checkpoints(checkpoints_root: Path) -> list[Path]:
@@ -432,13 +435,15 @@ def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path
             problem = verify_checkpoint(candidate)
             if problem is None:
                 if damaged:
-                    logger.warning("resuming from %s, the newest intact checkpoint, instead of %s", candidate, damaged[0])
+                    logger.warning("resuming from %s, the newest intact checkpoint, instead of %s",
+                                   candidate, damaged[0])
                 return candidate
             logger.warning("checkpoint %s is damaged and skipped: %s", candidate, problem)
             damaged.append(candidate)
         if damaged:
-            raise RecipeError([f"training.resume_from_checkpoint = 'latest', but every checkpoint in {checkpoints_root}"
-                               " is damaged (see the warnings above); start again with output.overwrite_output_dir=true"])
+            raise RecipeError([(f"training.resume_from_checkpoint = 'latest', but every checkpoint in"
+                                f" {checkpoints_root} is damaged (see the warnings above); start again with"
+                                " output.overwrite_output_dir=true")])
         return None
     path = Path(spec)
     if not (path / COMPLETE_MARKER).exists():

@@ -349,7 +349,8 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
 # The Accelerate config files and the compatibility table of docs/distributed.md
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
-CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml")
+CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                "fsdp.yaml")
 
 TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "LoRA": {},

@@ -72,8 +72,9 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
     for weights in sorted(directory.glob("*.safetensors")):  # a damaged file named now, not deep inside safetensors
         problem = safetensors_problem(weights)
         if problem:
-            raise RunError(f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the run's last"
-                           " checkpoint: scripts/train.py RUN/recipe.yaml training.resume_from_checkpoint=latest")
+            raise RunError(f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the"
+                           " run's last checkpoint: scripts/train.py RUN/recipe.yaml"
+                           " training.resume_from_checkpoint=latest")
     return directory
 
 

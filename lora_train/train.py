@@ -293,7 +293,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if launch.engine_owns_optimizer:
             loaded = dist.load_engine_state(accelerator, resume_dir, scheduler, launch)
         else:
-            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler, accelerator.process_index)
+            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler,
+                                              accelerator.process_index)
         state = LoopState(**loaded["loop"])
         if is_adalora:
             _load_adalora(unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -353,7 +354,9 @@ def train(recipe: Recipe) -> dict[str, Any]:
             weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
             if accelerator.is_main_process:
                 with ckpt.report_full_disk(f"the best adapter {out / 'best'}", checkpoints_root):
-                    ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report}), weights))
+                    files = _run_files(recipe, label_names, {"step": state.global_step, **report})
+                    ckpt.atomic_directory(out / "best",
+                                          lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, files, weights))
         return report
 
     # --- the loop -----------------------------------------------------------------------------

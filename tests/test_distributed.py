@@ -84,10 +84,12 @@ def torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
 def accelerate_command(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     return [*accelerate, *(["--config_file", f"accelerate_configs/{config}"] if config else []), *extra,
-            "--num_processes", "2", "--main_process_port", str(free_port()), "scripts/train.py", str(recipe), *overrides]
+            "--num_processes", "2", "--main_process_port", str(free_port()),
+            "scripts/train.py", str(recipe), *overrides]
 
 
-def accelerate_launch(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def accelerate_launch(config: str, recipe: Path, *overrides: str,
+                      extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     return launch(accelerate_command(config, recipe, *overrides, extra=extra), {})
 
 
@@ -189,8 +191,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_
 
 
 @needs_cpu_host
-def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(tmp_path, bert_no_dropout, uneven_data,
-                                                                                    one_process_runs):
+def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(
+        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
     """ZeRO-2 over gloo: every process SIGKILLed inside the save of step 12 (test hook: all shards written, nothing
     published); step 8 is intact, and the resumed run has the 1-process trajectory with per-rank optimizer shards."""
     out = tmp_path / "zero2"
@@ -250,7 +252,8 @@ def test_ddp_resume_restores_every_processs_rng_and_is_bitwise_exact(tmp_path, t
 
 
 @needs_cpu_host
-def test_two_nodes_through_c10d_rendezvous_train_like_one_process(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+def test_two_nodes_through_c10d_rendezvous_train_like_one_process(
+        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
     """Two "machines" of one process each (two torchrun agents meeting at a c10d rendezvous on 127.0.0.1), global
     batch 16 = 2 nodes x 8: the same per-step losses as one process x 16, one report, exact evaluation."""
     out = tmp_path / "nodes"

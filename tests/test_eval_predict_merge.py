@@ -217,9 +217,11 @@ def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, caps
     shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints"))
     adapter = run / "adapter_model.safetensors"
     good = adapter.read_bytes()
-    for damage, message in ((good[: len(good) // 2], f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes,"
-                                                     f" the file has {len(good) // 2}"),
-                            (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")):
+    half = len(good) // 2
+    truncated = (good[:half], (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file"
+                               f" has {half}"))
+    garbled = (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")
+    for damage, message in (truncated, garbled):
         adapter.write_bytes(damage)
         for name, args in (("eval", []), ("predict", ["nice"]), ("merge_adapter", [str(tmp_path / "merged")])):
             assert script(name).main([str(run), *args]) == 2
