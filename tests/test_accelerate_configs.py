@@ -118,4 +118,4 @@ def test_multi_node_config_starts_one_torchrun_agent_per_machine_meeting_at_the_
     args, env = launch_env(CONFIG_DIR / "multi_node.yaml")
     assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 0)
     assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "MAIN_HOST:29500")
-    assert env["ACCELERATE_USE_CPU"] == "False" and "ACCELERATE_USE_DEEPSPEED" not in env
+    assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env  # plain DDP
