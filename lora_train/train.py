@@ -191,7 +191,9 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_final(run.out, run.unwrapped, run.tokenizer, _run_files(run.recipe, run.label_names, metrics, state.history), weights)
+        files = _run_files(run.recipe, run.label_names, metrics, state.history)
+        with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
+            ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], run.out)
     accelerator.wait_for_everyone()
     if run.pusher is not None:
@@ -298,7 +300,8 @@ def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
         loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
     else:
         base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler)
+        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler,
+                                          run.accelerator.process_index)
     state = LoopState(**loaded["loop"])
     if run.is_adalora:
         ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -381,7 +384,9 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
         if run.accelerator.is_main_process:
             files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
-            ckpt.atomic_directory(run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
+            with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
+                ckpt.atomic_directory(run.out / "best",
+                                      lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
     return report
 
 
@@ -399,9 +404,11 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
                    "adalora": adalora_meta}
     if run.launch.engine_owns_optimizer:
         dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
-    elif accelerator.is_main_process:
-        base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
-        ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra)
+    else:
+        rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
+        if accelerator.is_main_process:
+            base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+            ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra, rng_states)
     if accelerator.is_main_process:
         ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
         logger.info("saved checkpoint %s", path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -199,3 +200,21 @@ def test_merge_refuses_non_empty_output(lora_run, tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert script("merge_adapter").main([str(lora_run), str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, capsys):
+    """A truncated or garbled adapter is named before any model is loaded, by all three scripts."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter = run / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    half = len(good) // 2
+    truncated = (good[:half], (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file"
+                               f" has {half}"))
+    garbled = (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")
+    for damage, message in (truncated, garbled):
+        adapter.write_bytes(damage)
+        for name, args in (("eval", []), ("predict", ["nice"]), ("merge_adapter", [str(tmp_path / "merged")])):
+            assert script(name).main([str(run), *args]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (name, err)
