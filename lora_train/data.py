@@ -129,6 +129,8 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
     import datasets
     from huggingface_hub import snapshot_download
 
+    from lora_train.hub import offline_hint
+
     try:
         card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))
         patterns = config_file_patterns(card / "README.md", dataset_id, config_name)
@@ -138,7 +140,8 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
         raise
     except Exception as err:  # noqa: BLE001 - offline cache miss, 404, auth, network: re-raised with advice
         raise DataError(f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
-                        f" {_hub_data_hint()}") from None
+                        f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
+                        " files.") from None
     return datasets.load_dataset(snapshot, config_name)
 
 
@@ -173,17 +176,6 @@ def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[st
         paths = entry.get("path", []) if isinstance(entry, dict) else entry
         patterns.extend([paths] if isinstance(paths, str) else paths)
     return patterns
-
-
-def _hub_data_hint() -> str:
-    """What to do when a Hub dataset cannot be fetched."""
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        cache = os.environ.get("HF_HUB_CACHE") or "the default Hub cache"
-        return (f"HF_HUB_OFFLINE=1 is set and the dataset is not in {cache}: set HF_HUB_CACHE to a Hub cache that"
-                " holds it, unset HF_HUB_OFFLINE to download it, or point data.path at a local directory of"
-                " {split}.parquet|csv|json|jsonl files")
-    return ("Check the dataset id, your network and `hf auth login` for gated data, or point data.path at a local"
-            " directory of {split}.parquet|csv|json|jsonl files")
 
 
 def _looks_local(source: str) -> bool:

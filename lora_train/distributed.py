@@ -212,7 +212,7 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
                " ranks from its own shard")
         p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
                  " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
-    if q.method == "nf4" and sharded:
+    if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 
     # Engine-specific settings.
