@@ -162,7 +162,8 @@ def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[st
     if config_name is None:
         defaults = [c for c in configs if c.get("default")] or (configs if len(configs) == 1 else [])
         if not defaults:
-            raise DataError(f"dataset '{dataset_id}' has several configs {sorted(by_name)}; choose one with data.config_name")
+            raise DataError(f"dataset '{dataset_id}' has several configs {sorted(by_name)};"
+                            " choose one with data.config_name")
         chosen = defaults[0]
     elif config_name in by_name:
         chosen = by_name[config_name]

@@ -52,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows = tqdm(predict(run, texts, args.batch_size), total=total, desc="predict", unit="text",
                     disable=total is None or total <= args.batch_size)
         for row in rows:
-            line = json.dumps(row, ensure_ascii=False) if args.json else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
+            line = (json.dumps(row, ensure_ascii=False) if args.json
+                    else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
             rows.write(line, file=sys.stdout)
             sys.stdout.flush()
     except RunError as err:

@@ -31,11 +31,13 @@ def test_registry_describes_the_three_tasks():
 
 def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
     spec = resolve_spec(DataConfig(task="sst2"))
-    assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == ("nyu-mll/glue", "sst2", "sentence", "validation")
-    for legacy, canonical, config in (("glue", "nyu-mll/glue", "sst2"), ("imdb", "stanfordnlp/imdb", "plain_text"),
-                                      ("emotion", "dair-ai/emotion", "split")):
-        task = "sst2" if legacy == "glue" else legacy
-        assert (resolve_spec(DataConfig(task=task, path=legacy)).source, resolve_spec(DataConfig(task=task, path=legacy)).config_name) == (canonical, config)
+    assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == (
+        "nyu-mll/glue", "sst2", "sentence", "validation")
+    for task, legacy, canonical, config in (("sst2", "glue", "nyu-mll/glue", "sst2"),
+                                            ("imdb", "imdb", "stanfordnlp/imdb", "plain_text"),
+                                            ("emotion", "emotion", "dair-ai/emotion", "split")):
+        spec = resolve_spec(DataConfig(task=task, path=legacy))
+        assert (spec.source, spec.config_name) == (canonical, config)
     local = resolve_spec(DataConfig(task="sst2", path="/data/sst2", eval_split="test"))
     assert local.source == "/data/sst2" and local.config_name is None and local.eval_split == "test"
     assert resolve_spec(DataConfig(task="imdb")).carve_eval_from_train
@@ -58,10 +60,11 @@ def test_shared_layout_loads_as_is(task, train_n, eval_n, classes):
     ("sst2", "nyu-mll/glue", "sst2", 67349, 872, ["negative", "positive"]),
     ("sst2", "glue", None, 67349, 872, ["negative", "positive"]),  # the legacy short id and the task's config
     ("emotion", "dair-ai/emotion", None, 16000, 2000, ["sadness", "joy", "love", "anger", "fear", "surprise"]),
-    (None, "stanfordnlp/imdb", "plain_text", 25000, 25000, ["neg", "pos"]),  # a generic dataset: names from its ClassLabel
+    (None, "stanfordnlp/imdb", "plain_text", 25000, 25000, ["neg", "pos"]),  # generic: names from its ClassLabel
 ])
 def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, eval_n, names):
-    cfg = DataConfig(task=task, path=path, config_name=config, eval_split=None if task else "test", text_column="text" if not task else None)
+    generic = {} if task else {"eval_split": "test", "text_column": "text"}
+    cfg = DataConfig(task=task, path=path, config_name=config, **generic)
     spec = resolve_spec(cfg)
     train, evaluation = load_splits(spec, cfg)
     assert (len(train), len(evaluation)) == (train_n, eval_n)
@@ -70,8 +73,8 @@ def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, ev
 
 def test_hub_dataset_missing_offline_says_what_to_do():
     cfg = DataConfig(task=None, path="lora-train-tests/no-such-dataset", text_column="text")
-    with pytest.raises(DataError, match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*HF_HUB_OFFLINE=1 is set"
-                       r".*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local directory"):
+    with pytest.raises(DataError, match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*"
+                       r"HF_HUB_OFFLINE=1 is set.*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local"):
         load_splits(resolve_spec(cfg), cfg)
 
 
