@@ -104,10 +104,12 @@ class DataConfig:
     task: Optional[str] = _f("sst2", "Built-in task (sst2, imdb, emotion), or null for a generic dataset.")
     path: Optional[str] = _f(
         None,
-        "Where the data lives: a Hub dataset id, or a local directory of {split}.parquet|csv|json|jsonl files."
-        " null = the task's Hub dataset.",
+        "Where the data lives: a Hub dataset id (e.g. nyu-mll/glue; read through the Hub cache, so HF_HUB_OFFLINE"
+        " works), or a local directory of {split}.parquet|csv|json|jsonl files. null = the task's Hub dataset.",
     )
-    config_name: Optional[str] = _f(None, "Hub dataset config name (generic datasets).")
+    config_name: Optional[str] = _f(
+        None, "Hub dataset config (e.g. sst2 of nyu-mll/glue); null = the task's, or the dataset's default."
+    )
     text_column: Optional[str] = _f(None, "Text column; null = the task's.")
     label_column: Optional[str] = _f(None, "Integer label column; null = the task's ('label').")
     label_names: Optional[list[str]] = _f(None, "Class names for a generic dataset; null = read from the data.")

@@ -17,11 +17,14 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 HAS_SHARED = (HF_HUB / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir() and (DATA / "sst2").is_dir()
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs the real assets in ../shared (data and hf-hub)")
+HAS_HUB_DATA = all((HF_HUB / f"datasets--{repo}").is_dir()
+                   for repo in ("nyu-mll--glue", "stanfordnlp--imdb", "dair-ai--emotion"))
+needs_hub_data = pytest.mark.skipif(not HAS_HUB_DATA, reason="needs the dataset repos in ../shared/hf-hub")
 
 # Offline everywhere: tests never reach the Hub. The real checkpoint cache is used when present.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if HAS_SHARED:
+if HAS_SHARED or HAS_HUB_DATA:
     os.environ["HF_HUB_CACHE"] = str(HF_HUB)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "fun", "brilliant"]
