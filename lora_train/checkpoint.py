@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lora_train.config import RecipeError
+from lora_train.mutated_init import convert_saved_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str
 
     ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
     """
-    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(directory, safe_serialization=True, **extra)
+    convert_saved_adapter(directory, model)  # PiSSA / OLoRA: as a plain LoRA of the original base
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         path = directory / name

@@ -35,8 +35,10 @@ from lora_train.data import (
     tokenize,
 )
 from lora_train.metrics import load_metric
+from lora_train.optim import param_groups
 from lora_train.modeling import (
     apply_regime,
+    check_method_runs,
     check_target_modules,
     count_parameters,
     load_base_model,
@@ -50,7 +52,8 @@ logger = logging.getLogger("lora_train")
 
 RESUME_KEYS = (
     ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
-    ("peft", "target_modules"), ("peft", "init_r"), ("data", "task"), ("data", "path"),
+    ("peft", "target_modules"), ("peft", "init_r"), ("peft", "use_dora"), ("peft", "init_lora_weights"),
+    ("peft", "num_virtual_tokens"), ("data", "task"), ("data", "path"),
     ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
 )
 """Recipe fields a checkpoint must agree on to be resumed."""
@@ -113,7 +116,9 @@ def check_model_fits(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
         raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
-    check_target_modules(recipe, meta_model(config))
+    meta = meta_model(config)
+    check_target_modules(recipe, meta)
+    check_method_runs(recipe, meta)
     local = Path(recipe.model.name_or_path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -146,16 +151,11 @@ def check_resume_compatible(recipe: Recipe, saved_recipe: dict) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; fused (one kernel for all tensors) on CUDA and CPU."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, fused=device.type in ("cuda", "cpu"))
+    """AdamW without weight decay on biases and norms, with layer-wise learning rates when training.layer_lr_decay < 1;
+    fused (one kernel for all tensors) on CUDA and CPU."""
+    t = recipe.training
+    groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def peak_memory_mb(device: torch.device) -> float:
