@@ -301,3 +301,48 @@ def clear_training_state(output_dir: Path) -> None:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resume must agree on, and AdaLoRA's allocator state
+
+
+RESUME_KEYS = (
+    ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
+    ("peft", "target_modules"), ("peft", "init_r"), ("peft", "use_dora"), ("peft", "init_lora_weights"),
+    ("peft", "num_virtual_tokens"), ("data", "task"), ("data", "path"),
+    ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
+)
+"""Recipe fields a checkpoint must agree on to be resumed."""
+
+
+def check_resume_compatible(recipe: dict[str, dict[str, Any]], saved_recipe: dict) -> None:
+    """Refuse a checkpoint from a different recipe (``Recipe.to_dict()`` of both), naming every field that differs."""
+    diffs = [
+        f"{s}.{k}: checkpoint has {saved_recipe.get(s, {}).get(k)!r}, recipe has {recipe[s][k]!r}"
+        for s, k in RESUME_KEYS
+        if saved_recipe.get(s, {}).get(k) != recipe[s][k]
+    ]
+    if diffs:
+        raise RecipeError(["cannot resume from a checkpoint of a different recipe:"] + diffs, "resume")
+
+
+def adalora_state(peft_model) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdaLoRA's rank allocator: importance EMAs as named tensors, and the rank pattern once the budget is final
+    (peft masks with it in the last ``tfinal`` steps, so a resume there needs it)."""
+    allocator = peft_model.base_model.rankallocator
+    tensors = {}
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        for name, value in getattr(allocator, kind).items():
+            tensors[f"{kind}::{name}"] = value
+    config = peft_model.peft_config[peft_model.base_model.trainable_adapter_name]
+    return tensors, {"rank_pattern": config.rank_pattern}
+
+
+def load_adalora_state(peft_model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put back what :func:`adalora_state` saved."""
+    allocator = peft_model.base_model.rankallocator
+    for key, value in tensors.items():
+        kind, name = key.split("::", 1)
+        getattr(allocator, kind)[name] = value.to(peft_model.device)
+    peft_model.peft_config[peft_model.base_model.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")

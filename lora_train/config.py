@@ -63,6 +63,11 @@ class QuantizationConfig:
         None, "Modules kept out of quantization; null = the classification head (classifier, score, pooler...)."
     )
 
+    @property
+    def is_4bit(self) -> bool:
+        """True when the base is loaded in 4-bit NF4 (QLoRA)."""
+        return self.method == "nf4"
+
 
 @dataclass
 class PeftConfig:
@@ -108,6 +113,11 @@ class PeftConfig:
         None, "prompt_tuning: start the soft prompt from this text's token embeddings (repeated to"
         " num_virtual_tokens); null = random."
     )
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for methods saved as a peft adapter (apart from the base); bitfit, head_only and full save the model."""
+        return self.method not in ("bitfit", "head_only", "full")
 
 
 @dataclass
@@ -449,7 +459,7 @@ def validate(recipe: Recipe) -> list[str]:
         for name in ("beta1", "beta2"):
             need(0 <= getattr(pe, name) < 1, f"peft.{name} = {getattr(pe, name)} must be in [0, 1)")
         need(pe.orth_reg_weight >= 0, "peft.orth_reg_weight must be >= 0")
-    if q.method == "nf4":
+    if q.is_4bit:
         need(pe.method in ("lora", "adalora"),
              f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}")
     p.extend(_inapplicable_options(recipe))

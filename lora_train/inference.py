@@ -1,6 +1,6 @@
 """Use a trained run: load it (local directory or Hub repo), classify texts, evaluate a split.
 
-The base model is rebuilt from the run's own ``recipe.yaml`` with :func:`lora_train.modeling.load_base_model`,
+The base model is rebuilt from the run's own ``recipe.yaml`` with :func:`lora_train.build.build_classifier`,
 so an adapter trained on a 4-bit NF4 base is applied to the same NF4 base it was trained with.
 """
 
@@ -55,7 +55,7 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
     elif REPO_ID.match(source):
         from huggingface_hub import snapshot_download
 
-        from lora_train.modeling import offline_hint
+        from lora_train.hub import offline_hint
 
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
@@ -105,15 +105,11 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
-    """The run's base model with its label mapping, quantized (NF4) as in training."""
-    from lora_train.modeling import load_base_model, load_model_config
+    """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``."""
+    from lora_train.build import build_classifier
 
-    config = load_model_config(recipe, label_names)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
     with _quiet_transformers():
-        base, _ = load_base_model(recipe, config, {"": device})
-    return base if recipe.quantization.method == "nf4" else base.to(device)
+        return build_classifier(recipe, label_names, tokenizer, device)
 
 
 def load_run(source: str, device: Optional[str] = None, revision: Optional[str] = None) -> LoadedRun:
@@ -215,14 +211,14 @@ def evaluate_run(
 
     ``split=None`` evaluates exactly the recipe's evaluation set (so the figures reproduce ``metrics.json``);
     another split name is loaded from the same data (``data_path`` replaces the recipe's ``data.path``).
-    The loop and the metric are training's own (:func:`lora_train.train.evaluate`).
+    The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`).
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
     from lora_train.data import check_labels, load_splits, resolve_spec, tokenize
-    from lora_train.train import evaluate
+    from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
     cfg = dataclasses.replace(cfg, path=data_path or cfg.path, max_train_samples=1)  # train rows are not needed

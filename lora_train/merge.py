@@ -48,7 +48,7 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
                        " (scripts/predict.py, lora_train.inference.load_run or peft's AutoPeftModelForSequenceClassification)")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-    nf4 = recipe.quantization.method == "nf4"
+    nf4 = recipe.quantization.is_4bit
     tokenizer = AutoTokenizer.from_pretrained(directory)
     base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
     if nf4:  # before any forward: bitsandbytes' CPU backend repacks 4-bit weights on first use

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe, RecipeError
+from lora_train.hub import offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,6 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
         return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels)
     except (OSError, ValueError) as err:
         raise RecipeError([f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]) from None
-
-
-def offline_hint() -> str:
-    """What to check when something cannot be fetched from the Hub."""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return ("HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
-                " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it.")
-    return "Check the id and revision, your network, and `hf auth login` for gated or private repos."
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -135,7 +126,7 @@ def meta_model(config) -> nn.Module:
 def quantization_config(recipe: Recipe, skip: list[str]):
     """The BitsAndBytesConfig for NF4, or None."""
     q = recipe.quantization
-    if q.method == "none":
+    if not q.is_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -247,7 +238,7 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.method != "none":
+    if recipe.quantization.is_4bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,

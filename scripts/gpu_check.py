@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     args = argv if argv and not argv[0].startswith("-") and "=" not in argv[0] else [str(DEFAULT_RECIPE), *argv]
     name = Path(args[0]).stem
     recipe, _ = parse_recipe(parser, [args[0], *BRIEF, f"output.output_dir=runs/gpu_check/{name}", *args[1:]])
-    if recipe.quantization.method != "nf4":
+    if not recipe.quantization.is_4bit:
         print(f"gpu_check: note: {args[0]} is not a QLoRA recipe (quantization.method = {recipe.quantization.method})")
     metrics = train(recipe)
     out = Path(recipe.output.output_dir)

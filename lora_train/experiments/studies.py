@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from lora_train.experiments import sweep
+from lora_train.machine import machine_info
 from lora_train.plots import finish_plot, pyplot
 
 logger = logging.getLogger("lora_train.experiments.studies")
@@ -202,17 +201,15 @@ def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoModel
 
+    from lora_train.build import load_task_data
     from lora_train.config import load_recipe
-    from lora_train.data import label_names_of, load_splits, resolve_spec
-    from lora_train.metrics import classification_report
+    from lora_train.metrics import classification_report, peak_memory_mb
     from lora_train.modeling import load_tokenizer
-    from lora_train.train import peak_memory_mb
 
     recipe = load_recipe(recipe_path)
     torch.manual_seed(recipe.training.seed)
-    spec = resolve_spec(recipe.data)
-    train_raw, eval_raw = load_splits(spec, recipe.data)
-    label_names = label_names_of(train_raw, spec)
+    data = load_task_data(recipe)
+    spec, train_raw, eval_raw, label_names = data.spec, data.train, data.eval, data.label_names
     tokenizer = load_tokenizer(recipe)
     model = AutoModel.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision).eval()
 
@@ -370,16 +367,16 @@ def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
     """
     if cache.exists():
         return json.loads(cache.read_text())
+    from lora_train.build import build_classifier
     from lora_train.config import load_recipe
-    from lora_train.modeling import load_base_model, load_model_config
+    from lora_train.modeling import load_tokenizer
 
     sizes = {}
     for name, overrides in (("float32", ["quantization.method=none"]),
                             ("NF4", ["quantization.method=nf4", "quantization.double_quant=false"]),
                             ("NF4 + double quant", ["quantization.method=nf4", "quantization.double_quant=true"])):
         recipe = load_recipe(recipe_path, overrides)
-        config = load_model_config(recipe, ["negative", "positive"])
-        model, _ = load_base_model(recipe, config)
+        model = build_classifier(recipe, ["negative", "positive"], load_tokenizer(recipe))
         sizes[name] = model.get_memory_footprint() / 2**20
         del model
     cache.write_text(json.dumps(sizes, indent=1))
@@ -509,12 +506,8 @@ STUDIES: dict[str, Study] = {
 
 def hardware() -> str:
     """One line naming the machine the study ran on."""
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    m = machine_info()
+    return f"{m['cpu']}, {m['cpu_count']} CPU cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}"
 
 
 def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = None, analyse_only: bool = False) -> str:
