@@ -405,8 +405,9 @@ def _inapplicable_options(recipe: Recipe) -> list[str]:
     for key, methods in METHOD_OPTIONS.items():
         section, name = key.split(".")
         value = getattr(getattr(recipe, section), name)
-        default = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
-        default_value = default.default if default.default is not dataclasses.MISSING else default.default_factory()  # type: ignore[misc]
+        spec = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        missing = spec.default is dataclasses.MISSING
+        default_value = spec.default_factory() if missing else spec.default  # type: ignore[misc]
         if recipe.peft.method not in methods and value != default_value:
             problems.append(f"{key} = {value!r} does not apply to peft.method = {recipe.peft.method!r} (only to"
                             f" {' / '.join(methods)}): remove it, or set peft.method={methods[0]}")

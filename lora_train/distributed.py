@@ -213,10 +213,10 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
         p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
                  " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
     if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
-        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it computes"
-                 " A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions the weights"
-                 " across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before sharding), or"
-                 " init_lora_weights=true")
+        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
+                 " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
+                 " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
+                 " sharding), or init_lora_weights=true")
     if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 

@@ -45,7 +45,8 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     if recipe.peft.method in UNMERGEABLE:
         raise RunError(f"'{source}' is a {recipe.peft.method} adapter: learned virtual tokens prepended to every input,"
                        " not a change of weights, so there is nothing to merge into the base. Use it as an adapter"
-                       " (scripts/predict.py, lora_train.inference.load_run or peft's AutoPeftModelForSequenceClassification)")
+                       " (scripts/predict.py, lora_train.inference.load_run or peft's"
+                       " AutoPeftModelForSequenceClassification)")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     nf4 = recipe.quantization.is_4bit

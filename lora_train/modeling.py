@@ -183,7 +183,8 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
 
     pe = recipe.peft
     # A copy: peft extends modules_to_save in place with its SEQ_CLS defaults.
-    heads = dict(task_type=TaskType.SEQ_CLS, modules_to_save=list(pe.modules_to_save if pe.modules_to_save is not None else trainable_heads))
+    trained_heads = pe.modules_to_save if pe.modules_to_save is not None else trainable_heads
+    heads = dict(task_type=TaskType.SEQ_CLS, modules_to_save=list(trained_heads))
     if pe.method == "ia3":
         return IA3Config(target_modules=pe.target_modules, feedforward_modules=pe.feedforward_modules, **heads)
     if pe.method == "prompt_tuning":
@@ -194,7 +195,7 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
         return PrefixTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **heads)
     common = dict(target_modules=pe.target_modules, lora_alpha=pe.alpha, lora_dropout=pe.dropout, bias=pe.bias, **heads)
     if pe.method == "lora":
-        # LoftQ is applied after get_peft_model (on the NF4 base, see apply_regime): peft starts it from the default init.
+        # LoftQ is applied after get_peft_model (on the NF4 base, see apply_regime), from peft's default init.
         init = True if pe.init_lora_weights == "loftq" else pe.init_lora_weights
         return LoraConfig(r=pe.r, use_dora=pe.use_dora, use_rslora=pe.use_rslora, init_lora_weights=init, **common)
     tinit = pe.tinit or max(1, int(0.1 * total_steps))

@@ -29,7 +29,8 @@ def keep_initial_adapter(peft_model) -> None:
     from peft import get_peft_model_state_dict
 
     peft_model.initial_lora_weights = {
-        name: tensor.detach().clone() for name, tensor in get_peft_model_state_dict(peft_model).items()
+        name: tensor.detach().clone()
+        for name, tensor in get_peft_model_state_dict(peft_model).items()
         if ".lora_A." in name or ".lora_B." in name
     }
 
@@ -46,6 +47,9 @@ def convert_saved_adapter(directory: Path, model) -> None:
         tensors[name] = torch.cat(pair, dim=0 if ".lora_A." in name else 1).contiguous()
     save_file(tensors, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    config.update(r=2 * config["r"], lora_alpha=config["lora_alpha"] * (2**0.5 if config["use_rslora"] else 2),
-                  init_lora_weights=True)
+    config.update(
+        r=2 * config["r"],
+        lora_alpha=config["lora_alpha"] * (2**0.5 if config["use_rslora"] else 2),
+        init_lora_weights=True,
+    )
     (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))

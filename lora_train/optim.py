@@ -14,7 +14,8 @@ from typing import Any, Optional
 from torch import nn
 
 LAYER_INDEX = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
-"""The index of a transformer layer in a parameter name (BERT ``encoder.layer.3.``, Llama ``layers.3.``, GPT-2 ``h.3.``)."""
+"""The index of a transformer layer in a parameter name (BERT ``encoder.layer.3.``, Llama ``layers.3.``, GPT-2
+``h.3.``)."""
 
 
 def layer_depth(name: str, num_layers: int) -> int:
@@ -38,9 +39,14 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_lr_deca
     for name, param in trainable:
         depth = layer_depth(name, num_layers) if layer_lr_decay != 1.0 else 0
         no_decay = param.ndim < 2 or "norm" in name.lower()
-        group = groups.setdefault((depth, no_decay), {
-            "params": [], "weight_decay": 0.0 if no_decay else weight_decay, "lr": lr * layer_lr_decay**depth,
-        })
+        group = groups.setdefault(
+            (depth, no_decay),
+            {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else weight_decay,
+                "lr": lr * layer_lr_decay**depth,
+            },
+        )
         group["params"].append(param)
     return [groups[key] for key in sorted(groups)]
 

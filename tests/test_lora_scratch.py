@@ -61,7 +61,7 @@ def test_same_outputs_and_gradients_as_peft(dropout):
         outputs.append(y.detach())
         grads.append((xi.grad, a.weight.grad, b.weight.grad))
     torch.testing.assert_close(outputs[0], outputs[1], rtol=0, atol=1e-6)
-    for ours_grad, peft_grad in zip(*grads):
+    for ours_grad, peft_grad in zip(*grads, strict=True):
         torch.testing.assert_close(ours_grad, peft_grad, rtol=0, atol=1e-5)
     assert ours.base.weight.grad is None  # frozen
 

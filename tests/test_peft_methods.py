@@ -23,9 +23,17 @@ from tests.conftest import reload_accuracy, tiny_recipe
 from tests.test_eval_predict_merge import logits_of
 
 METHODS = {
-    "ia3": {"method": "ia3", "target_modules": ["key", "value", "output.dense"], "feedforward_modules": ["output.dense"]},
+    "ia3": {
+        "method": "ia3",
+        "target_modules": ["key", "value", "output.dense"],
+        "feedforward_modules": ["output.dense"],
+    },
     "prompt_tuning": {"method": "prompt_tuning", "num_virtual_tokens": 4},
-    "prompt_tuning_text": {"method": "prompt_tuning", "num_virtual_tokens": 4, "prompt_init_text": "a good or bad film"},
+    "prompt_tuning_text": {
+        "method": "prompt_tuning",
+        "num_virtual_tokens": 4,
+        "prompt_init_text": "a good or bad film",
+    },
     "bitfit": {"method": "bitfit"},
     "dora": {"use_dora": True},
     "rslora": {"use_rslora": True},
@@ -34,8 +42,12 @@ METHODS = {
     "gaussian": {"init_lora_weights": "gaussian"},
 }
 """peft sections (on top of tiny_recipe's LoRA r=4 on query, value) of every method tested end to end."""
-ADAPTER_KEYS = {"ia3": "ia3_l", "prompt_tuning": "prompt_embeddings", "prompt_tuning_text": "prompt_embeddings",
-                "dora": "lora_magnitude_vector"}
+ADAPTER_KEYS = {
+    "ia3": "ia3_l",
+    "prompt_tuning": "prompt_embeddings",
+    "prompt_tuning_text": "prompt_embeddings",
+    "dora": "lora_magnitude_vector",
+}
 
 
 def run(tmp_path: Path, tiny_bert_dir: Path, toy_data_dir: Path, peft: dict, **sections) -> tuple[Path, dict]:
@@ -52,7 +64,9 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(name, tmp_path, tiny_
     val = pd.read_parquet(toy_data_dir / "validation.parquet")
     if name == "bitfit":  # a regime like head_only: the whole model is saved, biases + head were trained
         assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
-        assert evaluate_run(load_run(str(out), device="cpu"))["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+        assert evaluate_run(load_run(str(out), device="cpu"))["accuracy"] == pytest.approx(
+            metrics["eval_accuracy"], abs=1e-9
+        )
         with pytest.raises(RunError, match="already standalone"):
             merge_adapter(str(out), tmp_path / "merged")
         return
@@ -62,7 +76,9 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(name, tmp_path, tiny_
         keys = list(f.keys())
     assert "model.safetensors" not in {p.name for p in out.iterdir()}
     assert any(ADAPTER_KEYS.get(name, "lora_") in k for k in keys), keys
-    assert reload_accuracy(out, list(val["text"]), val["label"].to_numpy(), 32) == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert reload_accuracy(out, list(val["text"]), val["label"].to_numpy(), 32) == pytest.approx(
+        metrics["eval_accuracy"], abs=1e-9
+    )
     if name.startswith("prompt_tuning"):
         with pytest.raises(RunError, match="nothing to merge"):
             merge_adapter(str(out), tmp_path / "merged")
@@ -96,21 +112,33 @@ def test_loftq_on_cpu_is_refused_with_the_reason(tmp_path, tiny_bert_dir, toy_da
         run(tmp_path, tiny_bert_dir, toy_data_dir, {"init_lora_weights": "loftq"}, quantization={"method": "nf4"})
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"peft": {"method": "ia3", "use_dora": True}}, "peft.use_dora = True does not apply to peft.method = 'ia3'"),
-    ({"peft": {"method": "lora", "num_virtual_tokens": 8}}, "peft.num_virtual_tokens = 8 does not apply"),
-    ({"peft": {"method": "prompt_tuning", "feedforward_modules": ["output.dense"]}}, "peft.feedforward_modules"),
-    ({"peft": {"method": "lora"}, "training": {"layer_lr_decay": 0.8}}, "training.layer_lr_decay = 0.8 does not apply"),
-    ({"peft": {"init_lora_weights": "loftq"}}, "set quantization.method=nf4"),
-    ({"peft": {"init_lora_weights": "pissa"}, "quantization": {"method": "nf4"}}, "a frozen NF4 base cannot hold"),
-    ({"peft": {"init_lora_weights": "olora", "use_dora": True}}, "use one of the two"),
-    ({"peft": {"init_lora_weights": False}}, "random, non-zero update"),
-    ({"peft": {"init_lora_weights": "svd"}}, "expected true/false or one of 'gaussian'"),
-    ({"peft": {"method": "ia3", "target_modules": ["key"], "feedforward_modules": ["output.dense"]}}, "subset of peft.target_modules"),
-    ({"peft": {"method": "prompt_tuning", "num_virtual_tokens": 0}}, "peft.num_virtual_tokens = 0 must be > 0"),
-    ({"peft": {"method": "full"}, "training": {"layer_lr_decay": 1.5}}, r"training.layer_lr_decay = 1.5 must be in \(0, 1\]"),
-    ({"peft": {"method": "bitfit"}, "quantization": {"method": "nf4"}}, "must be lora or adalora, not 'bitfit'"),
-])
+@pytest.mark.parametrize(
+    "raw,message",
+    [
+        ({"peft": {"method": "ia3", "use_dora": True}}, "peft.use_dora = True does not apply to peft.method = 'ia3'"),
+        ({"peft": {"method": "lora", "num_virtual_tokens": 8}}, "peft.num_virtual_tokens = 8 does not apply"),
+        ({"peft": {"method": "prompt_tuning", "feedforward_modules": ["output.dense"]}}, "peft.feedforward_modules"),
+        (
+            {"peft": {"method": "lora"}, "training": {"layer_lr_decay": 0.8}},
+            "training.layer_lr_decay = 0.8 does not apply",
+        ),
+        ({"peft": {"init_lora_weights": "loftq"}}, "set quantization.method=nf4"),
+        ({"peft": {"init_lora_weights": "pissa"}, "quantization": {"method": "nf4"}}, "a frozen NF4 base cannot hold"),
+        ({"peft": {"init_lora_weights": "olora", "use_dora": True}}, "use one of the two"),
+        ({"peft": {"init_lora_weights": False}}, "random, non-zero update"),
+        ({"peft": {"init_lora_weights": "svd"}}, "expected true/false or one of 'gaussian'"),
+        (
+            {"peft": {"method": "ia3", "target_modules": ["key"], "feedforward_modules": ["output.dense"]}},
+            "subset of peft.target_modules",
+        ),
+        ({"peft": {"method": "prompt_tuning", "num_virtual_tokens": 0}}, "peft.num_virtual_tokens = 0 must be > 0"),
+        (
+            {"peft": {"method": "full"}, "training": {"layer_lr_decay": 1.5}},
+            r"training.layer_lr_decay = 1.5 must be in \(0, 1\]",
+        ),
+        ({"peft": {"method": "bitfit"}, "quantization": {"method": "nf4"}}, "must be lora or adalora, not 'bitfit'"),
+    ],
+)
 def test_method_options_are_validated(raw, message):
     with pytest.raises(RecipeError, match=message):
         build_recipe(raw)
@@ -136,8 +164,13 @@ def test_layer_lr_decay_gives_each_depth_its_rate(tiny_bert_dir):
 
 
 def test_full_finetuning_with_layer_lr_decay_trains(tmp_path, tiny_bert_dir, toy_data_dir):
-    out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, {"method": "full"},
-                       training={"layer_lr_decay": 0.5, "learning_rate": 1e-3, "logging_steps": 1})
+    out, metrics = run(
+        tmp_path,
+        tiny_bert_dir,
+        toy_data_dir,
+        {"method": "full"},
+        training={"layer_lr_decay": 0.5, "learning_rate": 1e-3, "logging_steps": 1},
+    )
     history = json.loads((out / "history.json").read_text())
     first = history[0]  # the head's (first group's) rate is the one logged: 1e-3, decayed linearly over 8 steps
     assert first["learning_rate"] == pytest.approx(1e-3 * (8 - first["step"]) / 8)

@@ -391,14 +391,17 @@ PEFT_METHODS: dict[str, tuple[str, list[str]]] = {
     "lora": ("LoRA r=8 (q, v)", ["peft.method=lora", "training.learning_rate=2e-3"]),
     "dora": ("DoRA r=8", ["peft.method=lora", "peft.use_dora=true", "training.learning_rate=2e-3"]),
     "rslora": ("rsLoRA r=8", ["peft.method=lora", "peft.use_rslora=true", "training.learning_rate=2e-3"]),
-    "pissa": ("LoRA r=8, PiSSA init", ["peft.method=lora", "peft.init_lora_weights=pissa", "training.learning_rate=2e-3"]),
-    "olora": ("LoRA r=8, OLoRA init", ["peft.method=lora", "peft.init_lora_weights=olora", "training.learning_rate=2e-3"]),
+    "pissa": ("LoRA r=8, PiSSA init", ["peft.method=lora", "peft.init_lora_weights=pissa",
+                                       "training.learning_rate=2e-3"]),
+    "olora": ("LoRA r=8, OLoRA init", ["peft.method=lora", "peft.init_lora_weights=olora",
+                                       "training.learning_rate=2e-3"]),
     "ia3": ("IA3 (k, v, ffn)", ["peft.method=ia3", "peft.target_modules=[key,value,output.dense]",
                                 "peft.feedforward_modules=[output.dense]", "training.learning_rate=1e-2"]),
     "prompt_tuning": ("prompt tuning (20 tokens)", ["peft.method=prompt_tuning", "training.learning_rate=3e-2"]),
     "bitfit": ("BitFit (biases + head)", ["peft.method=bitfit", "training.learning_rate=2e-3"]),
     "full": ("full fine-tuning", ["peft.method=full", "training.learning_rate=1e-4"]),
-    "full_llrd": ("full FT, layer LR decay 0.8", ["peft.method=full", "training.layer_lr_decay=0.8", "training.learning_rate=1e-4"]),
+    "full_llrd": ("full FT, layer LR decay 0.8", ["peft.method=full", "training.layer_lr_decay=0.8",
+                                                   "training.learning_rate=1e-4"]),
 }
 """Arm -> (label, overrides). Learning rates: the LoRA family at Study 1's 2e-3 (PiSSA / OLoRA papers keep LoRA's
 rate); IA3 and prompt tuning train a few scaling vectors / embeddings from a neutral start and need larger steps
@@ -409,8 +412,8 @@ STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=../sha
 """The datasets (on top of the recipe's SST-2) each method is trained on."""
 
 NOT_RUN = {
-    "prefix_tuning": "refused at start: peft 0.21 passes the prefix as `past_key_values`, which transformers 5's BERT no"
-                     " longer takes (and a BERT encoder attends to no key/value cache)",
+    "prefix_tuning": "refused at start: peft 0.21 passes the prefix as `past_key_values`, which transformers 5's BERT"
+                     " no longer takes (and a BERT encoder attends to no key/value cache)",
     "LoRA, LoftQ init": "refused on CPU: peft's LoftQ code runs on CUDA / XPU only",
 }
 """Methods of the schema that cannot run in this study, and why (each is refused by the recipe checks)."""
