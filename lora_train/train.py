@@ -28,8 +28,9 @@ from lora_train.config import Recipe, RecipeError, recipe_to_yaml
 from lora_train.data import EpochSampler, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import ParamCount, check_target_modules, count_parameters, load_model_config, load_tokenizer
-from lora_train.modeling import meta_model, use_fast_dropout
+from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
+from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
+from lora_train.optim import param_groups
 from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
@@ -506,7 +507,9 @@ def check_model_fits(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
         raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
-    check_target_modules(recipe, meta_model(config))
+    meta = meta_model(config)
+    check_target_modules(recipe, meta)
+    check_method_runs(recipe, meta)
     local = Path(recipe.model.name_or_path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -527,16 +530,11 @@ def check_model_fits(recipe: Recipe, config) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; fused (one kernel for all tensors) on CUDA and CPU."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, fused=device.type in ("cuda", "cpu"))
+    """AdamW without weight decay on biases and norms, with layer-wise learning rates when training.layer_lr_decay < 1;
+    fused (one kernel for all tensors) on CUDA and CPU."""
+    t = recipe.training
+    groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def _tracker_available(name: str) -> bool:
