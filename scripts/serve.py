@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serve trained adapters over HTTP: many adapters over one base model, micro-batched (see docs/serving.md).
 
-python scripts/serve.py runs/cpu/sst2_lora runs/cpu/emotion_lora [--host 127.0.0.1 --port 8000]
+`python scripts/serve.py --help` for usage. The code: lora_train.serving.server.
 """
 
 import sys

@@ -26,7 +26,7 @@ from lora_train.serving.registry import AdapterRegistry, ServingError, length_bu
 from lora_train.serving.server import build_parser
 from lora_train.serving.server import main as serve_main
 from lora_train.train import train
-from tests.conftest import _word_tokenizer, tiny_recipe
+from tests.conftest import save_tiny_bert, tiny_recipe
 
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
 LONG_TEXT = " ".join(["the movie was very good and the plot quite fun"] * 8)  # > 32 tokens: cut at max_length 32
@@ -36,22 +36,7 @@ MAX_TEXTS = 8
 @pytest.fixture(scope="module")
 def pooled_bert_dir(tmp_path_factory) -> Path:
     """A tiny random BERT saved with its pooler: the adapters' only new head is the ``classifier`` Linear."""
-    from transformers import BertConfig, BertModel
-
-    directory = tmp_path_factory.mktemp("pooled_bert")
-    tok = _word_tokenizer(directory)
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        pad_token_id=tok.pad_token_id,
-    )
-    BertModel(config, add_pooling_layer=True).save_pretrained(directory, safe_serialization=True)
-    return directory
+    return save_tiny_bert(tmp_path_factory.mktemp("pooled_bert"), with_pooler=True, seed=1)
 
 
 def train_tiny(root: Path, name: str, model_dir: Path, data_dir: Path, labels=("neg", "pos"), **sections) -> Path:
