@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -213,7 +214,12 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
                " ranks from its own shard")
         p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
                  " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
-    if q.method == "nf4" and sharded:
+    if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
+        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
+                 " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
+                 " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
+                 " sharding), or init_lora_weights=true")
+    if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 
     # Engine-specific settings.
@@ -279,15 +285,30 @@ def full_state_dict(accelerator, model, launch: Launch) -> Optional[dict]:
     return accelerator.get_state_dict(model)
 
 
+def every_process_rng_state(accelerator) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """Every process's :func:`lora_train.checkpoint.rng_state`, by rank (collective: call it on every process).
+
+    Each process draws its own dropout masks, so a resume must give each its own stream back, not the main one's.
+    """
+    state = ckpt.rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
+
+
 def save_engine_state(accelerator, directory: Path, state: dict[str, Any], scheduler, launch: Launch) -> Path:
     """A resumable checkpoint written through ``accelerator.save_state`` (DeepSpeed / FSDP own the optimizer).
 
     Every process writes its own shard files into one agreed temporary directory; the main process then adds
-    ``state.json`` and the ``COMPLETE`` marker and renames the directory into place, so no two processes
-    write one file and a crash never leaves a half-written checkpoint that looks complete.
+    ``state.json`` and the ``COMPLETE`` manifest, flushes everything to disk and renames the directory into place
+    (:func:`lora_train.checkpoint.publish_directory`), so no two processes write one file and a crash at any moment
+    leaves the previous checkpoint usable and never a half-written one that looks complete.
     """
-    tmp = directory.with_name(f".{directory.name}.tmp")
+    tmp = directory.with_name(f".{directory.name}.tmp-engine")
     if accelerator.is_main_process:
+        ckpt.restore_interrupted_replace(directory)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -295,12 +316,12 @@ def save_engine_state(accelerator, directory: Path, state: dict[str, Any], sched
     accelerator.save_state(str(tmp), **kwargs)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if os.environ.get(ckpt.PAUSE_IN_SAVE_ENV) == directory.name:  # test hook: every shard written, not published
+            time.sleep(600)
         full = dict(state, format=ENGINE_FORMAT, engine=launch.name, scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        (tmp / ckpt.COMPLETE_MARKER).write_text("ok\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        ckpt.write_manifest(tmp)
+        ckpt.publish_directory(tmp, directory)
     accelerator.wait_for_everyone()
     return directory
 
@@ -337,7 +358,8 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
 # The Accelerate config files and the compatibility table of docs/distributed.md
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
-CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml")
+CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                "fsdp.yaml")
 
 TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "LoRA": {},
@@ -347,6 +369,10 @@ TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
         "quantization": {"method": "nf4", "quant_storage_dtype": "bfloat16", "compute_dtype": "bfloat16"},
         "training": {"mixed_precision": "bf16"},
     },
+    "LoRA, PiSSA / OLoRA init": {"peft": {"init_lora_weights": "pissa"}},
+    "IA3": {"peft": {"method": "ia3"}},
+    "prompt tuning": {"peft": {"method": "prompt_tuning"}},
+    "BitFit": {"peft": {"method": "bitfit"}},
     "head_only": {"peft": {"method": "head_only"}},
     "full": {"peft": {"method": "full"}},
 }
@@ -413,14 +439,18 @@ def launch_from_config(config_file: Path) -> Launch:
 CPU_ONE_PROCESS = "CPU: one process (`python scripts/train.py`)"
 CPU_DDP = "CPU: `torchrun` (DDP, gloo)"
 
+PEFT_METHODS_TEST = "tests/test_peft_methods.py::test_method_trains_saves_reloads_and_merges_or_refuses"
 RUN_HERE: dict[tuple[str, str], str] = {
     (CPU_ONE_PROCESS, "LoRA"): "tests/test_train_real.py::test_cpu_recipe_learns_on_a_real_subset",
     (CPU_ONE_PROCESS, "AdaLoRA"): "tests/test_train_real.py::test_cpu_recipe_learns_on_a_real_subset",
     (CPU_ONE_PROCESS, "QLoRA (uint8 storage)"): "tests/test_decoder.py::test_qlora_recipe_path_learns_a_story_task",
+    **{(CPU_ONE_PROCESS, column): PEFT_METHODS_TEST for column in ("LoRA, PiSSA / OLoRA init", "IA3", "prompt tuning",
+                                                                    "BitFit")},
     (CPU_ONE_PROCESS, "full"): "tests/test_train_tiny.py::test_tiny_full_finetuning_learns",
     (CPU_DDP, "LoRA"): "tests/test_distributed.py::test_two_processes_train_like_one_with_the_same_global_batch",
     (CPU_DDP, "QLoRA (uint8 storage)"): "tests/test_decoder.py::test_two_process_ddp_qlora_on_the_decoder",
-    ("`deepspeed_zero2.yaml`", "LoRA"): "tests/test_distributed.py::test_deepspeed_zero2_two_processes_train_save_and_resume",
+    ("`deepspeed_zero2.yaml`", "LoRA"):
+        "tests/test_distributed.py::test_deepspeed_zero2_two_processes_train_save_and_resume",
     ("`deepspeed_zero3.yaml`", "QLoRA (uint8 storage)"):
         "tests/test_distributed.py::test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter",
 }
@@ -438,7 +468,8 @@ says so and the run logs a warning at start (:func:`untested_risk`)."""
 def table_rows() -> dict[str, Launch]:
     """The launches of the compatibility table: each Accelerate config as on GPUs, then the CPU launches."""
     launches = {f"`{name}`": launch_from_config(CONFIG_DIR / name) for name in CONFIG_ORDER}
-    launches[CPU_ONE_PROCESS] = Launch(engine="single", num_processes=1, device_type="cpu", gradient_accumulation_steps=1)
+    launches[CPU_ONE_PROCESS] = Launch(engine="single", num_processes=1, device_type="cpu",
+                                       gradient_accumulation_steps=1)
     launches[CPU_DDP] = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1)
     return launches
 

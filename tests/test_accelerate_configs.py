@@ -29,6 +29,7 @@ EXPECTED = {  # file -> (engine, processes, ZeRO stage, FSDP version)
     "deepspeed_zero2.yaml": ("deepspeed", 2, 2, None),
     "deepspeed_zero3.yaml": ("deepspeed", 2, 3, None),
     "fsdp.yaml": ("fsdp", 2, 0, 2),
+    "multi_node.yaml": ("ddp", 16, 0, None),
 }
 
 
@@ -121,7 +122,16 @@ def test_every_cell_marked_run_names_a_test_that_exists():
 
     for (row, column), test_id in RUN_HERE.items():
         path, name = test_id.split("::")
-        defined = {node.name for node in ast.walk(ast.parse((ROOT / path).read_text())) if isinstance(node, ast.FunctionDef)}
+        tree = ast.parse((ROOT / path).read_text())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
         assert name in defined, f"{row} x {column}: {test_id} does not exist"
         assert row in table_rows() and column in TABLE_COLUMNS
     assert "runs (CPU test)" not in compatibility_table().splitlines()[2], "nothing has run on a GPU"
+
+
+def test_multi_node_config_starts_one_torchrun_agent_per_machine_meeting_at_the_main_host():
+    """What each machine's `accelerate launch --config_file multi_node.yaml` hands torchrun (placeholders as is)."""
+    args, env = launch_env(CONFIG_DIR / "multi_node.yaml")
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 0)
+    assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "MAIN_HOST:29500")
+    assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env  # plain DDP

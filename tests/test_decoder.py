@@ -24,14 +24,20 @@ from tests.conftest import (
 )
 
 LLAMA2C = "local/llama2c-stories260K"
-needs_llama2c = pytest.mark.skipif(not (HF_HUB / "models--local--llama2c-stories260K").is_dir(),
-                                   reason="needs the real llama2c checkpoint in ../shared/hf-hub")
+needs_llama2c = pytest.mark.skipif(
+    not (HF_HUB / "models--local--llama2c-stories260K").is_dir(),
+    reason="needs the real llama2c checkpoint in ../shared/hf-hub",
+)
 POOLING_TOL = 1e-4
 """Absolute tolerance on logits of order 10 (~1e-5 relative): left padding shifts every RoPE position by the same
 amount, which leaves attention scores unchanged up to float32 rounding (measured differences ~2e-5)."""
 
-TEXTS = ["Once upon a time there was a little girl named Lily.", "bad", "The dog ran to the park. </s>",
-         "She was happy and played with her big red ball all day long in the sun."]
+TEXTS = [
+    "Once upon a time there was a little girl named Lily.",
+    "bad",
+    "The dog ran to the park. </s>",
+    "She was happy and played with her big red ball all day long in the sun.",
+]
 
 
 def llama2c_classifier(num_labels: int = 2):
@@ -50,7 +56,9 @@ def llama2c_classifier(num_labels: int = 2):
 @needs_llama2c
 def test_llama2c_pads_with_unk_which_its_byte_fallback_tokenizer_never_emits():
     model, tokenizer, heads = llama2c_classifier()
-    assert tokenizer.pad_token == tokenizer.unk_token == "<unk>" and tokenizer.pad_token_id == 0 != tokenizer.eos_token_id
+    assert (
+        tokenizer.pad_token == tokenizer.unk_token == "<unk>" and tokenizer.pad_token_id == 0 != tokenizer.eos_token_id
+    )
     assert model.config.pad_token_id == 0 and heads == ["score"]
     ids = tokenizer(TEXTS + ["ünïcödé ✓ 日本"])["input_ids"]
     assert all(0 not in row for row in ids)  # byte fallback: no text encodes to the pad token
@@ -77,8 +85,9 @@ def test_llama2c_pooling_is_the_same_with_left_padding_right_padding_and_one_at_
 def test_a_text_ending_in_eos_is_pooled_at_its_eos_token():
     """With pad = EOS (the former choice) the trailing </s> would be taken for padding and skipped."""
     model, tokenizer, _ = llama2c_classifier()
-    with_eos, without = (tokenizer([text], return_tensors="pt") for text in ("The dog ran to the park. </s>",
-                                                                               "The dog ran to the park."))
+    with_eos, without = (
+        tokenizer([text], return_tensors="pt") for text in ("The dog ran to the park. </s>", "The dog ran to the park.")
+    )
     assert with_eos["input_ids"][0, -1] == tokenizer.eos_token_id
     with torch.no_grad():
         pooled = model(**with_eos).logits
@@ -98,11 +107,24 @@ def story_data(tmp_path_factory) -> Path:
 
 def story_recipe(data: Path, out: Path, *overrides: str):
     """recipes/cpu/sst2_qlora_llama.yaml on the story task (``overrides`` change it further)."""
-    return load_recipe(ROOT / "recipes" / "cpu" / "sst2_qlora_llama.yaml", [
-        "data.task=null", f"data.path={data}", "data.text_column=text", "data.label_names=[sad,happy]",
-        "data.max_train_samples=null", "data.max_length=64", "training.num_epochs=2", "training.logging_steps=1",
-        "training.per_device_train_batch_size=16", "training.gradient_accumulation_steps=1",
-        f"output.output_dir={out}", "output.report_to=[]", *overrides])
+    return load_recipe(
+        ROOT / "recipes" / "cpu" / "sst2_qlora_llama.yaml",
+        [
+            "data.task=null",
+            f"data.path={data}",
+            "data.text_column=text",
+            "data.label_names=[sad,happy]",
+            "data.max_train_samples=null",
+            "data.max_length=64",
+            "training.num_epochs=2",
+            "training.logging_steps=1",
+            "training.per_device_train_batch_size=16",
+            "training.gradient_accumulation_steps=1",
+            f"output.output_dir={out}",
+            "output.report_to=[]",
+            *overrides,
+        ],
+    )
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -111,15 +133,25 @@ def step_losses(run_dir: Path) -> list[float]:
 
 
 @needs_llama2c
-@pytest.mark.parametrize("variant", [pytest.param("gpu_recipe_path", marks=pytest.mark.slow), "lora_fp32",
-                                     pytest.param("adalora_fp32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param("gpu_recipe_path", marks=pytest.mark.slow),
+        "lora_fp32",
+        pytest.param("adalora_fp32", marks=pytest.mark.slow),
+    ],
+)
 def test_qlora_recipe_path_learns_a_story_task(tmp_path, story_data, variant):
     """The GPU QLoRA recipe's path (NF4 + double quant, bf16 compute, bf16 autocast, gradient checkpointing, LoRA on
     q/k/v/o, score head) on real llama2c weights learns, saves the score head, and reloads with plain
     AutoPeftModelForSequenceClassification to the same accuracy; so do float32 LoRA and AdaLoRA on the decoder."""
     out = tmp_path / variant
     overrides = {
-        "gpu_recipe_path": ["model.dtype=bfloat16", "quantization.compute_dtype=bfloat16", "training.mixed_precision=bf16"],
+        "gpu_recipe_path": [
+            "model.dtype=bfloat16",
+            "quantization.compute_dtype=bfloat16",
+            "training.mixed_precision=bf16",
+        ],
         "lora_fp32": ["quantization.method=none", "training.gradient_checkpointing=false"],
         "adalora_fp32": ["quantization.method=none", "peft.method=adalora", "training.learning_rate=1e-2"],
     }[variant]

@@ -28,8 +28,14 @@ print("IMPORTED:" + ",".join(sorted(m for m in sys.modules if m.split(".")[0] in
 def gpu_check(out: Path, *args: str) -> tuple[list[dict], str]:
     """Run the script in a fresh process; return its JSON results and the forbidden modules it imported."""
     code = RUN_AND_LIST_IMPORTS.format(names=set(NOT_ON_THE_GPU_HOST))
-    proc = subprocess.run([sys.executable, "-c", code, "--out", str(out), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env={**os.environ, "HF_HUB_CACHE": str(HF_HUB)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_CACHE": str(HF_HUB)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     imported = proc.stdout.rsplit("IMPORTED:", 1)[1].strip()
     return json.loads((out / "gpu_check.json").read_text()), imported
@@ -40,8 +46,9 @@ def test_dry_run_measures_every_case_on_cpu_without_the_missing_packages(tmp_pat
     results, imported = gpu_check(tmp_path, "--dry-run", "--warmup", "0")
     assert imported == "", f"the GPU host lacks {imported}"
     cases = {(r["model"], r["base"], r["gradient_checkpointing"]) for r in results}
-    assert cases == {(m, b, c) for m in ("llama2c-stories260K", "llama-tiny-random") for b in ("nf4", "bf16")
-                     for c in (True, False)}
+    assert cases == {
+        (m, b, c) for m in ("llama2c-stories260K", "llama-tiny-random") for b in ("nf4", "bf16") for c in (True, False)
+    }
     for r in results:
         assert r["device"] == "cpu" and r["losses_finite"] and r["samples_per_s"] > 0 and r["tokens_per_s"] > 0
         assert r["model_tflops_per_s"] > 0 and r["mfu"] is None  # no peak known for a CPU

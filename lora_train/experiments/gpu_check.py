@@ -25,14 +25,36 @@ from typing import Any, Optional
 import torch
 
 LLAMA2C = "local/llama2c-stories260K"
-ONE_B_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
-               "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048}
+ONE_B_SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 32000,
+    "max_position_embeddings": 2048,
+}
 """TinyLlama-1.1B's shape: 1.1B parameters, Llama architecture (grouped-query attention, SwiGLU, RoPE)."""
-TINY_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 256}
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 512,
+    "max_position_embeddings": 256,
+}
 """The CPU dry run's stand-in for the 1B model: the same code path, in seconds."""
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                    "RTX 4090": 165.2, "RTX 3090": 71.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.2,
+    "RTX 3090": 71.0,
+}
 """Dense bf16 tensor-core peak (vendor data sheets, without sparsity), matched as a substring of the device name."""
 
 
@@ -66,7 +88,9 @@ def random_llama_dir(shape: dict, directory: Path) -> Path:
     """A randomly initialised Llama classifier saved (bf16 safetensors) with the llama2c tokenizer's special ids."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=2, tie_word_embeddings=False)
+    config = LlamaConfig(
+        **shape, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=2, tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForSequenceClassification(config).to(torch.bfloat16)
@@ -81,13 +105,20 @@ def build(case: Case, name_or_path: str, device: torch.device):
     from lora_train.modeling import apply_regime, load_base_model, load_model_config
 
     nf4 = case.base == "nf4"
-    recipe = build_recipe({
-        "model": {"name_or_path": name_or_path, "dtype": "bfloat16", "attn_implementation": "sdpa"},
-        "quantization": {"method": "nf4" if nf4 else "none", "double_quant": True, "compute_dtype": "bfloat16"},
-        "peft": {"method": "lora", "r": 16, "alpha": 32, "dropout": 0.05,
-                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-        "training": {"mixed_precision": "bf16", "gradient_checkpointing": case.gradient_checkpointing},
-    })
+    recipe = build_recipe(
+        {
+            "model": {"name_or_path": name_or_path, "dtype": "bfloat16", "attn_implementation": "sdpa"},
+            "quantization": {"method": "nf4" if nf4 else "none", "double_quant": True, "compute_dtype": "bfloat16"},
+            "peft": {
+                "method": "lora",
+                "r": 16,
+                "alpha": 32,
+                "dropout": 0.05,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+            },
+            "training": {"mixed_precision": "bf16", "gradient_checkpointing": case.gradient_checkpointing},
+        }
+    )
     config = load_model_config(recipe, ["negative", "positive"])
     config.pad_token_id = 0
     model, heads = load_base_model(recipe, config, {"": device})
@@ -139,9 +170,14 @@ def measure(case: Case, name_or_path: str, settings: Settings) -> dict[str, Any]
     peak = settings.peak_tflops or peak_tflops(device)
     achieved = flops_per_token(model, case.seq_len) * tokens_per_s
     result = {
-        **asdict(case), "device": device_name(device), "steps": settings.measure_steps, "seconds": seconds,
-        "samples_per_s": settings.measure_steps * case.batch_size / seconds, "tokens_per_s": tokens_per_s,
-        "model_tflops_per_s": achieved / 1e12, "mfu": achieved / (peak * 1e12) if peak else None,
+        **asdict(case),
+        "device": device_name(device),
+        "steps": settings.measure_steps,
+        "seconds": seconds,
+        "samples_per_s": settings.measure_steps * case.batch_size / seconds,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": achieved / 1e12,
+        "mfu": achieved / (peak * 1e12) if peak else None,
         "peak_memory_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
         "peak_memory_reserved_mb": torch.cuda.max_memory_reserved(device) / 2**20 if cuda else None,
         "losses_finite": bool(torch.isfinite(torch.stack(losses)).all()),
@@ -164,21 +200,30 @@ def cases(settings: Settings) -> list[tuple[Case, str]]:
     """Every (case, model key): 2 models x {NF4, bf16} x gradient checkpointing {on, off}."""
     one_b = "llama-1.1b-random" if not settings.dry_run else "llama-tiny-random"
     batch, seq = (2, 32) if settings.dry_run else (settings.batch_size, settings.seq_len)
-    return [(Case(model, base, ckpt, batch, seq), model)
-            for model in ("llama2c-stories260K", one_b) for base in ("nf4", "bf16") for ckpt in (True, False)]
+    return [
+        (Case(model, base, ckpt, batch, seq), model)
+        for model in ("llama2c-stories260K", one_b)
+        for base in ("nf4", "bf16")
+        for ckpt in (True, False)
+    ]
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
+
     def number(value: Optional[float], fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
-    lines = ["| model | base | grad. ckpt | batch x seq | peak allocated MB | samples/s | tokens/s | MFU |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | base | grad. ckpt | batch x seq | peak allocated MB | samples/s | tokens/s | MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['model']} | {r['base']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
-                     f" {r['batch_size']} x {r['seq_len']} | {number(r['peak_memory_allocated_mb'], ',.0f')} |"
-                     f" {r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {number(r['mfu'], '.1%')} |")
+        lines.append(
+            f"| {r['model']} | {r['base']} | {'on' if r['gradient_checkpointing'] else 'off'} |"
+            f" {r['batch_size']} x {r['seq_len']} | {number(r['peak_memory_allocated_mb'], ',.0f')} |"
+            f" {r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {number(r['mfu'], '.1%')} |"
+        )
     return "\n".join(lines) + f"\n\nDevice: {results[0]['device'] if results else 'none'}.\n"
 
 
