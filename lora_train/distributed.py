@@ -450,7 +450,7 @@ RUN_HERE: dict[tuple[str, str], str] = {
     (CPU_DDP, "LoRA"): "tests/test_distributed.py::test_two_processes_train_like_one_with_the_same_global_batch",
     (CPU_DDP, "QLoRA (uint8 storage)"): "tests/test_decoder.py::test_two_process_ddp_qlora_on_the_decoder",
     ("`deepspeed_zero2.yaml`", "LoRA"):
-        "tests/test_distributed.py::test_deepspeed_zero2_two_processes_train_save_and_resume",
+        "tests/test_distributed.py::test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes",
     ("`deepspeed_zero3.yaml`", "QLoRA (uint8 storage)"):
         "tests/test_distributed.py::test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter",
 }
