@@ -6,9 +6,9 @@ AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute)
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -18,18 +18,10 @@ import torch
 from lora_train.config import build_recipe
 from lora_train.inference import load_run, predict, read_run
 from lora_train.train import train
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import script, tiny_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trained(tmp_path_factory, model_dir, data_dir, name: str, **sections) -> Path:
@@ -237,3 +229,21 @@ def test_merge_refuses_non_empty_output(lora_run, tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert script("merge_adapter").main([str(lora_run), str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, capsys):
+    """A truncated or garbled adapter is named before any model is loaded, by all three scripts."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter = run / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    half = len(good) // 2
+    truncated = (good[:half], (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file"
+                               f" has {half}"))
+    garbled = (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")
+    for damage, message in (truncated, garbled):
+        adapter.write_bytes(damage)
+        for name, args in (("eval", []), ("predict", ["nice"]), ("merge_adapter", [str(tmp_path / "merged")])):
+            assert script(name).main([str(run), *args]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (name, err)
