@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Sampler
 
 from lora_train.config import DataConfig, read_text_file
-from lora_train.tasks import TASKS
+from lora_train.tasks import TASKS, canonical_dataset_id
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 SUBSET_SEED = 0
@@ -45,12 +45,14 @@ def resolve_spec(cfg: DataConfig) -> DataSpec:
     task = TASKS.get(cfg.task) if cfg.task else None
     source = cfg.path or (task.hub_id if task else None)
     assert source is not None  # validate() guarantees it
+    if not Path(source).expanduser().exists():
+        source = canonical_dataset_id(source)
     label_names = cfg.label_names or (list(task.label_names) if task else None)
     eval_split = cfg.eval_split or (task.eval_split if task else "validation")
     carve = bool(task and not task.has_eval_split and cfg.eval_split is None)
     return DataSpec(
         source=source,
-        config_name=cfg.config_name or (task.hub_config if task and not cfg.path else None),
+        config_name=cfg.config_name or (task.hub_config if task and source == task.hub_id else None),
         text_column=cfg.text_column or (task.text_column if task else "text"),
         label_column=cfg.label_column or (task.label_column if task else "label"),
         train_split=cfg.train_split or (task.train_split if task else "train"),
@@ -105,18 +107,7 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
         raise DataError(f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
                         " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name")
     else:
-        try:
-            dd = datasets.load_dataset(spec.source, spec.config_name)
-        except Exception as err:  # noqa: BLE001 - many failure types (offline, 404, auth); re-raised with advice
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-            hint = (
-                " HF_HUB_OFFLINE=1 is set, so only local files and the cache can be used: point data.path at a"
-                " local directory of {split}.parquet files (e.g. ../shared/data/sst2)."
-                if offline
-                else " Check the dataset id, your network and `huggingface-cli login` for gated data,"
-                " or point data.path at a local directory of {split}.parquet files."
-            )
-            raise DataError(f"cannot load dataset '{spec.source}': {type(err).__name__}: {err}.{hint}") from None
+        dd = load_hub_dataset(spec.source, spec.config_name)
         missing = [s for s in (spec.train_split, spec.eval_split) if s not in dd and not (s == spec.eval_split and spec.carve_eval_from_train)]
         if missing:
             raise DataError(f"dataset '{spec.source}' has no split(s) {missing}; it has {list(dd)}")
@@ -137,6 +128,66 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
         if len(split) == 0:
             raise DataError(f"the {name} split is empty; check data.{name}_split and data.max_{name}_samples")
     return train, evaluation
+
+
+def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.DatasetDict":
+    """A Hub dataset by id and config, through the Hub cache: online it downloads only that config's files,
+    offline (``HF_HUB_OFFLINE=1``) it reads the cache, also a read-only one.
+
+    ``datasets.load_dataset(id, config)`` does not read the Hub cache when offline; resolving the snapshot with
+    huggingface_hub first and loading that local folder works in both cases.
+    """
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    from lora_train.hub import offline_hint
+
+    try:
+        card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))
+        patterns = config_file_patterns(card / "README.md", dataset_id, config_name)
+        snapshot = snapshot_download(dataset_id, repo_type="dataset",
+                                     allow_patterns=None if patterns is None else patterns + ["README.md"])
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - offline cache miss, 404, auth, network: re-raised with advice
+        raise DataError(f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
+                        f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
+                        " files.") from None
+    return datasets.load_dataset(snapshot, config_name)
+
+
+def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[str]) -> Optional[list[str]]:
+    """The file patterns of one config, from the ``configs:`` of the dataset card's YAML header.
+
+    None when the card declares no configs (the whole repo is then needed); a config the card lacks is refused
+    with the valid names.
+    """
+    import yaml
+
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    header = yaml.safe_load(text.split("---")[1]) if text.startswith("---") and text.count("---") >= 2 else None
+    configs = (header or {}).get("configs") if isinstance(header, dict) else None
+    if not configs:
+        return None
+    by_name = {c.get("config_name", "default"): c for c in configs}
+    if config_name is None:
+        defaults = [c for c in configs if c.get("default")] or (configs if len(configs) == 1 else [])
+        if not defaults:
+            raise DataError(f"dataset '{dataset_id}' has several configs {sorted(by_name)};"
+                            " choose one with data.config_name")
+        chosen = defaults[0]
+    elif config_name in by_name:
+        chosen = by_name[config_name]
+    else:
+        raise DataError(f"dataset '{dataset_id}' has no config '{config_name}'; its configs are {sorted(by_name)}."
+                        " Set data.config_name to one of them")
+    files = chosen.get("data_files", [])
+    entries = files if isinstance(files, list) else [files]
+    patterns: list[str] = []
+    for entry in entries:
+        paths = entry.get("path", []) if isinstance(entry, dict) else entry
+        patterns.extend([paths] if isinstance(paths, str) else paths)
+    return patterns
 
 
 def _looks_local(source: str) -> bool:

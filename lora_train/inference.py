@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from lora_train.checkpoint import restore_interrupted_replace
+from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -69,6 +69,12 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
             f"'{source}' is not a lora_train run: it lacks {missing}. Give the output_dir of a training run"
             " (or its best/ subdirectory), or a Hub repo pushed by lora_train."
         )
+    for weights in sorted(directory.glob("*.safetensors")):  # a damaged file named now, not deep inside safetensors
+        problem = safetensors_problem(weights)
+        if problem:
+            raise RunError(f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the"
+                           " run's last checkpoint: scripts/train.py RUN/recipe.yaml"
+                           " training.resume_from_checkpoint=latest")
     return directory
 
 

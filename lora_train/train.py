@@ -28,8 +28,9 @@ from lora_train.config import Recipe, RecipeError, recipe_to_yaml
 from lora_train.data import EpochSampler, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import ParamCount, check_target_modules, count_parameters, load_model_config, load_tokenizer
-from lora_train.modeling import meta_model, use_fast_dropout
+from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
+from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
+from lora_train.optim import param_groups
 from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
@@ -191,7 +192,9 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_final(run.out, run.unwrapped, run.tokenizer, _run_files(run.recipe, run.label_names, metrics, state.history), weights)
+        files = _run_files(run.recipe, run.label_names, metrics, state.history)
+        with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
+            ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], run.out)
     accelerator.wait_for_everyone()
     if run.pusher is not None:
@@ -298,7 +301,8 @@ def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
         loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
     else:
         base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler)
+        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler,
+                                          run.accelerator.process_index)
     state = LoopState(**loaded["loop"])
     if run.is_adalora:
         ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -381,7 +385,9 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
         if run.accelerator.is_main_process:
             files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
-            ckpt.atomic_directory(run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
+            with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
+                ckpt.atomic_directory(run.out / "best",
+                                      lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
     return report
 
 
@@ -399,9 +405,11 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
                    "adalora": adalora_meta}
     if run.launch.engine_owns_optimizer:
         dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
-    elif accelerator.is_main_process:
-        base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
-        ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra)
+    else:
+        rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
+        if accelerator.is_main_process:
+            base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+            ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra, rng_states)
     if accelerator.is_main_process:
         ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
         logger.info("saved checkpoint %s", path)
@@ -499,7 +507,9 @@ def check_model_fits(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
         raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
-    check_target_modules(recipe, meta_model(config))
+    meta = meta_model(config)
+    check_target_modules(recipe, meta)
+    check_method_runs(recipe, meta)
     local = Path(recipe.model.name_or_path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -520,16 +530,11 @@ def check_model_fits(recipe: Recipe, config) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; fused (one kernel for all tensors) on CUDA and CPU."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, fused=device.type in ("cuda", "cpu"))
+    """AdamW without weight decay on biases and norms, with layer-wise learning rates when training.layer_lr_decay < 1;
+    fused (one kernel for all tensors) on CUDA and CPU."""
+    t = recipe.training
+    groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def _tracker_available(name: str) -> bool:
