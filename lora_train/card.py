@@ -65,7 +65,7 @@ def _card_data(recipe: Recipe, metrics: dict[str, Any]):
         for metric_type, name, value in (("accuracy", "accuracy", _metric(metrics, "accuracy")), ("f1", "macro-F1", _metric(metrics, "macro_f1")))
         if value is not None
     ]
-    adapter = recipe.peft.method in ("lora", "adalora")
+    adapter = recipe.peft.is_adapter
     license_id = base_license(recipe.model.name_or_path)
     base = recipe.model.name_or_path
     return ModelCardData(
@@ -99,7 +99,11 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
         rows.append(("LoRA r / alpha / dropout", f"{pe.r} / {pe.alpha:g} / {pe.dropout:g}"))
     elif pe.method == "adalora":
         rows.append(("AdaLoRA init_r -> target_r / alpha / dropout", f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}"))
-    if pe.method in ("lora", "adalora"):
+    if pe.method == "lora" and (pe.use_dora or pe.use_rslora or pe.init_lora_weights is not True):
+        rows.append(("LoRA variant", f"DoRA {pe.use_dora}, rsLoRA {pe.use_rslora}, init {pe.init_lora_weights}"))
+    if pe.method in ("prompt_tuning", "prefix_tuning"):
+        rows.append(("virtual tokens", str(pe.num_virtual_tokens)))
+    if pe.method in ("lora", "adalora", "ia3"):
         rows.append(("target modules", ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules))
     rows.append(("base weights", f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})" if q.is_4bit else recipe.model.dtype))
     steps = metrics.get("global_step")
@@ -119,7 +123,7 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
 
 
 def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
-    adapter = recipe.peft.method in ("lora", "adalora")
+    adapter = recipe.peft.is_adapter
     loader = "AutoPeftModelForSequenceClassification" if adapter else "AutoModelForSequenceClassification"
     module = "peft" if adapter else "transformers"
     labels = dict(enumerate(label_names))

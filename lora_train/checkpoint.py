@@ -46,6 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_train.config import RecipeError
+from lora_train.mutated_init import convert_saved_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +237,26 @@ def holds_run(directory: Path) -> bool:
     return directory.is_dir() and any((directory / name).exists() for name in RUN_MARKERS)
 
 
+def writable_directory_problem(directory: Path) -> Optional[str]:
+    """None once ``directory`` exists and a file can be created in it, else what is wrong, e.g. "is a file, not a
+    directory". Really creates and writes: permission bits say nothing for root, read-only mounts or a file in the
+    path."""
+    if directory.exists() and not directory.is_dir():
+        return "is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return f"is not a writable directory ({err.strerror or err}: '{err.filename or directory}')"
+    return None
+
+
+def directory_contents(directory: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names in ``directory`` (none if it does not exist), sorted, without those in ``ignore``."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in ignore) if directory.is_dir() else []
+
+
 # ---------------------------------------------------------------------------------------------
 # The adapter (what users keep and share)
 
@@ -245,7 +266,9 @@ def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str
 
     ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
     """
-    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(directory, safe_serialization=True, **extra)
+    convert_saved_adapter(directory, model)  # PiSSA / OLoRA: as a plain LoRA of the original base
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         path = directory / name
@@ -475,7 +498,8 @@ def checkpoint_name(step: int) -> str:
 
 RESUME_KEYS = (
     ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
-    ("peft", "target_modules"), ("peft", "init_r"), ("data", "task"), ("data", "path"),
+    ("peft", "target_modules"), ("peft", "init_r"), ("peft", "use_dora"), ("peft", "init_lora_weights"),
+    ("peft", "num_virtual_tokens"), ("data", "task"), ("data", "path"),
     ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
 )
 """Recipe fields a checkpoint must agree on to be resumed."""

@@ -213,6 +213,11 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
                " ranks from its own shard")
         p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
                  " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
+    if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
+        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
+                 " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
+                 " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
+                 " sharding), or init_lora_weights=true")
     if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 
@@ -360,6 +365,10 @@ TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
         "quantization": {"method": "nf4", "quant_storage_dtype": "bfloat16", "compute_dtype": "bfloat16"},
         "training": {"mixed_precision": "bf16"},
     },
+    "LoRA, PiSSA / OLoRA init": {"peft": {"init_lora_weights": "pissa"}},
+    "IA3": {"peft": {"method": "ia3"}},
+    "prompt tuning": {"peft": {"method": "prompt_tuning"}},
+    "BitFit": {"peft": {"method": "bitfit"}},
     "head_only": {"peft": {"method": "head_only"}},
     "full": {"peft": {"method": "full"}},
 }

@@ -7,11 +7,11 @@ log, evaluate, checkpoint); :func:`finish` evaluates, saves and pushes the final
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +28,10 @@ from lora_train.config import Recipe, RecipeError, recipe_to_yaml
 from lora_train.data import EpochSampler, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import ParamCount, check_target_modules, count_parameters, load_model_config, load_tokenizer
-from lora_train.modeling import meta_model, use_fast_dropout
+from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
+from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
+from lora_train.optim import param_groups
+from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
 
@@ -107,19 +109,22 @@ class Session:
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate and save the recipe; return the final metrics."""
-    run, state = setup(recipe)
-    stop = _StopFlag()
-    stop.install()
-    try:
-        session = fit(run, state, stop)
-    finally:
-        stop.uninstall()
-    if session.interrupted:
-        logger.warning("stopped by %s at step %d; checkpoint saved. Resume with training.resume_from_checkpoint=latest",
-                       stop.signal_name, state.global_step)
-        run.accelerator.end_training()
-        return {"interrupted": True, "step": state.global_step}
-    return finish(run, state, session)
+    out = check_output_dir(recipe)
+    # One run per directory: the main process holds its lock, and a second run into it is refused at once.
+    with run_lock(out) if is_launch_main_process() else contextlib.nullcontext():
+        run, state = setup(recipe, out)
+        stop = _StopFlag()
+        stop.install()
+        try:
+            session = fit(run, state, stop)
+        finally:
+            stop.uninstall()
+        if session.interrupted:
+            logger.warning("stopped by %s at step %d; checkpoint saved. Resume with"
+                           " training.resume_from_checkpoint=latest", stop.signal_name, state.global_step)
+            run.accelerator.end_training()
+            return {"interrupted": True, "step": state.global_step}
+        return finish(run, state, session)
 
 
 def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
@@ -202,10 +207,10 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
 # Setup
 
 
-def setup(recipe: Recipe) -> tuple[Run, LoopState]:
-    """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last."""
+def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
+    """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
+    ``out`` is the output directory :func:`check_output_dir` accepted."""
     t = recipe.training
-    out = check_output_dir(recipe)
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
     saved = json.loads((resume_dir / "state.json").read_text()) if resume_dir is not None else None
@@ -472,20 +477,27 @@ def setup_logging(is_main: bool) -> None:
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs in one directory, and unwritable directories, before any work."""
+    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
+    work."""
+    if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
+        raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
+                           " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])
     out = Path(recipe.output.output_dir)
-    if ckpt.holds_run(out) and not recipe.output.overwrite_output_dir and recipe.training.resume_from_checkpoint is None:
+    overwrite = recipe.output.overwrite_output_dir
+    if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
         raise RecipeError([
             f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
             " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
         ])
-    try:  # really create and write: permission bits say nothing for root, read-only mounts or a file in the path
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise RecipeError([f"output.output_dir '{out}' is not a writable directory ({err.strerror or err}: '{err.filename or out}');"
-                           " choose a directory you can write to"]) from None
+    others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
+    if others and not ckpt.holds_run(out) and not overwrite:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise RecipeError([f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
+                           " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
+                           " it with output.overwrite_output_dir=true"])
+    problem = ckpt.writable_directory_problem(out)
+    if problem:
+        raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
     return out
 
 
@@ -495,7 +507,9 @@ def check_model_fits(recipe: Recipe, config) -> None:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
         raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
-    check_target_modules(recipe, meta_model(config))
+    meta = meta_model(config)
+    check_target_modules(recipe, meta)
+    check_method_runs(recipe, meta)
     local = Path(recipe.model.name_or_path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -516,16 +530,11 @@ def check_model_fits(recipe: Recipe, config) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; fused (one kernel for all tensors) on CUDA and CPU."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, fused=device.type in ("cuda", "cpu"))
+    """AdamW without weight decay on biases and norms, with layer-wise learning rates when training.layer_lr_decay < 1;
+    fused (one kernel for all tensors) on CUDA and CPU."""
+    t = recipe.training
+    groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def _tracker_available(name: str) -> bool:

@@ -389,7 +389,7 @@ def test_resume_needs_the_same_engine_and_process_count():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_runs_the_sst2_qlora_recipe(tmp_path):
     proc = launch([sys.executable, "scripts/gpu_check.py", "recipes/sst2_qlora.yaml", f"model.name_or_path={MINILM}",
-                   "peft.target_modules=[query,value]", "data.path=../shared/data/sst2", "training.max_steps=30",
+                   "peft.target_modules=[query,value]", "training.max_steps=30",
                    f"output.output_dir={tmp_path / 'run'}"], {"HF_HUB_CACHE": str(HF_HUB)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("gpu_check: {")]
