@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import save as save_safetensors
 
 from lora_train.cli import train_main
 from lora_train.config import build_recipe
@@ -112,6 +114,15 @@ def _resume_other_recipe(ctx: Context) -> list[str]:
     path = ctx.recipe(peft={"method": "adalora", "r": 16, "target_modules": ["query", "key"]},
                       training={"resume_from_checkpoint": str(checkpoint)})
     return [str(path)]
+
+
+def _resume_damaged_checkpoint(ctx: Context) -> list[str]:
+    """A copy of the finished run's step-4 checkpoint with its optimizer file cut short by 100 bytes."""
+    checkpoint = ctx.tmp / "out" / "checkpoints" / "step-00000004"
+    shutil.copytree(ctx.finished_run / "checkpoints" / "step-00000004", checkpoint)
+    optimizer = checkpoint / "optimizer.safetensors"
+    os.truncate(optimizer, optimizer.stat().st_size - 100)
+    return [str(ctx.recipe(training={"resume_from_checkpoint": str(checkpoint)}))]
 
 
 def _no_safetensors(ctx: Context) -> list[str]:
@@ -280,6 +291,7 @@ def _eval_output_into_a_file(ctx: Context) -> list[str]:
 
 JSONL_BAD_LINE_3 = b'{"text": "a good film"}\n{"text": "dull"}\n{"text": "fine",}\n{"text": "great"}\n'
 FIX_DATA = "drop or fill those rows"
+TRUNCATED_SAFETENSORS = save_safetensors({"weight": torch.zeros(4)})[:-8]  # 88 bytes written, the last 8 lost
 
 CASES = {
     "malformed_yaml": Case("recipe: malformed YAML", _malformed_yaml,
@@ -401,6 +413,9 @@ CASES = {
     "resume_from_non_checkpoint": Case("resume path not a checkpoint",
                                        _overrides("training.resume_from_checkpoint={tmp}"),
                                        ["is not a complete checkpoint directory", "'latest'"]),
+    "resume_from_damaged_checkpoint": Case("resume from a truncated or corrupt checkpoint", _resume_damaged_checkpoint,
+                                           ["step-00000004/optimizer.safetensors is truncated or corrupt:",
+                                            "were written; no other checkpoint there is intact"]),
     "predict_input_not_utf8": Case("predict: input file not UTF-8",
                                    _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
                                    ["in.txt' is not UTF-8 text (byte 0xe9 at line 2)", "re-save it as UTF-8"],
@@ -421,6 +436,10 @@ CASES = {
     "run_recipe_duplicate_key": Case("run: recipe.yaml with a duplicate key",
                                      _run_with("recipe.yaml", b"peft:\n  r: 4\npeft:\n  r: 8\n"),
                                      ["duplicate key 'peft' at line 3 (first at line 1)"], entry="predict"),
+    "run_adapter_truncated": Case("run: adapter_model.safetensors truncated",
+                                  _run_with("adapter_model.safetensors", TRUNCATED_SAFETENSORS),
+                                  ["adapter_model.safetensors is truncated or corrupt: its tensors need 88 bytes, the"
+                                   " file has 80", "use the run's best/ adapter"], entry="predict"),
     "run_without_tokenizer": Case("run: tokenizer files missing", _run_with("", None),
                                   ["cannot load the tokenizer of run", "tokenizer.json"], entry="predict"),
     "push_run_with_corrupt_metrics": Case("push: the run's metrics.json corrupt", _push_with_corrupt_metrics,
