@@ -127,10 +127,12 @@ class DataConfig:
     task: Optional[str] = _f("sst2", "Built-in task (sst2, imdb, emotion), or null for a generic dataset.")
     path: Optional[str] = _f(
         None,
-        "Where the data lives: a Hub dataset id, or a local directory of {split}.parquet|csv|json|jsonl files."
-        " null = the task's Hub dataset.",
+        "Where the data lives: a Hub dataset id (e.g. nyu-mll/glue; read through the Hub cache, so HF_HUB_OFFLINE"
+        " works), or a local directory of {split}.parquet|csv|json|jsonl files. null = the task's Hub dataset.",
     )
-    config_name: Optional[str] = _f(None, "Hub dataset config name (generic datasets).")
+    config_name: Optional[str] = _f(
+        None, "Hub dataset config (e.g. sst2 of nyu-mll/glue); null = the task's, or the dataset's default."
+    )
     text_column: Optional[str] = _f(None, "Text column; null = the task's.")
     label_column: Optional[str] = _f(None, "Integer label column; null = the task's ('label').")
     label_names: Optional[list[str]] = _f(None, "Class names for a generic dataset; null = read from the data.")
@@ -180,7 +182,7 @@ class OutputConfig:
     """Where results go and who hears about them."""
 
     output_dir: str = _f("runs/default", "Directory of the run: final adapter, metrics, checkpoints, logs.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run, or other files.")
     report_to: list[str] = _f(["tensorboard"], "Trackers: any of tensorboard, wandb; [] for none.")
     push_to_hub: bool = _f(False, "Push the final adapter and model card to the Hub.")
     hub_model_id: Optional[str] = _f(None, "Hub repo id (user/name) to push to.")
@@ -311,24 +313,75 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise RecipeError([f"override key '{key}' must be section.field, e.g. training.learning_rate"], "command line")
     section, name = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return section, name, value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice; the message names both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in first_line:
+                raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]}): YAML"
+                                        " would keep only the last one silently; keep one of them")
+            if isinstance(key, typing.Hashable):
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML safely (no Python objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content (a byte-order mark is allowed); a directory or other encoding is named clearly.
+
+    Raises ``ValueError`` with the message; callers wrap it in their own error type.
+    """
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a directory, not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        where = _undecodable_at(data, err)
+        raise ValueError(f"{what} '{path}' is not UTF-8 text ({where}); re-save it as UTF-8") from None
+
+
+def _undecodable_at(data: bytes, err: UnicodeDecodeError) -> str:
+    """Where a decoding error is: the offending byte and its line, e.g. 'byte 0xe9 at line 3'."""
+    line = data.count(b"\n", 0, err.start) + 1
+    return f"byte 0x{data[err.start]:02x} at line {line}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file; YAML syntax errors are reported with their line number."""
+    """Read a recipe file; YAML syntax errors and duplicate keys are reported with their line numbers."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError([f"recipe file '{path}' does not exist"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml_text(read_text_file(path, "recipe"))
+    except (ValueError, DuplicateKeyError) as err:
+        raise RecipeError([str(err)], str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
+    if raw is None or raw == {}:
+        raise RecipeError([f"recipe file '{path}' is empty: it needs at least the sections that differ from the"
+                           " defaults (model, data, ...); start from one of recipes/*.yaml"], str(path))
     if not isinstance(raw, dict):
         raise RecipeError(["the top level must be a mapping of sections: " + ", ".join(SECTIONS)], str(path))
     return raw

@@ -17,7 +17,8 @@ from typing import Any, Optional
 
 import torch
 
-from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
+from lora_train.checkpoint import writable_directory_problem
+from lora_train.inference import RunError, is_adapter_run, load_base_for_run, load_run_tokenizer, read_run, resolve_run
 from lora_train.modeling import DTYPES
 
 COPIED_FILES = ("recipe.yaml", "labels.json", "metrics.json")
@@ -32,11 +33,13 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     dtype of the base, or the compute dtype for an NF4-trained adapter.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunError(f"output directory '{out}' is not empty; choose another one or allow overwriting")
+    problem = writable_directory_problem(out)
+    if problem:
+        raise RunError(f"output directory '{out}' {problem}; give a new or empty directory you can write to")
     directory = resolve_run(source)
     if not is_adapter_run(directory):
         raise RunError(f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
@@ -50,7 +53,7 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     nf4 = recipe.quantization.is_4bit
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_run_tokenizer(directory)
     base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
     if nf4:  # before any forward: bitsandbytes' CPU backend repacks 4-bit weights on first use
         base = base.dequantize(dtype=DTYPES[recipe.quantization.compute_dtype])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -41,12 +42,37 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    try:
+        require_tokenizer_files(Path(m.name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision,
+                                                  trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # missing or unreadable tokenizer files
+        raise RecipeError([f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}:"
+                           f" {tokenizer_error(err)}"]) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError([f"tokenizer of {m.name_or_path} has neither a pad nor an eos token to pad with"])
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""Files a saved tokenizer has at least one of (fast, slow WordPiece / BPE, SentencePiece)."""
+
+
+def require_tokenizer_files(directory: Path) -> None:
+    """Raise ``FileNotFoundError`` for a local directory without tokenizer files: transformers would build an empty
+    vocabulary from the config alone and map every word to [UNK], silently."""
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"'{directory}' holds no tokenizer files.")
+
+
+def tokenizer_error(err: Exception) -> str:
+    """A failed tokenizer load in one line, with what a model or run directory needs."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (f"{type(err).__name__}: {first_line} The directory needs the files save_pretrained writes for a tokenizer"
+            " (tokenizer.json and tokenizer_config.json, or its class's vocabulary files)")
 
 
 def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):

@@ -7,11 +7,11 @@ log, evaluate, checkpoint); :func:`finish` evaluates, saves and pushes the final
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,7 @@ from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
 from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
 from lora_train.optim import param_groups
+from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
 
@@ -108,19 +109,22 @@ class Session:
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate and save the recipe; return the final metrics."""
-    run, state = setup(recipe)
-    stop = _StopFlag()
-    stop.install()
-    try:
-        session = fit(run, state, stop)
-    finally:
-        stop.uninstall()
-    if session.interrupted:
-        logger.warning("stopped by %s at step %d; checkpoint saved. Resume with training.resume_from_checkpoint=latest",
-                       stop.signal_name, state.global_step)
-        run.accelerator.end_training()
-        return {"interrupted": True, "step": state.global_step}
-    return finish(run, state, session)
+    out = check_output_dir(recipe)
+    # One run per directory: the main process holds its lock, and a second run into it is refused at once.
+    with run_lock(out) if is_launch_main_process() else contextlib.nullcontext():
+        run, state = setup(recipe, out)
+        stop = _StopFlag()
+        stop.install()
+        try:
+            session = fit(run, state, stop)
+        finally:
+            stop.uninstall()
+        if session.interrupted:
+            logger.warning("stopped by %s at step %d; checkpoint saved. Resume with"
+                           " training.resume_from_checkpoint=latest", stop.signal_name, state.global_step)
+            run.accelerator.end_training()
+            return {"interrupted": True, "step": state.global_step}
+        return finish(run, state, session)
 
 
 def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
@@ -188,7 +192,9 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        ckpt.save_final(run.out, run.unwrapped, run.tokenizer, _run_files(run.recipe, run.label_names, metrics, state.history), weights)
+        files = _run_files(run.recipe, run.label_names, metrics, state.history)
+        with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
+            ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
         logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], run.out)
     accelerator.wait_for_everyone()
     if run.pusher is not None:
@@ -201,10 +207,10 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
 # Setup
 
 
-def setup(recipe: Recipe) -> tuple[Run, LoopState]:
-    """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last."""
+def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
+    """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
+    ``out`` is the output directory :func:`check_output_dir` accepted."""
     t = recipe.training
-    out = check_output_dir(recipe)
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
     saved = json.loads((resume_dir / "state.json").read_text()) if resume_dir is not None else None
@@ -295,7 +301,8 @@ def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
         loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
     else:
         base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler)
+        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler,
+                                          run.accelerator.process_index)
     state = LoopState(**loaded["loop"])
     if run.is_adalora:
         ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
@@ -378,7 +385,9 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
         if run.accelerator.is_main_process:
             files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
-            ckpt.atomic_directory(run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
+            with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
+                ckpt.atomic_directory(run.out / "best",
+                                      lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
     return report
 
 
@@ -396,9 +405,11 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
                    "adalora": adalora_meta}
     if run.launch.engine_owns_optimizer:
         dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
-    elif accelerator.is_main_process:
-        base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
-        ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra)
+    else:
+        rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
+        if accelerator.is_main_process:
+            base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+            ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra, rng_states)
     if accelerator.is_main_process:
         ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
         logger.info("saved checkpoint %s", path)
@@ -466,20 +477,27 @@ def setup_logging(is_main: bool) -> None:
 
 
 def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs in one directory, and unwritable directories, before any work."""
+    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
+    work."""
+    if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
+        raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
+                           " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])
     out = Path(recipe.output.output_dir)
-    if ckpt.holds_run(out) and not recipe.output.overwrite_output_dir and recipe.training.resume_from_checkpoint is None:
+    overwrite = recipe.output.overwrite_output_dir
+    if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
         raise RecipeError([
             f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
             " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
         ])
-    try:  # really create and write: permission bits say nothing for root, read-only mounts or a file in the path
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise RecipeError([f"output.output_dir '{out}' is not a writable directory ({err.strerror or err}: '{err.filename or out}');"
-                           " choose a directory you can write to"]) from None
+    others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
+    if others and not ckpt.holds_run(out) and not overwrite:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise RecipeError([f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
+                           " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
+                           " it with output.overwrite_output_dir=true"])
+    problem = ckpt.writable_directory_problem(out)
+    if problem:
+        raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
     return out
 
 

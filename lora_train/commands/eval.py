@@ -32,21 +32,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size <= 0:
         parser.error("--batch-size must be > 0")
 
+    from lora_train.checkpoint import writable_directory_problem
     from lora_train.config import RecipeError
     from lora_train.data import DataError
     from lora_train.inference import RunError, evaluate_run, load_run
     from lora_train.plots import confusion_matrix_png
 
+    local = Path(args.run).exists()
+    out = Path(args.output_dir) if args.output_dir else (Path(args.run) / "eval" if local else Path("runs/eval") / args.run.replace("/", "--"))
     try:
+        problem = args.output_dir and writable_directory_problem(out)  # before the work, not after it
+        if problem:
+            raise RunError(f"--output-dir '{out}' {problem}; give a directory you can write to")
         run = load_run(args.run, device=args.device)
         report = evaluate_run(run, args.split, args.data_path, args.max_samples, args.batch_size)
     except (RunError, RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    local = Path(args.run).exists()
-    out = Path(args.output_dir) if args.output_dir else (Path(args.run) / "eval" if local else Path("runs/eval") / args.run.replace("/", "--"))
-    out.mkdir(parents=True, exist_ok=True)
     split = report["split"]
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"eval_{split}.json").write_text(json.dumps(report, indent=1))
     title = f"{Path(args.run).name if local else args.run}: {split} ({report['num_samples']} examples)"
     (out / f"confusion_matrix_{split}.png").write_bytes(confusion_matrix_png(report["confusion_matrix"], run.label_names, title))

@@ -34,22 +34,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.texts and not args.file and sys.stdin.isatty():
         parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
 
+    from tqdm.auto import tqdm
+
+    from lora_train.config import RecipeError
     from lora_train.data import resolve_spec
     from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
 
     try:
         directory = resolve_run(args.run)  # a Hub repo is downloaded once, here
-        texts = args.texts
+        texts, total = args.texts, len(args.texts)
         if not texts:
             column = args.text_column or resolve_spec(read_run(directory)[0].data).text_column
             texts = read_texts(args.file or "-", column)
+            total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column))
         run = load_run(str(directory), device=args.device)
-        for row in predict(run, texts, args.batch_size):
-            if args.json:
-                print(json.dumps(row, ensure_ascii=False), flush=True)
-            else:
-                print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}", flush=True)
-    except RunError as err:
+        # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
+        rows = tqdm(predict(run, texts, args.batch_size), total=total, desc="predict", unit="text",
+                    disable=total is None or total <= args.batch_size)
+        for row in rows:
+            line = (json.dumps(row, ensure_ascii=False) if args.json
+                    else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+            rows.write(line, file=sys.stdout)
+            sys.stdout.flush()
+    except (RunError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
