@@ -441,7 +441,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     if interrupted:
         logger.warning("stopped by %s at step %d; checkpoint saved. Resume with training.resume_from_checkpoint=latest",
                        stop.signal_name, state.global_step)
-        accelerator.end_training()
+        _end_training(accelerator)
         return {"interrupted": True, "step": state.global_step}
 
     # --- final evaluation and save ------------------------------------------------------------
@@ -469,12 +469,24 @@ def train(recipe: Recipe) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if pusher is not None:
         _push_final(pusher, out, state.global_step)
-    accelerator.end_training()
+    _end_training(accelerator)
     return metrics
 
 
 # ---------------------------------------------------------------------------------------------
 # Small pieces used above
+
+
+def _end_training(accelerator) -> None:
+    """Tear the engine down, then the process group, while the interpreter is fully alive.
+
+    ``free_memory`` destroys a DeepSpeed engine (ZeRO-3's parameter hooks and gather handles) and drops the
+    accelerator's references; without it those objects outlived ``destroy_process_group`` and were torn down during
+    interpreter finalization, where a ZeRO-3 rank on gloo once aborted ("terminate called without an active exception").
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()  # trackers, then destroy_process_group
 
 
 def _tracker_available(name: str) -> bool:
