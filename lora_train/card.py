@@ -8,8 +8,6 @@ datasets, license, tags, model-index).
 from __future__ import annotations
 
 import json
-import os
-import platform
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,25 +21,6 @@ def _metric(metrics: dict[str, Any], name: str) -> Optional[float]:
     """An evaluation figure from final metrics (``eval_accuracy``) or a raw report (``accuracy``)."""
     value = metrics.get(f"eval_{name}", metrics.get(name))
     return float(value) if isinstance(value, (int, float)) else None
-
-
-def hardware_summary(device: Any, num_processes: int = 1) -> str:
-    """What the run trained on, e.g. ``1 x NVIDIA H100 80GB HBM3`` or ``CPU: <model name> (2 cores)``."""
-    import torch
-
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return f"{num_processes} x {torch.cuda.get_device_name(torch.device(device))}"
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    procs = f", {num_processes} processes" if num_processes > 1 else ""
-    return f"CPU: {name} ({cores} cores{procs})"
 
 
 def base_license(name_or_path: str) -> Optional[str]:
@@ -86,7 +65,7 @@ def _card_data(recipe: Recipe, metrics: dict[str, Any]):
         for metric_type, name, value in (("accuracy", "accuracy", _metric(metrics, "accuracy")), ("f1", "macro-F1", _metric(metrics, "macro_f1")))
         if value is not None
     ]
-    adapter = recipe.peft.method in ("lora", "adalora")
+    adapter = recipe.peft.is_adapter
     license_id = base_license(recipe.model.name_or_path)
     base = recipe.model.name_or_path
     return ModelCardData(
@@ -99,7 +78,7 @@ def _card_data(recipe: Recipe, metrics: dict[str, Any]):
         license_link=None if license_id or not _is_hub_id(base) else f"https://huggingface.co/{base}",
         tags=["lora_train", "text-classification", recipe.peft.method]
         + (["lora"] if recipe.peft.method == "adalora" else [])
-        + (["qlora", "nf4", "4-bit"] if recipe.quantization.method == "nf4" else []),
+        + (["qlora", "nf4", "4-bit"] if recipe.quantization.is_4bit else []),
         model_name=f"{base.rstrip('/').split('/')[-1]}-{dataset_name}-{recipe.peft.method}",
         eval_results=results or None,
     )
@@ -120,9 +99,13 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
         rows.append(("LoRA r / alpha / dropout", f"{pe.r} / {pe.alpha:g} / {pe.dropout:g}"))
     elif pe.method == "adalora":
         rows.append(("AdaLoRA init_r -> target_r / alpha / dropout", f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}"))
-    if pe.method in ("lora", "adalora"):
+    if pe.method == "lora" and (pe.use_dora or pe.use_rslora or pe.init_lora_weights is not True):
+        rows.append(("LoRA variant", f"DoRA {pe.use_dora}, rsLoRA {pe.use_rslora}, init {pe.init_lora_weights}"))
+    if pe.method in ("prompt_tuning", "prefix_tuning"):
+        rows.append(("virtual tokens", str(pe.num_virtual_tokens)))
+    if pe.method in ("lora", "adalora", "ia3"):
         rows.append(("target modules", ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules))
-    rows.append(("base weights", f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})" if q.method == "nf4" else recipe.model.dtype))
+    rows.append(("base weights", f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})" if q.is_4bit else recipe.model.dtype))
     steps = metrics.get("global_step")
     rows += [
         ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warm-up {t.warmup_ratio:g} of the steps)"),
@@ -140,13 +123,13 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
 
 
 def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
-    adapter = recipe.peft.method in ("lora", "adalora")
+    adapter = recipe.peft.is_adapter
     loader = "AutoPeftModelForSequenceClassification" if adapter else "AutoModelForSequenceClassification"
     module = "peft" if adapter else "transformers"
     labels = dict(enumerate(label_names))
     # AutoPeftModel builds the base from its own config (2 labels, LABEL_i names): pass the run's labels.
     label_kwargs = f", id2label={labels!r}, label2id={ {v: k for k, v in labels.items()}!r}" if adapter and labels else ""
-    nf4 = recipe.quantization.method == "nf4"
+    nf4 = recipe.quantization.is_4bit
     note = (
         "\nThe adapter was trained on a 4-bit NF4 base. The snippet loads the base in full precision;"
         " `scripts/predict.py` and `lora_train.inference.load_run` rebuild the NF4 base from `recipe.yaml` as in training.\n"
@@ -210,7 +193,7 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = No
 # {data.model_name}
 
 A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
-{'on a 4-bit NF4 base (QLoRA) ' if recipe.quantization.method == 'nf4' else ''}by lora_train on {source}
+{'on a 4-bit NF4 base (QLoRA) ' if recipe.quantization.is_4bit else ''}by lora_train on {source}
 (task `{recipe.data.task or 'custom'}`, labels: {', '.join(label_names) or '?'}).
 {'Only the adapter and the classification head are stored here (adapter-only weights).' if data.library_name == 'peft' else ''}
 

@@ -14,9 +14,11 @@ Layout of a run directory::
       checkpoints/step-00000120/                       resumable training state, newest `keep_last` kept
         trainable.safetensors   trainable parameters (adapter + head)
         optimizer.safetensors   optimizer tensors; scalars in state.json
-        rng.safetensors         torch (CPU, CUDA) RNG states; python / numpy RNG in state.json
+        rng-rank0.safetensors   each process's RNG states: torch (CPU, CUDA) as tensors, python / numpy in its
+        rng-rank1.safetensors   metadata (one file per process; the main process gathers and writes them all)
         state.json              counters, data position, history, scheduler, recipe fingerprint
-        COMPLETE                written last: a directory without it is ignored
+        COMPLETE                written last: the size and sha256 of every other file; a directory without it is
+                                ignored, one whose files do not match it is damaged (see :func:`verify_checkpoint`)
 
 Every directory is written under a temporary name, flushed to disk and renamed into place, so a crash (even
 SIGKILL or a power cut) during a save leaves the previous checkpoint intact.
@@ -27,22 +29,29 @@ writing its files, so the crash tests can SIGKILL a real run inside the save win
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import struct
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_train.config import RecipeError
+from lora_train.mutated_init import convert_saved_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -98,25 +107,159 @@ def atomic_directory(final: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
         write(tmp)
-        for path in [*tmp.rglob("*"), tmp]:  # data before the rename, or a power cut could publish empty files
-            _fsync(path)
-        old = None
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        publish_directory(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def publish_directory(tmp: Path, final: Path) -> None:
+    """Flush the finished ``tmp`` to disk and rename it to ``final``; a crash at any point leaves a usable ``final``
+    (the previous one, or one moved aside that :func:`restore_interrupted_replace` renames back)."""
+    for path in [*tmp.rglob("*"), tmp]:  # data before the rename, or a power cut could publish empty files
+        _fsync(path)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Integrity: what a reader checks before loading any weights
+
+
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why ``path`` is not a whole safetensors file (header unreadable, tensors past its end, bytes missing), or None.
+
+    Reads the header only: cheap enough for every file before any weights are loaded.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path} is truncated: {size} bytes, not even a safetensors header"
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            return f"{path} is truncated: its header announces {header_len} bytes but the file has {size}"
+        try:
+            header = json.loads(handle.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError):
+            return f"{path} is corrupt: its safetensors header is not valid JSON with tensor offsets"
+    if 8 + header_len + end != size:
+        return f"{path} is truncated or corrupt: its tensors need {8 + header_len + end} bytes, the file has {size}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Write the ``COMPLETE`` marker (last): the size and sha256 of every file already in ``directory``."""
+    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / COMPLETE_MARKER).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(directory: Path) -> Optional[str]:
+    """What is wrong with a checkpoint's files (the first file that is missing, truncated or altered), or None.
+
+    Checks sizes and safetensors headers first (cheap), then sha256 against the ``COMPLETE`` manifest (one read of
+    each file, before any of it is loaded). Checkpoints written before manifests existed get the cheap checks only.
+    """
+    try:
+        manifest = json.loads((directory / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        manifest = None
+    expected = manifest or {p.name: {} for p in directory.iterdir() if p.suffix in (".safetensors", ".json")}
+    for name, entry in expected.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if "size" in entry and path.stat().st_size != entry["size"]:
+            return f"{path} is truncated or corrupt: {path.stat().st_size} bytes, {entry['size']} were written"
+        if path.suffix == ".safetensors" and (problem := safetensors_problem(path)):
+            return problem
+    for name, entry in (manifest or {}).items():
+        if _sha256(directory / name) != entry["sha256"]:
+            return f"{directory / name} is corrupt: its sha256 differs from the one written with the checkpoint"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk or a file-size limit during a save
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+SAVE_FAILED_EXIT_STATUS = 3
+"""Exit status of scripts/train.py when a save failed for lack of space or the file-size limit."""
+
+
+class SaveFailedError(RuntimeError):
+    """A save hit a full disk, a quota or the file-size limit; what was saved before is intact (the message says)."""
+
+
+def disk_full_errno(err: BaseException) -> Optional[int]:
+    """ENOSPC / EDQUOT / EFBIG behind ``err`` (an OSError, or safetensors' error naming the OS error), else None."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and (found := re.search(r"os error (\d+)", str(err))):  # safetensors (Rust) reports it in text
+        code = int(found.group(1))
+    return code if code in DISK_FULL_ERRNOS else None
+
+
+@contextmanager
+def report_full_disk(what: str, checkpoints_root: Path) -> Iterator[None]:
+    """Turn a full disk, quota or file-size limit while saving ``what`` into one :class:`SaveFailedError` line that
+    names the checkpoint a resume will use (atomic saves leave everything older as it was)."""
+    try:
+        yield
+    except Exception as err:  # OSError, or safetensors' own error type for the same failure
+        code = disk_full_errno(err)
+        if code is None:
+            raise
+        raise SaveFailedError(f"could not write {what} ({os.strerror(code)}); {kept_checkpoint(checkpoints_root)}."
+                              " Free space (or raise the file-size limit, ulimit -f), then resume with"
+                              " training.resume_from_checkpoint=latest") from None
+
+
+def kept_checkpoint(checkpoints_root: Path) -> str:
+    """Which checkpoint a failed save left for resuming."""
+    found = list_checkpoints(checkpoints_root)
+    return f"kept {found[-1]}" if found else "no checkpoint had been saved yet"
+
+
 def holds_run(directory: Path) -> bool:
     """Whether ``directory`` already contains (part of) a training run."""
     return directory.is_dir() and any((directory / name).exists() for name in RUN_MARKERS)
+
+
+def writable_directory_problem(directory: Path) -> Optional[str]:
+    """None once ``directory`` exists and a file can be created in it, else what is wrong, e.g. "is a file, not a
+    directory". Really creates and writes: permission bits say nothing for root, read-only mounts or a file in the
+    path."""
+    if directory.exists() and not directory.is_dir():
+        return "is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return f"is not a writable directory ({err.strerror or err}: '{err.filename or directory}')"
+    return None
+
+
+def directory_contents(directory: Path, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Names in ``directory`` (none if it does not exist), sorted, without those in ``ignore``."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in ignore) if directory.is_dir() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +271,9 @@ def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str
 
     ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
     """
-    model.save_pretrained(directory, safe_serialization=True, **({"state_dict": state_dict} if state_dict is not None else {}))
+    extra = {"state_dict": state_dict} if state_dict is not None else {}
+    model.save_pretrained(directory, safe_serialization=True, **extra)
+    convert_saved_adapter(directory, model)  # PiSSA / OLoRA: as a plain LoRA of the original base
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         path = directory / name
@@ -208,6 +353,11 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def rng_file(rank: int) -> str:
+    """The file holding process ``rank``'s RNG states in a checkpoint."""
+    return f"rng-rank{rank}.safetensors"
+
+
 def save_training_state(
     checkpoint_dir: Path,
     model: torch.nn.Module,
@@ -215,8 +365,13 @@ def save_training_state(
     scheduler,
     state: dict[str, Any],
     extra_tensors: Optional[dict[str, torch.Tensor]] = None,
+    rng_states: Optional[list[tuple[dict[str, torch.Tensor], dict]]] = None,
 ) -> Path:
-    """Atomically write a resumable checkpoint (see the module docstring for its files)."""
+    """Atomically write a resumable checkpoint (see the module docstring for its files).
+
+    ``rng_states`` holds every process's :func:`rng_state`, by rank (default: this process's only). A failure for
+    lack of space or the file-size limit raises :class:`SaveFailedError` naming the checkpoint kept.
+    """
 
     def write(tmp: Path) -> None:
         save_file(trainable_state(model), tmp / "trainable.safetensors")
@@ -224,19 +379,21 @@ def save_training_state(
         save_file(opt_tensors, tmp / "optimizer.safetensors")
         if os.environ.get(PAUSE_IN_SAVE_ENV) == checkpoint_dir.name:  # test hook, see the module docstring
             time.sleep(600)
-        rng_tensors, rng_meta = rng_state()
-        save_file(rng_tensors, tmp / "rng.safetensors")
+        for rank, (rng_tensors, rng_meta) in enumerate(rng_states or [rng_state()]):
+            save_file(rng_tensors, tmp / rng_file(rank), metadata={"rng": json.dumps(rng_meta)})
         if extra_tensors:
             save_file({k: v.detach().cpu().contiguous() for k, v in extra_tensors.items()}, tmp / "extra.safetensors")
-        full = dict(state, optimizer=opt_meta, rng=rng_meta, scheduler=scheduler.state_dict())
+        full = dict(state, optimizer=opt_meta, scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
+        write_manifest(tmp)
 
-    return atomic_directory(checkpoint_dir, write)
+    with report_full_disk(f"checkpoint {checkpoint_dir}", checkpoint_dir.parent):
+        return atomic_directory(checkpoint_dir, write)
 
 
-def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler) -> dict[str, Any]:
-    """Restore weights, optimizer, scheduler and RNGs from a checkpoint; return its ``state.json``."""
+def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler,
+                        rank: int = 0) -> dict[str, Any]:
+    """Restore weights, optimizer, scheduler and process ``rank``'s RNGs from a checkpoint; return ``state.json``."""
     state = json.loads((checkpoint_dir / "state.json").read_text())
     weights = load_file(checkpoint_dir / "trainable.safetensors")
     params = dict(model.named_parameters())
@@ -249,10 +406,20 @@ def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer,
     opt = _unflatten_optimizer(load_file(checkpoint_dir / "optimizer.safetensors"), state["optimizer"])
     optimizer.load_state_dict(opt)
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(load_file(checkpoint_dir / "rng.safetensors"), state["rng"])
+    set_rng_state(*_read_rng(checkpoint_dir, rank, state))
     extra = checkpoint_dir / "extra.safetensors"
     state["extra_tensors"] = load_file(extra) if extra.exists() else {}
     return state
+
+
+def _read_rng(checkpoint_dir: Path, rank: int, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Process ``rank``'s RNG states; checkpoints written before per-process files hold the main process's only."""
+    path = checkpoint_dir / rng_file(rank)
+    if not path.exists() and "rng" in state:
+        return load_file(checkpoint_dir / "rng.safetensors"), state["rng"]
+    with safe_open(path, framework="pt") as handle:
+        meta = json.loads(handle.metadata()["rng"])
+    return load_file(path), meta
 
 
 def list_checkpoints(checkpoints_root: Path) -> list[Path]:
@@ -271,12 +438,30 @@ def list_checkpoints(checkpoints_root: Path) -> list[Path]:
 
 
 def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path]:
-    """``latest`` -> newest complete checkpoint (None when there is none yet); a path -> that checkpoint."""
+    """``latest`` -> newest complete and intact checkpoint (None when there is none yet); a path -> that checkpoint.
+
+    A damaged newest checkpoint (a file truncated or altered, see :func:`verify_checkpoint`) is named in the log and
+    the next older intact one is used; a damaged checkpoint given by path is refused, naming the one to pass instead.
+    """
     if spec is None:
         return None
     if spec == "latest":
         found = list_checkpoints(checkpoints_root)
-        return found[-1] if found else None
+        damaged = []
+        for candidate in reversed(found):
+            problem = verify_checkpoint(candidate)
+            if problem is None:
+                if damaged:
+                    logger.warning("resuming from %s, the newest intact checkpoint, instead of %s",
+                                   candidate, damaged[0])
+                return candidate
+            logger.warning("checkpoint %s is damaged and skipped: %s", candidate, problem)
+            damaged.append(candidate)
+        if damaged:
+            raise RecipeError([(f"training.resume_from_checkpoint = 'latest', but every checkpoint in"
+                                f" {checkpoints_root} is damaged (see the warnings above); start again with"
+                                " output.overwrite_output_dir=true")])
+        return None
     path = Path(spec)
     if not (path / COMPLETE_MARKER).exists():
         raise RecipeError([
@@ -284,6 +469,13 @@ def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path
             f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory, or 'latest' for the newest"
             " complete one"
         ])
+    problem = verify_checkpoint(path)
+    if problem:
+        others = (c for c in reversed(list_checkpoints(path.parent)) if c != path)
+        intact = next((c for c in others if verify_checkpoint(c) is None), None)
+        instead = (f"the newest intact checkpoint is {intact}: pass training.resume_from_checkpoint={intact}"
+                   if intact else "no other checkpoint there is intact")
+        raise RecipeError([f"training.resume_from_checkpoint = {spec!r} is damaged: {problem}; {instead}"])
     return path
 
 
@@ -303,3 +495,48 @@ def clear_training_state(output_dir: Path) -> None:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a resume must agree on, and AdaLoRA's allocator state
+
+
+RESUME_KEYS = (
+    ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
+    ("peft", "target_modules"), ("peft", "init_r"), ("peft", "use_dora"), ("peft", "init_lora_weights"),
+    ("peft", "num_virtual_tokens"), ("data", "task"), ("data", "path"),
+    ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
+)
+"""Recipe fields a checkpoint must agree on to be resumed."""
+
+
+def check_resume_compatible(recipe: dict[str, dict[str, Any]], saved_recipe: dict) -> None:
+    """Refuse a checkpoint from a different recipe (``Recipe.to_dict()`` of both), naming every field that differs."""
+    diffs = [
+        f"{s}.{k}: checkpoint has {saved_recipe.get(s, {}).get(k)!r}, recipe has {recipe[s][k]!r}"
+        for s, k in RESUME_KEYS
+        if saved_recipe.get(s, {}).get(k) != recipe[s][k]
+    ]
+    if diffs:
+        raise RecipeError(["cannot resume from a checkpoint of a different recipe:"] + diffs, "resume")
+
+
+def adalora_state(peft_model) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdaLoRA's rank allocator: importance EMAs as named tensors, and the rank pattern once the budget is final
+    (peft masks with it in the last ``tfinal`` steps, so a resume there needs it)."""
+    allocator = peft_model.base_model.rankallocator
+    tensors = {}
+    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+        for name, value in getattr(allocator, kind).items():
+            tensors[f"{kind}::{name}"] = value
+    config = peft_model.peft_config[peft_model.base_model.trainable_adapter_name]
+    return tensors, {"rank_pattern": config.rank_pattern}
+
+
+def load_adalora_state(peft_model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Put back what :func:`adalora_state` saved."""
+    allocator = peft_model.base_model.rankallocator
+    for key, value in tensors.items():
+        kind, name = key.split("::", 1)
+        getattr(allocator, kind)[name] = value.to(peft_model.device)
+    peft_model.peft_config[peft_model.base_model.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")

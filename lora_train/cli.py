@@ -37,11 +37,16 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     import json
 
     recipe, _ = parse_recipe(recipe_parser("Train a LoRA / AdaLoRA / QLoRA text classifier from a recipe."), argv)
-    from lora_train.data import DataError  # imports torch: only after the recipe is known to be valid
+    # These import torch: only once the recipe is known to be valid.
+    from lora_train.checkpoint import SAVE_FAILED_EXIT_STATUS, SaveFailedError
+    from lora_train.data import DataError
     from lora_train.train import TrainingError, train
 
     try:
         metrics = train(recipe)
+    except SaveFailedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return SAVE_FAILED_EXIT_STATUS
     except (RecipeError, DataError, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2

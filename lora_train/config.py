@@ -23,7 +23,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 DType = Literal["float32", "bfloat16", "float16"]
-PeftMethod = Literal["lora", "adalora", "head_only", "full"]
+PeftMethod = Literal["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "head_only", "full"]
+LoraInit = Literal["gaussian", "pissa", "olora", "loftq"]
 
 
 def _f(default: Any, help: str, **kwargs: Any) -> Any:
@@ -64,13 +65,19 @@ class QuantizationConfig:
         None, "Modules kept out of quantization; null = the classification head (classifier, score, pooler...)."
     )
 
+    @property
+    def is_4bit(self) -> bool:
+        """True when the base is loaded in 4-bit NF4 (QLoRA)."""
+        return self.method == "nf4"
+
 
 @dataclass
 class PeftConfig:
-    """What is trained: LoRA / AdaLoRA adapters, the head only, or everything."""
+    """What is trained: adapters (LoRA, AdaLoRA, IA3, soft prompts) + head, biases + head, the head only, or all."""
 
     method: PeftMethod = _f(
-        "lora", "lora | adalora (adapters + head), head_only (frozen encoder) or full (full fine-tuning)."
+        "lora", "lora | adalora | ia3 | prompt_tuning | prefix_tuning (peft adapters + head), bitfit (biases + head),"
+        " head_only (frozen encoder) or full (full fine-tuning). docs/results.md compares them."
     )
     r: int = _f(8, "LoRA rank (for AdaLoRA: the rank budget per module is set by init_r / target_r).")
     alpha: float = _f(16.0, "LoRA scaling numerator: the update is scaled by alpha / r.")
@@ -92,6 +99,27 @@ class PeftConfig:
     beta1: float = _f(0.85, "AdaLoRA: EMA coefficient of the importance sensitivity.")
     beta2: float = _f(0.85, "AdaLoRA: EMA coefficient of the importance uncertainty.")
     orth_reg_weight: float = _f(0.5, "AdaLoRA: weight of the orthogonality regulariser on P and Q.")
+    use_dora: bool = _f(False, "LoRA: DoRA, a trained magnitude per output feature times a LoRA-updated direction.")
+    use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
+    init_lora_weights: Union[bool, LoraInit] = _f(
+        True, "LoRA: true = A Kaiming-uniform, B = 0 (the update starts at 0); gaussian = A Gaussian, B = 0; pissa /"
+        " olora = A, B from the base weight's SVD / QR, the base keeps the residual (saved converted to a plain rank-2r"
+        " LoRA on the original base); loftq = A, B that cancel the NF4 quantization error (quantization.method nf4,"
+        " CUDA only in peft)."
+    )
+    feedforward_modules: list[str] = _f(
+        [], "IA3: the target_modules that are feed-forward layers (scaled at their input; the others at their output)."
+    )
+    num_virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: learned virtual tokens per input.")
+    prompt_init_text: Optional[str] = _f(
+        None, "prompt_tuning: start the soft prompt from this text's token embeddings (repeated to"
+        " num_virtual_tokens); null = random."
+    )
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for methods saved as a peft adapter (apart from the base); bitfit, head_only and full save the model."""
+        return self.method not in ("bitfit", "head_only", "full")
 
 
 @dataclass
@@ -101,10 +129,12 @@ class DataConfig:
     task: Optional[str] = _f("sst2", "Built-in task (sst2, imdb, emotion), or null for a generic dataset.")
     path: Optional[str] = _f(
         None,
-        "Where the data lives: a Hub dataset id, or a local directory of {split}.parquet|csv|json|jsonl files."
-        " null = the task's Hub dataset.",
+        "Where the data lives: a Hub dataset id (e.g. nyu-mll/glue; read through the Hub cache, so HF_HUB_OFFLINE"
+        " works), or a local directory of {split}.parquet|csv|json|jsonl files. null = the task's Hub dataset.",
     )
-    config_name: Optional[str] = _f(None, "Hub dataset config name (generic datasets).")
+    config_name: Optional[str] = _f(
+        None, "Hub dataset config (e.g. sst2 of nyu-mll/glue); null = the task's, or the dataset's default."
+    )
     text_column: Optional[str] = _f(None, "Text column; null = the task's.")
     label_column: Optional[str] = _f(None, "Integer label column; null = the task's ('label').")
     label_names: Optional[list[str]] = _f(None, "Class names for a generic dataset; null = read from the data.")
@@ -134,6 +164,10 @@ class TrainingConfig:
     warmup_ratio: float = _f(0.06, "Fraction of optimizer steps spent warming up linearly, in [0, 1).")
     lr_scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warm-up.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
+    layer_lr_decay: float = _f(
+        1.0, "peft.method full: layer-wise learning rates; the head gets learning_rate, transformer layer L-k"
+        " learning_rate * decay^k, the embeddings the lowest (1.0 = one rate for all)."
+    )
     seed: int = _f(42, "Seed of data order, dropout and head initialisation.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast dtype (GPU); 'no' on CPU.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
@@ -150,7 +184,7 @@ class OutputConfig:
     """Where results go and who hears about them."""
 
     output_dir: str = _f("runs/default", "Directory of the run: final adapter, metrics, checkpoints, logs.")
-    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run.")
+    overwrite_output_dir: bool = _f(False, "Allow writing into a directory that holds another run, or other files.")
     report_to: list[str] = _f(["tensorboard"], "Trackers: any of tensorboard, wandb; [] for none.")
     push_to_hub: bool = _f(False, "Push the final adapter and model card to the Hub.")
     hub_model_id: Optional[str] = _f(None, "Hub repo id (user/name) to push to.")
@@ -281,24 +315,75 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         raise RecipeError([f"override key '{key}' must be section.field, e.g. training.learning_rate"], "command line")
     section, name = key.split(".")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml_text(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return section, name, value
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice; the message names both lines."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in first_line:
+                raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]}): YAML"
+                                        " would keep only the last one silently; keep one of them")
+            if isinstance(key, typing.Hashable):
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """Parse YAML safely (no Python objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's content (a byte-order mark is allowed); a directory or other encoding is named clearly.
+
+    Raises ``ValueError`` with the message; callers wrap it in their own error type.
+    """
+    if path.is_dir():
+        raise ValueError(f"{what} '{path}' is a directory, not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        where = _undecodable_at(data, err)
+        raise ValueError(f"{what} '{path}' is not UTF-8 text ({where}); re-save it as UTF-8") from None
+
+
+def _undecodable_at(data: bytes, err: UnicodeDecodeError) -> str:
+    """Where a decoding error is: the offending byte and its line, e.g. 'byte 0xe9 at line 3'."""
+    line = data.count(b"\n", 0, err.start) + 1
+    return f"byte 0x{data[err.start]:02x} at line {line}"
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file; YAML syntax errors are reported with their line number."""
+    """Read a recipe file; YAML syntax errors and duplicate keys are reported with their line numbers."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError([f"recipe file '{path}' does not exist"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml_text(read_text_file(path, "recipe"))
+    except (ValueError, DuplicateKeyError) as err:
+        raise RecipeError([str(err)], str(path)) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
+    if raw is None or raw == {}:
+        raise RecipeError([f"recipe file '{path}' is empty: it needs at least the sections that differ from the"
+                           " defaults (model, data, ...); start from one of recipes/*.yaml"], str(path))
     if not isinstance(raw, dict):
         raise RecipeError(["the top level must be a mapping of sections: " + ", ".join(SECTIONS)], str(path))
     return raw
@@ -360,6 +445,49 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 # Validation of values (types are already right here)
 
 
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "peft.use_dora": ("lora",), "peft.use_rslora": ("lora",), "peft.init_lora_weights": ("lora",),
+    "peft.feedforward_modules": ("ia3",), "peft.num_virtual_tokens": ("prompt_tuning", "prefix_tuning"),
+    "peft.prompt_init_text": ("prompt_tuning",), "training.layer_lr_decay": ("full",),
+}
+"""Method-specific options and the peft.method values they apply to: set away from its default under any other
+method, an option is an error (it would be silently ignored)."""
+
+
+def _inapplicable_options(recipe: Recipe) -> list[str]:
+    """The method-specific options set (not at their default) for a peft.method they do not apply to."""
+    problems = []
+    for key, methods in METHOD_OPTIONS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(recipe, section), name)
+        spec = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == name)
+        missing = spec.default is dataclasses.MISSING
+        default_value = spec.default_factory() if missing else spec.default  # type: ignore[misc]
+        if recipe.peft.method not in methods and value != default_value:
+            problems.append(f"{key} = {value!r} does not apply to peft.method = {recipe.peft.method!r} (only to"
+                            f" {' / '.join(methods)}): remove it, or set peft.method={methods[0]}")
+    return problems
+
+
+def _lora_variant_problems(recipe: Recipe) -> list[str]:
+    """DoRA / rsLoRA / initialisation combinations peft or this project cannot train, save or reload."""
+    pe, nf4 = recipe.peft, recipe.quantization.method == "nf4"
+    init, p = pe.init_lora_weights, []
+    if init is False:
+        p.append("peft.init_lora_weights = false starts from a random, non-zero update (peft's test setting): use true,"
+                 " gaussian, pissa, olora or loftq")
+    if init == "loftq" and not nf4:
+        p.append("peft.init_lora_weights = 'loftq' corrects the error of a 4-bit base: set quantization.method=nf4 (or"
+                 " use true / pissa / olora on a full-precision base)")
+    if init in ("pissa", "olora") and nf4:
+        p.append(f"peft.init_lora_weights = {init!r} rewrites the base weights (base = W - BA at the start), which a"
+                 " frozen NF4 base cannot hold: use quantization.method=none, or init_lora_weights=loftq for NF4")
+    if init in ("pissa", "olora", "loftq") and pe.use_dora:
+        p.append(f"peft.use_dora with peft.init_lora_weights = {init!r}: the adapter is saved converted to a plain LoRA"
+                 " of the original base, which has no DoRA magnitude; use one of the two")
+    return p
+
+
 def validate(recipe: Recipe) -> list[str]:
     """Every value and cross-field problem of a typed recipe, as messages."""
     from lora_train.tasks import TASKS  # local import: tasks imports nothing heavy, but keep config standalone
@@ -387,9 +515,18 @@ def validate(recipe: Recipe) -> list[str]:
         for name in ("beta1", "beta2"):
             need(0 <= getattr(pe, name) < 1, f"peft.{name} = {getattr(pe, name)} must be in [0, 1)")
         need(pe.orth_reg_weight >= 0, "peft.orth_reg_weight must be >= 0")
-    if q.method == "nf4":
+    if q.is_4bit:
         need(pe.method in ("lora", "adalora"),
              f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}")
+    p.extend(_inapplicable_options(recipe))
+    if pe.method == "lora":
+        p.extend(_lora_variant_problems(recipe))
+    need(pe.num_virtual_tokens > 0, f"peft.num_virtual_tokens = {pe.num_virtual_tokens} must be > 0")
+    need(pe.prompt_init_text is None or pe.prompt_init_text.strip() != "",
+         "peft.prompt_init_text must be a non-empty text, or null for a random soft prompt")
+    if pe.method == "ia3":
+        stray = [m for m in pe.feedforward_modules if isinstance(pe.target_modules, str) or m not in pe.target_modules]
+        need(not stray, f"peft.feedforward_modules {stray} must be a subset of peft.target_modules (a list)")
 
     if d.task is not None and d.task not in TASKS:
         p.append(f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))}; valid: {', '.join(TASKS)}, or null with data.path")
@@ -411,6 +548,7 @@ def validate(recipe: Recipe) -> list[str]:
     need(0 <= t.warmup_ratio < 1, f"training.warmup_ratio = {t.warmup_ratio} must be in [0, 1)")
     need(t.weight_decay >= 0, "training.weight_decay must be >= 0")
     need(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 = no clipping)")
+    need(0 < t.layer_lr_decay <= 1, f"training.layer_lr_decay = {t.layer_lr_decay} must be in (0, 1] (1 = no decay)")
     need(t.eval_steps >= 0 and t.save_steps >= 0, "training.eval_steps and training.save_steps must be >= 0")
 
     for tracker in o.report_to:

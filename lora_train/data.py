@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch.utils.data import Sampler
 
-from lora_train.config import DataConfig
-from lora_train.tasks import TASKS
+from lora_train.config import DataConfig, read_text_file
+from lora_train.tasks import TASKS, canonical_dataset_id
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 SUBSET_SEED = 0
@@ -44,12 +45,14 @@ def resolve_spec(cfg: DataConfig) -> DataSpec:
     task = TASKS.get(cfg.task) if cfg.task else None
     source = cfg.path or (task.hub_id if task else None)
     assert source is not None  # validate() guarantees it
+    if not Path(source).expanduser().exists():
+        source = canonical_dataset_id(source)
     label_names = cfg.label_names or (list(task.label_names) if task else None)
     eval_split = cfg.eval_split or (task.eval_split if task else "validation")
     carve = bool(task and not task.has_eval_split and cfg.eval_split is None)
     return DataSpec(
         source=source,
-        config_name=cfg.config_name or (task.hub_config if task and not cfg.path else None),
+        config_name=cfg.config_name or (task.hub_config if task and source == task.hub_id else None),
         text_column=cfg.text_column or (task.text_column if task else "text"),
         label_column=cfg.label_column or (task.label_column if task else "label"),
         train_split=cfg.train_split or (task.train_split if task else "train"),
@@ -72,7 +75,11 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
     import datasets
 
     local = Path(spec.source).expanduser()
+    origin = {split: spec.source for split in (spec.train_split, spec.eval_split)}
     if local.exists():
+        if local.is_file() and local.suffix not in DATA_EXTENSIONS:
+            raise DataError(f"data.path '{local}' is a {local.suffix or 'suffix-less'} file; give a directory of"
+                            " {split}.parquet|csv|json|jsonl files, or one .parquet, .csv, .json or .jsonl file")
         files = _local_files(local) if local.is_dir() else {spec.train_split: str(local)}
         if not files:
             raise DataError(f"data.path '{local}' holds no {'/'.join(DATA_EXTENSIONS)} files named after their split")
@@ -86,31 +93,26 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
                 f"data.path '{local}' has no file for split(s) {missing}; found {sorted(files)}."
                 " Set data.train_split / data.eval_split to one of those."
             )
-        empty = [f"{s} ({files[s]})" for s in wanted if not _has_rows(Path(files[s]))]
+        empty = [f"{s} ({files[s]})" for s in wanted if not _readable_rows(Path(files[s]))]
         if empty:
             raise DataError(f"data.path '{local}': split(s) {', '.join(empty)} hold no rows; every split used needs examples")
-        dd = datasets.load_dataset(builders.pop(), data_files={s: files[s] for s in wanted})
+        origin.update((s, files[s]) for s in wanted)
+        try:
+            dd = datasets.load_dataset(builders.pop(), data_files={s: files[s] for s in wanted})
+        except Exception as err:  # noqa: BLE001 - parser errors of pandas / pyarrow, of many types
+            cause = err.__cause__ or err
+            raise DataError(f"cannot read the data files {[files[s] for s in wanted]}: {type(cause).__name__}: {cause}."
+                            " Check that each file is complete and well-formed") from None
     elif _looks_local(spec.source):
         raise DataError(f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
                         " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name")
     else:
-        try:
-            dd = datasets.load_dataset(spec.source, spec.config_name)
-        except Exception as err:  # noqa: BLE001 - many failure types (offline, 404, auth); re-raised with advice
-            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
-            hint = (
-                " HF_HUB_OFFLINE=1 is set, so only local files and the cache can be used: point data.path at a"
-                " local directory of {split}.parquet files (e.g. ../shared/data/sst2)."
-                if offline
-                else " Check the dataset id, your network and `huggingface-cli login` for gated data,"
-                " or point data.path at a local directory of {split}.parquet files."
-            )
-            raise DataError(f"cannot load dataset '{spec.source}': {type(err).__name__}: {err}.{hint}") from None
+        dd = load_hub_dataset(spec.source, spec.config_name)
         missing = [s for s in (spec.train_split, spec.eval_split) if s not in dd and not (s == spec.eval_split and spec.carve_eval_from_train)]
         if missing:
             raise DataError(f"dataset '{spec.source}' has no split(s) {missing}; it has {list(dd)}")
     train = dd[spec.train_split]
-    _check_columns(train, spec, spec.train_split)
+    _check_columns(train, spec, spec.train_split, origin[spec.train_split])
     if spec.carve_eval_from_train:
         train = _as_class_label(train, spec.label_column)
         parts = train.train_test_split(
@@ -119,7 +121,7 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
         train, evaluation = parts["train"], parts["test"]
     else:
         evaluation = dd[spec.eval_split]
-        _check_columns(evaluation, spec, spec.eval_split)
+        _check_columns(evaluation, spec, spec.eval_split, origin[spec.eval_split])
     train = _subset(train, cfg.max_train_samples)
     evaluation = _subset(evaluation, cfg.max_eval_samples)
     for name, split in (("train", train), ("eval", evaluation)):
@@ -128,18 +130,94 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
     return train, evaluation
 
 
+def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.DatasetDict":
+    """A Hub dataset by id and config, through the Hub cache: online it downloads only that config's files,
+    offline (``HF_HUB_OFFLINE=1``) it reads the cache, also a read-only one.
+
+    ``datasets.load_dataset(id, config)`` does not read the Hub cache when offline; resolving the snapshot with
+    huggingface_hub first and loading that local folder works in both cases.
+    """
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    from lora_train.hub import offline_hint
+
+    try:
+        card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))
+        patterns = config_file_patterns(card / "README.md", dataset_id, config_name)
+        snapshot = snapshot_download(dataset_id, repo_type="dataset",
+                                     allow_patterns=None if patterns is None else patterns + ["README.md"])
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - offline cache miss, 404, auth, network: re-raised with advice
+        raise DataError(f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
+                        f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
+                        " files.") from None
+    return datasets.load_dataset(snapshot, config_name)
+
+
+def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[str]) -> Optional[list[str]]:
+    """The file patterns of one config, from the ``configs:`` of the dataset card's YAML header.
+
+    None when the card declares no configs (the whole repo is then needed); a config the card lacks is refused
+    with the valid names.
+    """
+    import yaml
+
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    header = yaml.safe_load(text.split("---")[1]) if text.startswith("---") and text.count("---") >= 2 else None
+    configs = (header or {}).get("configs") if isinstance(header, dict) else None
+    if not configs:
+        return None
+    by_name = {c.get("config_name", "default"): c for c in configs}
+    if config_name is None:
+        defaults = [c for c in configs if c.get("default")] or (configs if len(configs) == 1 else [])
+        if not defaults:
+            raise DataError(f"dataset '{dataset_id}' has several configs {sorted(by_name)};"
+                            " choose one with data.config_name")
+        chosen = defaults[0]
+    elif config_name in by_name:
+        chosen = by_name[config_name]
+    else:
+        raise DataError(f"dataset '{dataset_id}' has no config '{config_name}'; its configs are {sorted(by_name)}."
+                        " Set data.config_name to one of them")
+    files = chosen.get("data_files", [])
+    entries = files if isinstance(files, list) else [files]
+    patterns: list[str] = []
+    for entry in entries:
+        paths = entry.get("path", []) if isinstance(entry, dict) else entry
+        patterns.extend([paths] if isinstance(paths, str) else paths)
+    return patterns
+
+
 def _looks_local(source: str) -> bool:
     """A path rather than a Hub id (``name`` or ``user/name``)."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
 
-def _has_rows(path: Path) -> bool:
-    """Whether a data file holds at least one example (datasets fails obscurely on empty files)."""
+def _readable_rows(path: Path) -> bool:
+    """Whether a data file holds at least one example (datasets fails obscurely on empty files); a file that is
+    truncated, not UTF-8, or has a malformed JSON line is refused, naming the file and the line."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path).metadata.num_rows > 0
-    lines = [line for line in path.read_text().splitlines() if line.strip() not in ("", "[", "]", "[]")]
+        try:
+            return pq.ParquetFile(path).metadata.num_rows > 0
+        except Exception as err:  # noqa: BLE001 - ArrowInvalid, OSError (thrift), ...
+            raise DataError(f"data file '{path}' cannot be read as parquet ({type(err).__name__}: {err}): it is"
+                            " truncated or corrupt; copy or export it again") from None
+    try:
+        text = read_text_file(path, "data file")
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and not text.lstrip().startswith("[")):
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                line.strip() and json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"data file '{path}', line {number} is not valid JSON ({err.msg}, column {err.colno});"
+                                " every line must be one JSON object") from None
+    lines = [line for line in text.splitlines() if line.strip() not in ("", "[", "]", "[]")]
     return len(lines) > (1 if path.suffix == ".csv" else 0)  # a CSV header alone is no data
 
 
@@ -157,13 +235,64 @@ def _subset(ds: "datasets.Dataset", n: Optional[int]) -> "datasets.Dataset":
     return ds.shuffle(seed=SUBSET_SEED).select(range(n)).flatten_indices()
 
 
-def _check_columns(ds: "datasets.Dataset", spec: DataSpec, split: str) -> None:
+def _check_columns(ds: "datasets.Dataset", spec: DataSpec, split: str, origin: str) -> None:
+    """The text and label columns exist, hold texts and integer class ids, and no row lacks either."""
     for role, column in (("text", spec.text_column), ("label", spec.label_column)):
         if column not in ds.column_names:
             raise DataError(
                 f"split '{split}' has no {role} column '{column}'; its columns are {ds.column_names}."
                 f" Set data.{role}_column to one of them."
             )
+    for role, column in (("text", spec.text_column), ("label", spec.label_column)):
+        values = ds.data.column(column)
+        empty = _null_rows(values)
+        if len(empty):
+            shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
+            raise DataError(f"split '{split}': {role} column '{column}' is empty (null or NaN) in {len(empty)} row(s):"
+                            f" rows {shown} of {origin} (counting from 0); drop or fill those rows")
+    _check_text_type(ds.data.column(spec.text_column), spec, split)
+    _check_label_type(ds.data.column(spec.label_column), spec, split)
+
+
+def _null_rows(values: "pyarrow.ChunkedArray") -> "np.ndarray":
+    """Row numbers of the missing values (null, or NaN in a float column)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    return np.flatnonzero(pc.is_null(values, nan_is_null=True).to_numpy(zero_copy_only=False))
+
+
+def _check_text_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str) -> None:
+    import pyarrow as pa
+
+    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+        raise DataError(f"split '{split}': text column '{spec.text_column}' holds {values.type} values, not text."
+                        " Set data.text_column to the column that holds the texts")
+
+
+def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str) -> None:
+    """Labels must be integer class ids: strings, floats and anything else are refused with the way to fix them."""
+    import numpy as np
+    import pyarrow as pa
+
+    column = spec.label_column
+    if pa.types.is_integer(values.type):
+        return
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        names = spec.label_names
+        order = (f"map them to 0..{len(names) - 1} in the order of data.label_names {names}" if names
+                 else "map them to 0..K-1 and list the class names in that order in data.label_names")
+        raise DataError(f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not"
+                        f" class ids; {order}")
+    if pa.types.is_floating(values.type):
+        numbers = values.to_numpy()
+        fractional = np.flatnonzero(numbers != np.round(numbers))
+        row = int(fractional[0]) if len(fractional) else 0
+        kind = "non-integer" if len(fractional) else "floating-point"
+        raise DataError(f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row"
+                        f" {row}); labels must be integer class ids: convert the column to integers")
+    raise DataError(f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer"
+                    " class ids 0..K-1")
 
 
 def label_names_of(train: "datasets.Dataset", spec: DataSpec) -> list[str]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -212,7 +213,12 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
                " ranks from its own shard")
         p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
                  " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
-    if q.method == "nf4" and sharded:
+    if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
+        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
+                 " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
+                 " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
+                 " sharding), or init_lora_weights=true")
+    if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 
     # Engine-specific settings.
@@ -275,15 +281,30 @@ def full_state_dict(accelerator, model, launch: Launch) -> Optional[dict]:
     return accelerator.get_state_dict(model)
 
 
+def every_process_rng_state(accelerator) -> list[tuple[dict[str, torch.Tensor], dict]]:
+    """Every process's :func:`lora_train.checkpoint.rng_state`, by rank (collective: call it on every process).
+
+    Each process draws its own dropout masks, so a resume must give each its own stream back, not the main one's.
+    """
+    state = ckpt.rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    from accelerate.utils import gather_object
+
+    return gather_object([state])
+
+
 def save_engine_state(accelerator, directory: Path, state: dict[str, Any], scheduler, launch: Launch) -> Path:
     """A resumable checkpoint written through ``accelerator.save_state`` (DeepSpeed / FSDP own the optimizer).
 
     Every process writes its own shard files into one agreed temporary directory; the main process then adds
-    ``state.json`` and the ``COMPLETE`` marker and renames the directory into place, so no two processes
-    write one file and a crash never leaves a half-written checkpoint that looks complete.
+    ``state.json`` and the ``COMPLETE`` manifest, flushes everything to disk and renames the directory into place
+    (:func:`lora_train.checkpoint.publish_directory`), so no two processes write one file and a crash at any moment
+    leaves the previous checkpoint usable and never a half-written one that looks complete.
     """
-    tmp = directory.with_name(f".{directory.name}.tmp")
+    tmp = directory.with_name(f".{directory.name}.tmp-engine")
     if accelerator.is_main_process:
+        ckpt.restore_interrupted_replace(directory)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
@@ -291,12 +312,12 @@ def save_engine_state(accelerator, directory: Path, state: dict[str, Any], sched
     accelerator.save_state(str(tmp), **kwargs)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if os.environ.get(ckpt.PAUSE_IN_SAVE_ENV) == directory.name:  # test hook: every shard written, not published
+            time.sleep(600)
         full = dict(state, format=ENGINE_FORMAT, engine=launch.name, scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(full, indent=1))
-        (tmp / ckpt.COMPLETE_MARKER).write_text("ok\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        ckpt.write_manifest(tmp)
+        ckpt.publish_directory(tmp, directory)
     accelerator.wait_for_everyone()
     return directory
 
@@ -333,7 +354,8 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
 # The Accelerate config files and the compatibility table of docs/distributed.md
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
-CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml")
+CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
+                "fsdp.yaml")
 
 TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "LoRA": {},
@@ -343,6 +365,10 @@ TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
         "quantization": {"method": "nf4", "quant_storage_dtype": "bfloat16", "compute_dtype": "bfloat16"},
         "training": {"mixed_precision": "bf16"},
     },
+    "LoRA, PiSSA / OLoRA init": {"peft": {"init_lora_weights": "pissa"}},
+    "IA3": {"peft": {"method": "ia3"}},
+    "prompt tuning": {"peft": {"method": "prompt_tuning"}},
+    "BitFit": {"peft": {"method": "bitfit"}},
     "head_only": {"peft": {"method": "head_only"}},
     "full": {"peft": {"method": "full"}},
 }

@@ -7,6 +7,7 @@ to ``huggingface_hub`` and never printed, logged or written anywhere by this mod
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from concurrent.futures import Future
@@ -17,6 +18,14 @@ logger = logging.getLogger(__name__)
 
 PUSHED_SUFFIXES = (".safetensors", ".json", ".md", ".yaml", ".txt", ".model", ".png", ".jinja")
 """Top-level files of a run that are pushed; subdirectories (checkpoints/, best/, tracker logs) never are."""
+
+
+def offline_hint() -> str:
+    """What to check when a model, dataset or run cannot be fetched from the Hub (the one hint every loader gives)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return ("HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
+                " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it.")
+    return "Check the id and revision, your network, and `hf auth login` for gated or private repos."
 
 
 class HubError(RuntimeError):

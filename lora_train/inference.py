@@ -1,6 +1,6 @@
 """Use a trained run: load it (local directory or Hub repo), classify texts, evaluate a split.
 
-The base model is rebuilt from the run's own ``recipe.yaml`` with :func:`lora_train.modeling.load_base_model`,
+The base model is rebuilt from the run's own ``recipe.yaml`` with :func:`lora_train.build.build_classifier`,
 so an adapter trained on a 4-bit NF4 base is applied to the same NF4 base it was trained with.
 """
 
@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
-from lora_train.checkpoint import restore_interrupted_replace
-from lora_train.config import Recipe, RecipeError, build_recipe, read_yaml
+from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
+from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -55,7 +55,7 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
     elif REPO_ID.match(source):
         from huggingface_hub import snapshot_download
 
-        from lora_train.modeling import offline_hint
+        from lora_train.hub import offline_hint
 
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
@@ -69,6 +69,12 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
             f"'{source}' is not a lora_train run: it lacks {missing}. Give the output_dir of a training run"
             " (or its best/ subdirectory), or a Hub repo pushed by lora_train."
         )
+    for weights in sorted(directory.glob("*.safetensors")):  # a damaged file named now, not deep inside safetensors
+        problem = safetensors_problem(weights)
+        if problem:
+            raise RunError(f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the"
+                           " run's last checkpoint: scripts/train.py RUN/recipe.yaml"
+                           " training.resume_from_checkpoint=latest")
     return directory
 
 
@@ -78,8 +84,29 @@ def read_run(directory: Path) -> tuple[Recipe, list[str]]:
         recipe = build_recipe(read_yaml(directory / "recipe.yaml"), source=str(directory / "recipe.yaml"))
     except RecipeError as err:
         raise RunError(str(err)) from None
-    id2label = json.loads((directory / "labels.json").read_text())["id2label"]
-    return recipe, [id2label[str(i)] for i in range(len(id2label))]
+    labels = directory / "labels.json"
+    try:
+        id2label = json.loads(read_text_file(labels, "labels file"))["id2label"]
+        return recipe, [id2label[str(i)] for i in range(len(id2label))]
+    except json.JSONDecodeError as err:
+        problem = f"not valid JSON ({err})"
+    except (ValueError, KeyError, TypeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+    raise RunError(f"'{labels}' is corrupt: {problem}; it should read"
+                   ' {"id2label": {"0": NAME, "1": NAME, ...}} as training wrote it')
+
+
+def load_run_tokenizer(directory: Path):
+    """The tokenizer a run saved, or a :class:`RunError` that says which files are missing."""
+    from transformers import AutoTokenizer
+
+    from lora_train.modeling import require_tokenizer_files, tokenizer_error
+
+    try:
+        require_tokenizer_files(directory)
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as err:
+        raise RunError(f"cannot load the tokenizer of run '{directory}': {tokenizer_error(err)}") from None
 
 
 def is_adapter_run(directory: Path) -> bool:
@@ -105,25 +132,21 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
-    """The run's base model with its label mapping, quantized (NF4) as in training."""
-    from lora_train.modeling import load_base_model, load_model_config
+    """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``."""
+    from lora_train.build import build_classifier
 
-    config = load_model_config(recipe, label_names)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
     with _quiet_transformers():
-        base, _ = load_base_model(recipe, config, {"": device})
-    return base if recipe.quantization.method == "nf4" else base.to(device)
+        return build_classifier(recipe, label_names, tokenizer, device)
 
 
 def load_run(source: str, device: Optional[str] = None, revision: Optional[str] = None) -> LoadedRun:
     """Load a run for inference: the base in the training quantization plus the adapter, or a full model."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     directory = resolve_run(source, revision)
     recipe, label_names = read_run(directory)
     target = torch.device(device) if device else default_device()
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer = load_run_tokenizer(directory)
     if is_adapter_run(directory):
         from peft import PeftModel
 
@@ -167,18 +190,25 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def read_texts(path: str, column: str = "text") -> Iterator[str]:
-    """Texts from a file, streamed: ``.txt`` (one per line; ``-`` = stdin), ``.jsonl`` or ``.csv`` (the ``column`` field).
+    """Texts from a file: ``.txt`` (one per line; ``-`` = stdin, streamed), ``.jsonl`` or ``.csv`` (the ``column``
+    field).
 
-    The path, the type and the first record's text field are checked now, so a bad input fails before any model
-    is loaded.
+    A file is read through once now (UTF-8, a byte-order mark allowed as in training data; every JSON line; every
+    record's text field), so a bad input fails, naming the line, before any model is loaded; then it is streamed.
     """
+    if path == "-":
+        return _stream_texts(path, "", column)
     suffix = Path(path).suffix.lower()
-    if path != "-" and not Path(path).is_file():
+    if not Path(path).exists():
         raise RunError(f"input file '{path}' does not exist")
-    if path != "-" and suffix not in (".txt", ".text", ".jsonl", ".csv"):
+    if suffix not in (".txt", ".text", ".jsonl", ".csv") and not Path(path).is_dir():
         raise RunError(f"input file '{path}': unsupported type '{suffix}'; use .txt (one text per line), .jsonl or .csv")
-    if suffix in (".jsonl", ".csv"):
-        next(_stream_texts(path, suffix, column), None)  # the first record names the field, or says it is missing
+    try:
+        read_text_file(Path(path), "input file")
+    except ValueError as err:
+        raise RunError(str(err)) from None
+    for _ in _stream_texts(path, suffix, column):
+        pass
     return _stream_texts(path, suffix, column)
 
 
@@ -189,13 +219,22 @@ def _stream_texts(path: str, suffix: str, column: str) -> Iterator[str]:
     if path == "-":
         yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
         return
-    with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as handle:
+    with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
         if suffix == ".jsonl":
-            yield from (_field(json.loads(line), column, path, n) for n, line in enumerate(handle, 1) if line.strip())
+            records = ((n, _json_line(line, path, n)) for n, line in enumerate(handle, 1) if line.strip())
+            yield from (_field(record, column, path, n) for n, record in records)
         elif suffix == ".csv":
             yield from (_field(row, column, path, n) for n, row in enumerate(csv.DictReader(handle), 2))
         else:
             yield from (line.rstrip("\n") for line in handle if line.strip())
+
+
+def _json_line(line: str, path: str, number: int) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); every line must be one"
+                       " JSON object") from None
 
 
 def _field(record: Any, column: str, path: str, line: int) -> str:
@@ -215,14 +254,14 @@ def evaluate_run(
 
     ``split=None`` evaluates exactly the recipe's evaluation set (so the figures reproduce ``metrics.json``);
     another split name is loaded from the same data (``data_path`` replaces the recipe's ``data.path``).
-    The loop and the metric are training's own (:func:`lora_train.train.evaluate`).
+    The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`).
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
     from lora_train.data import check_labels, load_splits, resolve_spec, tokenize
-    from lora_train.train import evaluate
+    from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
     cfg = dataclasses.replace(cfg, path=data_path or cfg.path, max_train_samples=1)  # train rows are not needed

@@ -1,4 +1,7 @@
-"""Merge a LoRA / AdaLoRA adapter into its base and save a standalone safetensors classifier.
+"""Merge a LoRA / DoRA / AdaLoRA / IA3 adapter into its base and save a standalone safetensors classifier.
+
+Soft prompts (prompt and prefix tuning) add virtual tokens to the input rather than changing weights, so they
+have nothing to merge and are refused.
 
 An adapter trained on a 4-bit NF4 base learned a correction of the *quantized* weights, so it is
 merged into the dequantized NF4 weights (what it was trained against), in the quantization's
@@ -14,10 +17,13 @@ from typing import Any, Optional
 
 import torch
 
-from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
+from lora_train.checkpoint import writable_directory_problem
+from lora_train.inference import RunError, is_adapter_run, load_base_for_run, load_run_tokenizer, read_run, resolve_run
 from lora_train.modeling import DTYPES
 
 COPIED_FILES = ("recipe.yaml", "labels.json", "metrics.json")
+UNMERGEABLE = ("prompt_tuning", "prefix_tuning")
+"""Methods whose adapter is not a weight update: learned virtual tokens in the input (or attention cache)."""
 
 
 def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
@@ -27,23 +33,34 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     dtype of the base, or the compute dtype for an NF4-trained adapter.
     """
     from peft import PeftModel
-    from transformers import AutoTokenizer
 
     out = Path(output_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunError(f"output directory '{out}' is not empty; choose another one or allow overwriting")
+    problem = writable_directory_problem(out)
+    if problem:
+        raise RunError(f"output directory '{out}' {problem}; give a new or empty directory you can write to")
     directory = resolve_run(source)
     if not is_adapter_run(directory):
-        raise RunError(f"'{source}' holds a full model (peft.method full or head_only), not an adapter: it is already standalone")
+        raise RunError(f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
+                       " already standalone")
     recipe, label_names = read_run(directory)
+    if recipe.peft.method in UNMERGEABLE:
+        raise RunError(f"'{source}' is a {recipe.peft.method} adapter: learned virtual tokens prepended to every input,"
+                       " not a change of weights, so there is nothing to merge into the base. Use it as an adapter"
+                       " (scripts/predict.py, lora_train.inference.load_run or peft's"
+                       " AutoPeftModelForSequenceClassification)")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
-    nf4 = recipe.quantization.method == "nf4"
-    tokenizer = AutoTokenizer.from_pretrained(directory)
+    nf4 = recipe.quantization.is_4bit
+    tokenizer = load_run_tokenizer(directory)
     base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
     if nf4:  # before any forward: bitsandbytes' CPU backend repacks 4-bit weights on first use
         base = base.dequantize(dtype=DTYPES[recipe.quantization.compute_dtype])
-    merged = PeftModel.from_pretrained(base, directory).merge_and_unload()
+    adapter = PeftModel.from_pretrained(base, directory)
+    if recipe.peft.method == "ia3":
+        _unwrap_trained_heads(adapter)
+    merged = adapter.merge_and_unload()
     target = DTYPES[dtype] if dtype else (DTYPES[recipe.quantization.compute_dtype] if nf4 else merged.dtype)
     merged = merged.to(target).eval()
 
@@ -60,3 +77,18 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
     }
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _unwrap_trained_heads(adapter) -> None:
+    """Put each trained head module (modules_to_save) in place of its wrapper before merging.
+
+    peft 0.21's IA3 unload copies ``.weight`` from every wrapper it replaces, which fails for a head module that is
+    not a single layer (BERT's pooler); the trained copy itself is what the merged model needs.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    for name, module in list(adapter.base_model.model.named_modules()):
+        if isinstance(module, ModulesToSaveWrapper):
+            parent_name, _, child = name.rpartition(".")
+            parent = adapter.base_model.model.get_submodule(parent_name) if parent_name else adapter.base_model.model
+            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])

@@ -1,4 +1,5 @@
-"""Classification metrics through the ``evaluate`` API, computed locally (no Hub download).
+"""Classification metrics through the ``evaluate`` API, computed locally (no Hub download); evaluating a model
+over a split; peak memory.
 
 ``evaluate.load("accuracy")`` fetches a script from the Hub, which fails offline. This module defines
 the metric in code as an ``evaluate.Metric`` subclass, so the usual ``add_batch`` / ``compute`` API
@@ -7,9 +8,10 @@ works anywhere.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 
 
 def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> np.ndarray:
@@ -75,3 +77,38 @@ def _metric_class():
 def load_metric(num_labels: int, label_names: Optional[list[str]] = None):
     """A fresh in-memory ``evaluate.Metric`` for classification."""
     return _metric_class()(num_labels=num_labels, label_names=label_names, keep_in_memory=True)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA max allocated on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@torch.no_grad()
+def evaluate(model, loader: "torch.utils.data.DataLoader", accelerator, num_labels: int, label_names: list[str]) -> dict[str, Any]:
+    """Exact metrics over the whole split: ``gather_for_metrics`` drops the padding of the last batch."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    metric = load_metric(num_labels, label_names)
+    total_loss, total_n = torch.zeros((), device=accelerator.device), 0
+    # leave=False: inside training the bar disappears when done, under the training bar it interrupted
+    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not accelerator.is_main_process):
+        # Labels stay out of the forward: the loss is computed here, and a reloaded AdaLoRA model fails when
+        # asked for its (training-only) orthogonality loss.
+        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
+        preds, refs = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
+        losses = accelerator.gather_for_metrics(
+            torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
+        )
+        total_loss += losses.sum()
+        total_n += losses.numel()
+        metric.add_batch(predictions=preds.cpu().numpy(), references=refs.cpu().numpy())
+    model.train()
+    report = metric.compute()
+    report["loss"] = float(total_loss) / max(total_n, 1)
+    return report

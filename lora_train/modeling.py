@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
 from lora_train.config import Recipe, RecipeError
+from lora_train.hub import offline_hint
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,37 @@ def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
     m = recipe.model
-    tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    try:
+        require_tokenizer_files(Path(m.name_or_path))
+        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision,
+                                                  trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError, TypeError) as err:  # missing or unreadable tokenizer files
+        raise RecipeError([f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}:"
+                           f" {tokenizer_error(err)}"]) from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise RecipeError([f"tokenizer of {m.name_or_path} has neither a pad nor an eos token to pad with"])
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+"""Files a saved tokenizer has at least one of (fast, slow WordPiece / BPE, SentencePiece)."""
+
+
+def require_tokenizer_files(directory: Path) -> None:
+    """Raise ``FileNotFoundError`` for a local directory without tokenizer files: transformers would build an empty
+    vocabulary from the config alone and map every word to [UNK], silently."""
+    if directory.is_dir() and not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"'{directory}' holds no tokenizer files.")
+
+
+def tokenizer_error(err: Exception) -> str:
+    """A failed tokenizer load in one line, with what a model or run directory needs."""
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (f"{type(err).__name__}: {first_line} The directory needs the files save_pretrained writes for a tokenizer"
+            " (tokenizer.json and tokenizer_config.json, or its class's vocabulary files)")
 
 
 def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
@@ -61,16 +88,6 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
         return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels)
     except (OSError, ValueError) as err:
         raise RecipeError([f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]) from None
-
-
-def offline_hint() -> str:
-    """What to check when something cannot be fetched from the Hub."""
-    import os
-
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return ("HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
-                " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it.")
-    return "Check the id and revision, your network, and `hf auth login` for gated or private repos."
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -111,7 +128,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
     """Refuse target modules the model lacks, listing the Linear names that exist."""
     targets = recipe.peft.target_modules
-    if recipe.peft.method not in ("lora", "adalora") or targets == "all-linear":
+    if recipe.peft.method not in ("lora", "adalora", "ia3") or targets == "all-linear":
         return
     available = linear_module_names(model)
     missing = [t for t in targets if t.split(".")[-1] not in available]
@@ -135,7 +152,7 @@ def meta_model(config) -> nn.Module:
 def quantization_config(recipe: Recipe, skip: list[str]):
     """The BitsAndBytesConfig for NF4, or None."""
     q = recipe.quantization
-    if q.method == "none":
+    if not q.is_4bit:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -187,21 +204,26 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
 
 
 def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
-    """LoraConfig / AdaLoraConfig for sequence classification (the head goes to modules_to_save)."""
-    from peft import AdaLoraConfig, LoraConfig, TaskType
+    """peft's config of the recipe's method for sequence classification (the head goes to modules_to_save)."""
+    from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
 
     pe = recipe.peft
-    common = dict(
-        task_type=TaskType.SEQ_CLS,
-        target_modules=pe.target_modules,
-        lora_alpha=pe.alpha,
-        lora_dropout=pe.dropout,
-        bias=pe.bias,
-        # A copy: peft extends modules_to_save in place with its SEQ_CLS defaults.
-        modules_to_save=list(pe.modules_to_save if pe.modules_to_save is not None else trainable_heads),
-    )
+    # A copy: peft extends modules_to_save in place with its SEQ_CLS defaults.
+    trained_heads = pe.modules_to_save if pe.modules_to_save is not None else trainable_heads
+    heads = dict(task_type=TaskType.SEQ_CLS, modules_to_save=list(trained_heads))
+    if pe.method == "ia3":
+        return IA3Config(target_modules=pe.target_modules, feedforward_modules=pe.feedforward_modules, **heads)
+    if pe.method == "prompt_tuning":
+        init = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=pe.prompt_init_text,
+                    tokenizer_name_or_path=recipe.model.name_or_path) if pe.prompt_init_text else {}
+        return PromptTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **init, **heads)
+    if pe.method == "prefix_tuning":
+        return PrefixTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **heads)
+    common = dict(target_modules=pe.target_modules, lora_alpha=pe.alpha, lora_dropout=pe.dropout, bias=pe.bias, **heads)
     if pe.method == "lora":
-        return LoraConfig(r=pe.r, **common)
+        # LoftQ is applied after get_peft_model (on the NF4 base, see apply_regime), from peft's default init.
+        init = True if pe.init_lora_weights == "loftq" else pe.init_lora_weights
+        return LoraConfig(r=pe.r, use_dora=pe.use_dora, use_rslora=pe.use_rslora, init_lora_weights=init, **common)
     tinit = pe.tinit or max(1, int(0.1 * total_steps))
     tfinal = pe.tfinal or max(1, int(0.2 * total_steps))
     if tinit + tfinal >= total_steps:
@@ -235,14 +257,15 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
         if recipe.training.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
-    if method == "head_only":
+    if method in ("head_only", "bitfit"):
         heads = set(recipe.peft.modules_to_save or trainable_heads)
         for name, param in model.named_parameters():
-            param.requires_grad_(bool(heads.intersection(name.split("."))))
+            is_bias = method == "bitfit" and name.endswith(".bias")  # BitFit (Ben Zaken et al., 2021): every bias term
+            param.requires_grad_(is_bias or bool(heads.intersection(name.split("."))))
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if recipe.quantization.method != "none":
+    if recipe.quantization.is_4bit:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.training.gradient_checkpointing,
@@ -251,7 +274,52 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
     elif recipe.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    return get_peft_model(model, peft_config(recipe, trainable_heads, total_steps))
+    peft_model = get_peft_model(model, peft_config(recipe, trainable_heads, total_steps))
+    if recipe.peft.method == "lora" and recipe.peft.init_lora_weights == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        replace_lora_weights_loftq(peft_model)  # reads the unquantized weights from the checkpoint's safetensors
+    if recipe.peft.method == "lora" and recipe.peft.init_lora_weights in ("pissa", "olora"):
+        from lora_train.mutated_init import keep_initial_adapter
+
+        keep_initial_adapter(peft_model)
+    return peft_model
+
+
+def check_method_runs(recipe: Recipe, model: nn.Module) -> None:
+    """Refuse, before any work, a method the installed peft cannot run here (``model`` may be on the meta device)."""
+    problems = []
+    if recipe.peft.method == "prefix_tuning":
+        problems.append(prefix_tuning_problem(model))
+    if recipe.peft.init_lora_weights == "loftq" and not torch.cuda.is_available():
+        import peft
+
+        problems.append(f"peft.init_lora_weights = 'loftq': peft {peft.__version__} computes LoftQ on a CUDA (or XPU)"
+                        " device only (loftq_utils hard-codes it), and none is available. Train on a GPU, or use"
+                        " init_lora_weights=true (plain QLoRA)")
+    problems = [p for p in problems if p]
+    if problems:
+        raise RecipeError(problems)
+
+
+def prefix_tuning_problem(model: nn.Module) -> Optional[str]:
+    """Why peft cannot prefix-tune ``model`` for classification, or None (peft's own check, done before any work).
+
+    peft injects the prefix as ``past_key_values`` and looks for that argument in the model's forward (or its
+    backbone's); transformers 5 renamed it ``cache``, and BERT-style encoders attend to no cache at all.
+    """
+    import inspect
+
+    import peft
+    import transformers
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    if any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
+        return None
+    return (f"peft.method = 'prefix_tuning' cannot run on {type(model).__name__} with peft {peft.__version__} and"
+            f" transformers {transformers.__version__}: peft passes the prefix as past_key_values, which this model's"
+            " forward does not take (transformers 5 calls it `cache`, and encoders such as BERT use no key/value"
+            " cache). Use peft.method=prompt_tuning (a soft prompt in the input) or lora / ia3")
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

@@ -12,6 +12,7 @@ class TaskSpec:
 
     name: str
     hub_id: str
+    """Canonical Hub dataset id (``owner/name``)."""
     hub_config: Optional[str]
     text_column: str
     label_column: str
@@ -27,7 +28,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     "sst2": TaskSpec(
         name="sst2",
-        hub_id="glue",
+        hub_id="nyu-mll/glue",
         hub_config="sst2",
         text_column="sentence",
         label_column="label",
@@ -64,3 +65,12 @@ TASKS: dict[str, TaskSpec] = {
         has_eval_split=True,
     ),
 }
+
+
+LEGACY_DATASET_IDS: dict[str, str] = {"glue": "nyu-mll/glue", "imdb": "stanfordnlp/imdb", "emotion": "dair-ai/emotion"}
+"""Short ids the Hub once served these datasets under, and the canonical repos they redirect to."""
+
+
+def canonical_dataset_id(dataset_id: str) -> str:
+    """The canonical Hub id of a dataset (legacy short ids such as ``glue`` map to ``nyu-mll/glue``)."""
+    return LEGACY_DATASET_IDS.get(dataset_id, dataset_id)

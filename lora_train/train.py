@@ -1,16 +1,17 @@
 """The training loop: one explicit Accelerate loop for CPU, one GPU, DDP, DeepSpeed and FSDP.
 
-Read :func:`train` top to bottom: setup (checks, data, model, optimizer), the loop (accumulate,
-clip, step, log, evaluate, checkpoint) and the final save.
+Read it top to bottom: :func:`train` is setup, the loop and the final save. :func:`setup` runs the checks and
+builds the run's parts (data, model, optimizer, schedule) once; :func:`fit` is the loop (accumulate, clip, step,
+log, evaluate, checkpoint); :func:`finish` evaluates, saves and pushes the final adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,38 +23,17 @@ from torch.utils.data import DataLoader
 from lora_train import checkpoint as ckpt
 from lora_train import distributed as dist
 from lora_train import hub
-from lora_train.card import hardware_summary
+from lora_train.build import TaskData, build_classifier, load_task_data
 from lora_train.config import Recipe, RecipeError, recipe_to_yaml
-from lora_train.data import (
-    DataError,
-    EpochSampler,
-    check_labels,
-    label_names_of,
-    load_splits,
-    resolve_spec,
-    steps_per_epoch,
-    tokenize,
-)
-from lora_train.metrics import load_metric
-from lora_train.modeling import (
-    apply_regime,
-    check_target_modules,
-    count_parameters,
-    load_base_model,
-    load_model_config,
-    load_tokenizer,
-    meta_model,
-    use_fast_dropout,
-)
+from lora_train.data import EpochSampler, steps_per_epoch, tokenize
+from lora_train.machine import hardware_summary
+from lora_train.metrics import evaluate, peak_memory_mb
+from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
+from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
+from lora_train.optim import param_groups
+from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
-
-RESUME_KEYS = (
-    ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
-    ("peft", "target_modules"), ("peft", "init_r"), ("data", "task"), ("data", "path"),
-    ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
-)
-"""Recipe fields a checkpoint must agree on to be resumed."""
 
 
 class TrainingError(RuntimeError):
@@ -72,122 +52,55 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-# ---------------------------------------------------------------------------------------------
-# Setup helpers
+@dataclass
+class Run:
+    """The parts of one training run, built once by :func:`setup` and read by the loop."""
+
+    recipe: Recipe
+    out: Path
+    accelerator: Any
+    launch: dist.Launch
+    tokenizer: Any
+    label_names: list[str]
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    model: torch.nn.Module
+    """As prepared by Accelerate (DDP / engine-wrapped); :attr:`unwrapped` is the PEFT or transformers model."""
+    optimizer: Any
+    scheduler: Any
+    total_steps: int
+    updates_per_epoch: int
+    params: ParamCount
+    pusher: Optional[hub.HubPusher]
+    last_eval: dict[str, Any] = field(default_factory=dict)
+    """``{"step", "report"}`` of the newest evaluation (the model card of a pushed checkpoint quotes it)."""
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def is_adalora(self) -> bool:
+        return self.recipe.peft.method == "adalora"
+
+    @property
+    def global_batch(self) -> int:
+        t = self.recipe.training
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.accelerator.num_processes
 
 
-def setup_logging(is_main: bool) -> None:
-    """Readable logs on the main process; warnings only elsewhere."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING, force=True)
-    import datasets
-    import transformers
+@dataclass
+class Session:
+    """What one call of :func:`fit` did (a resumed run's session starts at its checkpoint's step)."""
 
-    if not is_main:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-    else:
-        transformers.utils.logging.set_verbosity_warning()
-
-
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs in one directory, and unwritable directories, before any work."""
-    out = Path(recipe.output.output_dir)
-    if ckpt.holds_run(out) and not recipe.output.overwrite_output_dir and recipe.training.resume_from_checkpoint is None:
-        raise RecipeError([
-            f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
-            " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
-        ])
-    try:  # really create and write: permission bits say nothing for root, read-only mounts or a file in the path
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise RecipeError([f"output.output_dir '{out}' is not a writable directory ({err.strerror or err}: '{err.filename or out}');"
-                           " choose a directory you can write to"]) from None
-    return out
-
-
-def check_model_fits(recipe: Recipe, config) -> None:
-    """Checks that need only config.json and file names: sequence length, target modules (model built on 'meta'),
-    safetensors weights for a local model, and bitsandbytes kernels that run when NF4 is asked."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and recipe.data.max_length > limit:
-        raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
-    check_target_modules(recipe, meta_model(config))
-    local = Path(recipe.model.name_or_path)
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise RecipeError([f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
-                           " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
-                           " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"])
-    if recipe.quantization.method == "nf4":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:  # a 64x64 round trip: installed is not enough, its kernels must run on this device
-            import bitsandbytes.functional as bnb_functional
-
-            bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4"))
-        except Exception as err:  # noqa: BLE001 - import, library-loading and kernel errors alike
-            raise RecipeError([f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
-                               f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
-                               " platform (CPU support needs >= 0.46), or train without quantization:"
-                               " quantization.method=none"]) from None
-
-
-def check_resume_compatible(recipe: Recipe, saved_recipe: dict) -> None:
-    """Refuse a checkpoint from a different recipe, naming every field that differs."""
-    current = recipe.to_dict()
-    diffs = [
-        f"{s}.{k}: checkpoint has {saved_recipe.get(s, {}).get(k)!r}, recipe has {current[s][k]!r}"
-        for s, k in RESUME_KEYS
-        if saved_recipe.get(s, {}).get(k) != current[s][k]
-    ]
-    if diffs:
-        raise RecipeError(["cannot resume from a checkpoint of a different recipe:"] + diffs, "resume")
-
-
-def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW without weight decay on biases and norms; fused (one kernel for all tensors) on CUDA and CPU."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": recipe.training.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=recipe.training.learning_rate, fused=device.type in ("cuda", "cpu"))
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on GPU, the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, accelerator, num_labels: int, label_names: list[str]) -> dict[str, Any]:
-    """Exact metrics over the whole split: ``gather_for_metrics`` drops the padding of the last batch."""
-    model.eval()
-    metric = load_metric(num_labels, label_names)
-    total_loss, total_n = torch.zeros((), device=accelerator.device), 0
-    for batch in loader:
-        # Labels stay out of the forward: the loss is computed here, and a reloaded AdaLoRA model fails when
-        # asked for its (training-only) orthogonality loss.
-        outputs = model(**{k: v for k, v in batch.items() if k != "labels"})
-        preds, refs = accelerator.gather_for_metrics((outputs.logits.argmax(-1), batch["labels"]))
-        losses = accelerator.gather_for_metrics(
-            torch.nn.functional.cross_entropy(outputs.logits.float(), batch["labels"], reduction="none")
-        )
-        total_loss += losses.sum()
-        total_n += losses.numel()
-        metric.add_batch(predictions=preds.cpu().numpy(), references=refs.cpu().numpy())
-    model.train()
-    report = metric.compute()
-    report["loss"] = float(total_loss) / max(total_n, 1)
-    return report
+    interrupted: bool
+    first_step: int
+    seconds: float
+    samples_this_process: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,19 +109,117 @@ def evaluate(model, loader: DataLoader, accelerator, num_labels: int, label_name
 
 def train(recipe: Recipe) -> dict[str, Any]:
     """Train, evaluate and save the recipe; return the final metrics."""
-    t = recipe.training
     out = check_output_dir(recipe)
+    # One run per directory: the main process holds its lock, and a second run into it is refused at once.
+    with run_lock(out) if is_launch_main_process() else contextlib.nullcontext():
+        run, state = setup(recipe, out)
+        stop = _StopFlag()
+        stop.install()
+        try:
+            session = fit(run, state, stop)
+        finally:
+            stop.uninstall()
+        if session.interrupted:
+            logger.warning("stopped by %s at step %d; checkpoint saved. Resume with"
+                           " training.resume_from_checkpoint=latest", stop.signal_name, state.global_step)
+            _end_training(run.accelerator)
+            return {"interrupted": True, "step": state.global_step}
+        return finish(run, state, session)
+
+
+def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
+    """The optimisation loop, from ``state`` to ``total_steps`` or a stop signal."""
+    accelerator, model, t = run.accelerator, run.model, run.recipe.training
+    per_process_batches, first_step = len(run.train_loader), state.global_step
+    window = LogWindow(accelerator.device)
+    progress = _progress_bar(run, state)
+    model.train()
+    interrupted = False
+    while state.global_step < run.total_steps and not interrupted:
+        # Accelerate's loader re-sets the sampler's epoch from its own counter at every iteration start.
+        run.train_loader.set_epoch(state.epoch)
+        loader = run.train_loader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                window.add_micro_batch(outputs.loss, batch)
+                if accelerator.sync_gradients:
+                    if t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    run.optimizer.step()
+                    run.scheduler.step()
+                    if run.is_adalora:
+                        run.unwrapped.base_model.update_and_allocate(state.global_step)
+                    run.optimizer.zero_grad(set_to_none=True)
+            state.batches_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            window.end_step(state.global_step)
+            progress.update(1)
+
+            end_of_epoch = state.batches_in_epoch >= per_process_batches
+            if end_of_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            last = state.global_step >= run.total_steps
+            due_eval = (t.eval_steps and state.global_step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
+            due_save = (t.save_steps and state.global_step % t.save_steps == 0) or (not t.save_steps and end_of_epoch)
+            interrupted = stop.agreed(accelerator)
+            if state.global_step % t.logging_steps == 0 or due_eval or due_save or last or interrupted:
+                entry = window.flush(run, state)
+                if entry:
+                    progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}")
+            if due_eval:
+                evaluate_and_keep_best(run, state)
+            if due_save or interrupted:
+                save_checkpoint(run, state)
+            if due_eval or due_save:
+                window.restart()  # samples/s of the next window: training only, not this evaluation or save
+            if last or interrupted or end_of_epoch:
+                break
+    progress.close()
+    return Session(interrupted, first_step, time.perf_counter() - window.train_start, window.samples_this_process)
+
+
+def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
+    """Final evaluation (reused when the loop just ran it), metrics, the saved run directory and the push."""
+    accelerator = run.accelerator
+    report = run.last_eval["report"] if run.last_eval.get("step") == state.global_step else evaluate_and_keep_best(run, state)
+    metrics = final_metrics(run, state, session, report)
+    weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = _run_files(run.recipe, run.label_names, metrics, state.history)
+        with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
+            ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
+        logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], run.out)
+    accelerator.wait_for_everyone()
+    if run.pusher is not None:
+        _push_final(run.pusher, run.out, state.global_step)
+    _end_training(accelerator)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
+    """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
+    ``out`` is the output directory :func:`check_output_dir` accepted."""
+    t = recipe.training
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
-    checkpoints_root = out / "checkpoints"
-    resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, checkpoints_root)
-    if resume_dir is not None:
-        saved = json.loads((resume_dir / "state.json").read_text())
-        check_resume_compatible(recipe, saved["recipe"])
+    resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
+    saved = json.loads((resume_dir / "state.json").read_text()) if resume_dir is not None else None
+    if saved is not None:
+        ckpt.check_resume_compatible(recipe.to_dict(), saved["recipe"])
 
     from accelerate import Accelerator  # heavy imports (peft, bitsandbytes) only once the checks passed
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-    from transformers import DataCollatorWithPadding, get_scheduler
+    from transformers import get_scheduler
 
     trackers = [name for name in recipe.output.report_to if _tracker_available(name)]
     accelerator = Accelerator(
@@ -226,45 +237,15 @@ def train(recipe: Recipe) -> dict[str, Any]:
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
 
-    # --- data and model checks that are cheap come first -------------------------------------
     tokenizer = load_tokenizer(recipe)
-    spec = resolve_spec(recipe.data)
-    with accelerator.main_process_first():
-        train_raw, eval_raw = load_splits(spec, recipe.data)
-    label_names = label_names_of(train_raw, spec)
-    num_labels = len(label_names)
-    check_labels(train_raw, spec, num_labels, "train")
-    check_labels(eval_raw, spec, num_labels, "eval")
-    config = load_model_config(recipe, label_names)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
-
-    # --- tokenize once, batch dynamically ---------------------------------------------------
-    with accelerator.main_process_first():
-        train_ds = tokenize(train_raw, tokenizer, spec, recipe.data.max_length)
-        eval_ds = tokenize(eval_raw, tokenizer, spec, recipe.data.max_length)
-    lengths = train_ds["length"]
-    train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
-    sampler = EpochSampler(lengths, t.per_device_train_batch_size * accelerator.num_processes, t.seed, recipe.data.group_by_length)
-    pin = accelerator.device.type == "cuda"
-    # Own generators: a DataLoader draws a worker seed from its generator (else from the global RNG that dropout
-    # uses) at every iteration start, so a resumed run's fresh iterator would shift dropout masks.
-    train_loader = DataLoader(train_ds, batch_size=t.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-                              num_workers=recipe.data.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(t.seed))
-    eval_loader = DataLoader(eval_ds, batch_size=t.per_device_eval_batch_size, collate_fn=collator,
-                             num_workers=recipe.data.num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(t.seed))
-
-    train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
-    per_process_batches = len(train_loader)
-    updates_per_epoch = steps_per_epoch(per_process_batches, t.gradient_accumulation_steps)
+    data = load_task_data(recipe, accelerator.main_process_first)  # cheap data and label checks before the model
+    train_loader, eval_loader = make_loaders(recipe, data, tokenizer, accelerator)
+    updates_per_epoch = steps_per_epoch(len(train_loader), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
-    num_epochs = math.ceil(total_steps / updates_per_epoch)
 
-    # --- model, optimizer, schedule -----------------------------------------------------------
-    device_map = {"": accelerator.device} if recipe.quantization.method == "nf4" else None
-    model, trainable_heads = load_base_model(recipe, config, device_map)
-    model = apply_regime(recipe, model, trainable_heads, total_steps)
+    # NF4 weights are quantized where they load; everything else is placed by accelerator.prepare.
+    device = accelerator.device if recipe.quantization.is_4bit else None
+    model = build_classifier(recipe, data.label_names, tokenizer, device, total_steps)
     if accelerator.device.type == "cpu":
         use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
     params = count_parameters(model)
@@ -274,32 +255,12 @@ def train(recipe: Recipe) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.torch_compile:
         model = torch.compile(model)
-    unwrapped = accelerator.unwrap_model(model)
-    base_optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside Accelerate's wrapper
-    is_adalora = recipe.peft.method == "adalora"
-
-    global_batch = t.per_device_train_batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    logger.info("%s", params)
-    logger.info("examples: train %d, eval %d | %s, processes %d | global batch %d (= %d per device x %d accumulation x %d;"
-                " learning rate %.2e applies to it, not scaled with processes) | %d optimizer steps over %d epoch(s)",
-                len(train_ds), len(eval_ds), launch.name, accelerator.num_processes, global_batch,
-                t.per_device_train_batch_size, t.gradient_accumulation_steps, accelerator.num_processes,
-                t.learning_rate, total_steps, num_epochs)
-
-    # --- resume -------------------------------------------------------------------------------
-    state = LoopState()
-    if resume_dir is not None:
-        dist.check_resume_launch(saved, launch)
-        if launch.engine_owns_optimizer:
-            loaded = dist.load_engine_state(accelerator, resume_dir, scheduler, launch)
-        else:
-            loaded = ckpt.load_training_state(resume_dir, unwrapped, base_optimizer, scheduler)
-        state = LoopState(**loaded["loop"])
-        if is_adalora:
-            _load_adalora(unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, state.global_step, state.epoch, state.batches_in_epoch)
-    elif t.resume_from_checkpoint == "latest":
-        logger.info("no checkpoint in %s yet: starting from scratch", checkpoints_root)
+    run = Run(recipe, out, accelerator, launch, tokenizer, data.label_names, train_loader, eval_loader, model,
+              optimizer, scheduler, total_steps, updates_per_epoch, params, pusher)
+    _log_plan(run, data)
+    state = restore(run, resume_dir, saved) if resume_dir is not None else LoopState()
+    if resume_dir is None and t.resume_from_checkpoint == "latest":
+        logger.info("no checkpoint in %s yet: starting from scratch", run.checkpoints_root)
 
     if accelerator.is_main_process:
         if recipe.output.overwrite_output_dir and t.resume_from_checkpoint is None:
@@ -307,76 +268,94 @@ def train(recipe: Recipe) -> dict[str, Any]:
         ckpt.atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
     if trackers:
         accelerator.init_trackers("lora_train", config=_flat_config(recipe))
+    return run, state
 
-    stop = _StopFlag()
-    stop.install()
 
-    def save_checkpoint() -> None:
-        accelerator.wait_for_everyone()
-        path = checkpoints_root / ckpt.checkpoint_name(state.global_step)
-        bad = ckpt.non_finite(unwrapped)
-        if bad:  # keep the last good checkpoint rather than save a broken one
-            raise TrainingError(f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
-                                f" without saving. {_last_good(checkpoints_root)}")
-        extra, adalora_meta = _adalora_state(unwrapped) if is_adalora else (None, None)
-        saved_state = {"loop": state.__dict__, "recipe": recipe.to_dict(), "num_processes": accelerator.num_processes,
-                       "adalora": adalora_meta}
-        if launch.engine_owns_optimizer:  # every process writes its shard
-            dist.save_engine_state(accelerator, path, saved_state, scheduler, launch)
-        elif accelerator.is_main_process:
-            ckpt.save_training_state(path, unwrapped, base_optimizer, scheduler, saved_state, extra)
-        if accelerator.is_main_process:
-            ckpt.rotate_checkpoints(checkpoints_root, t.keep_last)
-            logger.info("saved checkpoint %s", path)
-            if pusher is not None and recipe.output.push_checkpoints:
-                card_metrics = {"global_step": state.global_step, "step": last_eval.get("step"), **last_eval.get("report", {})}
-                pusher.push_in_background(
-                    lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, card_metrics, state.history)),
-                    f"lora_train: adapter at step {state.global_step}",
-                )
-        accelerator.wait_for_everyone()
+def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tuple[DataLoader, DataLoader]:
+    """Tokenize once; batch dynamically (length-grouped training batches); both loaders prepared by Accelerate."""
+    from transformers import DataCollatorWithPadding
 
-    last_eval: dict[str, Any] = {}
+    t = recipe.training
+    with accelerator.main_process_first():
+        train_ds = tokenize(data.train, tokenizer, data.spec, recipe.data.max_length)
+        eval_ds = tokenize(data.eval, tokenizer, data.spec, recipe.data.max_length)
+    lengths = train_ds["length"]
+    train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    global_batch = t.per_device_train_batch_size * accelerator.num_processes
+    sampler = EpochSampler(lengths, global_batch, t.seed, recipe.data.group_by_length)
+    common = dict(collate_fn=collator, num_workers=recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    # Own generators: a DataLoader draws a worker seed from its generator (else from the global RNG that dropout
+    # uses) at every iteration start, so a resumed run's fresh iterator would shift dropout masks.
+    train_loader = DataLoader(train_ds, batch_size=t.per_device_train_batch_size, sampler=sampler,
+                              generator=torch.Generator().manual_seed(t.seed), **common)
+    eval_loader = DataLoader(eval_ds, batch_size=t.per_device_eval_batch_size,
+                             generator=torch.Generator().manual_seed(t.seed), **common)
+    return accelerator.prepare(train_loader, eval_loader)
 
-    def run_eval() -> dict[str, Any]:
-        report = evaluate(model, eval_loader, accelerator, num_labels, label_names)
-        entry = {"step": state.global_step, "eval_loss": report["loss"], "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"]}
-        state.history.append(entry)
-        accelerator.log(entry, step=state.global_step)
-        logger.info("step %d | eval loss %.4f | accuracy %.4f | macro-F1 %.4f", state.global_step, report["loss"], report["accuracy"], report["macro_f1"])
-        last_eval.update(step=state.global_step, report=report)
-        score = report["accuracy"]
-        if state.best_metric is None or score > state.best_metric:
-            state.best_metric, state.best_step = score, state.global_step
-            weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
-            if accelerator.is_main_process:
-                ckpt.atomic_directory(out / "best", lambda d: ckpt.save_model_dir(d, unwrapped, tokenizer, _run_files(recipe, label_names, {"step": state.global_step, **report}), weights))
-        return report
 
-    # --- the loop -----------------------------------------------------------------------------
-    model.train()
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not accelerator.is_main_process, desc="train")
-    pending: list[tuple[int, torch.Tensor]] = []  # (step, loss) not yet copied to the host
-    micro_losses: list[torch.Tensor] = []
-    window_samples = torch.zeros((), device=accelerator.device)
-    window_tokens = torch.zeros((), device=accelerator.device)
-    samples_this_process = torch.zeros(1, device=accelerator.device)  # reported per process: shows every rank trained
-    window_start, train_start = time.perf_counter(), time.perf_counter()
-    steps_at_start = state.global_step
+def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
+    """Load a checkpoint's weights, optimizer, scheduler, RNGs (and AdaLoRA allocator); return its loop state."""
+    dist.check_resume_launch(saved, run.launch)
+    if run.launch.engine_owns_optimizer:
+        loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
+    else:
+        base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
+        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler,
+                                          run.accelerator.process_index)
+    state = LoopState(**loaded["loop"])
+    if run.is_adalora:
+        ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
+    logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, state.global_step, state.epoch,
+                state.batches_in_epoch)
+    return state
 
-    def flush_losses() -> None:
-        """Copy pending step losses to the host in one sync, refuse non-finite ones, log the window."""
-        nonlocal window_start
-        if not pending:
-            return
-        losses = accelerator.reduce(torch.stack([loss for _, loss in pending]), reduction="mean").tolist()
-        for (step, _), value in zip(pending, losses):
+
+# ---------------------------------------------------------------------------------------------
+# What the loop calls
+
+
+class LogWindow:
+    """Step losses not yet copied to the host, and the samples and tokens of the current logging window.
+
+    Losses stay on the device until a log line is due, so a step does not wait for the device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (step, mean loss of its micro-batches)
+        self.micro_losses: list[torch.Tensor] = []
+        self.samples = torch.zeros((), device=device)
+        self.tokens = torch.zeros((), device=device)
+        self.samples_this_process = torch.zeros(1, device=device)  # reported per process: shows every rank trained
+        self.start = self.train_start = time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        self.micro_losses.append(loss.detach().float())
+        self.samples += batch["labels"].numel()
+        self.samples_this_process += batch["labels"].numel()
+        self.tokens += batch["attention_mask"].sum()
+
+    def end_step(self, step: int) -> None:
+        self.pending.append((step, torch.stack(self.micro_losses).mean()))
+        self.micro_losses.clear()
+
+    def restart(self) -> None:
+        self.start = time.perf_counter()
+
+    def flush(self, run: Run, state: LoopState) -> Optional[dict[str, Any]]:
+        """Copy pending losses to the host in one sync, refuse non-finite ones, log and return the window's entry."""
+        if not self.pending:
+            return None
+        accelerator = run.accelerator
+        losses = accelerator.reduce(torch.stack([loss for _, loss in self.pending]), reduction="mean").tolist()
+        for (step, _), value in zip(self.pending, losses):
             if not math.isfinite(value):
-                raise TrainingError(f"loss became {value} at optimizer step {step}; stopping. {_last_good(checkpoints_root)}")
-        elapsed = time.perf_counter() - window_start
-        samples, tokens = accelerator.reduce(torch.stack([window_samples, window_tokens]), reduction="sum").tolist()
+                raise TrainingError(f"loss became {value} at optimizer step {step}; stopping. {_last_good(run.checkpoints_root)}")
+        elapsed = time.perf_counter() - self.start
+        samples, tokens = accelerator.reduce(torch.stack([self.samples, self.tokens]), reduction="sum").tolist()
         entry = {
-            "step": pending[-1][0], "loss": sum(losses) / len(losses), "learning_rate": scheduler.get_last_lr()[0],
+            "step": self.pending[-1][0], "loss": sum(losses) / len(losses), "learning_rate": run.scheduler.get_last_lr()[0],
             "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "window_s": elapsed,
             "window_samples": int(samples), "window_tokens": int(tokens),
             "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -384,97 +363,178 @@ def train(recipe: Recipe) -> dict[str, Any]:
         }
         state.history.append(entry)
         accelerator.log({k: v for k, v in entry.items() if k != "step_losses"}, step=entry["step"])
-        progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}")
-        pending.clear()
-        window_samples.zero_()
-        window_tokens.zero_()
-        window_start = time.perf_counter()
+        self.pending.clear()
+        self.samples.zero_()
+        self.tokens.zero_()
+        self.restart()
+        return entry
 
-    interrupted = False
-    while state.global_step < total_steps and not interrupted:
-        # Accelerate's loader re-sets the sampler's epoch from its own counter at every iteration start.
-        train_loader.set_epoch(state.epoch)
-        loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch) if state.batches_in_epoch else train_loader
-        for batch in loader:
-            with accelerator.accumulate(model):
-                outputs = model(**batch)
-                accelerator.backward(outputs.loss)
-                micro_losses.append(outputs.loss.detach().float())
-                window_samples += batch["labels"].numel()
-                samples_this_process += batch["labels"].numel()
-                window_tokens += batch["attention_mask"].sum()
-                if accelerator.sync_gradients:
-                    if t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    if is_adalora:
-                        unwrapped.base_model.update_and_allocate(state.global_step)
-                    optimizer.zero_grad(set_to_none=True)
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            pending.append((state.global_step, torch.stack(micro_losses).mean()))
-            micro_losses.clear()
-            progress.update(1)
 
-            end_of_epoch = state.batches_in_epoch >= per_process_batches
-            if end_of_epoch:
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            last = state.global_step >= total_steps
-            due_eval = (t.eval_steps and state.global_step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
-            due_save = (t.save_steps and state.global_step % t.save_steps == 0) or (not t.save_steps and end_of_epoch)
-            interrupted = stop.agreed(accelerator)
-            if state.global_step % t.logging_steps == 0 or due_eval or due_save or last or interrupted:
-                flush_losses()
-            if due_eval:
-                run_eval()
-            if due_save or interrupted:
-                save_checkpoint()
-            if due_eval or due_save:
-                window_start = time.perf_counter()  # samples/s of the next window: training only, not this eval/save
-            if last or interrupted or end_of_epoch:
-                break
-    progress.close()
-    stop.uninstall()
-    if interrupted:
-        logger.warning("stopped by %s at step %d; checkpoint saved. Resume with training.resume_from_checkpoint=latest",
-                       stop.signal_name, state.global_step)
-        _end_training(accelerator)
-        return {"interrupted": True, "step": state.global_step}
+def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
+    """Evaluate, log and record the report; save ``best/`` when the accuracy improved."""
+    report = evaluate(run.model, run.eval_loader, run.accelerator, len(run.label_names), run.label_names)
+    entry = {"step": state.global_step, "eval_loss": report["loss"], "eval_accuracy": report["accuracy"],
+             "eval_macro_f1": report["macro_f1"]}
+    state.history.append(entry)
+    run.accelerator.log(entry, step=state.global_step)
+    logger.info("step %d | eval loss %.4f | accuracy %.4f | macro-F1 %.4f", state.global_step, report["loss"],
+                report["accuracy"], report["macro_f1"])
+    run.last_eval.update(step=state.global_step, report=report)
+    if state.best_metric is None or report["accuracy"] > state.best_metric:
+        state.best_metric, state.best_step = report["accuracy"], state.global_step
+        weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
+        if run.accelerator.is_main_process:
+            files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
+            with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
+                ckpt.atomic_directory(run.out / "best",
+                                      lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
+    return report
 
-    # --- final evaluation and save ------------------------------------------------------------
-    report = last_eval["report"] if last_eval.get("step") == state.global_step else run_eval()
-    train_seconds = time.perf_counter() - train_start
-    metrics = {
+
+def save_checkpoint(run: Run, state: LoopState) -> None:
+    """Write a resumable checkpoint (every process its shard under DeepSpeed / FSDP), rotate old ones, push if asked."""
+    accelerator, recipe = run.accelerator, run.recipe
+    accelerator.wait_for_everyone()
+    path = run.checkpoints_root / ckpt.checkpoint_name(state.global_step)
+    bad = ckpt.non_finite(run.unwrapped)
+    if bad:  # keep the last good checkpoint rather than save a broken one
+        raise TrainingError(f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
+                            f" without saving. {_last_good(run.checkpoints_root)}")
+    extra, adalora_meta = ckpt.adalora_state(run.unwrapped) if run.is_adalora else (None, None)
+    saved_state = {"loop": state.__dict__, "recipe": recipe.to_dict(), "num_processes": accelerator.num_processes,
+                   "adalora": adalora_meta}
+    if run.launch.engine_owns_optimizer:
+        dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
+    else:
+        rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
+        if accelerator.is_main_process:
+            base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
+            ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra, rng_states)
+    if accelerator.is_main_process:
+        ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
+        logger.info("saved checkpoint %s", path)
+        if run.pusher is not None and recipe.output.push_checkpoints:
+            card_metrics = {"global_step": state.global_step, "step": run.last_eval.get("step"), **run.last_eval.get("report", {})}
+            files = _run_files(recipe, run.label_names, card_metrics, state.history)
+            run.pusher.push_in_background(lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files),
+                                          f"lora_train: adapter at step {state.global_step}")
+    accelerator.wait_for_everyone()
+
+
+def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[str, Any]) -> dict[str, Any]:
+    """What ``metrics.json``, the model card and the command line report at the end of a run."""
+    accelerator, params = run.accelerator, run.params
+    return {
         "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_loss": report["loss"],
-        "eval_samples": report["num_samples"], "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
+        "eval_samples": report["num_samples"], "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
         "best_eval_accuracy": state.best_metric, "best_step": state.best_step,
-        "global_step": state.global_step, "epochs": state.global_step / updates_per_epoch,
-        "train_seconds_this_session": train_seconds,
-        "train_steps_per_s": (state.global_step - steps_at_start) / max(train_seconds, 1e-9),
+        "global_step": state.global_step, "epochs": state.global_step / run.updates_per_epoch,
+        "train_seconds_this_session": session.seconds,
+        "train_steps_per_s": (state.global_step - session.first_step) / max(session.seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         "trainable_params": params.trainable, "total_params": params.total, "trainable_percent": params.percent,
-        "num_processes": accelerator.num_processes, "global_batch_size": global_batch,
-        "train_samples_per_process": [int(n) for n in accelerator.gather(samples_this_process).tolist()],
-        "device": str(accelerator.device), "label_names": label_names,
-        "hardware": hardware_summary(accelerator.device, accelerator.num_processes), "resumed_from_step": steps_at_start,
+        "num_processes": accelerator.num_processes, "global_batch_size": run.global_batch,
+        "train_samples_per_process": [int(n) for n in accelerator.gather(session.samples_this_process).tolist()],
+        "device": str(accelerator.device), "label_names": run.label_names,
+        "hardware": hardware_summary(accelerator.device, accelerator.num_processes),
+        "resumed_from_step": session.first_step,
     }
-    weights = dist.full_state_dict(accelerator, model, launch)  # every process: gathers ZeRO-3 / FSDP shards
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.save_final(out, unwrapped, tokenizer, _run_files(recipe, label_names, metrics, state.history), weights)
-        logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], out)
-    accelerator.wait_for_everyone()
-    if pusher is not None:
-        _push_final(pusher, out, state.global_step)
-    _end_training(accelerator)
-    return metrics
+
+
+def _progress_bar(run: Run, state: LoopState):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train")
+
+
+def _log_plan(run: Run, data: TaskData) -> None:
+    t, accelerator = run.recipe.training, run.accelerator
+    logger.info("%s", run.params)
+    logger.info("examples: train %d, eval %d | %s, processes %d | global batch %d (= %d per device x %d accumulation"
+                " x %d; learning rate %.2e applies to it, not scaled with processes) | %d optimizer steps over %d"
+                " epoch(s)", len(data.train), len(data.eval), run.launch.name, accelerator.num_processes,
+                run.global_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                accelerator.num_processes, t.learning_rate, run.total_steps,
+                math.ceil(run.total_steps / run.updates_per_epoch))
 
 
 # ---------------------------------------------------------------------------------------------
-# Small pieces used above
+# Checks and small pieces
+
+
+def setup_logging(is_main: bool) -> None:
+    """Readable logs on the main process; warnings only elsewhere."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING, force=True)
+    import datasets
+    import transformers
+
+    if not is_main:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    else:
+        transformers.utils.logging.set_verbosity_warning()
+
+
+def check_output_dir(recipe: Recipe) -> Path:
+    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
+    work."""
+    if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
+        raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
+                           " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])
+    out = Path(recipe.output.output_dir)
+    overwrite = recipe.output.overwrite_output_dir
+    if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
+        raise RecipeError([
+            f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
+            " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
+        ])
+    others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
+    if others and not ckpt.holds_run(out) and not overwrite:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise RecipeError([f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
+                           " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
+                           " it with output.overwrite_output_dir=true"])
+    problem = ckpt.writable_directory_problem(out)
+    if problem:
+        raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
+    return out
+
+
+def check_model_fits(recipe: Recipe, config) -> None:
+    """Checks that need only config.json and file names: sequence length, target modules (model built on 'meta'),
+    safetensors weights for a local model, and bitsandbytes kernels that run when NF4 is asked."""
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and recipe.data.max_length > limit:
+        raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
+    meta = meta_model(config)
+    check_target_modules(recipe, meta)
+    check_method_runs(recipe, meta)
+    local = Path(recipe.model.name_or_path)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise RecipeError([f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
+                           " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
+                           " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"])
+    if recipe.quantization.is_4bit:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:  # a 64x64 round trip: installed is not enough, its kernels must run on this device
+            import bitsandbytes.functional as bnb_functional
+
+            bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4"))
+        except Exception as err:  # noqa: BLE001 - import, library-loading and kernel errors alike
+            raise RecipeError([f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
+                               f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
+                               " platform (CPU support needs >= 0.46), or train without quantization:"
+                               " quantization.method=none"]) from None
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norms, with layer-wise learning rates when training.layer_lr_decay < 1;
+    fused (one kernel for all tensors) on CUDA and CPU."""
+    t = recipe.training
+    groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
 
 
 def _end_training(accelerator) -> None:
@@ -520,7 +580,7 @@ def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: O
     }
     if history is not None:
         files["history.json"] = json.dumps(history, indent=1)
-        nf4 = " on an NF4 base" if recipe.quantization.method == "nf4" else ""
+        nf4 = " on an NF4 base" if recipe.quantization.is_4bit else ""
         files[PLOT_NAME] = learning_curve_png(history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method}{nf4})")
     return files
 
@@ -539,26 +599,6 @@ def _last_good(checkpoints_root: Path) -> str:
     kept = ckpt.list_checkpoints(checkpoints_root)
     where = f"The last good checkpoint is kept: {kept[-1]}." if kept else "No checkpoint had been saved yet."
     return where + " Lower training.learning_rate (or raise training.warmup_ratio), or check the data for broken rows."
-
-
-def _adalora_state(unwrapped) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdaLoRA's rank allocator: importance EMAs as named tensors, and the rank pattern once the budget is final
-    (peft masks with it in the last ``tfinal`` steps, so a resume there needs it)."""
-    allocator = unwrapped.base_model.rankallocator
-    tensors = {}
-    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-        for name, value in getattr(allocator, kind).items():
-            tensors[f"{kind}::{name}"] = value
-    config = unwrapped.peft_config[unwrapped.base_model.trainable_adapter_name]
-    return tensors, {"rank_pattern": config.rank_pattern}
-
-
-def _load_adalora(unwrapped, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    allocator = unwrapped.base_model.rankallocator
-    for key, value in tensors.items():
-        kind, name = key.split("::", 1)
-        getattr(allocator, kind)[name] = value.to(unwrapped.device)
-    unwrapped.peft_config[unwrapped.base_model.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")
 
 
 class _StopFlag:

@@ -9,10 +9,9 @@ on the command line wins. Throughput is the median over the logging windows afte
 CUDA start-up and kernel selection); peak memory is ``torch.cuda.max_memory_allocated`` (and reserved).
 Without a CUDA device it says so and exits 0 without doing anything.
 
-On a machine without Hub access, point the recipe at local copies, e.g. with the checkpoint in the cache:
-    HF_HUB_OFFLINE=1 python scripts/gpu_check.py recipes/sst2_qlora.yaml \\
-        model.name_or_path=sentence-transformers/all-MiniLM-L6-v2 peft.target_modules=[query,value] \\
-        data.path=../shared/data/sst2
+On a machine without Hub access, use a checkpoint and the dataset from a Hub cache, e.g.:
+    HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-hub python scripts/gpu_check.py recipes/sst2_qlora.yaml \\
+        model.name_or_path=sentence-transformers/all-MiniLM-L6-v2 peft.target_modules=[query,value]
 """
 
 from __future__ import annotations
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> int:
     args = argv if argv and not argv[0].startswith("-") and "=" not in argv[0] else [str(DEFAULT_RECIPE), *argv]
     name = Path(args[0]).stem
     recipe, _ = parse_recipe(parser, [args[0], *BRIEF, f"output.output_dir=runs/gpu_check/{name}", *args[1:]])
-    if recipe.quantization.method != "nf4":
+    if not recipe.quantization.is_4bit:
         print(f"gpu_check: note: {args[0]} is not a QLoRA recipe (quantization.method = {recipe.quantization.method})")
     metrics = train(recipe)
     out = Path(recipe.output.output_dir)

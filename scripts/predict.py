@@ -1,60 +1,12 @@
 #!/usr/bin/env python
 """Classify texts with a trained run (output directory or Hub repo).
 
-    python scripts/predict.py runs/cpu/sst2_lora "a delightful film" "a dull, lifeless mess"
-    python scripts/predict.py runs/cpu/sst2_lora --file reviews.csv --text-column review --json
-    cat texts.txt | python scripts/predict.py user/sst2-minilm-lora
-
-Texts come from the arguments, a file (.txt one per line, .jsonl or .csv with a text field) or
-stdin, and are classified in batches. Each line of output is `label<TAB>probability<TAB>text`, or a
-JSON object with --json. The base model is loaded in the quantization the run trained with.
+`python scripts/predict.py --help` for usage. The code: lora_train.commands.predict.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from typing import Optional, Sequence
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
-    parser.add_argument("texts", nargs="*", help="texts to classify (none: read --file or stdin)")
-    parser.add_argument("--file", help="input file: .txt (one text per line), .jsonl or .csv; '-' for stdin")
-    parser.add_argument("--text-column", help="field of .jsonl / .csv records holding the text (default: the task's text column)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per text, with every class probability")
-    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    args = parser.parse_args(argv)
-    if args.texts and args.file:
-        parser.error("give texts as arguments or --file, not both")
-    if args.batch_size <= 0:
-        parser.error("--batch-size must be > 0")
-    if not args.texts and not args.file and sys.stdin.isatty():
-        parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
-
-    from lora_train.data import resolve_spec
-    from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
-
-    try:
-        directory = resolve_run(args.run)  # a Hub repo is downloaded once, here
-        texts = args.texts
-        if not texts:
-            column = args.text_column or resolve_spec(read_run(directory)[0].data).text_column
-            texts = read_texts(args.file or "-", column)
-        run = load_run(str(directory), device=args.device)
-        for row in predict(run, texts, args.batch_size):
-            if args.json:
-                print(json.dumps(row, ensure_ascii=False), flush=True)
-            else:
-                print(f"{row['label']}\t{row['probability']:.4f}\t{row['text']}", flush=True)
-    except RunError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from lora_train.commands.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

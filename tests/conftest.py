@@ -17,11 +17,14 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 HAS_SHARED = (HF_HUB / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir() and (DATA / "sst2").is_dir()
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs the real assets in ../shared (data and hf-hub)")
+HAS_HUB_DATA = all((HF_HUB / f"datasets--{repo}").is_dir()
+                   for repo in ("nyu-mll--glue", "stanfordnlp--imdb", "dair-ai--emotion"))
+needs_hub_data = pytest.mark.skipif(not HAS_HUB_DATA, reason="needs the dataset repos in ../shared/hf-hub")
 
 # Offline everywhere: tests never reach the Hub. The real checkpoint cache is used when present.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if HAS_SHARED:
+if HAS_SHARED or HAS_HUB_DATA:
     os.environ["HF_HUB_CACHE"] = str(HF_HUB)
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "fun", "brilliant"]
@@ -70,22 +73,25 @@ def _word_tokenizer(directory: Path):
     return tok
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A randomly initialised 2-layer BERT (hidden 64; bitsandbytes CPU kernels need in_features >= 64) with a word-level tokenizer, saved as safetensors.
-
-    Saved without a pooler, so the pooler and the classifier are the new head modules that get trained.
-    """
+def save_tiny_bert(directory: Path, with_pooler: bool, seed: int) -> Path:
+    """A randomly initialised 2-layer BERT (hidden 64; bitsandbytes CPU kernels need in_features >= 64) with a
+    word-level tokenizer, saved as safetensors in ``directory``."""
     import torch
     from transformers import BertConfig, BertModel
 
-    directory = tmp_path_factory.mktemp("tiny_bert")
     tok = _word_tokenizer(directory)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
-    BertModel(config, add_pooling_layer=False).save_pretrained(directory, safe_serialization=True)
+    BertModel(config, add_pooling_layer=with_pooler).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """The tiny BERT saved without a pooler, so the pooler and the classifier are the new head modules that get
+    trained."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), with_pooler=False, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +110,16 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
                          num_key_value_heads=2, max_position_embeddings=64, eos_token_id=3, bos_token_id=2, pad_token_id=None)
     LlamaModel(config).save_pretrained(directory, safe_serialization=True)
     return directory
+
+
+def script(name: str):
+    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_recipe(path: Path, sections: dict) -> Path:

@@ -26,6 +26,7 @@ EXPECTED = {  # file -> (engine, processes, ZeRO stage, FSDP version)
     "deepspeed_zero2.yaml": ("deepspeed", 2, 2, None),
     "deepspeed_zero3.yaml": ("deepspeed", 2, 3, None),
     "fsdp.yaml": ("fsdp", 2, 0, 2),
+    "multi_node.yaml": ("ddp", 16, 0, None),
 }
 
 
@@ -110,3 +111,11 @@ def test_launch_env_matches_what_accelerate_launch_sets():
     assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
     _, env = launch_env(CONFIG_DIR / "fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+
+
+def test_multi_node_config_starts_one_torchrun_agent_per_machine_meeting_at_the_main_host():
+    """What each machine's `accelerate launch --config_file multi_node.yaml` hands torchrun (placeholders as is)."""
+    args, env = launch_env(CONFIG_DIR / "multi_node.yaml")
+    assert (args.nnodes, args.nproc_per_node, args.node_rank) == ("2", "8", 0)
+    assert (args.rdzv_backend, args.rdzv_endpoint) == ("static", "MAIN_HOST:29500")
+    assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env  # plain DDP

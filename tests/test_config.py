@@ -64,7 +64,7 @@ def test_every_problem_is_reported_at_once():
     "override,message",
     [
         ("training.learning_rate=0", "training.learning_rate = 0.0 must be > 0"),
-        ("peft.method=prefix", "peft.method = 'prefix' is invalid: expected one of 'lora', 'adalora', 'head_only', 'full'"),
+        ("peft.method=prefix", "peft.method = 'prefix' is invalid: expected one of 'lora', 'adalora', 'ia3', 'prompt_tuning',"),
         ("data.task=sst3", "data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)"),
         ("training.warmup_ratio=1.5", "training.warmup_ratio = 1.5 must be in [0, 1)"),
         ("model.trust_remote_code=yes please", "model.trust_remote_code = 'yes please' is invalid: expected true/false"),

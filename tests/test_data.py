@@ -1,4 +1,5 @@
-"""Task registry, data loading (the ../shared layout and generic files), label checks, batching."""
+"""Task registry, data loading (Hub ids through the Hub cache, local directories, generic files), label checks,
+batching."""
 
 from __future__ import annotations
 
@@ -8,9 +9,18 @@ import pandas as pd
 import pytest
 
 from lora_train.config import DataConfig
-from lora_train.data import DataError, EpochSampler, check_labels, label_names_of, load_splits, resolve_spec, tokenize
+from lora_train.data import (
+    DataError,
+    EpochSampler,
+    check_labels,
+    config_file_patterns,
+    label_names_of,
+    load_splits,
+    resolve_spec,
+    tokenize,
+)
 from lora_train.tasks import TASKS
-from tests.conftest import DATA, MINILM, needs_shared
+from tests.conftest import DATA, MINILM, needs_hub_data, needs_shared
 
 
 def test_registry_describes_the_three_tasks():
@@ -21,7 +31,13 @@ def test_registry_describes_the_three_tasks():
 
 def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
     spec = resolve_spec(DataConfig(task="sst2"))
-    assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == ("glue", "sst2", "sentence", "validation")
+    assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == (
+        "nyu-mll/glue", "sst2", "sentence", "validation")
+    for task, legacy, canonical, config in (("sst2", "glue", "nyu-mll/glue", "sst2"),
+                                            ("imdb", "imdb", "stanfordnlp/imdb", "plain_text"),
+                                            ("emotion", "emotion", "dair-ai/emotion", "split")):
+        spec = resolve_spec(DataConfig(task=task, path=legacy))
+        assert (spec.source, spec.config_name) == (canonical, config)
     local = resolve_spec(DataConfig(task="sst2", path="/data/sst2", eval_split="test"))
     assert local.source == "/data/sst2" and local.config_name is None and local.eval_split == "test"
     assert resolve_spec(DataConfig(task="imdb")).carve_eval_from_train
@@ -37,6 +53,49 @@ def test_shared_layout_loads_as_is(task, train_n, eval_n, classes):
     names = label_names_of(train, spec)
     assert len(names) == classes
     check_labels(train, spec, classes, "train")
+
+
+@needs_hub_data
+@pytest.mark.parametrize("task,path,config,train_n,eval_n,names", [
+    ("sst2", "nyu-mll/glue", "sst2", 67349, 872, ["negative", "positive"]),
+    ("sst2", "glue", None, 67349, 872, ["negative", "positive"]),  # the legacy short id and the task's config
+    ("emotion", "dair-ai/emotion", None, 16000, 2000, ["sadness", "joy", "love", "anger", "fear", "surprise"]),
+    (None, "stanfordnlp/imdb", "plain_text", 25000, 25000, ["neg", "pos"]),  # generic: names from its ClassLabel
+])
+def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, eval_n, names):
+    generic = {} if task else {"eval_split": "test", "text_column": "text"}
+    cfg = DataConfig(task=task, path=path, config_name=config, **generic)
+    spec = resolve_spec(cfg)
+    train, evaluation = load_splits(spec, cfg)
+    assert (len(train), len(evaluation)) == (train_n, eval_n)
+    assert label_names_of(train, spec) == names
+
+
+def test_hub_dataset_missing_offline_says_what_to_do():
+    cfg = DataConfig(task=None, path="lora-train-tests/no-such-dataset", text_column="text")
+    with pytest.raises(DataError, match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*"
+                       r"HF_HUB_OFFLINE=1 is set.*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local"):
+        load_splits(resolve_spec(cfg), cfg)
+
+
+@needs_hub_data
+def test_hub_config_the_dataset_lacks_lists_its_configs():
+    cfg = DataConfig(task="sst2", path="nyu-mll/glue", config_name="cola")
+    with pytest.raises(DataError, match=r"no config 'cola'; its configs are \['sst2'\]"):
+        load_splits(resolve_spec(cfg), cfg)
+
+
+def test_config_file_patterns_come_from_the_dataset_card(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("---\nconfigs:\n- config_name: a\n  data_files:\n  - split: train\n    path: a/train-*\n"
+                    "  - split: test\n    path: [a/test-*, extra/test-*]\n- config_name: b\n  data_files: b/*.csv\n"
+                    "  default: true\n---\n# card\n")
+    assert config_file_patterns(card, "x/y", "a") == ["a/train-*", "a/test-*", "extra/test-*"]
+    assert config_file_patterns(card, "x/y", None) == ["b/*.csv"]
+    with pytest.raises(DataError, match=r"no config 'c'; its configs are \['a', 'b'\]"):
+        config_file_patterns(card, "x/y", "c")
+    card.write_text("# a card without a YAML header\n")
+    assert config_file_patterns(card, "x/y", None) is None  # no configs declared: the whole repo is needed
 
 
 @needs_shared

@@ -11,16 +11,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from lora_train import checkpoint as ckpt
 from lora_train.config import RecipeError, build_recipe
 from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
 from lora_train.train import train
@@ -62,9 +66,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
 def launch(command: list[str], env: dict[str, str], timeout: int = 420) -> subprocess.CompletedProcess:
     """Run a launcher from the project root, offline, and return its completed process."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **env}
+    full_env = {**os.environ, **OFFLINE, **env}
     return subprocess.run(command, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -74,10 +81,25 @@ def torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
                    "scripts/train.py", str(recipe), *overrides], {"ACCELERATE_USE_CPU": "true"})
 
 
-def accelerate_launch(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def accelerate_command(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    return launch([*accelerate, *(["--config_file", f"accelerate_configs/{config}"] if config else []), *extra,
-                   "--num_processes", "2", "--main_process_port", str(free_port()), "scripts/train.py", str(recipe), *overrides], {})
+    return [*accelerate, *(["--config_file", f"accelerate_configs/{config}"] if config else []), *extra,
+            "--num_processes", "2", "--main_process_port", str(free_port()),
+            "scripts/train.py", str(recipe), *overrides]
+
+
+def accelerate_launch(config: str, recipe: Path, *overrides: str,
+                      extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return launch(accelerate_command(config, recipe, *overrides, extra=extra), {})
+
+
+def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
+    """Poll ``condition`` while ``proc`` runs; fail with its log if it exits or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"exited ({proc.returncode}) too early:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
+        time.sleep(0.05)
 
 
 def step_losses(run_dir: Path) -> list[float]:
@@ -169,30 +191,96 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_
 
 
 @needs_cpu_host
-def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
-    """ZeRO-2 over gloo: same trajectory as one process, per-rank optimizer shards, and an exact resume."""
+def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(
+        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    """ZeRO-2 over gloo: every process SIGKILLed inside the save of step 12 (test hook: all shards written, nothing
+    published); step 8 is intact, and the resumed run has the 1-process trajectory with per-rank optimizer shards."""
     out = tmp_path / "zero2"
-    raw = recipe_for(bert_no_dropout, uneven_data, out, per_device=8, save_steps=STEPS // 2)
+    raw = recipe_for(bert_no_dropout, uneven_data, out, per_device=8, save_steps=STEPS // 4)
     recipe = write_recipe(tmp_path / "recipe.yaml", raw)
-    proc = accelerate_launch("deepspeed_zero2.yaml", recipe)
+    root, log = out / "checkpoints", tmp_path / "killed.log"
+    with open(log, "w") as handle:
+        killed = subprocess.Popen(accelerate_command("deepspeed_zero2.yaml", recipe), cwd=ROOT, stdout=handle,
+                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**os.environ, **OFFLINE, ckpt.PAUSE_IN_SAVE_ENV: "step-00000012"})
+    try:
+        wait_until(lambda: len(list(root.glob(".step-00000012.tmp-*/**/*optim_states.pt"))) == 2, killed, log)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both training processes, as a node failure would
+        killed.wait(60)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-00000004", "step-00000008"]
+    assert ckpt.verify_checkpoint(root / "step-00000008") is None  # every file as its manifest says
+
+    resumed = accelerate_launch("deepspeed_zero2.yaml", recipe, "training.resume_from_checkpoint=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {root / 'step-00000008'} at step 8 " in resumed.stderr
+    [metrics] = printed_metrics(resumed.stdout)
+    assert "DeepSpeed ZeRO-2, processes 2" in resumed.stderr
+    assert metrics["train_samples_per_process"] == [TRAIN_ROWS // 4] * 2  # steps 9-16 on each process
+    assert_same_trajectory(out, one_process_runs["none"])
+    assert_one_checkpoint_and_adapter(out, steps=(12, 16))  # the kill's leftovers cleaned up
+    shards = sorted(p.name for p in (root / "step-00000016").rglob("*optim_states.pt"))
+    assert len(shards) == 2  # one optimizer shard per process, each written by its own process
+    saved = json.loads((root / "step-00000016" / "state.json").read_text())
+    assert saved["format"] == ENGINE_FORMAT and saved["num_processes"] == 2
+    assert ckpt.verify_checkpoint(root / "step-00000016") is None
+
+
+@needs_cpu_host
+def test_ddp_resume_restores_every_processs_rng_and_is_bitwise_exact(tmp_path, tiny_bert_dir, uneven_data):
+    """Dropout on (BERT 0.1, LoRA 0.1): each process draws its own masks, so a resumed 2-process run is the
+    uninterrupted one only if every process gets its own RNG state back."""
+    out, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    raw = recipe_for(tiny_bert_dir, uneven_data, out, per_device=8, save_steps=STEPS // 2)
+    raw["peft"]["dropout"] = 0.1
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    proc = torchrun(recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [metrics] = printed_metrics(proc.stdout)
-    assert "DeepSpeed ZeRO-2, processes 2" in proc.stderr
+    middle = f"checkpoints/step-{STEPS // 2:08d}"
+    shutil.copytree(out / middle, resumed / middle)  # what a run killed after step 8 leaves
+
+    proc = torchrun(recipe, f"output.output_dir={resumed}", "training.resume_from_checkpoint=latest")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"at step {STEPS // 2} " in proc.stderr
+    assert step_losses(resumed) == step_losses(out)
+    a, b = load_file(out / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    rng = sorted(p.name for p in (out / middle).glob("rng-*"))
+    assert rng == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+    states = [load_file(out / middle / name)["torch_cpu"] for name in rng]
+    assert not torch.equal(*states)  # the processes' streams really differ (else this test could not fail)
+
+
+@needs_cpu_host
+def test_two_nodes_through_c10d_rendezvous_train_like_one_process(
+        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    """Two "machines" of one process each (two torchrun agents meeting at a c10d rendezvous on 127.0.0.1), global
+    batch 16 = 2 nodes x 8: the same per-step losses as one process x 16, one report, exact evaluation."""
+    out = tmp_path / "nodes"
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "two-nodes",
+               "--local_addr", "127.0.0.1", "scripts/train.py", str(recipe)]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    nodes = []
+    for path in logs:
+        with open(path, "w") as handle:
+            nodes.append(subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
+                                          env={**os.environ, **OFFLINE, "ACCELERATE_USE_CPU": "true"}))
+    try:
+        codes = [node.wait(420) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    texts = [path.read_text() for path in logs]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in texts)
+    [metrics] = [m for text in texts for m in printed_metrics(text)]  # the node that got global rank 0 reports
+    assert metrics["num_processes"] == 2 and metrics["global_batch_size"] == 16
     assert metrics["train_samples_per_process"] == [TRAIN_ROWS // 2] * 2
     assert_same_trajectory(out, one_process_runs["none"])
-    assert_one_checkpoint_and_adapter(out, steps=(STEPS // 2, STEPS))
-    middle = out / "checkpoints" / f"step-{STEPS // 2:08d}"
-    shards = sorted(p.name for p in middle.rglob("*optim_states.pt"))
-    assert len(shards) == 2  # one optimizer shard per process, each written by its own process
-    saved = json.loads((middle / "state.json").read_text())
-    assert saved["format"] == ENGINE_FORMAT and saved["num_processes"] == 2
-
-    first_run = step_losses(out)
-    resumed = accelerate_launch("deepspeed_zero2.yaml", recipe, f"training.resume_from_checkpoint={middle}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"at step {STEPS // 2} " in resumed.stderr
-    assert len(step_losses(out)) == STEPS
-    assert np.max(np.abs(np.subtract(step_losses(out)[STEPS // 2:], first_run[STEPS // 2:]))) < STEP_LOSS_TOL
+    assert_one_checkpoint_and_adapter(out)
+    assert metrics["eval_samples"] == EVAL_ROWS
+    assert metrics["eval_accuracy"] == one_process_eval(out, uneven_data)["accuracy"]
 
 
 # slow: once in a loaded full-suite run, rank 1 aborted at process exit after training had finished ("terminate called
@@ -201,8 +289,6 @@ def test_deepspeed_zero2_two_processes_train_save_and_resume(tmp_path, bert_no_d
 @needs_cpu_host
 def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
     """ZeRO-3 partitions every weight (uint8 4-bit ones included); the saved adapter is gathered from the shards."""
-    from safetensors.torch import load_file
-
     out = tmp_path / "zero3"
     recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant="nf4"))
     proc = accelerate_launch("deepspeed_zero3.yaml", recipe)
@@ -303,7 +389,7 @@ def test_resume_needs_the_same_engine_and_process_count():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_runs_the_sst2_qlora_recipe(tmp_path):
     proc = launch([sys.executable, "scripts/gpu_check.py", "recipes/sst2_qlora.yaml", f"model.name_or_path={MINILM}",
-                   "peft.target_modules=[query,value]", "data.path=../shared/data/sst2", "training.max_steps=30",
+                   "peft.target_modules=[query,value]", "training.max_steps=30",
                    f"output.output_dir={tmp_path / 'run'}"], {"HF_HUB_CACHE": str(HF_HUB)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     [line] = [line for line in proc.stdout.splitlines() if line.startswith("gpu_check: {")]

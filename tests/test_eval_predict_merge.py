@@ -6,9 +6,9 @@ AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute)
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -16,20 +16,12 @@ import pytest
 import torch
 
 from lora_train.config import build_recipe
-from lora_train.inference import load_run, read_run
+from lora_train.inference import load_run, predict, read_run
 from lora_train.train import train
-from tests.conftest import ROOT, tiny_recipe
+from tests.conftest import script, tiny_recipe
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
-
-
-def script(name: str):
-    """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def trained(tmp_path_factory, model_dir, data_dir, name: str, **sections) -> Path:
@@ -180,6 +172,20 @@ def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, t
         assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
 
 
+def test_eval_and_predict_show_progress_with_rate_and_time_left(lora_run, tmp_path, capsys):
+    assert script("eval").main([str(lora_run), "--batch-size", "16", "--output-dir", str(tmp_path / "eval")]) == 0
+    bars = capsys.readouterr().err.split("\r")
+    assert any(bar.startswith("eval:") and "/8 [" in bar and "batch/s]" in bar for bar in bars), bars[-3:]
+
+    (tmp_path / "in.txt").write_text("\n".join(TEXTS * 20) + "\n")
+    assert script("predict").main([str(lora_run), "--file", str(tmp_path / "in.txt"), "--batch-size", "8"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 100  # results alone on stdout, the bar on stderr
+    bars = captured.err.split("\r")
+    assert any(bar.startswith("predict: 100%") and "100/100 [" in bar and "text/s]" in bar for bar in bars), bars[-3:]
+    assert any("<" in bar and "predict:" in bar for bar in bars)  # elapsed<remaining: the time left is shown
+
+
 def test_predict_refuses_bad_input_before_loading(lora_run, tmp_path, capsys):
     (tmp_path / "in.tsv").write_text("a\tb\n")
     assert script("predict").main([str(lora_run), "--file", str(tmp_path / "in.tsv")]) == 2
@@ -248,6 +254,21 @@ def test_merge_full_precision_equals_adapter(which, request, tmp_path):
     assert_merged_weights(run, merged, "float32")
 
 
+def test_merged_model_carries_the_task_labels_to_pipeline_and_auto_classes(lora_run, tmp_path):
+    """transformers reads class names only from a config.json; an adapter-only directory has none (its base's
+    LABEL_i names show), so the standalone merged model is the one that carries them."""
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    assert script("merge_adapter").main([str(lora_run), str(tmp_path / "merged")]) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert model.config.id2label == {0: "neg", 1: "pos"} and model.config.label2id == {"neg": 0, "pos": 1}
+    predictions = pipeline("text-classification", model=str(tmp_path / "merged"), device="cpu")(TEXTS)
+    adapter = load_run(str(lora_run), device="cpu")
+    assert [p["label"] for p in predictions] == [row["label"] for row in predict(adapter, TEXTS)]
+    loaded = pipeline("text-classification", model=adapter.model, tokenizer=adapter.tokenizer, device="cpu")(TEXTS)
+    assert [p["label"] for p in loaded] == [p["label"] for p in predictions]  # the adapter as load_run builds it
+
+
 def test_merge_nf4_into_dequantized_base(nf4_run, tmp_path):
     deviation, merged = merged_vs_adapter(nf4_run, tmp_path / "merged")
     dtype = read_run(nf4_run)[0].quantization.compute_dtype
@@ -264,3 +285,21 @@ def test_merge_refuses_non_empty_output(lora_run, tmp_path, capsys):
     (tmp_path / "x").write_text("keep me")
     assert script("merge_adapter").main([str(lora_run), str(tmp_path)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, capsys):
+    """A truncated or garbled adapter is named before any model is loaded, by all three scripts."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    adapter = run / "adapter_model.safetensors"
+    good = adapter.read_bytes()
+    half = len(good) // 2
+    truncated = (good[:half], (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file"
+                               f" has {half}"))
+    garbled = (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")
+    for damage, message in (truncated, garbled):
+        adapter.write_bytes(damage)
+        for name, args in (("eval", []), ("predict", ["nice"]), ("merge_adapter", [str(tmp_path / "merged")])):
+            assert script(name).main([str(run), *args]) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, (name, err)

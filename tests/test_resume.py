@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from safetensors.torch import load_file
 
 from lora_train import checkpoint as ckpt
 from lora_train.cli import train_main
-from lora_train.config import build_recipe
+from lora_train.config import RecipeError, build_recipe
 from lora_train.data import EpochSampler
 from lora_train.train import TrainingError, train
 from tests.conftest import ROOT, tiny_recipe, write_recipe
@@ -115,7 +116,7 @@ def test_every_epoch_draws_its_own_order(tmp_path, tiny_bert_dir, toy_data_dir, 
     assert epochs == [0, 1, 2]
 
 
-def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_bert_dir, toy_data_dir, caplog):
+def test_incomplete_or_damaged_checkpoints_are_named_and_skipped(tmp_path, tiny_bert_dir, toy_data_dir, caplog):
     out = tmp_path / "run"
     raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, training={"num_epochs": 1, "save_steps": 8, "keep_last": 5})
     train(build_recipe(raw))
@@ -123,15 +124,40 @@ def test_incomplete_checkpoint_is_skipped_with_a_warning(tmp_path, tiny_bert_dir
     # A directory with the name of a newer checkpoint but no COMPLETE marker (e.g. copied half-way).
     shutil.copytree(root / "step-00000032", root / "step-00000040")
     (root / "step-00000040" / ckpt.COMPLETE_MARKER).unlink()
+    # The newest complete one truncated (a copy or a disk that lost its tail), the next one altered in place.
+    optimizer = root / "step-00000032" / "optimizer.safetensors"
+    size = optimizer.stat().st_size
+    os.truncate(optimizer, size - 100)
+    trainable = root / "step-00000024" / "trainable.safetensors"
+    data = bytearray(trainable.read_bytes())
+    data[-5] ^= 0xFF  # one byte of a tensor: sizes and header still fine, only the sha256 tells
+    trainable.write_bytes(bytes(data))
+
     logger = logging.getLogger("lora_train.checkpoint")
     logger.addHandler(caplog.handler)  # train() reconfigured the root logger, dropping pytest's handler
     try:
-        assert ckpt.resolve_resume("latest", root) == root / "step-00000032"
+        assert ckpt.resolve_resume("latest", root) == root / "step-00000016"
     finally:
         logger.removeHandler(caplog.handler)
     assert "skipping incomplete checkpoint" in caplog.text and "step-00000040" in caplog.text
+    assert (f"checkpoint {root / 'step-00000032'} is damaged and skipped: {optimizer} is truncated or corrupt:"
+            f" {size - 100} bytes, {size} were written") in caplog.text
+    assert f"{trainable} is corrupt: its sha256 differs from the one written with the checkpoint" in caplog.text
+    assert (f"resuming from {root / 'step-00000016'}, the newest intact checkpoint, instead of"
+            f" {root / 'step-00000032'}") in caplog.text
     with pytest.raises(Exception, match="not a complete checkpoint directory"):
         ckpt.resolve_resume(str(root / "step-00000040"), root)
+    with pytest.raises(RecipeError) as err:  # a damaged checkpoint given by path: refused, naming the one to pass
+        ckpt.resolve_resume(str(root / "step-00000032"), root)
+    assert (f"is damaged: {optimizer} is truncated or corrupt" in str(err.value)
+            and f"pass training.resume_from_checkpoint={root / 'step-00000016'}" in str(err.value))
+
+    # The command line resumes from the newest intact checkpoint, and the run finishes.
+    recipe = write_recipe(tmp_path / "recipe.yaml", raw)
+    assert train_main([str(recipe), "training.resume_from_checkpoint=latest"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 16
+    for step in (16, 24, 32):  # the resumed run rewrote the damaged ones
+        assert ckpt.verify_checkpoint(root / ckpt.checkpoint_name(step)) is None
 
 
 def test_overwrite_discards_the_old_runs_checkpoints(tmp_path, tiny_bert_dir, toy_data_dir):
@@ -242,6 +268,37 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_
     assert resume(recipe) == 16
     assert not list(root.glob(".step-*"))  # leftovers of the interrupted save are cleaned up
     assert_same_run(reference_run, run.out)
+
+
+def test_file_size_limit_during_a_save_names_both_checkpoints_exits_3_and_resume_is_exact(
+        tmp_path, tiny_bert_dir, toy_data_dir, reference_run):
+    """A real EFBIG: the process runs under RLIMIT_FSIZE (SIGXFSZ ignored, as Python does), so writing the step-32
+    optimizer file fails the way a full disk fails a write; the step-28 checkpoint (where it resumed) is kept."""
+    recipe = process_recipe(tmp_path, "run", tiny_bert_dir, toy_data_dir)
+    root = tmp_path / "run" / "checkpoints"
+    shutil.copytree(reference_run / "checkpoints" / "step-00000028", root / "step-00000028")
+    limit = 40_000
+    files = reference_run / "checkpoints" / "step-00000032"
+    assert (files / "trainable.safetensors").stat().st_size < limit < (files / "optimizer.safetensors").stat().st_size
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe),
+               "training.resume_from_checkpoint=latest"]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited,
+                          check=False)
+    assert proc.returncode == ckpt.SAVE_FAILED_EXIT_STATUS == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line == (f"error: could not write checkpoint {root / 'step-00000032'} (File too large); kept"
+                    f" {root / 'step-00000028'}. Free space (or raise the file-size limit, ulimit -f), then resume with"
+                    " training.resume_from_checkpoint=latest")
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000028"]  # the failed save left nothing behind
+
+    assert resume(recipe) == 28
+    assert_same_run(reference_run, tmp_path / "run")
 
 
 def test_sigterm_saves_a_checkpoint_exits_0_and_resume_is_exact(tmp_path, tiny_bert_dir, toy_data_dir, reference_run):

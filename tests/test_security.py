@@ -64,7 +64,8 @@ def test_run_writes_weights_only_as_safetensors(token_run):
     assert unexpected == []
     weights = [p for p in files if p.suffix == ".safetensors"]
     # final adapter, best adapter, and per checkpoint: trainable weights, optimizer and RNG state
-    assert {"adapter_model.safetensors", "trainable.safetensors", "optimizer.safetensors", "rng.safetensors"} <= {p.name for p in weights}
+    expected = {"adapter_model.safetensors", "trainable.safetensors", "optimizer.safetensors", "rng-rank0.safetensors"}
+    assert expected <= {p.name for p in weights}
     for path in weights:
         with safe_open(path, "pt") as f:
             assert list(f.keys())

@@ -17,8 +17,7 @@ MAJORITY = 444 / 872  # SST-2 validation: 444 positive of 872
 
 @needs_shared
 @pytest.mark.parametrize("recipe_name", ["sst2_lora", "sst2_qlora", "sst2_adalora"])
-def test_cpu_recipe_learns_on_a_real_subset(tmp_path, monkeypatch, recipe_name):
-    monkeypatch.chdir(ROOT)  # recipes name ../shared relative to the project root
+def test_cpu_recipe_learns_on_a_real_subset(tmp_path, recipe_name):
     out = tmp_path / recipe_name
     recipe = load_recipe(
         ROOT / "recipes" / "cpu" / f"{recipe_name}.yaml",

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_train.config import Recipe, build_recipe
+from lora_train.machine import machine_info
 
 CONTENDERS = ("ours", "trainer_max_length", "trainer_dynamic")
 CONTENDER_LABELS = {
@@ -139,7 +140,7 @@ def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders:
         log(f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
             f"peak {result['peak_memory_mb']:.0f} MB" + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else ""))
     report = {"mode": "epochs" if settings.epochs is not None else "steps", "settings": settings.__dict__,
-              "recipe": recipe.to_dict(), "machine": machine_summary(settings.threads), "runs": runs,
+              "recipe": recipe.to_dict(), "machine": machine_info(settings.threads), "runs": runs,
               "reference": reference, "summary": summarize(runs, list(contenders), reference)}
     write_report(report, out_dir, throughput_markdown(report))
     return report
@@ -162,7 +163,7 @@ def run_memory(recipe: Recipe, settings: Settings, out_dir: Path, variants: tupl
         log(f"{name}: base Linear weights {row['linear_weight_bytes'] / 2**20:.2f} MiB, all weights"
             f" {row['weight_bytes'] / 2**20:.2f} MiB, peak {row['peak_memory_mb']:.0f} MB")
     report = {"mode": "memory", "settings": settings.__dict__, "recipe": recipe.to_dict(),
-              "machine": machine_summary(settings.threads), "rows": rows}
+              "machine": machine_info(settings.threads), "rows": rows}
     write_report(report, out_dir, memory_markdown(report))
     return report
 
@@ -171,28 +172,6 @@ def write_report(report: dict[str, Any], out_dir: Path, markdown: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=1))
     (out_dir / "results.md").write_text(markdown)
-
-
-def machine_summary(threads: int) -> dict[str, Any]:
-    """Where the figures come from: CPU, GPU, threads, load average and library versions."""
-    import platform
-
-    import peft
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,15 +328,15 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
     import torch
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-    from lora_train.data import label_names_of, load_splits, resolve_spec, steps_per_epoch, tokenize
-    from lora_train.modeling import apply_regime, count_parameters, load_base_model, load_model_config, load_tokenizer
+    from lora_train.build import build_classifier, load_task_data
+    from lora_train.data import steps_per_epoch, tokenize
+    from lora_train.modeling import count_parameters, load_tokenizer
 
     recipe = _job_recipe(job, out_dir)
     t, d = recipe.training, recipe.data
     tokenizer = load_tokenizer(recipe)
-    spec = resolve_spec(d)
-    train_raw, eval_raw = load_splits(spec, d)
-    label_names = label_names_of(train_raw, spec)
+    data = load_task_data(recipe)
+    spec, train_raw, eval_raw = data.spec, data.train, data.eval
     if padding == "max_length":
         def encode(batch: dict) -> dict:
             enc = tokenizer(batch[spec.text_column], padding="max_length", truncation=True, max_length=d.max_length)
@@ -371,13 +350,9 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
 
     updates_per_epoch = steps_per_epoch(math.ceil(len(train_ds) / t.per_device_train_batch_size), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
-    config = load_model_config(recipe, label_names)
-    if config.pad_token_id is None:
-        config.pad_token_id = tokenizer.pad_token_id
     set_seed(t.seed)
     cuda = torch.cuda.is_available()
-    model, heads = load_base_model(recipe, config, {"": "cuda:0"} if cuda else None)
-    model = apply_regime(recipe, model, heads, total_steps)
+    model = build_classifier(recipe, data.label_names, tokenizer, torch.device("cuda:0" if cuda else "cpu"), total_steps)
 
     counter = _CountingCollator(DataCollatorWithPadding(tokenizer))
     first = job["warmup_steps"] if job["epochs"] is None else 0
@@ -456,7 +431,7 @@ def _result(samples: float, tokens: float, seconds: float, steps: int, accuracy:
             total: int, device: str) -> dict[str, Any]:
     import torch
 
-    from lora_train.train import peak_memory_mb
+    from lora_train.metrics import peak_memory_mb
 
     return {
         "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_time_ms": 1000 * seconds / steps,
@@ -470,16 +445,12 @@ def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
     """Build the recipe's model (base + adapters) and measure its weight bytes."""
     import torch
 
-    from lora_train.data import label_names_of, load_splits, resolve_spec
-    from lora_train.modeling import apply_regime, load_base_model, load_model_config
+    from lora_train.build import build_classifier, load_task_data
+    from lora_train.modeling import load_tokenizer
 
     recipe = build_recipe(job["recipe"])
-    spec = resolve_spec(recipe.data)
-    label_names = spec.label_names or label_names_of(load_splits(spec, recipe.data)[0], spec)
-    config = load_model_config(recipe, label_names)
-    cuda = torch.cuda.is_available()
-    model, heads = load_base_model(recipe, config, {"": "cuda:0"} if cuda else None)
-    model = apply_regime(recipe, model, heads, total_steps=100)
+    device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    model = build_classifier(recipe, load_task_data(recipe).label_names, load_tokenizer(recipe), device, total_steps=100)
     return weight_memory(model)
 
 
@@ -490,21 +461,19 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding, set_seed
 
-    from lora_train.data import EpochSampler, label_names_of, load_splits, resolve_spec, tokenize
-    from lora_train.modeling import apply_regime, count_parameters, load_base_model, load_model_config, load_tokenizer, use_fast_dropout
+    from lora_train.build import build_classifier, load_task_data
+    from lora_train.data import EpochSampler, tokenize
+    from lora_train.modeling import count_parameters, load_tokenizer, use_fast_dropout
 
     recipe = build_recipe(job["recipe"])
     t, d = recipe.training, recipe.data
     tokenizer = load_tokenizer(recipe)
-    spec = resolve_spec(d)
-    train_raw = load_splits(spec, d)[0]
-    train_ds = tokenize(train_raw, tokenizer, spec, d.max_length)
+    data = load_task_data(recipe)
+    train_ds = tokenize(data.train, tokenizer, data.spec, d.max_length)
     loader = DataLoader(train_ds.remove_columns("length"), batch_size=t.per_device_train_batch_size, collate_fn=DataCollatorWithPadding(tokenizer),
                         sampler=EpochSampler(train_ds["length"], t.per_device_train_batch_size, t.seed, d.group_by_length))
     set_seed(t.seed)
-    config = load_model_config(recipe, label_names_of(train_raw, spec))
-    model, heads = load_base_model(recipe, config)
-    model = apply_regime(recipe, model, heads, 100)
+    model = build_classifier(recipe, data.label_names, tokenizer, total_steps=100)
     if fast_dropout:
         use_fast_dropout(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, fused=fused_adamw)

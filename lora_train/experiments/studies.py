@@ -1,4 +1,4 @@
-"""The LoRA studies, one command each: ``python scripts/study.py {rank,regimes,quant,toy}``.
+"""The LoRA studies, one command each: ``python scripts/study.py {rank,regimes,quant,peft_methods,toy}``.
 
 Each study is a list of sweep arms over one recipe (see :mod:`lora_train.experiments.sweep`; finished runs are
 skipped, so a command resumes) followed by an analysis that writes its tables (CSV + Markdown) and plots
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from lora_train.experiments import sweep
+from lora_train.machine import machine_info
 from lora_train.plots import finish_plot, pyplot
 
 logger = logging.getLogger("lora_train.experiments.studies")
@@ -202,17 +201,15 @@ def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
     from sklearn.linear_model import LogisticRegression
     from transformers import AutoModel
 
+    from lora_train.build import load_task_data
     from lora_train.config import load_recipe
-    from lora_train.data import label_names_of, load_splits, resolve_spec
-    from lora_train.metrics import classification_report
+    from lora_train.metrics import classification_report, peak_memory_mb
     from lora_train.modeling import load_tokenizer
-    from lora_train.train import peak_memory_mb
 
     recipe = load_recipe(recipe_path)
     torch.manual_seed(recipe.training.seed)
-    spec = resolve_spec(recipe.data)
-    train_raw, eval_raw = load_splits(spec, recipe.data)
-    label_names = label_names_of(train_raw, spec)
+    data = load_task_data(recipe)
+    spec, train_raw, eval_raw, label_names = data.spec, data.train, data.eval, data.label_names
     tokenizer = load_tokenizer(recipe)
     model = AutoModel.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision).eval()
 
@@ -370,20 +367,113 @@ def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
     """
     if cache.exists():
         return json.loads(cache.read_text())
+    from lora_train.build import build_classifier
     from lora_train.config import load_recipe
-    from lora_train.modeling import load_base_model, load_model_config
+    from lora_train.modeling import load_tokenizer
 
     sizes = {}
     for name, overrides in (("float32", ["quantization.method=none"]),
                             ("NF4", ["quantization.method=nf4", "quantization.double_quant=false"]),
                             ("NF4 + double quant", ["quantization.method=nf4", "quantization.double_quant=true"])):
         recipe = load_recipe(recipe_path, overrides)
-        config = load_model_config(recipe, ["negative", "positive"])
-        model, _ = load_base_model(recipe, config)
+        model = build_classifier(recipe, ["negative", "positive"], load_tokenizer(recipe))
         sizes[name] = model.get_memory_footprint() / 2**20
         del model
     cache.write_text(json.dumps(sizes, indent=1))
     return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# Study 4: every PEFT method at one training budget (SST-2 and emotion)
+
+
+PEFT_METHODS: dict[str, tuple[str, list[str]]] = {
+    "lora": ("LoRA r=8 (q, v)", ["peft.method=lora", "training.learning_rate=2e-3"]),
+    "dora": ("DoRA r=8", ["peft.method=lora", "peft.use_dora=true", "training.learning_rate=2e-3"]),
+    "rslora": ("rsLoRA r=8", ["peft.method=lora", "peft.use_rslora=true", "training.learning_rate=2e-3"]),
+    "pissa": ("LoRA r=8, PiSSA init", ["peft.method=lora", "peft.init_lora_weights=pissa",
+                                       "training.learning_rate=2e-3"]),
+    "olora": ("LoRA r=8, OLoRA init", ["peft.method=lora", "peft.init_lora_weights=olora",
+                                       "training.learning_rate=2e-3"]),
+    "ia3": ("IA3 (k, v, ffn)", ["peft.method=ia3", "peft.target_modules=[key,value,output.dense]",
+                                "peft.feedforward_modules=[output.dense]", "training.learning_rate=1e-2"]),
+    "prompt_tuning": ("prompt tuning (20 tokens)", ["peft.method=prompt_tuning", "training.learning_rate=3e-2"]),
+    "bitfit": ("BitFit (biases + head)", ["peft.method=bitfit", "training.learning_rate=2e-3"]),
+    "full": ("full fine-tuning", ["peft.method=full", "training.learning_rate=1e-4"]),
+    "full_llrd": ("full FT, layer LR decay 0.8", ["peft.method=full", "training.layer_lr_decay=0.8",
+                                                   "training.learning_rate=1e-4"]),
+}
+"""Arm -> (label, overrides). Learning rates: the LoRA family at Study 1's 2e-3 (PiSSA / OLoRA papers keep LoRA's
+rate); IA3 and prompt tuning train a few scaling vectors / embeddings from a neutral start and need larger steps
+(1e-2, 3e-2, the range of the IA3 and prompt-tuning papers' AdamW settings); BitFit 2e-3; full fine-tuning Study 1's
+1e-4 with and without layer-wise decay (head 1e-4 ... embeddings 1e-4 x 0.8^7 = 2.1e-5)."""
+
+STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=../shared/data/emotion"]}
+"""The datasets (on top of the recipe's SST-2) each method is trained on."""
+
+NOT_RUN = {
+    "prefix_tuning": "refused at start: peft 0.21 passes the prefix as `past_key_values`, which transformers 5's BERT"
+                     " no longer takes (and a BERT encoder attends to no key/value cache)",
+    "LoRA, LoftQ init": "refused on CPU: peft's LoftQ code runs on CUDA / XPU only",
+}
+"""Methods of the schema that cannot run in this study, and why (each is refused by the recipe checks)."""
+
+
+def peft_method_arms(seeds: int) -> list[tuple[str, list[str]]]:
+    """Every method on every dataset, seed-major (all first seeds first, so an early stop leaves a balanced table)."""
+    return [(f"{dataset}/{arm}", [*data, *overrides, f"training.seed={seed}"])
+            for seed in range(seeds) for dataset, data in STUDY_DATASETS.items()
+            for arm, (_, overrides) in PEFT_METHODS.items()]
+
+
+def saved_megabytes(run_dir: Path) -> float:
+    """Size of what a run saves to be used again: the adapter file, or the whole model for bitfit / head_only / full."""
+    files = [run_dir / "adapter_model.safetensors", run_dir / "model.safetensors"]
+    return next(f.stat().st_size for f in files if f.exists()) / 1e6
+
+
+def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
+    """Study 4: accuracy and macro-F1 against trainable parameters, saved size, time and memory, per dataset."""
+    plt = pyplot()
+    for row in rows:
+        row["saved_mb"] = saved_megabytes(out / row["run"])
+    sweep.write_table(rows, out / "results.csv", out / "results.md")
+    summary = sweep.aggregate(rows, "training.seed", [*sweep.RESULT_COLUMNS, "saved_mb"])
+    fig, axes = plt.subplots(1, len(STUDY_DATASETS), figsize=(10, 4), dpi=100)
+    tables = []
+    for ax, dataset in zip(axes, STUDY_DATASETS):
+        arms = [row for row in summary if row["arm"].startswith(dataset + "/")]
+        for i, row in enumerate(arms):
+            key = row["arm"].split("/", 1)[1]
+            ax.errorbar([row["trainable_params"]], [100 * row["eval_accuracy"]], yerr=[100 * row["eval_accuracy_std"]],
+                        fmt="os^vD<>pP*"[i % 10], color=f"C{i}", capsize=3, label=PEFT_METHODS[key][0])
+        ax.set_xscale("log")
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("trainable parameters (log)", fontsize=8)
+        ax.set_ylabel("validation accuracy (%)", fontsize=8)
+        ax.grid(alpha=0.3)
+        tables.append(f"**{dataset}**\n\n" + methods_table(arms))
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(f"all-MiniLM-L6-v2, {data_setting(study.recipe)}; mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(figures / "study4_peft_methods.png")
+    plt.close(fig)
+    not_run = "\n".join(f"- {name}: {why}." for name, why in NOT_RUN.items())
+    return ("\n".join(tables) + f"\nNot run:\n{not_run}\n\n![study4_peft_methods](figures/study4_peft_methods.png)\n")
+
+
+def methods_table(arms: Sequence[dict[str, Any]]) -> str:
+    """One Markdown row per method: accuracy, macro-F1 (mean ± std), parameters, saved size, time, memory, lr."""
+    lines = ["| method | learning rate | seeds | accuracy (%) | macro-F1 (%) | trainable params | saved MB |"
+             " train s | run wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in arms:
+        label, overrides = PEFT_METHODS[row["arm"].split("/", 1)[1]]
+        lr = next(o.split("=", 1)[1] for o in overrides if o.startswith("training.learning_rate="))
+        lines.append(f"| {label} | {lr} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
+                     f" {_mean_std(row, 'eval_macro_f1', single='')} | {row['trainable_params']:,.0f} |"
+                     f" {row['saved_mb']:.2f} | {row['train_seconds']:.0f} | {row.get('wall_seconds') or 0:.0f} |"
+                     f" {row['peak_memory_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,17 +502,15 @@ STUDIES: dict[str, Study] = {
     "regimes": Study("regimes", "recipes/studies/emotion_minilm_regimes.yaml", regimes_arms, analyse_regimes, seeds=3,
                      extra_runs=lambda root: regimes_extra(STUDIES["regimes"], root)),
     "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=3),
+    "peft_methods": Study("peft_methods", "recipes/studies/peft_methods_minilm.yaml", peft_method_arms,
+                          analyse_peft_methods, seeds=3),
 }
 
 
 def hardware() -> str:
     """One line naming the machine the study ran on."""
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
+    m = machine_info()
+    return f"{m['cpu']}, {m['cpu_count']} CPU cores, {m['gpu'] or 'no GPU'}, torch {m['torch']}"
 
 
 def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = None, analyse_only: bool = False) -> str:
@@ -465,9 +553,10 @@ def study_main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Run one LoRA study end to end (resumable): its runs, tables and plots.")
-    parser.add_argument("study", choices=["rank", "regimes", "quant", "toy"],
+    parser.add_argument("study", choices=[*STUDIES, "toy"],
                         help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
-                             " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); toy: the linear SVD-bound toy")
+                             " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); peft_methods: Study 4 (every PEFT method on"
+                             " SST-2 and emotion); toy: the linear SVD-bound toy")
     parser.add_argument("--out", default="runs/studies", help="Root of the study directories (default runs/studies)")
     parser.add_argument("--figures", default="docs/figures", help="Where the PNG plots go (default docs/figures)")
     parser.add_argument("--seeds", type=int, default=None, help="Seeds per configuration (default: the study's own)")

@@ -1,0 +1,62 @@
+"""Classify texts with a trained run (output directory or Hub repo).
+
+    python scripts/predict.py runs/cpu/sst2_lora "a delightful film" "a dull, lifeless mess"
+    python scripts/predict.py runs/cpu/sst2_lora --file reviews.csv --text-column review --json
+    cat texts.txt | python scripts/predict.py user/sst2-minilm-lora
+
+Texts come from the arguments, a file (.txt one per line, .jsonl or .csv with a text field) or
+stdin, and are classified in batches. Each line of output is `label<TAB>probability<TAB>text`, or a
+JSON object with --json. The base model is loaded in the quantization the run trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
+    parser.add_argument("texts", nargs="*", help="texts to classify (none: read --file or stdin)")
+    parser.add_argument("--file", help="input file: .txt (one text per line), .jsonl or .csv; '-' for stdin")
+    parser.add_argument("--text-column", help="field of .jsonl / .csv records holding the text (default: the task's text column)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text, with every class probability")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    args = parser.parse_args(argv)
+    if args.texts and args.file:
+        parser.error("give texts as arguments or --file, not both")
+    if args.batch_size <= 0:
+        parser.error("--batch-size must be > 0")
+    if not args.texts and not args.file and sys.stdin.isatty():
+        parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
+
+    from tqdm.auto import tqdm
+
+    from lora_train.config import RecipeError
+    from lora_train.data import resolve_spec
+    from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
+
+    try:
+        directory = resolve_run(args.run)  # a Hub repo is downloaded once, here
+        texts, total = args.texts, len(args.texts)
+        if not texts:
+            column = args.text_column or resolve_spec(read_run(directory)[0].data).text_column
+            texts = read_texts(args.file or "-", column)
+            total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column))
+        run = load_run(str(directory), device=args.device)
+        # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
+        rows = tqdm(predict(run, texts, args.batch_size), total=total, desc="predict", unit="text",
+                    disable=total is None or total <= args.batch_size)
+        for row in rows:
+            line = (json.dumps(row, ensure_ascii=False) if args.json
+                    else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+            rows.write(line, file=sys.stdout)
+            sys.stdout.flush()
+    except (RunError, RecipeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,52 @@
+"""Load-test the adapter server: requests/s, p50 / p99 latency and memory, batched vs unbatched vs one process
+per adapter (see docs/serving.md).
+
+    python scripts/serve_bench.py runs/cpu/sst2_lora runs/cpu/emotion_lora runs/cpu/imdb_lora --clients 32 --duration 60
+
+Each setup's servers run alone, one after the other, on 127.0.0.1 ports chosen here. Prints a Markdown table;
+--out also writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from lora_train.serving.bench import SETUPS
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="run directory, Hub repo id, or NAME=SOURCE")
+    parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
+    parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
+    parser.add_argument("--duration", type=float, default=60.0, help="measured seconds per setup")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+    parser.add_argument("--texts-per-adapter", type=int, default=500, help="validation texts each adapter is sent")
+    parser.add_argument("--server-threads", type=int, help="--threads of every server process (default: torch's)")
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    if min(args.clients, args.duration, args.texts_per_adapter) <= 0 or args.warmup < 0:
+        parser.error("--clients, --duration and --texts-per-adapter must be > 0, --warmup >= 0")
+
+    from lora_train.serving.bench import markdown_table, run_bench, summary
+    from lora_train.serving.registry import default_name
+    from lora_train.serving.server import split_name
+
+    pairs = [split_name(spec) for spec in args.adapters]
+    names = [name or default_name(source, Path(source)) for name, source in pairs]
+    if len(set(names)) != len(names):
+        parser.error(f"adapter names {names} repeat; name them with NAME=SOURCE")
+    results = run_bench([source for _, source in pairs], names, args.setups, args.clients, args.warmup,
+                        args.duration, args.texts_per_adapter,
+                        server_args=["--threads", str(args.server_threads)] if args.server_threads else [])
+    print(markdown_table(results))
+    print(summary(results) or "")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    return 0

@@ -1,0 +1,178 @@
+"""The HTTP API (FastAPI): classify, list / load / unload adapters, health and readiness, the page at ``/``.
+
+Errors are JSON ``{"detail": ...}`` with these statuses: 400 a source that is not a usable adapter, 404 an unknown
+adapter, 409 a name already taken or an adapter of another base model, 413 too many texts or too large a body,
+422 a malformed body (bad JSON, wrong types, an empty list, an empty or blank text), 503 queue full or not ready.
+The interactive ``/docs`` page is off (it loads scripts from a CDN); the schema is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Annotated, Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from starlette.concurrency import run_in_threadpool
+
+from lora_train.serving.batcher import MicroBatcher
+from lora_train.serving.page import PAGE
+from lora_train.serving.registry import AdapterRegistry, ServingError, read_adapter
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds; anything larger is refused with 413 before any work."""
+
+    max_texts: int = 64
+    max_body_bytes: int = 1 << 20
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("text must not be empty or whitespace only")
+    return text
+
+
+Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: StrictStr = Field(description="name of a loaded adapter (see GET /v1/adapters)")
+    texts: list[Text] = Field(min_length=1, description="texts to classify; each non-blank")
+
+
+class Prediction(BaseModel):
+    label: str
+    probability: float = Field(description="probability of the predicted label")
+    probabilities: dict[str, float] = Field(description="probability of every label, in the adapter's label order")
+    truncated: bool = Field(description="the text was longer than the adapter's max_length tokens and was cut")
+
+
+class ClassifyResponse(BaseModel):
+    adapter: str
+    predictions: list[Prediction]
+
+
+class AdapterInfo(BaseModel):
+    name: str
+    source: str
+    task: str
+    labels: list[str]
+    base_model: str
+    peft_type: str
+    max_length: int
+    metrics: dict[str, Any] = Field(description="from the run's metrics.json (validation accuracy, macro-F1...)")
+
+
+class LoadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: StrictStr = Field(min_length=1, description="run directory on the server, or Hub repo id user/name")
+    name: Optional[StrictStr] = Field(None, description="adapter name (default: the run directory's name)")
+
+
+class Error(BaseModel):
+    detail: Any
+
+
+ERRORS = {status: {"model": Error} for status in (400, 404, 409, 413, 422, 503)}
+
+
+class BodyLimit:
+    """ASGI middleware: refuse a request body over ``max_bytes`` with 413 (chunked bodies too), else replay it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "DELETE"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        body, more = b"", declared is None or int(declared) <= self.max_bytes
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False) and len(body) <= self.max_bytes
+        if len(body) > self.max_bytes or (declared is not None and int(declared) > self.max_bytes):
+            response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter"
+                                               " texts per request"}, status_code=413)
+            return await response(scope, receive, send)
+
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI application over a registry whose adapters are attached and a started batcher."""
+    app = FastAPI(title="lora_train adapter server", docs_url=None, redoc_url=None,
+                  description="Many LoRA classifiers over one base model, micro-batched. See docs/serving.md.")
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, err: ServingError) -> JSONResponse:
+        return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> str:
+        return PAGE
+
+    @app.get("/healthz", summary="Liveness: the process answers and its model worker runs")
+    async def health() -> JSONResponse:
+        stats = batcher.stats
+        body = {"status": "ok" if batcher.alive else "worker stopped", "batches": stats.batches,
+                "requests": stats.requests, "texts": stats.texts, "batching": batcher.batching}
+        return JSONResponse(body, status_code=200 if batcher.alive else 503)
+
+    @app.get("/readyz", summary="Readiness: at least one adapter is loaded and requests are accepted")
+    async def ready() -> JSONResponse:
+        names = registry.names()
+        is_ready = batcher.alive and bool(names)
+        return JSONResponse({"ready": is_ready, "adapters": names}, status_code=200 if is_ready else 503)
+
+    @app.get("/v1/adapters", response_model=list[AdapterInfo], summary="The loaded adapters")
+    async def list_adapters() -> list[dict[str, Any]]:
+        return registry.describe()
+
+    @app.get("/v1/adapters/{name}", response_model=AdapterInfo, responses=ERRORS)
+    async def get_adapter(name: str) -> dict[str, Any]:
+        return registry.get(name).describe()
+
+    @app.post("/v1/adapters", response_model=AdapterInfo, status_code=201, responses=ERRORS,
+              summary="Load an adapter from a run directory or Hub repo, while serving")
+    async def load_adapter(request: LoadRequest) -> dict[str, Any]:
+        adapter = await run_in_threadpool(read_adapter, request.source, request.name)
+        registry.check_can_attach(adapter)  # fail fast; checked again on the worker, where it counts
+        await asyncio.wrap_future(batcher.call(lambda: registry.attach(adapter)))
+        return adapter.describe()
+
+    @app.delete("/v1/adapters/{name}", responses=ERRORS, summary="Unload an adapter; its queued requests finish first")
+    async def unload_adapter(name: str) -> dict[str, str]:
+        registry.mark_unloading(name)
+        await asyncio.wrap_future(batcher.call(lambda: registry.detach(name)))
+        return {"unloaded": name}
+
+    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
+              summary="Classify texts with one adapter")
+    async def classify(request: ClassifyRequest) -> dict[str, Any]:
+        if len(request.texts) > limits.max_texts:
+            raise ServingError(413, f"{len(request.texts)} texts in one request; at most {limits.max_texts}")
+        adapter = registry.get(request.adapter)
+        features, truncated = await run_in_threadpool(adapter.encode, request.texts)
+        probabilities = await asyncio.wrap_future(batcher.submit(adapter.name, features))
+        predictions = []
+        for row, cut in zip(probabilities.tolist(), truncated):
+            best = max(range(len(row)), key=row.__getitem__)
+            predictions.append({"label": adapter.label_names[best], "probability": row[best],
+                                "probabilities": dict(zip(adapter.label_names, row)), "truncated": cut})
+        return {"adapter": adapter.name, "predictions": predictions}
+
+    return app
+

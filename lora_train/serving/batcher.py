@@ -1,0 +1,161 @@
+"""The micro-batcher: one worker thread runs every model call; requests that arrive together share a forward.
+
+Requests are tokenized by the HTTP handlers (outside the worker) and queued here. The worker takes the first
+queued request, then waits at most ``max_wait_s`` for more, up to ``max_batch_texts`` texts, and runs them
+as one batch (whatever their adapters). Model changes (attach, detach) are queued as tasks in the same FIFO,
+so requests queued before an unload finish before it, and those after it never see a half-changed model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from lora_train.serving.registry import ServingError
+
+log = logging.getLogger("lora_train.serving")
+
+
+@dataclass
+class Job:
+    """One classification request: its adapter, its tokenized texts, and the future its result goes to."""
+
+    adapter: str
+    features: list[dict[str, list[int]]]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class Task:
+    """A model change run by the worker between batches."""
+
+    run: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class BatchStats:
+    """Counters for /healthz: how many forwards ran and how many requests and texts they held."""
+
+    batches: int = 0
+    requests: int = 0
+    texts: int = 0
+
+
+class MicroBatcher:
+    """Queue of jobs and tasks served by one worker thread (see the module docstring)."""
+
+    def __init__(self, run_batch: Callable[[list[tuple[str, list]]], list[Any]], max_batch_texts: int = 64,
+                 max_wait_s: float = 0.005, max_queued_texts: int = 4096, batching: bool = True):
+        self._run_batch = run_batch
+        self.max_batch_texts = max_batch_texts
+        self.max_wait_s = max_wait_s
+        self.max_queued_texts = max_queued_texts
+        self.batching = batching
+        self.stats = BatchStats()
+        self._queue: deque = deque()
+        self._queued_texts = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, adapter: str, features: list[dict[str, list[int]]]) -> Future:
+        """Queue a classification; 503 when the queue already holds ``max_queued_texts`` texts."""
+        job = Job(adapter, features)
+        with self._cond:
+            if self._queued_texts + len(features) > self.max_queued_texts:
+                raise ServingError(503, f"server busy: {self._queued_texts} texts already queued"
+                                        f" (limit {self.max_queued_texts}); retry later")
+            self._queue.append(job)
+            self._queued_texts += len(features)
+            self._cond.notify()
+        return job.future
+
+    def call(self, run: Callable[[], Any]) -> Future:
+        """Run ``run()`` on the worker after everything queued so far (for model changes)."""
+        task = Task(run)
+        with self._cond:
+            self._queue.append(task)
+            self._cond.notify()
+        return task.future
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    self._fail_queued()
+                    return
+                first = self._queue.popleft()
+                if isinstance(first, Job):
+                    batch = self._gather(first)
+            if isinstance(first, Task):
+                self._run_task(first)
+            else:
+                self._run_jobs(batch)
+
+    def _gather(self, first: Job) -> list[Job]:
+        """``first`` plus the jobs that arrive within ``max_wait_s``, up to ``max_batch_texts`` (lock held)."""
+        batch, texts = [first], len(first.features)
+        deadline = time.monotonic() + self.max_wait_s
+        while self.batching and texts < self.max_batch_texts:
+            if not self._queue:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+                continue
+            head = self._queue[0]
+            if not isinstance(head, Job) or texts + len(head.features) > self.max_batch_texts:
+                break
+            batch.append(self._queue.popleft())
+            texts += len(head.features)
+        self._queued_texts -= texts
+        return batch
+
+    def _run_jobs(self, batch: list[Job]) -> None:
+        try:
+            results = self._run_batch([(job.adapter, job.features) for job in batch])
+        except Exception as err:  # noqa: BLE001 - the requests get a 500 with the reason; the worker keeps serving
+            log.exception("batch of %d requests failed", len(batch))
+            results = [ServingError(500, f"inference failed: {type(err).__name__}: {err}")] * len(batch)
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.texts += sum(len(job.features) for job in batch)
+        for job, result in zip(batch, results):
+            if isinstance(result, Exception):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
+
+    @staticmethod
+    def _run_task(task: Task) -> None:
+        try:
+            task.future.set_result(task.run())
+        except Exception as err:  # noqa: BLE001 - handed to whoever asked for the change
+            task.future.set_exception(err)
+
+    def _fail_queued(self) -> None:
+        while self._queue:
+            self._queue.popleft().future.set_exception(ServingError(503, "server is shutting down"))

@@ -1,0 +1,203 @@
+"""Load test of the adapter server: requests/s, p50 / p99 latency and resident memory of three setups.
+
+(a) ``batched``: one server holding every adapter, micro-batching on; (b) ``unbatched``: the same server with
+``--no-batching``; (c) ``per-adapter``: one server process per adapter. Each setup is started as real server
+processes on 127.0.0.1 and loaded by ``clients`` concurrent HTTP clients (httpx, asyncio) for ``duration_s``
+seconds after a warm-up; each request classifies one text of its adapter's own validation split, adapters
+taken in turn. Memory is each server process's resident set (VmRSS) and peak (VmHWM) after the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+SETUPS = ("batched", "unbatched", "per-adapter")
+
+
+@dataclass
+class SetupResult:
+    """What one setup measured."""
+
+    setup: str
+    processes: int
+    requests: int
+    errors: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    texts_per_forward: float
+    rss_mb: float
+    peak_rss_mb: float
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def validation_texts(source: str, limit: int) -> list[str]:
+    """Up to ``limit`` texts of the adapter's evaluation split (its recipe's data), for realistic requests."""
+    from lora_train.data import load_splits, resolve_spec
+    from lora_train.inference import read_run, resolve_run
+
+    recipe, _ = read_run(resolve_run(source))
+    cfg = dataclasses.replace(recipe.data, max_train_samples=1, max_eval_samples=limit)
+    spec = resolve_spec(cfg)
+    _, evaluation = load_splits(spec, cfg)
+    return list(evaluation[spec.text_column])
+
+
+class ServerProcess:
+    """``python -m lora_train.serving.server`` on a free port of 127.0.0.1, stopped with SIGINT."""
+
+    def __init__(self, adapters: Sequence[str], extra: Sequence[str] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "lora_train.serving.server", *adapters, "--port", str(self.port), *extra]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.process.stderr.read()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server on {self.url} not ready after {timeout_s} s")
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) of the server process in MB."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines())
+        return tuple(int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM"))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def _load(routes: list[tuple[str, str, list[str]]], clients: int, warmup_s: float,
+                duration_s: float) -> tuple[list[float], int]:
+    """Run ``clients`` concurrent clients; latencies (s) of the requests sent after the warm-up, and errors."""
+    import httpx
+
+    turn = itertools.count()
+    latencies: list[float] = []
+    errors = 0
+    start = time.monotonic()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal errors
+        while time.monotonic() < stop_at:
+            n = next(turn)
+            url, adapter, texts = routes[n % len(routes)]
+            sent = time.monotonic()
+            response = await http.post(f"{url}/v1/classify", json={"adapter": adapter, "texts": [texts[n % len(texts)]]})
+            if sent >= measure_from:
+                if response.status_code == 200:
+                    latencies.append(time.monotonic() - sent)
+                else:
+                    errors += 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    return latencies, errors
+
+
+def run_setup(setup: str, adapters: Sequence[str], names: Sequence[str], texts: dict[str, list[str]],
+              clients: int, warmup_s: float, duration_s: float, server_args: Sequence[str] = ()) -> SetupResult:
+    """Start the setup's servers, load them, measure, stop them."""
+    import httpx
+
+    named = [f"{name}={source}" for name, source in zip(names, adapters)]
+    if setup == "per-adapter":
+        servers = [ServerProcess([spec], server_args) for spec in named]
+        routes = [(server.url, name, texts[name]) for server, name in zip(servers, names)]
+    else:
+        extra = [*server_args, "--no-batching"] if setup == "unbatched" else list(server_args)
+        servers = [ServerProcess(named, extra)]
+        routes = [(servers[0].url, name, texts[name]) for name in names]
+    try:
+        for server in servers:
+            server.wait_ready()
+        latencies, errors = asyncio.run(_load(routes, clients, warmup_s, duration_s))
+        health = [httpx.get(f"{server.url}/healthz").json() for server in servers]
+        memory = [server.memory_mb() for server in servers]
+    finally:
+        for server in servers:
+            server.stop()
+    ms = np.asarray(latencies) * 1000
+    return SetupResult(
+        setup=setup, processes=len(servers), requests=len(latencies), errors=errors,
+        requests_per_s=len(latencies) / duration_s,
+        p50_ms=float(np.percentile(ms, 50)) if len(ms) else float("nan"),
+        p99_ms=float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        texts_per_forward=sum(h["texts"] for h in health) / max(1, sum(h["batches"] for h in health)),
+        rss_mb=sum(m[0] for m in memory), peak_rss_mb=sum(m[1] for m in memory),
+    )
+
+
+def markdown_table(results: list[SetupResult]) -> str:
+    lines = ["| setup | processes | requests/s | p50 ms | p99 ms | requests (errors) | texts per forward | RSS MB | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r.setup} | {r.processes} | {r.requests_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
+                     f" {r.requests} ({r.errors}) | {r.texts_per_forward:.1f} | {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |")
+    return "\n".join(lines)
+
+
+def run_bench(adapters: Sequence[str], names: Sequence[str], setups: Sequence[str] = SETUPS, clients: int = 32,
+              warmup_s: float = 5.0, duration_s: float = 60.0, texts_per_adapter: int = 500,
+              server_args: Sequence[str] = (), log=print) -> list[SetupResult]:
+    """Measure each setup in turn (never two at once: they share the CPU)."""
+    texts = {name: validation_texts(source, texts_per_adapter) for name, source in zip(names, adapters)}
+    results = []
+    for setup in setups:
+        log(f"{setup}: {clients} clients, {warmup_s:g} s warm-up + {duration_s:g} s, load average {os.getloadavg()}")
+        results.append(run_setup(setup, adapters, names, texts, clients, warmup_s, duration_s, server_args))
+        log(f"  {results[-1]}")
+    return results
+
+
+def summary(results: list[SetupResult]) -> Optional[str]:
+    """The issue's two targets, as measured: batched vs unbatched throughput and p99, 3-in-1 vs 1 memory."""
+    by = {r.setup: r for r in results}
+    lines = []
+    if "batched" in by and "unbatched" in by:
+        b, u = by["batched"], by["unbatched"]
+        lines.append(f"batched / unbatched requests/s: {b.requests_per_s / u.requests_per_s:.2f}x;"
+                     f" p99 {b.p99_ms:.0f} ms vs {u.p99_ms:.0f} ms")
+    if "batched" in by and "per-adapter" in by:
+        b, p = by["batched"], by["per-adapter"]
+        one = p.rss_mb / p.processes
+        lines.append(f"RSS of {p.processes} adapters in one process / one adapter in one process:"
+                     f" {b.rss_mb:.0f} / {one:.0f} MB = {b.rss_mb / one:.2f}x;"
+                     f" one process per adapter: {p.rss_mb:.0f} MB")
+    return "\n".join(lines) or None

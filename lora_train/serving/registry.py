@@ -1,0 +1,298 @@
+"""The base model, loaded once in the quantization its adapters were trained with, and the adapters attached to it.
+
+Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from_pretrained`` for the first,
+``load_adapter`` for the others), with its own classification head (peft keeps one copy of each
+``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters whose heads
+have the same shape run as one mixed batch (``model(..., adapter_names=[...])``); adapters that cannot be mixed
+(AdaLoRA, or a head module peft cannot mix such as BERT's pooler) run as one sub-batch each.
+
+Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
+(:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from lora_train.config import Recipe
+from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
+
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""Adapter names: peft keeps them as ModuleDict keys, so no dots."""
+MIXABLE_HEADS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Head (``modules_to_save``) module types peft can run with several adapters in one batch."""
+METRIC_KEYS = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_samples", "best_eval_accuracy", "best_step",
+               "global_step", "epochs", "trainable_params")
+"""The ``metrics.json`` entries the adapter listing shows."""
+
+
+class ServingError(Exception):
+    """A request the server refuses; ``status`` is the HTTP status, the message says what was wrong and what works."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class BaseModelId:
+    """What must be equal for two adapters to share one loaded base model."""
+
+    name_or_path: str
+    revision: str
+    dtype: str
+    quantization: str
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "BaseModelId":
+        q = recipe.quantization
+        quant = "none" if q.method == "none" else (
+            f"{q.method} (double_quant={q.double_quant}, compute_dtype={q.compute_dtype},"
+            f" quant_storage_dtype={q.quant_storage_dtype}, skip_modules={q.skip_modules})"
+        )
+        return cls(recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype, quant)
+
+    def __str__(self) -> str:
+        return f"{self.name_or_path}@{self.revision} (dtype {self.dtype}, quantization {self.quantization})"
+
+
+@dataclass
+class Adapter:
+    """One trained adapter as read from its run directory, before or after it is attached."""
+
+    name: str
+    source: str
+    directory: Path
+    recipe: Recipe
+    label_names: list[str]
+    tokenizer: Any
+    metrics: dict[str, Any]
+    peft_type: str
+    mixable: bool = False
+    """Set on attach: whether this adapter can share a mixed-adapter batch."""
+
+    @property
+    def base(self) -> BaseModelId:
+        return BaseModelId.of(self.recipe)
+
+    @property
+    def max_length(self) -> int:
+        return self.recipe.data.max_length
+
+    def describe(self) -> dict[str, Any]:
+        """The adapter as the HTTP listing shows it."""
+        return {
+            "name": self.name, "source": self.source, "task": self.recipe.data.task or "custom",
+            "labels": self.label_names, "base_model": str(self.base), "peft_type": self.peft_type,
+            "max_length": self.max_length, "metrics": self.metrics,
+        }
+
+    def encode(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        """Token ids of each text (cut to the adapter's ``max_length``) and whether it was cut."""
+        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        features = [{key: enc[key][i] for key in enc.keys()} for i in range(len(texts))]
+        # Only a text that fills max_length may have been cut: tokenize just those again, uncut, to know.
+        truncated = [
+            len(f["input_ids"]) >= self.max_length
+            and len(self.tokenizer(text, verbose=False)["input_ids"]) > self.max_length
+            for text, f in zip(texts, features)
+        ]
+        return features, truncated
+
+
+def default_name(source: str, directory: Path) -> str:
+    """A name for an adapter nobody named: its run directory's (or Hub repo's) name, made a valid adapter name."""
+    path = Path(source.rstrip("/"))
+    stem = path.parent.name if path.name == "best" else path.name
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", stem or directory.name).lstrip("_-")[:64]
+    return name or "adapter"
+
+
+def read_adapter(source: str, name: Optional[str] = None) -> Adapter:
+    """Read a run directory or Hub repo as an adapter to attach; refuse anything that is not a trained adapter."""
+    from transformers import AutoTokenizer
+
+    if name is not None and not ADAPTER_NAME.match(name):
+        raise ServingError(422, f"adapter name {name!r} is not valid: use 1 to 64 letters, digits, '_' or '-',"
+                                " starting with a letter or digit")
+    try:
+        directory = resolve_run(source)
+        recipe, label_names = read_run(directory)
+    except RunError as err:
+        raise ServingError(400, str(err)) from None
+    if not is_adapter_run(directory):
+        raise ServingError(400, f"'{source}' holds a full or head-only model (no adapter_config.json), not an adapter:"
+                                " only LoRA / AdaLoRA / QLoRA runs share one base model")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    metrics_file = directory / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    return Adapter(
+        name=name or default_name(source, directory), source=source, directory=directory, recipe=recipe,
+        label_names=label_names, tokenizer=AutoTokenizer.from_pretrained(directory),
+        metrics={key: metrics[key] for key in METRIC_KEYS if key in metrics}, peft_type=str(config.get("peft_type")),
+    )
+
+
+class AdapterRegistry:
+    """The loaded base model and its attached adapters (see the module docstring for the threading rule)."""
+
+    def __init__(self, device: Optional[str] = None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model: Optional[nn.Module] = None
+        self.base: Optional[BaseModelId] = None
+        self.peft_type: Optional[str] = None
+        self._adapters: dict[str, Adapter] = {}
+        self._unloading: set[str] = set()
+        self._lock = threading.Lock()  # guards the two collections above: HTTP handlers read them from other threads
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return sorted(self._adapters)
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._adapters[name].describe() for name in sorted(self._adapters)]
+
+    def get(self, name: str) -> Adapter:
+        """The attached adapter ``name`` that accepts requests (404 if unknown or being unloaded)."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            if adapter is None or name in self._unloading:
+                state = "is being unloaded" if adapter is not None else "is not loaded"
+                raise ServingError(404, f"adapter {name!r} {state}; loaded adapters: {self._accepting()}")
+            return adapter
+
+    def _accepting(self) -> list[str]:
+        return sorted(set(self._adapters) - self._unloading)
+
+    def check_can_attach(self, adapter: Adapter) -> None:
+        """Refuse a name already taken, or an adapter of another base model, quantization or PEFT type."""
+        with self._lock:
+            if adapter.name in self._adapters:
+                raise ServingError(409, f"an adapter named {adapter.name!r} is already loaded (from"
+                                        f" {self._adapters[adapter.name].source}); unload it or choose another name")
+            if self.base is not None and adapter.base != self.base:
+                raise ServingError(409, f"adapter {adapter.name!r} was trained on {adapter.base}, but this server's"
+                                        f" base model is {self.base}: serve it from another server")
+            if self.peft_type is not None and adapter.peft_type != self.peft_type:
+                raise ServingError(409, f"adapter {adapter.name!r} is a {adapter.peft_type} adapter, but this server"
+                                        f" holds {self.peft_type} adapters; peft keeps one adapter type per model")
+
+    def attach(self, adapter: Adapter) -> None:
+        """Add ``adapter`` to the model, loading the base model first if this is the first adapter."""
+        from peft import PeftModel
+
+        self.check_can_attach(adapter)
+        if self.model is None:
+            base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
+            self.model = PeftModel.from_pretrained(base, adapter.directory, adapter_name=adapter.name).eval()
+            self.base, self.peft_type = adapter.base, adapter.peft_type
+        else:
+            try:
+                self._fit_heads(adapter)
+                self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
+            except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
+                if adapter.name in self.model.peft_config:
+                    self.model.delete_adapter(adapter.name)
+                raise ServingError(400, f"cannot load adapter {adapter.name!r} from {adapter.source}:"
+                                        f" {type(err).__name__}: {err}") from None
+        self.model.eval()
+        adapter.mixable = adapter.peft_type == "LORA" and all(
+            isinstance(wrapper.original_module, MIXABLE_HEADS) for wrapper in self._heads(adapter.name)
+        )
+        with self._lock:
+            self._adapters[adapter.name] = adapter
+
+    def mark_unloading(self, name: str) -> Adapter:
+        """Stop accepting requests for ``name``; those already queued still run before :meth:`detach`."""
+        adapter = self.get(name)
+        with self._lock:
+            self._unloading.add(name)
+        return adapter
+
+    def detach(self, name: str) -> None:
+        """Remove adapter ``name`` (its LoRA weights and head copies) from the model."""
+        self.model.delete_adapter(name)
+        with self._lock:
+            del self._adapters[name]
+            self._unloading.discard(name)
+
+    def _heads(self, adapter_name: str) -> list[nn.Module]:
+        """The ``modules_to_save`` wrappers holding a head copy for ``adapter_name``."""
+        from peft.utils import ModulesToSaveWrapper
+
+        return [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save]
+
+    def _fit_heads(self, adapter: Adapter) -> None:
+        """Give ``adapter`` head copies shaped like its saved head (e.g. 6 classes where the base has 2).
+
+        peft copies the base model's head for each adapter and then loads the saved weights into the copy,
+        which fails when the adapter has another number of labels. A copy put in place first is used as is.
+        """
+        from peft.utils import ModulesToSaveWrapper
+        from safetensors import safe_open
+
+        with safe_open(adapter.directory / "adapter_model.safetensors", "pt") as saved:
+            shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}
+        for path, wrapper in self.model.named_modules():
+            if not isinstance(wrapper, ModulesToSaveWrapper):
+                continue
+            head = copy.deepcopy(wrapper.original_module)
+            resized = False
+            for param_name, param in list(head.named_parameters()):
+                shape = shapes.get(f"{path}.{param_name}")
+                if shape is not None and shape != tuple(param.shape):
+                    owner_name, _, leaf = param_name.rpartition(".")
+                    owner = head.get_submodule(owner_name)
+                    setattr(owner, leaf, nn.Parameter(param.new_empty(shape), requires_grad=False))
+                    if isinstance(owner, nn.Linear):
+                        owner.out_features = shape[0]
+                    resized = True
+            if resized:
+                wrapper.modules_to_save[adapter.name] = head
+
+    @torch.no_grad()
+    def classify(self, requests: list[tuple[str, list[dict[str, list[int]]]]]) -> list[Any]:
+        """Class probabilities for each request ``(adapter name, token features)``, in order.
+
+        Requests of mixable adapters whose heads give the same number of classes share one forward with
+        ``adapter_names``; the others run per adapter. A request whose adapter is gone gets a
+        :class:`ServingError` in place of its probabilities.
+        """
+        results: list[Any] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        with self._lock:
+            adapters = dict(self._adapters)
+        for index, (name, _) in enumerate(requests):
+            adapter = adapters.get(name)
+            if adapter is None:
+                results[index] = ServingError(404, f"adapter {name!r} was unloaded before this request ran")
+                continue
+            key = ("mixed", len(adapter.label_names)) if adapter.mixable else ("alone", name)
+            groups.setdefault(key, []).append(index)
+        for (mode, _), members in groups.items():
+            names = [name for index in members for name in [requests[index][0]] * len(requests[index][1])]
+            features = [f for index in members for f in requests[index][1]]
+            batch = adapters[names[0]].tokenizer.pad(features, return_tensors="pt").to(self.device)
+            if mode == "mixed":
+                logits = self.model(**batch, adapter_names=names).logits
+            else:
+                self.model.set_adapter(names[0])
+                logits = self.model(**batch).logits
+            probabilities = torch.softmax(logits.float(), dim=-1).cpu()
+            start = 0
+            for index in members:
+                count = len(requests[index][1])
+                results[index] = probabilities[start:start + count]
+                start += count
+        return results

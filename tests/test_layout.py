@@ -1,0 +1,60 @@
+"""The project's shape: every program is a console script and a scripts/ file running the same function, the core
+package never imports the research code, and the code passes the linter and formatter CI runs."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib
+import shutil
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def console_scripts() -> dict[str, str]:
+    """``name -> module:function`` from setup.cfg."""
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    lines = [line.strip() for line in parser["options.entry_points"]["console_scripts"].splitlines() if line.strip()]
+    return dict((part.strip() for part in line.split("=", 1)) for line in lines)
+
+
+def script_target(path) -> str:
+    """``module:function`` that scripts/NAME.py imports and calls under ``if __name__ == "__main__"``."""
+    tree = ast.parse(path.read_text())
+    imported = {alias.asname or alias.name: f"{node.module}:{alias.name}"
+                for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    main_guard = next(node for node in tree.body if isinstance(node, ast.If))
+    called = next(node.func.id for node in ast.walk(main_guard) if isinstance(node, ast.Call)
+                  and isinstance(node.func, ast.Name) and node.func.id in imported)
+    return imported[called]
+
+
+def test_every_script_is_a_console_script_with_the_same_entry_point():
+    targets = set(console_scripts().values())
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert scripts
+    for path in scripts:
+        target = script_target(path)
+        assert target in targets, f"{path.name} runs {target}, which setup.cfg does not declare as a console script"
+        module, function = target.split(":")
+        assert callable(getattr(importlib.import_module(module), function))
+    assert len(targets) == len(scripts), "a console script without a scripts/ file (or the reverse)"
+
+
+def test_core_package_does_not_import_the_experiments():
+    for path in sorted((ROOT / "lora_train").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+        modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+        assert not [m for m in modules if m.startswith("lora_train.experiments")], path.name
+
+
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed by the [dev] extra")
+def test_ruff_lint_and_format_pass():
+    for command in (["ruff", "check", "."], ["ruff", "format", "--check", "."]):
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-3000:]}{result.stderr[-2000:]}"

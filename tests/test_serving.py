@@ -1,0 +1,260 @@
+"""The adapter server (lora_train/serving), started for real on 127.0.0.1 and spoken to over HTTP.
+
+Adapters are trained here in seconds (tiny random BERTs, synthetic data, 4 steps): two 2-class adapters and a
+3-class one over one base with a pooler (so the head is the ``classifier`` Linear and peft can mix them in one
+batch), one adapter of another base, and a head-only run (a full model, not an adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from lora_train.config import build_recipe
+from lora_train.inference import load_run, predict
+from lora_train.serving.app import Limits, create_app
+from lora_train.serving.batcher import MicroBatcher
+from lora_train.serving.registry import AdapterRegistry, read_adapter
+from lora_train.serving.server import build_parser, main as serve_main
+from lora_train.train import train
+from tests.conftest import save_tiny_bert, tiny_recipe
+
+TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
+LONG_TEXT = " ".join(["the movie was very good and the plot quite fun"] * 8)  # > 32 tokens: cut at max_length 32
+MAX_TEXTS = 8
+
+
+@pytest.fixture(scope="module")
+def pooled_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT saved with its pooler: the adapters' only new head is the ``classifier`` Linear."""
+    return save_tiny_bert(tmp_path_factory.mktemp("pooled_bert"), with_pooler=True, seed=1)
+
+
+def train_tiny(root: Path, name: str, model_dir: Path, data_dir: Path, labels=("neg", "pos"), **sections) -> Path:
+    out = root / name
+    base = {"training": {"max_steps": 4, "eval_steps": 0, "save_steps": 0, "logging_steps": 2}}
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    recipe = tiny_recipe(model_dir, data_dir, out, **base)
+    recipe["data"]["label_names"] = list(labels)
+    train(build_recipe(recipe))
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("serving_runs")
+    return {
+        "sentiment": train_tiny(root, "sentiment", pooled_bert_dir, toy_data_dir),
+        "sentiment_b": train_tiny(root, "sentiment_b", pooled_bert_dir, toy_data_dir, training={"seed": 7, "learning_rate": 2e-2}),
+        "three": train_tiny(root, "three", pooled_bert_dir, toy_data_dir, labels=("neg", "mixed", "pos")),
+        "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
+        "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> dict[str, torch.Tensor]:
+    """Each adapter's probabilities on TEXTS + [LONG_TEXT], from lora_train.inference alone (one model per run)."""
+    expected = {}
+    for name in ("sentiment", "sentiment_b", "three"):
+        rows = predict(load_run(str(runs[name]), device="cpu"), TEXTS + [LONG_TEXT])
+        expected[name] = torch.tensor([list(row["probabilities"].values()) for row in rows])
+    return expected
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """The real app under uvicorn on 127.0.0.1 (a free port), serving sentiment and three; yields its URL."""
+    import uvicorn
+
+    registry = AdapterRegistry("cpu")
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    # A long wait makes requests sent together share a batch even on a loaded CI machine.
+    batcher = MicroBatcher(registry.classify, max_batch_texts=64, max_wait_s=0.05)
+    batcher.start()
+    app = create_app(registry, batcher, Limits(max_texts=MAX_TEXTS, max_body_bytes=4096))
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", limit_concurrency=64)
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    uv.should_exit = True
+    thread.join(timeout=10)
+    batcher.stop()
+
+
+def classify(url: str, adapter: str, texts: list) -> httpx.Response:
+    return httpx.post(f"{url}/v1/classify", json={"adapter": adapter, "texts": texts}, timeout=60)
+
+
+def probabilities(response: httpx.Response) -> torch.Tensor:
+    assert response.status_code == 200, response.text
+    return torch.tensor([list(p["probabilities"].values()) for p in response.json()["predictions"]])
+
+
+def test_classify_matches_the_run_loaded_alone(server, reference, runs):
+    for name, labels in (("sentiment", ["neg", "pos"]), ("three", ["neg", "mixed", "pos"])):
+        response = classify(server, name, TEXTS + [LONG_TEXT])
+        body = response.json()
+        assert body["adapter"] == name
+        torch.testing.assert_close(probabilities(response), reference[name], atol=1e-5, rtol=0)
+        for prediction in body["predictions"]:
+            assert list(prediction["probabilities"]) == labels
+            assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+            assert prediction["probability"] == prediction["probabilities"][prediction["label"]]
+        assert [p["truncated"] for p in body["predictions"]] == [False] * len(TEXTS) + [True]
+
+
+def test_requests_for_different_adapters_share_batches(server, reference):
+    before = httpx.get(f"{server}/healthz").json()
+    jobs = [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS):][:2]) for i in range(24)]
+    with ThreadPoolExecutor(max_workers=24) as pool:
+        responses = list(pool.map(lambda job: classify(server, *job), jobs))
+    for (name, texts), response in zip(jobs, responses):
+        start = TEXTS.index(texts[0])
+        torch.testing.assert_close(probabilities(response), reference[name][start:start + len(texts)], atol=1e-5, rtol=0)
+    after = httpx.get(f"{server}/healthz").json()
+    assert after["requests"] - before["requests"] == 24
+    assert after["batches"] - before["batches"] < 24  # some requests shared a forward
+
+
+def test_mixed_and_per_adapter_forwards_agree(runs, reference):
+    """peft's mixed-adapter batch (2- and 3-class heads grouped by shape) equals one forward per adapter."""
+    registry = AdapterRegistry("cpu")
+    adapters = [read_adapter(str(runs[name])) for name in ("sentiment", "three", "sentiment_b")]
+    for adapter in adapters:
+        registry.attach(adapter)
+    assert all(adapter.mixable for adapter in adapters)
+    requests = [(a.name, a.encode(TEXTS)[0]) for a in adapters] * 2
+    mixed = registry.classify(requests)
+    for adapter in adapters:
+        adapter.mixable = False
+    alone = registry.classify(requests)
+    for (name, _), got, single in zip(requests, mixed, alone):
+        torch.testing.assert_close(got, reference[name][:len(TEXTS)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(single, reference[name][:len(TEXTS)], atol=1e-5, rtol=0)
+
+
+def test_list_health_ready_schema_and_page(server, runs):
+    listing = httpx.get(f"{server}/v1/adapters").json()
+    assert [a["name"] for a in listing] == ["sentiment", "three"]
+    three = next(a for a in listing if a["name"] == "three")
+    metrics = json.loads((runs["three"] / "metrics.json").read_text())
+    assert three["labels"] == ["neg", "mixed", "pos"] and three["task"] == "custom" and three["peft_type"] == "LORA"
+    assert three["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]
+    assert "pooled_bert" in three["base_model"] and "quantization none" in three["base_model"]
+    assert httpx.get(f"{server}/v1/adapters/three").json() == three
+    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
+    assert httpx.get(f"{server}/readyz").json() == {"ready": True, "adapters": ["sentiment", "three"]}
+    schema = httpx.get(f"{server}/openapi.json").json()
+    assert {"/v1/classify", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/readyz"} <= set(schema["paths"])
+    page = httpx.get(server)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<select id="adapter"' in page.text and "/v1/classify" in page.text
+    assert "src=" not in page.text and "https://" not in page.text  # no CDN: works offline
+
+
+def test_hot_load_and_unload(server, runs, reference):
+    response = httpx.post(f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "late"}, timeout=60)
+    assert response.status_code == 201, response.text
+    assert response.json()["name"] == "late"
+    torch.testing.assert_close(probabilities(classify(server, "late", TEXTS)), reference["sentiment_b"][:len(TEXTS)],
+                               atol=1e-5, rtol=0)
+    assert "late" in httpx.get(f"{server}/readyz").json()["adapters"]
+    assert httpx.delete(f"{server}/v1/adapters/late", timeout=60).json() == {"unloaded": "late"}
+    gone = classify(server, "late", TEXTS)
+    assert gone.status_code == 404 and "'late' is not loaded" in gone.json()["detail"]
+    assert httpx.delete(f"{server}/v1/adapters/late").status_code == 404
+    torch.testing.assert_close(probabilities(classify(server, "sentiment", TEXTS)), reference["sentiment"][:len(TEXTS)],
+                               atol=1e-5, rtol=0)
+
+
+def test_unload_while_requests_are_in_flight(server, runs, reference):
+    assert httpx.post(f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "busy"},
+                      timeout=60).status_code == 201
+    with ThreadPoolExecutor(max_workers=17) as pool:
+        requests = [pool.submit(classify, server, "busy", TEXTS) for _ in range(16)]
+        time.sleep(0.02)
+        unload = pool.submit(httpx.delete, f"{server}/v1/adapters/busy", timeout=60)
+        statuses = []
+        for future in requests:
+            response = future.result()
+            statuses.append(response.status_code)
+            if response.status_code == 200:  # finished with the adapter's own weights
+                torch.testing.assert_close(probabilities(response), reference["sentiment_b"][:len(TEXTS)], atol=1e-5, rtol=0)
+            else:  # or a clean 404 that says why
+                assert response.status_code == 404 and "busy" in response.json()["detail"]
+        assert unload.result().status_code == 200
+    assert 200 in statuses
+    assert httpx.get(f"{server}/healthz").json()["status"] == "ok"
+    assert classify(server, "sentiment", TEXTS).status_code == 200
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"adapter": "nope", "texts": ["a"]}, 404, "adapter 'nope' is not loaded; loaded adapters: ['sentiment', 'three']"),
+    ({"adapter": "sentiment", "texts": []}, 422, "at least 1 item"),
+    ({"adapter": "sentiment", "texts": [""]}, 422, "text must not be empty or whitespace only"),
+    ({"adapter": "sentiment", "texts": ["ok", "  \n"]}, 422, "text must not be empty or whitespace only"),
+    ({"adapter": "sentiment", "texts": ["x"] * (MAX_TEXTS + 1)}, 413, f"9 texts in one request; at most {MAX_TEXTS}"),
+    ({"adapter": "sentiment", "texts": ["good " * 1000]}, 413, "request body over 4096 bytes"),
+    ({"adapter": "sentiment", "texts": "good"}, 422, "Input should be a valid list"),
+    ({"adapter": "sentiment", "texts": [1, 2]}, 422, "Input should be a valid string"),
+    ({"adapter": 3, "texts": ["good"]}, 422, "Input should be a valid string"),
+    ({"texts": ["good"]}, 422, "Field required"),
+    ({"adapter": "sentiment", "texts": ["good"], "top_k": 2}, 422, "Extra inputs are not permitted"),
+])
+def test_bad_classify_requests_get_clear_errors(server, body, status, message):
+    response = httpx.post(f"{server}/v1/classify", json=body, timeout=60)
+    assert response.status_code == status
+    assert message in json.dumps(response.json()["detail"])
+
+
+def test_malformed_json_and_bad_loads_get_clear_errors(server, runs, tmp_path):
+    bad_json = httpx.post(f"{server}/v1/classify", content=b'{"adapter": "sentiment", "texts": [',
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 422 and "JSON decode error" in bad_json.text
+
+    def load(source, name=None):
+        return httpx.post(f"{server}/v1/adapters", json={"source": str(source), "name": name}, timeout=60)
+
+    not_a_run = load(tmp_path)
+    assert not_a_run.status_code == 400 and "is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
+    head_only = load(runs["head_only"])
+    assert head_only.status_code == 400 and "not an adapter" in head_only.json()["detail"]
+    missing = load(tmp_path / "nowhere")
+    assert missing.status_code == 400 and "neither an existing run directory nor a Hub repo id" in missing.text
+    other = load(runs["other_base"]).json()["detail"]
+    assert "was trained on" in other and "tiny_bert" in other and "pooled_bert" in other  # names both bases
+    taken = load(runs["sentiment_b"], "three")
+    assert taken.status_code == 409 and "an adapter named 'three' is already loaded" in taken.text
+    assert load(runs["sentiment_b"], "bad.name").status_code == 422
+    assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
+    assert classify(server, "sentiment", TEXTS).status_code == 200  # still serving
+
+
+def test_command_line_refuses_adapters_of_different_bases(runs, capsys):
+    assert serve_main([str(runs["sentiment"]), str(runs["other_base"]), "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "one server holds one base model" in err and "tiny_bert" in err and "pooled_bert" in err
+    assert build_parser().parse_args(["run"]).host == "127.0.0.1"  # loopback unless asked
