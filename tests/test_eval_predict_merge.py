@@ -73,7 +73,8 @@ def assert_curves_drawn(png: bytes) -> None:
     assert 2 * height < width  # the 10 x 4 inch figure
     halves = {"left": image[:, : width // 2], "right": image[:, width // 2 :]}
     for colour, panel in (("tab:blue", "left"), ("tab:orange", "left"), ("tab:green", "right"), ("tab:red", "right")):
-        pixels = {side: int((np.abs(half - np.array(to_rgb(colour)) * 255).max(-1) < 12).sum()) for side, half in halves.items()}
+        rgb = np.array(to_rgb(colour)) * 255
+        pixels = {side: int((np.abs(half - rgb).max(-1) < 12).sum()) for side, half in halves.items()}
         other = "right" if panel == "left" else "left"
         assert pixels[panel] > 150 and pixels[other] == 0, (colour, pixels)
 

@@ -70,8 +70,9 @@ def test_nf4_run_does_not_depend_on_the_thread_count(tmp_path, tiny_bert_dir, to
         for threads in (1, 2):
             torch.set_num_threads(threads)
             out = tmp_path / f"threads_{threads}"
-            raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, quantization={"method": "nf4", "compute_dtype": "float32"},
-                              peft={"dropout": 0.1}, training={"max_steps": 8, "logging_steps": 1})
+            raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, peft={"dropout": 0.1},
+                              quantization={"method": "nf4", "compute_dtype": "float32"},
+                              training={"max_steps": 8, "logging_steps": 1})
             metrics = train(build_recipe(raw))
             history = json.loads((out / "history.json").read_text())
             results[threads] = ([loss for h in history for loss in h.get("step_losses", [])],
