@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from lora_train import checkpoint as ckpt
 from lora_train.config import RecipeError, build_recipe
 from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
+from lora_train.run_lock import LOCK_FILE
 from lora_train.train import train
 from tests.conftest import HF_HUB, MINILM, ROOT, needs_shared, reload_logits, tiny_recipe, write_recipe
 
@@ -154,7 +155,8 @@ def assert_same_trajectory(run: Path, reference: Path) -> None:
 
 def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS,)) -> None:
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in steps]
-    assert [p.name for p in out.rglob(".*")] == []  # no temporary or half-written files left by any process
+    # No temporary or half-written files left by any process (the run's lock file stays, released).
+    assert [p.name for p in out.rglob(".*") if p.name != LOCK_FILE] == []
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")) == [
         "adapter_model.safetensors", "best/adapter_model.safetensors"]
 
