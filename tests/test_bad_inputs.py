@@ -311,7 +311,7 @@ CASES = {
                                     ["cannot load a tokenizer from model.name_or_path", "no_tokenizer"]),
     "dataset_not_found_offline": Case("dataset not found (offline)", _overrides("data.path=nobody/no-such-dataset"),
                                       ["cannot load dataset 'nobody/no-such-dataset'", "HF_HUB_OFFLINE=1 is set",
-                                       "point data.path at a local directory"]),
+                                       "set data.path to a local directory"]),
     "data_dir_missing": Case("data directory missing", _overrides("data.path={tmp}/no/such/dir"),
                              ["data.path '", "no/such/dir' does not exist"]),
     "data_path_unknown_type": Case("data.path a file of another type", _data_path_of_unknown_type,

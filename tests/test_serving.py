@@ -22,8 +22,9 @@ from lora_train.config import build_recipe
 from lora_train.inference import load_run, predict
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
-from lora_train.serving.registry import AdapterRegistry, read_adapter
-from lora_train.serving.server import build_parser, main as serve_main
+from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
+from lora_train.serving.server import build_parser
+from lora_train.serving.server import main as serve_main
 from lora_train.train import train
 from tests.conftest import save_tiny_bert, tiny_recipe
 
@@ -54,7 +55,9 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
     root = tmp_path_factory.mktemp("serving_runs")
     return {
         "sentiment": train_tiny(root, "sentiment", pooled_bert_dir, toy_data_dir),
-        "sentiment_b": train_tiny(root, "sentiment_b", pooled_bert_dir, toy_data_dir, training={"seed": 7, "learning_rate": 2e-2}),
+        "sentiment_b": train_tiny(
+            root, "sentiment_b", pooled_bert_dir, toy_data_dir, training={"seed": 7, "learning_rate": 2e-2}
+        ),
         "three": train_tiny(root, "three", pooled_bert_dir, toy_data_dir, labels=("neg", "mixed", "pos")),
         "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
         "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
@@ -128,12 +131,14 @@ def test_classify_matches_the_run_loaded_alone(server, reference, runs):
 
 def test_requests_for_different_adapters_share_batches(server, reference):
     before = httpx.get(f"{server}/healthz").json()
-    jobs = [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS):][:2]) for i in range(24)]
+    jobs = [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS) :][:2]) for i in range(24)]
     with ThreadPoolExecutor(max_workers=24) as pool:
         responses = list(pool.map(lambda job: classify(server, *job), jobs))
-    for (name, texts), response in zip(jobs, responses):
+    for (name, texts), response in zip(jobs, responses, strict=True):
         start = TEXTS.index(texts[0])
-        torch.testing.assert_close(probabilities(response), reference[name][start:start + len(texts)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            probabilities(response), reference[name][start : start + len(texts)], atol=1e-5, rtol=0
+        )
     after = httpx.get(f"{server}/healthz").json()
     assert after["requests"] - before["requests"] == 24
     assert after["batches"] - before["batches"] < 24  # some requests shared a forward
@@ -151,9 +156,20 @@ def test_mixed_and_per_adapter_forwards_agree(runs, reference):
     for adapter in adapters:
         adapter.mixable = False
     alone = registry.classify(requests)
-    for (name, _), got, single in zip(requests, mixed, alone):
-        torch.testing.assert_close(got, reference[name][:len(TEXTS)], atol=1e-5, rtol=0)
-        torch.testing.assert_close(single, reference[name][:len(TEXTS)], atol=1e-5, rtol=0)
+    for (name, _), got, single in zip(requests, mixed, alone, strict=True):
+        torch.testing.assert_close(got, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(single, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
+
+
+def test_length_buckets_bound_padding():
+    lengths = [25, 128, 20, 30, 128, 8, 40, 11, 16, 23]
+    buckets = length_buckets(lengths)
+    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(lengths)))
+    for bucket in buckets:
+        longest, real = max(lengths[i] for i in bucket), sum(lengths[i] for i in bucket)
+        assert len(bucket) * longest <= 1.5 * real
+    assert [1, 4] in buckets  # the two 128-token texts share a forward, without the short ones
+    assert length_buckets([30] * 8) == [list(range(8))]
 
 
 def test_list_health_ready_schema_and_page(server, runs):
@@ -176,23 +192,31 @@ def test_list_health_ready_schema_and_page(server, runs):
 
 
 def test_hot_load_and_unload(server, runs, reference):
-    response = httpx.post(f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "late"}, timeout=60)
+    response = httpx.post(
+        f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "late"}, timeout=60
+    )
     assert response.status_code == 201, response.text
     assert response.json()["name"] == "late"
-    torch.testing.assert_close(probabilities(classify(server, "late", TEXTS)), reference["sentiment_b"][:len(TEXTS)],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        probabilities(classify(server, "late", TEXTS)), reference["sentiment_b"][: len(TEXTS)], atol=1e-5, rtol=0
+    )
     assert "late" in httpx.get(f"{server}/readyz").json()["adapters"]
     assert httpx.delete(f"{server}/v1/adapters/late", timeout=60).json() == {"unloaded": "late"}
     gone = classify(server, "late", TEXTS)
     assert gone.status_code == 404 and "'late' is not loaded" in gone.json()["detail"]
     assert httpx.delete(f"{server}/v1/adapters/late").status_code == 404
-    torch.testing.assert_close(probabilities(classify(server, "sentiment", TEXTS)), reference["sentiment"][:len(TEXTS)],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        probabilities(classify(server, "sentiment", TEXTS)), reference["sentiment"][: len(TEXTS)], atol=1e-5, rtol=0
+    )
 
 
 def test_unload_while_requests_are_in_flight(server, runs, reference):
-    assert httpx.post(f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "busy"},
-                      timeout=60).status_code == 201
+    assert (
+        httpx.post(
+            f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "busy"}, timeout=60
+        ).status_code
+        == 201
+    )
     with ThreadPoolExecutor(max_workers=17) as pool:
         requests = [pool.submit(classify, server, "busy", TEXTS) for _ in range(16)]
         time.sleep(0.02)
@@ -202,7 +226,9 @@ def test_unload_while_requests_are_in_flight(server, runs, reference):
             response = future.result()
             statuses.append(response.status_code)
             if response.status_code == 200:  # finished with the adapter's own weights
-                torch.testing.assert_close(probabilities(response), reference["sentiment_b"][:len(TEXTS)], atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    probabilities(response), reference["sentiment_b"][: len(TEXTS)], atol=1e-5, rtol=0
+                )
             else:  # or a clean 404 that says why
                 assert response.status_code == 404 and "busy" in response.json()["detail"]
         assert unload.result().status_code == 200
@@ -211,19 +237,38 @@ def test_unload_while_requests_are_in_flight(server, runs, reference):
     assert classify(server, "sentiment", TEXTS).status_code == 200
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"adapter": "nope", "texts": ["a"]}, 404, "adapter 'nope' is not loaded; loaded adapters: ['sentiment', 'three']"),
-    ({"adapter": "sentiment", "texts": []}, 422, "at least 1 item"),
-    ({"adapter": "sentiment", "texts": [""]}, 422, "text must not be empty or whitespace only"),
-    ({"adapter": "sentiment", "texts": ["ok", "  \n"]}, 422, "text must not be empty or whitespace only"),
-    ({"adapter": "sentiment", "texts": ["x"] * (MAX_TEXTS + 1)}, 413, f"9 texts in one request; at most {MAX_TEXTS}"),
-    ({"adapter": "sentiment", "texts": ["good " * 1000]}, 413, "request body over 4096 bytes"),
-    ({"adapter": "sentiment", "texts": "good"}, 422, "Input should be a valid list"),
-    ({"adapter": "sentiment", "texts": [1, 2]}, 422, "Input should be a valid string"),
-    ({"adapter": 3, "texts": ["good"]}, 422, "Input should be a valid string"),
-    ({"texts": ["good"]}, 422, "Field required"),
-    ({"adapter": "sentiment", "texts": ["good"], "top_k": 2}, 422, "Extra inputs are not permitted"),
-])
+def test_the_last_adapter_cannot_be_unloaded(runs):
+    registry = AdapterRegistry("cpu")
+    registry.attach(read_adapter(str(runs["sentiment"])))
+    with pytest.raises(ServingError, match="'sentiment' is the last loaded adapter; load another before unloading it"):
+        registry.mark_unloading("sentiment")
+    assert registry.names() == ["sentiment"]
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (
+            {"adapter": "nope", "texts": ["a"]},
+            404,
+            "adapter 'nope' is not loaded; loaded adapters: ['sentiment', 'three']",
+        ),
+        ({"adapter": "sentiment", "texts": []}, 422, "at least 1 item"),
+        ({"adapter": "sentiment", "texts": [""]}, 422, "text must not be empty or whitespace only"),
+        ({"adapter": "sentiment", "texts": ["ok", "  \n"]}, 422, "text must not be empty or whitespace only"),
+        (
+            {"adapter": "sentiment", "texts": ["x"] * (MAX_TEXTS + 1)},
+            413,
+            f"9 texts in one request; at most {MAX_TEXTS}",
+        ),
+        ({"adapter": "sentiment", "texts": ["good " * 1000]}, 413, "request body over 4096 bytes"),
+        ({"adapter": "sentiment", "texts": "good"}, 422, "Input should be a valid list"),
+        ({"adapter": "sentiment", "texts": [1, 2]}, 422, "Input should be a valid string"),
+        ({"adapter": 3, "texts": ["good"]}, 422, "Input should be a valid string"),
+        ({"texts": ["good"]}, 422, "Field required"),
+        ({"adapter": "sentiment", "texts": ["good"], "top_k": 2}, 422, "Extra inputs are not permitted"),
+    ],
+)
 def test_bad_classify_requests_get_clear_errors(server, body, status, message):
     response = httpx.post(f"{server}/v1/classify", json=body, timeout=60)
     assert response.status_code == status
@@ -231,15 +276,21 @@ def test_bad_classify_requests_get_clear_errors(server, body, status, message):
 
 
 def test_malformed_json_and_bad_loads_get_clear_errors(server, runs, tmp_path):
-    bad_json = httpx.post(f"{server}/v1/classify", content=b'{"adapter": "sentiment", "texts": [',
-                          headers={"content-type": "application/json"})
+    bad_json = httpx.post(
+        f"{server}/v1/classify",
+        content=b'{"adapter": "sentiment", "texts": [',
+        headers={"content-type": "application/json"},
+    )
     assert bad_json.status_code == 422 and "JSON decode error" in bad_json.text
 
     def load(source, name=None):
         return httpx.post(f"{server}/v1/adapters", json={"source": str(source), "name": name}, timeout=60)
 
     not_a_run = load(tmp_path)
-    assert not_a_run.status_code == 400 and "is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
+    assert (
+        not_a_run.status_code == 400
+        and "is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
+    )
     head_only = load(runs["head_only"])
     assert head_only.status_code == 400 and "not an adapter" in head_only.json()["detail"]
     missing = load(tmp_path / "nowhere")

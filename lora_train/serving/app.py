@@ -100,8 +100,10 @@ class BodyLimit:
             body += message.get("body", b"")
             more = message.get("more_body", False) and len(body) <= self.max_bytes
         if len(body) > self.max_bytes or (declared is not None and int(declared) > self.max_bytes):
-            response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter"
-                                               " texts per request"}, status_code=413)
+            response = JSONResponse(
+                {"detail": f"request body over {self.max_bytes} bytes; send fewer or shorter texts per request"},
+                status_code=413,
+            )
             return await response(scope, receive, send)
 
         async def replay():
@@ -112,8 +114,12 @@ class BodyLimit:
 
 def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits = Limits()) -> FastAPI:
     """The FastAPI application over a registry whose adapters are attached and a started batcher."""
-    app = FastAPI(title="lora_train adapter server", docs_url=None, redoc_url=None,
-                  description="Many LoRA classifiers over one base model, micro-batched. See docs/serving.md.")
+    app = FastAPI(
+        title="lora_train adapter server",
+        docs_url=None,
+        redoc_url=None,
+        description="Many LoRA classifiers over one base model, micro-batched. See docs/serving.md.",
+    )
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
 
     @app.exception_handler(ServingError)
@@ -127,8 +133,13 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
     @app.get("/healthz", summary="Liveness: the process answers and its model worker runs")
     async def health() -> JSONResponse:
         stats = batcher.stats
-        body = {"status": "ok" if batcher.alive else "worker stopped", "batches": stats.batches,
-                "requests": stats.requests, "texts": stats.texts, "batching": batcher.batching}
+        body = {
+            "status": "ok" if batcher.alive else "worker stopped",
+            "batches": stats.batches,
+            "requests": stats.requests,
+            "texts": stats.texts,
+            "batching": batcher.batching,
+        }
         return JSONResponse(body, status_code=200 if batcher.alive else 503)
 
     @app.get("/readyz", summary="Readiness: at least one adapter is loaded and requests are accepted")
@@ -145,8 +156,13 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
     async def get_adapter(name: str) -> dict[str, Any]:
         return registry.get(name).describe()
 
-    @app.post("/v1/adapters", response_model=AdapterInfo, status_code=201, responses=ERRORS,
-              summary="Load an adapter from a run directory or Hub repo, while serving")
+    @app.post(
+        "/v1/adapters",
+        response_model=AdapterInfo,
+        status_code=201,
+        responses=ERRORS,
+        summary="Load an adapter from a run directory or Hub repo, while serving",
+    )
     async def load_adapter(request: LoadRequest) -> dict[str, Any]:
         adapter = await run_in_threadpool(read_adapter, request.source, request.name)
         registry.check_can_attach(adapter)  # fail fast; checked again on the worker, where it counts
@@ -159,8 +175,9 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
         await asyncio.wrap_future(batcher.call(lambda: registry.detach(name)))
         return {"unloaded": name}
 
-    @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS,
-              summary="Classify texts with one adapter")
+    @app.post(
+        "/v1/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify texts with one adapter"
+    )
     async def classify(request: ClassifyRequest) -> dict[str, Any]:
         if len(request.texts) > limits.max_texts:
             raise ServingError(413, f"{len(request.texts)} texts in one request; at most {limits.max_texts}")
@@ -168,11 +185,16 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
         features, truncated = await run_in_threadpool(adapter.encode, request.texts)
         probabilities = await asyncio.wrap_future(batcher.submit(adapter.name, features))
         predictions = []
-        for row, cut in zip(probabilities.tolist(), truncated):
+        for row, cut in zip(probabilities.tolist(), truncated, strict=True):
             best = max(range(len(row)), key=row.__getitem__)
-            predictions.append({"label": adapter.label_names[best], "probability": row[best],
-                                "probabilities": dict(zip(adapter.label_names, row)), "truncated": cut})
+            predictions.append(
+                {
+                    "label": adapter.label_names[best],
+                    "probability": row[best],
+                    "probabilities": dict(zip(adapter.label_names, row, strict=True)),
+                    "truncated": cut,
+                }
+            )
         return {"adapter": adapter.name, "predictions": predictions}
 
     return app
-

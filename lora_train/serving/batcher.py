@@ -40,7 +40,7 @@ class Task:
 
 @dataclass
 class BatchStats:
-    """Counters for /healthz: how many forwards ran and how many requests and texts they held."""
+    """Counters for /healthz: how many batches the worker ran and how many requests and texts they held."""
 
     batches: int = 0
     requests: int = 0
@@ -50,8 +50,14 @@ class BatchStats:
 class MicroBatcher:
     """Queue of jobs and tasks served by one worker thread (see the module docstring)."""
 
-    def __init__(self, run_batch: Callable[[list[tuple[str, list]]], list[Any]], max_batch_texts: int = 64,
-                 max_wait_s: float = 0.005, max_queued_texts: int = 4096, batching: bool = True):
+    def __init__(
+        self,
+        run_batch: Callable[[list[tuple[str, list]]], list[Any]],
+        max_batch_texts: int = 64,
+        max_wait_s: float = 0.005,
+        max_queued_texts: int = 4096,
+        batching: bool = True,
+    ):
         self._run_batch = run_batch
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_s
@@ -84,8 +90,11 @@ class MicroBatcher:
         job = Job(adapter, features)
         with self._cond:
             if self._queued_texts + len(features) > self.max_queued_texts:
-                raise ServingError(503, f"server busy: {self._queued_texts} texts already queued"
-                                        f" (limit {self.max_queued_texts}); retry later")
+                raise ServingError(
+                    503,
+                    f"server busy: {self._queued_texts} texts already queued"
+                    f" (limit {self.max_queued_texts}); retry later",
+                )
             self._queue.append(job)
             self._queued_texts += len(features)
             self._cond.notify()
@@ -143,7 +152,7 @@ class MicroBatcher:
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.texts += sum(len(job.features) for job in batch)
-        for job, result in zip(batch, results):
+        for job, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 job.future.set_exception(result)
             else:

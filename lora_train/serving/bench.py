@@ -37,7 +37,7 @@ class SetupResult:
     requests_per_s: float
     p50_ms: float
     p99_ms: float
-    texts_per_forward: float
+    texts_per_batch: float
     rss_mb: float
     peak_rss_mb: float
 
@@ -101,8 +101,9 @@ class ServerProcess:
                 self.process.wait()
 
 
-async def _load(routes: list[tuple[str, str, list[str]]], clients: int, warmup_s: float,
-                duration_s: float) -> tuple[list[float], int]:
+async def _load(
+    routes: list[tuple[str, str, list[str]]], clients: int, warmup_s: float, duration_s: float
+) -> tuple[list[float], int]:
     """Run ``clients`` concurrent clients; latencies (s) of the requests sent after the warm-up, and errors."""
     import httpx
 
@@ -119,7 +120,9 @@ async def _load(routes: list[tuple[str, str, list[str]]], clients: int, warmup_s
             n = next(turn)
             url, adapter, texts = routes[n % len(routes)]
             sent = time.monotonic()
-            response = await http.post(f"{url}/v1/classify", json={"adapter": adapter, "texts": [texts[n % len(texts)]]})
+            response = await http.post(
+                f"{url}/v1/classify", json={"adapter": adapter, "texts": [texts[n % len(texts)]]}
+            )
             if sent >= measure_from:
                 if response.status_code == 200:
                     latencies.append(time.monotonic() - sent)
@@ -131,15 +134,23 @@ async def _load(routes: list[tuple[str, str, list[str]]], clients: int, warmup_s
     return latencies, errors
 
 
-def run_setup(setup: str, adapters: Sequence[str], names: Sequence[str], texts: dict[str, list[str]],
-              clients: int, warmup_s: float, duration_s: float, server_args: Sequence[str] = ()) -> SetupResult:
+def run_setup(
+    setup: str,
+    adapters: Sequence[str],
+    names: Sequence[str],
+    texts: dict[str, list[str]],
+    clients: int,
+    warmup_s: float,
+    duration_s: float,
+    server_args: Sequence[str] = (),
+) -> SetupResult:
     """Start the setup's servers, load them, measure, stop them."""
     import httpx
 
-    named = [f"{name}={source}" for name, source in zip(names, adapters)]
+    named = [f"{name}={source}" for name, source in zip(names, adapters, strict=True)]
     if setup == "per-adapter":
         servers = [ServerProcess([spec], server_args) for spec in named]
-        routes = [(server.url, name, texts[name]) for server, name in zip(servers, names)]
+        routes = [(server.url, name, texts[name]) for server, name in zip(servers, names, strict=True)]
     else:
         extra = [*server_args, "--no-batching"] if setup == "unbatched" else list(server_args)
         servers = [ServerProcess(named, extra)]
@@ -155,29 +166,46 @@ def run_setup(setup: str, adapters: Sequence[str], names: Sequence[str], texts: 
             server.stop()
     ms = np.asarray(latencies) * 1000
     return SetupResult(
-        setup=setup, processes=len(servers), requests=len(latencies), errors=errors,
+        setup=setup,
+        processes=len(servers),
+        requests=len(latencies),
+        errors=errors,
         requests_per_s=len(latencies) / duration_s,
         p50_ms=float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         p99_ms=float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-        texts_per_forward=sum(h["texts"] for h in health) / max(1, sum(h["batches"] for h in health)),
-        rss_mb=sum(m[0] for m in memory), peak_rss_mb=sum(m[1] for m in memory),
+        texts_per_batch=sum(h["texts"] for h in health) / max(1, sum(h["batches"] for h in health)),
+        rss_mb=sum(m[0] for m in memory),
+        peak_rss_mb=sum(m[1] for m in memory),
     )
 
 
 def markdown_table(results: list[SetupResult]) -> str:
-    lines = ["| setup | processes | requests/s | p50 ms | p99 ms | requests (errors) | texts per forward | RSS MB | peak RSS MB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setup | processes | requests/s | p50 ms | p99 ms | requests (errors) | texts per batch | RSS MB"
+        " | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r.setup} | {r.processes} | {r.requests_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
-                     f" {r.requests} ({r.errors}) | {r.texts_per_forward:.1f} | {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |")
+        lines.append(
+            f"| {r.setup} | {r.processes} | {r.requests_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
+            f" {r.requests} ({r.errors}) | {r.texts_per_batch:.1f} | {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |"
+        )
     return "\n".join(lines)
 
 
-def run_bench(adapters: Sequence[str], names: Sequence[str], setups: Sequence[str] = SETUPS, clients: int = 32,
-              warmup_s: float = 5.0, duration_s: float = 60.0, texts_per_adapter: int = 500,
-              server_args: Sequence[str] = (), log=print) -> list[SetupResult]:
+def run_bench(
+    adapters: Sequence[str],
+    names: Sequence[str],
+    setups: Sequence[str] = SETUPS,
+    clients: int = 32,
+    warmup_s: float = 5.0,
+    duration_s: float = 60.0,
+    texts_per_adapter: int = 500,
+    server_args: Sequence[str] = (),
+    log=print,
+) -> list[SetupResult]:
     """Measure each setup in turn (never two at once: they share the CPU)."""
-    texts = {name: validation_texts(source, texts_per_adapter) for name, source in zip(names, adapters)}
+    texts = {name: validation_texts(source, texts_per_adapter) for name, source in zip(names, adapters, strict=True)}
     results = []
     for setup in setups:
         log(f"{setup}: {clients} clients, {warmup_s:g} s warm-up + {duration_s:g} s, load average {os.getloadavg()}")
@@ -192,12 +220,16 @@ def summary(results: list[SetupResult]) -> Optional[str]:
     lines = []
     if "batched" in by and "unbatched" in by:
         b, u = by["batched"], by["unbatched"]
-        lines.append(f"batched / unbatched requests/s: {b.requests_per_s / u.requests_per_s:.2f}x;"
-                     f" p99 {b.p99_ms:.0f} ms vs {u.p99_ms:.0f} ms")
+        lines.append(
+            f"batched / unbatched requests/s: {b.requests_per_s / u.requests_per_s:.2f}x;"
+            f" p99 {b.p99_ms:.0f} ms vs {u.p99_ms:.0f} ms"
+        )
     if "batched" in by and "per-adapter" in by:
         b, p = by["batched"], by["per-adapter"]
         one = p.rss_mb / p.processes
-        lines.append(f"RSS of {p.processes} adapters in one process / one adapter in one process:"
-                     f" {b.rss_mb:.0f} / {one:.0f} MB = {b.rss_mb / one:.2f}x;"
-                     f" one process per adapter: {p.rss_mb:.0f} MB")
+        lines.append(
+            f"RSS of {p.processes} adapters in one process / one adapter in one process:"
+            f" {b.rss_mb:.0f} / {one:.0f} MB = {b.rss_mb / one:.2f}x;"
+            f" one process per adapter: {p.rss_mb:.0f} MB"
+        )
     return "\n".join(lines) or None

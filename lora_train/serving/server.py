@@ -26,21 +26,29 @@ http://HOST:PORT/, the API schema at /openapi.json; see docs/serving.md.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="run directory, Hub repo id, or NAME=SOURCE")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind (default 127.0.0.1: this machine only; anything else is exposed)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; anything else is exposed)",
+    )
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    parser.add_argument("--threads", type=int,
-                        help="torch intra-op threads (default: torch's, one per core); 1 on a CPU shared with other work")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads (default: torch's, one per core); 1 on a CPU shared with other work",
+    )
     parser.add_argument("--max-batch-texts", type=int, default=64, help="most texts in one forward")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
-                        help="longest a request waits for others to share its forward")
+    parser.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to share its forward"
+    )
     parser.add_argument("--no-batching", action="store_true", help="one request per forward (for comparison)")
     parser.add_argument("--max-texts", type=int, default=64, help="most texts per request (more: 413)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
     parser.add_argument("--max-queued-texts", type=int, default=4096, help="queue bound (more: 503)")
-    parser.add_argument("--limit-concurrency", type=int, default=256,
-                        help="most concurrent connections and tasks (uvicorn; more: 503)")
+    parser.add_argument(
+        "--limit-concurrency", type=int, default=256, help="most concurrent connections and tasks (uvicorn; more: 503)"
+    )
     return parser
 
 
@@ -66,12 +74,18 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
         seen: set[str] = set()
         for adapter in adapters:
             if adapter.base != first.base:
-                problems.append(f"{adapter.source}: trained on {adapter.base}, but {first.source} on {first.base};"
-                                " one server holds one base model")
+                problems.append(
+                    f"{adapter.source}: trained on {adapter.base}, but {first.source} on {first.base};"
+                    " one server holds one base model"
+                )
             if adapter.peft_type != first.peft_type:
-                problems.append(f"{adapter.source}: {adapter.peft_type} adapter, but {first.source} is {first.peft_type}")
+                problems.append(
+                    f"{adapter.source}: {adapter.peft_type} adapter, but {first.source} is {first.peft_type}"
+                )
             if adapter.name in seen:
-                problems.append(f"{adapter.source}: adapter name {adapter.name!r} used twice; name them with NAME=SOURCE")
+                problems.append(
+                    f"{adapter.source}: adapter name {adapter.name!r} used twice; name them with NAME=SOURCE"
+                )
             seen.add(adapter.name)
     if problems:
         raise ServingError(400, "\n  ".join(["cannot serve these adapters:", *problems]))
@@ -80,11 +94,21 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    for flag in ("port", "threads", "max_batch_texts", "max_texts", "max_body_bytes", "max_queued_texts", "limit_concurrency"):
+    for flag in (
+        "port",
+        "threads",
+        "max_batch_texts",
+        "max_texts",
+        "max_body_bytes",
+        "max_queued_texts",
+        "limit_concurrency",
+    ):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             print(f"error: --{flag.replace('_', '-')} must be > 0", file=sys.stderr)
             return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     import uvicorn
 
     from lora_train.serving.app import Limits, create_app
@@ -104,15 +128,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
     log.info("base model %s on %s", registry.base, registry.device)
-    batcher = MicroBatcher(registry.classify, max_batch_texts=args.max_batch_texts, max_wait_s=args.max_wait_ms / 1000,
-                           max_queued_texts=args.max_queued_texts, batching=not args.no_batching)
+    batcher = MicroBatcher(
+        registry.classify,
+        max_batch_texts=args.max_batch_texts,
+        max_wait_s=args.max_wait_ms / 1000,
+        max_queued_texts=args.max_queued_texts,
+        batching=not args.no_batching,
+    )
     batcher.start()
     if not _is_loopback(args.host):
         log.warning("binding %s: the server is reachable from other machines; it has no authentication", args.host)
     app = create_app(registry, batcher, Limits(max_texts=args.max_texts, max_body_bytes=args.max_body_bytes))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.limit_concurrency,
-                    access_log=False)
+        uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.limit_concurrency, access_log=False)
     finally:
         batcher.stop()
     return 0
