@@ -441,7 +441,7 @@ def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, fi
     summary = sweep.aggregate(rows, "training.seed", [*sweep.RESULT_COLUMNS, "saved_mb"])
     fig, axes = plt.subplots(1, len(STUDY_DATASETS), figsize=(10, 4), dpi=100)
     tables = []
-    for ax, dataset in zip(axes, STUDY_DATASETS):
+    for ax, dataset in zip(axes, STUDY_DATASETS, strict=True):
         arms = [row for row in summary if row["arm"].startswith(dataset + "/")]
         for i, row in enumerate(arms):
             key = row["arm"].split("/", 1)[1]
