@@ -156,8 +156,8 @@ def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, t
     predict = script("predict").main
     assert predict([str(lora_run), *TEXTS, "--batch-size", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [(l.split("\t")[0], l.split("\t")[2]) for l in lines] == [(label, t) for (label, _), t in zip(expected, TEXTS)]
-    assert [float(l.split("\t")[1]) for l in lines] == pytest.approx([p for _, p in expected], abs=1e-4)
+    assert [(line.split("\t")[0], line.split("\t")[2]) for line in lines] == [(label, t) for (label, _), t in zip(expected, TEXTS)]
+    assert [float(line.split("\t")[1]) for line in lines] == pytest.approx([p for _, p in expected], abs=1e-4)
 
     (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n\n")
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"review": t, "id": i}) for i, t in enumerate(TEXTS)))
@@ -167,7 +167,7 @@ def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, t
                  ["--file", str(tmp_path / "in.csv"), "--text-column", "review"], []):
         monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS) + "\n"))
         assert predict([str(lora_run), "--json", "--batch-size", "3", *args]) == 0
-        outputs.append([json.loads(l) for l in capsys.readouterr().out.splitlines()])
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
     for rows in outputs:
         assert [(r["text"], r["label"]) for r in rows] == [(t, label) for t, (label, _) in zip(TEXTS, expected)]
         assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
