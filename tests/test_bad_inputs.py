@@ -23,6 +23,8 @@ from typing import Callable, Optional
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import save as save_safetensors
 
 from lora_train.cli import train_main
 from lora_train.config import build_recipe
@@ -62,7 +64,8 @@ class Case:
     make: Callable[[Context], list[str]]
     expected: list[str]
     entry: str = "train"
-    """train (scripts/train.py), or the script whose ``main`` gets the arguments: predict, eval, merge_adapter."""
+    """train (scripts/train.py), or the script whose ``main`` gets the arguments: predict, eval, merge_adapter,
+    push_to_hub."""
     subprocess_setup: str = ""
     """Python run before the entry point in a fresh interpreter (for cases that change the environment)."""
     status: int = 2
@@ -111,6 +114,15 @@ def _resume_other_recipe(ctx: Context) -> list[str]:
     path = ctx.recipe(peft={"method": "adalora", "r": 16, "target_modules": ["query", "key"]},
                       training={"resume_from_checkpoint": str(checkpoint)})
     return [str(path)]
+
+
+def _resume_damaged_checkpoint(ctx: Context) -> list[str]:
+    """A copy of the finished run's step-4 checkpoint with its optimizer file cut short by 100 bytes."""
+    checkpoint = ctx.tmp / "out" / "checkpoints" / "step-00000004"
+    shutil.copytree(ctx.finished_run / "checkpoints" / "step-00000004", checkpoint)
+    optimizer = checkpoint / "optimizer.safetensors"
+    os.truncate(optimizer, optimizer.stat().st_size - 100)
+    return [str(ctx.recipe(training={"resume_from_checkpoint": str(checkpoint)}))]
 
 
 def _no_safetensors(ctx: Context) -> list[str]:
@@ -250,6 +262,23 @@ def _run_with(name: str, content: Optional[bytes]) -> Callable[[Context], list[s
     return make
 
 
+def _push_with_corrupt_metrics(ctx: Context) -> list[str]:
+    run = ctx.tmp / "run"
+    shutil.copytree(ctx.run, run)
+    (run / "metrics.json").write_text('{"eval_accuracy": 0.5,')
+    return [str(run), "user/model"]
+
+
+def _csv_with_a_ragged_row(ctx: Context) -> list[str]:
+    directory = ctx.tmp / "ragged"
+    directory.mkdir()
+    pd.read_parquet(ctx.data_dir / "validation.parquet").to_csv(directory / "validation.csv", index=False)
+    lines = pd.read_parquet(ctx.data_dir / "train.parquet").to_csv(index=False).splitlines()
+    lines[5] += ",1,extra"
+    (directory / "train.csv").write_text("\n".join(lines) + "\n")
+    return [str(ctx.recipe()), f"data.path={directory}"]
+
+
 def _merge_into_a_file(ctx: Context) -> list[str]:
     (ctx.tmp / "merged").write_text("a file\n")
     return [str(ctx.run), str(ctx.tmp / "merged")]
@@ -262,6 +291,7 @@ def _eval_output_into_a_file(ctx: Context) -> list[str]:
 
 JSONL_BAD_LINE_3 = b'{"text": "a good film"}\n{"text": "dull"}\n{"text": "fine",}\n{"text": "great"}\n'
 FIX_DATA = "drop or fill those rows"
+TRUNCATED_SAFETENSORS = save_safetensors({"weight": torch.zeros(4)})[:-8]  # 88 bytes written, the last 8 lost
 
 CASES = {
     "malformed_yaml": Case("recipe: malformed YAML", _malformed_yaml,
@@ -324,6 +354,9 @@ CASES = {
                               ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
     "parquet_garbled": Case("data: garbled parquet file", _data_files("garbled_parquet"),
                             ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
+    "csv_ragged_row": Case("data: CSV file with a malformed row", _csv_with_a_ragged_row,
+                           ["cannot read the data files", "train.csv", "Expected 2 fields in line 6, saw 4",
+                            "Check that each file is complete and well-formed"]),
     "missing_text_column": Case("data: no such text column", _overrides("data.text_column=sentence"),
                                 ["split 'train' has no text column 'sentence'; its columns are ['text', 'label'].",
                                  "Set data.text_column to one of them."]),
@@ -380,6 +413,9 @@ CASES = {
     "resume_from_non_checkpoint": Case("resume path not a checkpoint",
                                        _overrides("training.resume_from_checkpoint={tmp}"),
                                        ["is not a complete checkpoint directory", "'latest'"]),
+    "resume_from_damaged_checkpoint": Case("resume from a truncated or corrupt checkpoint", _resume_damaged_checkpoint,
+                                           ["step-00000004/optimizer.safetensors is truncated or corrupt:",
+                                            "were written; no other checkpoint there is intact"]),
     "predict_input_not_utf8": Case("predict: input file not UTF-8",
                                    _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
                                    ["in.txt' is not UTF-8 text (byte 0xe9 at line 2)", "re-save it as UTF-8"],
@@ -400,8 +436,15 @@ CASES = {
     "run_recipe_duplicate_key": Case("run: recipe.yaml with a duplicate key",
                                      _run_with("recipe.yaml", b"peft:\n  r: 4\npeft:\n  r: 8\n"),
                                      ["duplicate key 'peft' at line 3 (first at line 1)"], entry="predict"),
+    "run_adapter_truncated": Case("run: adapter_model.safetensors truncated",
+                                  _run_with("adapter_model.safetensors", TRUNCATED_SAFETENSORS),
+                                  ["adapter_model.safetensors is truncated or corrupt: its tensors need 88 bytes, the"
+                                   " file has 80", "use the run's best/ adapter"], entry="predict"),
     "run_without_tokenizer": Case("run: tokenizer files missing", _run_with("", None),
                                   ["cannot load the tokenizer of run", "tokenizer.json"], entry="predict"),
+    "push_run_with_corrupt_metrics": Case("push: the run's metrics.json corrupt", _push_with_corrupt_metrics,
+                                          ["cannot build the model card of", "metrics.json' is corrupt: not valid JSON"],
+                                          entry="push_to_hub"),
     "merge_into_a_file": Case("merge: output path is a file", _merge_into_a_file,
                               ["output directory '", "merged' is a file"], entry="merge_adapter"),
     "eval_output_into_a_file": Case("eval: --output-dir is a file", _eval_output_into_a_file,
@@ -490,7 +533,7 @@ def test_predict_reads_a_csv_with_a_byte_order_mark(tmp_path):
 
 
 SCRIPTS = {"train": "scripts/train.py", "predict": "scripts/predict.py", "eval": "scripts/eval.py",
-           "merge_adapter": "scripts/merge_adapter.py"}
+           "merge_adapter": "scripts/merge_adapter.py", "push_to_hub": "scripts/push_to_hub.py"}
 
 
 def catalogue_markdown() -> str:

@@ -344,20 +344,28 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, tiny_bert_dir, t
 
 
 def test_a_kill_between_the_two_renames_of_best_is_undone(tmp_path):
+    from safetensors.torch import save
+
     from lora_train.inference import resolve_run
 
+    def adapter(version: int) -> bytes:  # a real (tiny) safetensors file: eval / predict / merge check its header
+        return save({"version": torch.tensor([version])})
+
+    def version(run: Path) -> int:
+        return int(load_file(run / "adapter_model.safetensors")["version"])
+
     best = tmp_path / "run" / "best"
-    files = {"recipe.yaml": "model: {}\n", "labels.json": "[]", "adapter_model.safetensors": "v1"}
-    ckpt.atomic_directory(best, lambda d: [(d / name).write_text(text) for name, text in files.items()])
+    files = {"recipe.yaml": b"model: {}\n", "labels.json": b"[]", "adapter_model.safetensors": adapter(1)}
+    ckpt.atomic_directory(best, lambda d: [(d / name).write_bytes(data) for name, data in files.items()])
     # What a SIGKILL between atomic_directory's renames leaves: the published best/ moved aside, no best/.
     os.replace(best, best.with_name(".best.old-4242"))
     assert not best.exists()
     assert resolve_run(str(best)) == best  # eval / predict / merge open it as if nothing happened
-    assert (best / "adapter_model.safetensors").read_text() == "v1"
+    assert version(best) == 1
 
     os.replace(best, best.with_name(".best.old-4242"))
     (best.with_name(".best.old-17")).mkdir()  # an older leftover: deleted, never restored over the newer copy
     os.utime(best.with_name(".best.old-17"), (0, 0))
-    ckpt.atomic_directory(best, lambda d: (d / "adapter_model.safetensors").write_text("v2"))
-    assert (best / "adapter_model.safetensors").read_text() == "v2"
+    ckpt.atomic_directory(best, lambda d: (d / "adapter_model.safetensors").write_bytes(adapter(2)))
+    assert version(best) == 2
     assert sorted(p.name for p in best.parent.iterdir()) == ["best"]
