@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -27,6 +28,7 @@ from safetensors.torch import load_file
 from lora_train import checkpoint as ckpt
 from lora_train.config import RecipeError, build_recipe
 from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
+from lora_train.run_lock import LOCK_FILE
 from lora_train.train import train
 from tests.conftest import HF_HUB, MINILM, ROOT, needs_shared, reload_logits, tiny_recipe, write_recipe
 
@@ -93,6 +95,15 @@ def accelerate_launch(config: str, recipe: Path, *overrides: str,
     return launch(accelerate_command(config, recipe, *overrides, extra=extra), {})
 
 
+def kill_with_children(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it (torchrun starts each worker in a session of its own)."""
+    processes = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=60)
+    proc.wait(60)
+
+
 def wait_until(condition, proc: subprocess.Popen, log: Path, timeout: float = 420) -> None:
     """Poll ``condition`` while ``proc`` runs; fail with its log if it exits or the time runs out first."""
     deadline = time.monotonic() + timeout
@@ -154,7 +165,8 @@ def assert_same_trajectory(run: Path, reference: Path) -> None:
 
 def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS,)) -> None:
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in steps]
-    assert [p.name for p in out.rglob(".*")] == []  # no temporary or half-written files left by any process
+    # No temporary or half-written files left by any process (the run's lock file stays, see lora_train.run_lock).
+    assert [p.name for p in out.rglob(".*") if p.name != LOCK_FILE] == []
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")) == [
         "adapter_model.safetensors", "best/adapter_model.safetensors"]
 
@@ -201,15 +213,15 @@ def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resum
     root, log = out / "checkpoints", tmp_path / "killed.log"
     with open(log, "w") as handle:
         killed = subprocess.Popen(accelerate_command("deepspeed_zero2.yaml", recipe), cwd=ROOT, stdout=handle,
-                                  stderr=subprocess.STDOUT, start_new_session=True,
+                                  stderr=subprocess.STDOUT,
                                   env={**os.environ, **OFFLINE, ckpt.PAUSE_IN_SAVE_ENV: "step-00000012"})
     try:
         wait_until(lambda: len(list(root.glob(".step-00000012.tmp-*/**/*optim_states.pt"))) == 2, killed, log)
     finally:
-        os.killpg(killed.pid, signal.SIGKILL)  # the launcher and both training processes, as a node failure would
-        killed.wait(60)
+        kill_with_children(killed)  # the launcher and both training processes, as a machine failure would
     assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["step-00000004", "step-00000008"]
     assert ckpt.verify_checkpoint(root / "step-00000008") is None  # every file as its manifest says
+    assert "Traceback" not in log.read_text()  # killed in the save window, not failed before it
 
     resumed = accelerate_launch("deepspeed_zero2.yaml", recipe, "training.resume_from_checkpoint=latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
