@@ -232,10 +232,18 @@ A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 
 
 def run_card(directory: Path, repo_id: Optional[str] = None) -> str:
-    """Rebuild a run directory's card from its files (recipe.yaml, metrics.json, learning curve)."""
+    """Rebuild a run directory's card from its files (recipe.yaml, metrics.json, learning curve).
+
+    A corrupt recipe raises :class:`~lora_train.config.RecipeError`, a corrupt metrics.json ``ValueError``; both
+    name the file.
+    """
     from lora_train.config import build_recipe, read_yaml
 
     recipe = build_recipe(read_yaml(directory / "recipe.yaml"), source=str(directory / "recipe.yaml"))
-    metrics = json.loads((directory / "metrics.json").read_text()) if (directory / "metrics.json").is_file() else {}
+    metrics_file = directory / "metrics.json"
+    try:
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"'{metrics_file}' is corrupt: not valid JSON ({err}); a finished run rewrites it") from None
     plot = PLOT_NAME if (directory / PLOT_NAME).is_file() else None
     return model_card(recipe, metrics, plot=plot, repo_id=repo_id)

@@ -1,4 +1,9 @@
-"""Atomic, pickle-free checkpoints: the adapter a user keeps, and the training state a resume needs.
+"""Atomic checkpoints: the adapter a user keeps, and the training state a resume needs.
+
+Pickle-free on one process and under DDP: every file below is safetensors or JSON, and resuming unpickles
+nothing. Under DeepSpeed / FSDP the engine owns the optimizer (and the sharded weights), so
+:mod:`lora_train.distributed` saves its state with ``accelerator.save_state`` instead: per-process files that
+DeepSpeed / torch.distributed pickle and that DeepSpeed loads with ``torch.load(weights_only=False)``.
 
 Layout of a run directory::
 

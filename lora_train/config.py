@@ -57,7 +57,10 @@ class QuantizationConfig:
     double_quant: bool = _f(True, "Quantize the quantization constants too (saves ~0.4 bit/param).")
     compute_dtype: DType = _f("bfloat16", "dtype the 4-bit weights are dequantized to for matmuls.")
     quant_storage_dtype: Literal["uint8", "bfloat16", "float16", "float32"] = _f(
-        "uint8", "dtype packing the 4-bit weights; must equal compute_dtype under FSDP / ZeRO-3."
+        "uint8",
+        "dtype packing the 4-bit weights. uint8 runs on one process, DDP and DeepSpeed ZeRO-2/3; FSDP needs a"
+        " floating one; under DeepSpeed / FSDP a floating one must equal training.mixed_precision's dtype"
+        " (docs/distributed.md).",
     )
     skip_modules: Optional[list[str]] = _f(
         None, "Modules kept out of quantization; null = the classification head (classifier, score, pooler...)."

@@ -7,13 +7,18 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import Sampler
 
 from lora_train.config import DataConfig, read_text_file
 from lora_train.tasks import TASKS, canonical_dataset_id
+
+if TYPE_CHECKING:  # annotations only: datasets, pyarrow and numpy load when data does
+    import datasets
+    import numpy as np
+    import pyarrow
 
 DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 SUBSET_SEED = 0

@@ -106,8 +106,12 @@ def push_run(directory: Path, repo_id: str, private: bool = True) -> str:
     weights = [n for n in pushed_files(directory) if n.endswith(".safetensors")]
     if not weights:
         raise HubError(f"'{directory}' holds no weights (*.safetensors): the run did not finish; resume it first")
+    try:  # the card first: a corrupt run is refused before any request to the Hub
+        card = run_card(directory, repo_id)
+    except ValueError as err:  # RecipeError is one too
+        raise HubError(f"cannot build the model card of '{directory}': {err}") from None
     pusher = HubPusher(repo_id, private)
-    atomic_write_text(directory / "README.md", run_card(directory, repo_id))
+    atomic_write_text(directory / "README.md", card)
     return pusher.push_directory(directory, f"lora_train run {directory.name}")
 
 

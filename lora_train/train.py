@@ -122,7 +122,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if session.interrupted:
             logger.warning("stopped by %s at step %d; checkpoint saved. Resume with"
                            " training.resume_from_checkpoint=latest", stop.signal_name, state.global_step)
-            run.accelerator.end_training()
+            _end_training(run.accelerator)
             return {"interrupted": True, "step": state.global_step}
         return finish(run, state, session)
 
@@ -199,7 +199,7 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if run.pusher is not None:
         _push_final(run.pusher, run.out, state.global_step)
-    accelerator.end_training()
+    _end_training(accelerator)
     return metrics
 
 
@@ -535,6 +535,18 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device
     t = recipe.training
     groups = param_groups(model, t.weight_decay, t.learning_rate, t.layer_lr_decay)
     return torch.optim.AdamW(groups, lr=t.learning_rate, fused=device.type in ("cuda", "cpu"))
+
+
+def _end_training(accelerator) -> None:
+    """Tear the engine down, then the process group, while the interpreter is fully alive.
+
+    ``free_memory`` destroys a DeepSpeed engine (ZeRO-3's parameter hooks and gather handles) and drops the
+    accelerator's references; without it those objects outlived ``destroy_process_group`` and were torn down during
+    interpreter finalization, where a ZeRO-3 rank on gloo once aborted ("terminate called without an active exception").
+    """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    accelerator.end_training()  # trackers, then destroy_process_group
 
 
 def _tracker_available(name: str) -> bool:

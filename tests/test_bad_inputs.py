@@ -64,7 +64,8 @@ class Case:
     make: Callable[[Context], list[str]]
     expected: list[str]
     entry: str = "train"
-    """train (scripts/train.py), or the script whose ``main`` gets the arguments: predict, eval, merge_adapter."""
+    """train (scripts/train.py), or the script whose ``main`` gets the arguments: predict, eval, merge_adapter,
+    push_to_hub."""
     subprocess_setup: str = ""
     """Python run before the entry point in a fresh interpreter (for cases that change the environment)."""
     status: int = 2
@@ -261,6 +262,23 @@ def _run_with(name: str, content: Optional[bytes]) -> Callable[[Context], list[s
     return make
 
 
+def _push_with_corrupt_metrics(ctx: Context) -> list[str]:
+    run = ctx.tmp / "run"
+    shutil.copytree(ctx.run, run)
+    (run / "metrics.json").write_text('{"eval_accuracy": 0.5,')
+    return [str(run), "user/model"]
+
+
+def _csv_with_a_ragged_row(ctx: Context) -> list[str]:
+    directory = ctx.tmp / "ragged"
+    directory.mkdir()
+    pd.read_parquet(ctx.data_dir / "validation.parquet").to_csv(directory / "validation.csv", index=False)
+    lines = pd.read_parquet(ctx.data_dir / "train.parquet").to_csv(index=False).splitlines()
+    lines[5] += ",1,extra"
+    (directory / "train.csv").write_text("\n".join(lines) + "\n")
+    return [str(ctx.recipe()), f"data.path={directory}"]
+
+
 def _merge_into_a_file(ctx: Context) -> list[str]:
     (ctx.tmp / "merged").write_text("a file\n")
     return [str(ctx.run), str(ctx.tmp / "merged")]
@@ -336,6 +354,9 @@ CASES = {
                               ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
     "parquet_garbled": Case("data: garbled parquet file", _data_files("garbled_parquet"),
                             ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
+    "csv_ragged_row": Case("data: CSV file with a malformed row", _csv_with_a_ragged_row,
+                           ["cannot read the data files", "train.csv", "Expected 2 fields in line 6, saw 4",
+                            "Check that each file is complete and well-formed"]),
     "missing_text_column": Case("data: no such text column", _overrides("data.text_column=sentence"),
                                 ["split 'train' has no text column 'sentence'; its columns are ['text', 'label'].",
                                  "Set data.text_column to one of them."]),
@@ -421,6 +442,9 @@ CASES = {
                                    " file has 80", "use the run's best/ adapter"], entry="predict"),
     "run_without_tokenizer": Case("run: tokenizer files missing", _run_with("", None),
                                   ["cannot load the tokenizer of run", "tokenizer.json"], entry="predict"),
+    "push_run_with_corrupt_metrics": Case("push: the run's metrics.json corrupt", _push_with_corrupt_metrics,
+                                          ["cannot build the model card of", "metrics.json' is corrupt: not valid JSON"],
+                                          entry="push_to_hub"),
     "merge_into_a_file": Case("merge: output path is a file", _merge_into_a_file,
                               ["output directory '", "merged' is a file"], entry="merge_adapter"),
     "eval_output_into_a_file": Case("eval: --output-dir is a file", _eval_output_into_a_file,
@@ -509,7 +533,7 @@ def test_predict_reads_a_csv_with_a_byte_order_mark(tmp_path):
 
 
 SCRIPTS = {"train": "scripts/train.py", "predict": "scripts/predict.py", "eval": "scripts/eval.py",
-           "merge_adapter": "scripts/merge_adapter.py"}
+           "merge_adapter": "scripts/merge_adapter.py", "push_to_hub": "scripts/push_to_hub.py"}
 
 
 def catalogue_markdown() -> str:

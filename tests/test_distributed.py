@@ -165,8 +165,8 @@ def assert_same_trajectory(run: Path, reference: Path) -> None:
 
 def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS,)) -> None:
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in steps]
-    # No temporary or half-written files left by any process (the run's lock file stays, see lora_train.run_lock).
-    assert [p.name for p in out.rglob(".*") if p.name != LOCK_FILE] == []
+    # No temporary or half-written files left by any process; the run lock's file stays by design (lora_train.run_lock).
+    assert [p.relative_to(out).as_posix() for p in out.rglob(".*")] == [LOCK_FILE]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")) == [
         "adapter_model.safetensors", "best/adapter_model.safetensors"]
 
@@ -295,9 +295,10 @@ def test_two_nodes_through_c10d_rendezvous_train_like_one_process(
     assert metrics["eval_accuracy"] == one_process_eval(out, uneven_data)["accuracy"]
 
 
-# slow: once in a loaded full-suite run, rank 1 aborted at process exit after training had finished ("terminate called
-# without an active exception", DeepSpeed ZeRO-3 teardown on CPU/gloo); it passes alone. Run with -m slow.
-@pytest.mark.slow
+# Once, in a loaded full-suite run, rank 1 aborted at exit after training had finished ("terminate called without an
+# active exception"). The ZeRO-3 engine was never destroyed: its hooks and process-group references were live past
+# destroy_process_group, into interpreter finalization. train() now destroys it first (train._end_training). The
+# abort did not reproduce in 16 runs of this launch at load 17-30 (11 before that change, 5 after).
 @needs_cpu_host
 def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
     """ZeRO-3 partitions every weight (uint8 4-bit ones included); the saved adapter is gathered from the shards."""

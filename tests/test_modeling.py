@@ -95,6 +95,12 @@ def test_decoder_without_pad_token_gets_one(tiny_llama_dir):
     model, heads = load_base_model(recipe, config)
     assert heads == ["score"] and model.config.pad_token_id == tokenizer.pad_token_id
     peft_model = apply_regime(recipe, model, heads, 10)
-    batch = tokenizer(["good film", "a very bad film indeed"], padding=True, return_tensors="pt")
+    texts = ["good film", "a very bad film indeed"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # the first text is padded
     with torch.no_grad():
-        assert peft_model(**batch).logits.shape == (2, 2)
+        padded = peft_model(**batch).logits
+        alone = torch.cat([peft_model(**tokenizer([t], return_tensors="pt")).logits for t in texts])
+    # The classifier reads the last real token, not a pad: padding must not change a text's logits.
+    assert padded.shape == (2, 2) and torch.allclose(padded, alone, atol=1e-5), (padded, alone)
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # and the two texts are told apart at all

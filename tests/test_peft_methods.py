@@ -57,7 +57,11 @@ def run(tmp_path: Path, tiny_bert_dir: Path, toy_data_dir: Path, peft: dict, **s
     return out, train(build_recipe(raw))
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+SLOW = ("gaussian", "prompt_tuning_text")
+"""Variants of a path tested above them (init and prompt start only): behind -m slow to keep the default suite fast."""
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in METHODS])
 def test_method_trains_saves_reloads_and_merges_or_refuses(name, tmp_path, tiny_bert_dir, toy_data_dir):
     out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, METHODS[name])
     assert metrics["global_step"] == 8 and metrics["trainable_params"] > 0

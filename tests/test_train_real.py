@@ -28,6 +28,9 @@ def test_cpu_recipe_learns_on_a_real_subset(tmp_path, recipe_name):
 
     history = json.loads((out / "history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
+    # The bounds are far from the measured runs, which are deterministic (bitwise the same with 1 and 2 threads:
+    # tests/test_train_tiny.py): sst2_qlora with seeds 42 / 43 / 44 reached accuracy 0.772 / 0.780 / 0.786 against the
+    # 0.609 bound, a late loss of 0.75 / 0.78 / 0.82 of the first window's against 0.9, and reloaded to the last digit.
     assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
     assert metrics["eval_samples"] == 872
     assert metrics["eval_accuracy"] > MAJORITY + 0.1, metrics["eval_accuracy"]

@@ -58,3 +58,25 @@ def test_tiny_llama_decoder_classifier_gets_pad_token(tmp_path, tiny_llama_dir, 
     assert metrics["global_step"] == 32
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert "score" in cfg["modules_to_save"]
+
+
+def test_nf4_run_does_not_depend_on_the_thread_count(tmp_path, tiny_bert_dir, toy_data_dir):
+    """QLoRA on CPU with 1 and with 2 intra-op threads: bitwise the same step losses and evaluation, so a loaded
+    machine (or another thread count) cannot move a run's result (tests/test_train_real.py relies on it)."""
+    import torch
+
+    results, before = {}, torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = tmp_path / f"threads_{threads}"
+            raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, peft={"dropout": 0.1},
+                              quantization={"method": "nf4", "compute_dtype": "float32"},
+                              training={"max_steps": 8, "logging_steps": 1})
+            metrics = train(build_recipe(raw))
+            history = json.loads((out / "history.json").read_text())
+            results[threads] = ([loss for h in history for loss in h.get("step_losses", [])],
+                                metrics["eval_loss"], metrics["eval_accuracy"])
+    finally:
+        torch.set_num_threads(before)
+    assert len(results[1][0]) == 8 and results[1] == results[2]

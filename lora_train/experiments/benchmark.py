@@ -247,10 +247,12 @@ def memory_markdown(report: dict[str, Any]) -> str:
     lines = ["## Memory: fp32 / bf16 / NF4 LoRA", ""] + _header(report) + ["",
              "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s | trainable params |",
              "|---|---|---|---|---|---|---|---|"]
+    def ratio(row: dict[str, Any], key: str) -> str:
+        return f"{row[key] / ref[key]:.3f}" if ref else "-"
+
     for name, row in rows.items():
-        ratio = (lambda key: f"{row[key] / ref[key]:.3f}" if ref else "-")
-        lines.append(f"| {name} | {row['linear_weight_bytes'] / 2**20:.2f} | {ratio('linear_weight_bytes')} |"
-                     f" {row['weight_bytes'] / 2**20:.2f} | {ratio('weight_bytes')} | {row['peak_memory_mb']:.0f} |"
+        lines.append(f"| {name} | {row['linear_weight_bytes'] / 2**20:.2f} | {ratio(row, 'linear_weight_bytes')} |"
+                     f" {row['weight_bytes'] / 2**20:.2f} | {ratio(row, 'weight_bytes')} | {row['peak_memory_mb']:.0f} |"
                      f" {row['samples_per_s']:.1f} | {row['trainable_params']:,} |")
     lines += ["", "Base Linear weights: the encoder's Linear layers (what NF4 quantizes), with their quantization"
               " constants; all weights: every parameter and buffer (embeddings, norms, head, adapters) plus those constants."]

@@ -441,7 +441,7 @@ def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, fi
     summary = sweep.aggregate(rows, "training.seed", [*sweep.RESULT_COLUMNS, "saved_mb"])
     fig, axes = plt.subplots(1, len(STUDY_DATASETS), figsize=(10, 4), dpi=100)
     tables = []
-    for ax, dataset in zip(axes, STUDY_DATASETS):
+    for ax, dataset in zip(axes, STUDY_DATASETS, strict=True):
         arms = [row for row in summary if row["arm"].startswith(dataset + "/")]
         for i, row in enumerate(arms):
             key = row["arm"].split("/", 1)[1]
@@ -454,7 +454,8 @@ def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, fi
         ax.grid(alpha=0.3)
         tables.append(f"**{dataset}**\n\n" + methods_table(arms))
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"all-MiniLM-L6-v2, {data_setting(study.recipe)}; mean ± std over seeds", fontsize=9)
+    rows_per_run = data_setting(study.recipe).replace(" sst2 rows", " training rows")  # both datasets: same budget
+    fig.suptitle(f"all-MiniLM-L6-v2, {rows_per_run}; mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(figures / "study4_peft_methods.png")
     plt.close(fig)
