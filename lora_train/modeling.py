@@ -38,7 +38,7 @@ class ParamCount:
 
 
 def load_tokenizer(recipe: Recipe):
-    """The base model's tokenizer; decoder tokenizers without a pad token reuse EOS for padding."""
+    """The base model's tokenizer, with a pad token chosen by :func:`set_pad_token` when it has none."""
     from transformers import AutoTokenizer
 
     m = recipe.model
@@ -50,10 +50,34 @@ def load_tokenizer(recipe: Recipe):
         raise RecipeError([f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}:"
                            f" {tokenizer_error(err)}"]) from None
     if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise RecipeError([f"tokenizer of {m.name_or_path} has neither a pad nor an eos token to pad with"])
-        tokenizer.pad_token = tokenizer.eos_token
+        set_pad_token(tokenizer, m.name_or_path)
     return tokenizer
+
+
+def set_pad_token(tokenizer, name: str) -> str:
+    """Give a tokenizer without one a pad token: UNK when the tokenizer can never emit it, else EOS; say which.
+
+    Decoder classifiers pool the rightmost token that is not the pad token (transformers'
+    ``*ForSequenceClassification`` compares ``input_ids`` with ``config.pad_token_id``), so the pad token should
+    never be a token a text can end with. EOS can be (a text ending in ``</s>``, tokenizers that append EOS), and
+    would then be skipped in pooling. A byte-fallback BPE (Llama, Mistral) encodes every character, so it never
+    emits UNK, which is then a pad token that only padding produces. The choice is saved with the run's tokenizer,
+    so prediction pads and pools with the same token.
+    """
+    unk, eos = tokenizer.unk_token, tokenizer.eos_token
+    if unk is not None and unk not in (eos, tokenizer.bos_token) and never_emits_unk(tokenizer):
+        tokenizer.pad_token = unk
+        return "unk"
+    if eos is None:
+        raise RecipeError([f"tokenizer of {name} has no pad token, and no eos token to pad with"])
+    tokenizer.pad_token = eos
+    return "eos"
+
+
+def never_emits_unk(tokenizer) -> bool:
+    """True for a fast tokenizer whose BPE model falls back to bytes (so no text encodes to UNK)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and bool(getattr(backend.model, "byte_fallback", False))
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",

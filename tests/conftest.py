@@ -44,15 +44,43 @@ def make_sentiment_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+STORY_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Tim", "Mia"]
+STORY_PLACES = ["park", "garden", "house", "forest", "beach", "school"]
+STORY_HAPPY = ["happy", "glad", "excited", "proud"]
+STORY_SAD = ["sad", "scared", "angry", "upset"]
+STORY_AFTER = ["They played with a ball.", "The sun was big.", "Then they went home.", "It was a nice day.",
+               "A dog ran by.", "Mom gave them a cake."]
+
+
+def make_story_rows(n: int, seed: int) -> list[dict]:
+    """Two-class rows in the words of children's stories (what llama2c stories260K was trained on): the label is
+    whether the character felt happy or sad, stated in the middle of the text, with 0-2 sentences after it (so a
+    classifier must carry it to the last token it pools)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        name = rng.choice(STORY_NAMES)
+        feeling = rng.choice(STORY_HAPPY if label else STORY_SAD)
+        after = " ".join(rng.sample(STORY_AFTER, rng.randint(0, 2)))
+        text = f"{name} went to the {rng.choice(STORY_PLACES)}. {name} was {feeling}. {after}".strip()
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+def write_splits(directory: Path, make_rows, sizes: tuple[int, int, int] = (512, 128, 128)) -> Path:
+    """A local dataset directory ({split}.parquet) of ``make_rows(n, seed)`` for train, validation and test."""
+    import pandas as pd
+
+    for split, n, seed in zip(("train", "validation", "test"), sizes, (1, 2, 3)):
+        pd.DataFrame(make_rows(n, seed)).to_parquet(directory / f"{split}.parquet")
+    return directory
+
+
 @pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory) -> Path:
     """A local dataset directory ({split}.parquet) of synthetic sentiment rows."""
-    import pandas as pd
-
-    directory = tmp_path_factory.mktemp("toy_data")
-    for split, n, seed in (("train", 512, 1), ("validation", 128, 2), ("test", 128, 3)):
-        pd.DataFrame(make_sentiment_rows(n, seed)).to_parquet(directory / f"{split}.parquet")
-    return directory
+    return write_splits(tmp_path_factory.mktemp("toy_data"), make_sentiment_rows)
 
 
 def _word_tokenizer(directory: Path):
@@ -112,6 +140,21 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Forget Accelerate's process-wide state after each test: it keeps the first Accelerator's mixed precision and
+    refuses another in the same process, so a bf16 run would break every later float32 run."""
+    yield
+    reset_accelerator_state()
+
+
+def reset_accelerator_state() -> None:
+    """Let the next ``train()`` in this process create its Accelerator with its own mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def script(name: str):
     """scripts/<name>.py as a module (its ``main(argv)`` is what the command line runs)."""
     import importlib.util
@@ -162,12 +205,12 @@ def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     from lora_train.modeling import head_linear_names, keep_4bit_training_layout, load_model_config, meta_model, quantization_config
 
     recipe = load_recipe(run_dir / "recipe.yaml")
-    kwargs = {}
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    kwargs = {"pad_token_id": tokenizer.pad_token_id}  # decoders ship without one; the run's tokenizer has it
     if recipe.quantization.method == "nf4":
         kwargs["quantization_config"] = quantization_config(recipe, head_linear_names(meta_model(load_model_config(recipe))))
     model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, **kwargs).eval()
     keep_4bit_training_layout(model)  # bitsandbytes would repack NF4 weights with bf16-rounded scales on AVX512-BF16 CPUs
-    tokenizer = AutoTokenizer.from_pretrained(run_dir)
     logits = []
     with torch.no_grad():
         for i in range(0, len(texts), 128):

@@ -12,11 +12,14 @@ from lora_train.config import build_recipe
 from lora_train.distributed import (
     CONFIG_DIR,
     CONFIG_ORDER,
+    RUN_HERE,
+    TABLE_COLUMNS,
     compatibility_table,
     configure_deepspeed,
     launch_env,
     launch_from_config,
     launch_problems,
+    table_rows,
 )
 from tests.conftest import ROOT
 
@@ -111,6 +114,19 @@ def test_launch_env_matches_what_accelerate_launch_sets():
     assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
     _, env = launch_env(CONFIG_DIR / "fsdp.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+
+
+def test_every_cell_marked_run_names_a_test_that_exists():
+    """The table's 'runs (CPU test)' cells name the test that runs them; a renamed or deleted test fails here."""
+    import ast
+
+    for (row, column), test_id in RUN_HERE.items():
+        path, name = test_id.split("::")
+        tree = ast.parse((ROOT / path).read_text())
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+        assert name in defined, f"{row} x {column}: {test_id} does not exist"
+        assert row in table_rows() and column in TABLE_COLUMNS
+    assert "runs (CPU test)" not in compatibility_table().splitlines()[2], "nothing has run on a GPU"
 
 
 def test_multi_node_config_starts_one_torchrun_agent_per_machine_meeting_at_the_main_host():

@@ -30,7 +30,7 @@ from lora_train.config import RecipeError, build_recipe
 from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
 from lora_train.run_lock import LOCK_FILE
 from lora_train.train import train
-from tests.conftest import HF_HUB, MINILM, ROOT, needs_shared, reload_logits, tiny_recipe, write_recipe
+from tests.conftest import ROOT, reload_logits, tiny_recipe, write_recipe
 
 STEP_LOSS_TOL = 1e-5
 TRAIN_ROWS, STEPS = 256, 16  # one epoch at global batch 16
@@ -391,20 +391,3 @@ def test_resume_needs_the_same_engine_and_process_count():
     with pytest.raises(RecipeError, match="written under DeepSpeed ZeRO-2"):
         check_resume_launch({"num_processes": 4, "format": ENGINE_FORMAT, "engine": "DeepSpeed ZeRO-2"}, ddp4)
     check_resume_launch({"num_processes": 4}, ddp4)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU (run with -m gpu on a CUDA machine that has ../shared)
-
-
-@pytest.mark.gpu
-@needs_shared
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_check_runs_the_sst2_qlora_recipe(tmp_path):
-    proc = launch([sys.executable, "scripts/gpu_check.py", "recipes/sst2_qlora.yaml", f"model.name_or_path={MINILM}",
-                   "peft.target_modules=[query,value]", "training.max_steps=30",
-                   f"output.output_dir={tmp_path / 'run'}"], {"HF_HUB_CACHE": str(HF_HUB)})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    [line] = [line for line in proc.stdout.splitlines() if line.startswith("gpu_check: {")]
-    summary = json.loads(line.removeprefix("gpu_check: "))
-    assert summary["optimizer_steps"] == 30 and summary["samples_per_s"] > 0 and summary["peak_memory_allocated_mb"] > 0

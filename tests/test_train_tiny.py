@@ -12,7 +12,7 @@ import json
 import pytest
 from lora_train.config import build_recipe
 from lora_train.train import train
-from tests.conftest import reload_accuracy, tiny_recipe
+from tests.conftest import reload_accuracy, reset_accelerator_state, tiny_recipe
 
 
 @pytest.mark.parametrize("method,quant", [("lora", "none"), ("adalora", "none"), ("lora", "nf4"), ("adalora", "nf4")])
@@ -58,6 +58,47 @@ def test_tiny_llama_decoder_classifier_gets_pad_token(tmp_path, tiny_llama_dir, 
     assert metrics["global_step"] == 32
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert "score" in cfg["modules_to_save"]
+
+
+def step_losses(run_dir) -> list[float]:
+    history = json.loads((run_dir / "history.json").read_text())
+    return [loss for entry in history if "step_losses" in entry for loss in entry["step_losses"]]
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train_the_encoder(tmp_path, tiny_bert_dir, toy_data_dir):
+    """Full fine-tuning of the tiny BERT (test_tiny_full_finetuning_learns's settings) three ways: float32; with
+    gradient checkpointing (recomputation is exact, dropout masks included, so the per-step losses must equal
+    float32's); with bf16 autocast (the losses must differ, or autocast was not on). All three must learn."""
+    import numpy as np
+
+    runs = {}
+    for name, training in (("fp32", {}), ("checkpointing", {"gradient_checkpointing": True}),
+                           ("bf16", {"mixed_precision": "bf16"})):
+        raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / name, peft={"method": "full"},
+                          training={"num_epochs": 4, "learning_rate": 1e-3, **training})
+        train(build_recipe(raw))
+        reset_accelerator_state()
+        history = json.loads((tmp_path / name / "history.json").read_text())
+        window_losses = [h["loss"] for h in history if "loss" in h]
+        assert window_losses[-1] < 0.5 * window_losses[0], (name, window_losses)
+        runs[name] = np.array(step_losses(tmp_path / name))
+    np.testing.assert_allclose(runs["checkpointing"], runs["fp32"], atol=1e-5, rtol=0)
+    assert np.abs(runs["bf16"] - runs["fp32"]).max() > 1e-3  # bf16 rounding shows: autocast was on
+
+
+def test_gradient_checkpointing_is_on_for_every_regime_that_asks(tiny_bert_dir):
+    """apply_regime turns activation checkpointing on for LoRA, QLoRA and full fine-tuning (so the equality above
+    compares two different computations, not the same one twice)."""
+    from lora_train.modeling import apply_regime, load_base_model, load_model_config
+
+    for quant, method in (("none", "lora"), ("nf4", "lora"), ("none", "full")):
+        recipe = build_recipe({"model": {"name_or_path": str(tiny_bert_dir)}, "peft": {"method": method},
+                               "quantization": {"method": quant, "compute_dtype": "float32"},
+                               "training": {"gradient_checkpointing": True}})
+        model, heads = load_base_model(recipe, load_model_config(recipe, ["neg", "pos"]))
+        model = apply_regime(recipe, model, heads, 10)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        assert base.is_gradient_checkpointing, (quant, method)
 
 
 def test_nf4_run_does_not_depend_on_the_thread_count(tmp_path, tiny_bert_dir, toy_data_dir):
