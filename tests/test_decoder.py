@@ -136,9 +136,9 @@ def step_losses(run_dir: Path) -> list[float]:
 @pytest.mark.parametrize(
     "variant",
     [
-        pytest.param("gpu_recipe_path", marks=pytest.mark.slow),
+        "gpu_recipe_path",
         "lora_fp32",
-        pytest.param("adalora_fp32", marks=pytest.mark.slow),
+        "adalora_fp32",
     ],
 )
 def test_qlora_recipe_path_learns_a_story_task(tmp_path, story_data, variant):
@@ -174,7 +174,6 @@ def test_qlora_recipe_path_learns_a_story_task(tmp_path, story_data, variant):
 
 
 @needs_llama2c
-@pytest.mark.slow
 def test_two_process_ddp_qlora_on_the_decoder(tmp_path, story_data):
     """2 CPU processes x 8 (torchrun, gloo) train the NF4 decoder like 1 process x 16: same per-step losses."""
     from tests.test_distributed import STEP_LOSS_TOL, torchrun

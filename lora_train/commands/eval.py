@@ -2,7 +2,7 @@
 
     python scripts/eval.py runs/cpu/sst2_lora                     # the recipe's evaluation set
     python scripts/eval.py runs/emotion_lora --split test         # another split of the same data
-    python scripts/eval.py user/sst2-minilm-lora --data-path ../shared/data/sst2
+    python scripts/eval.py user/sst2-minilm-lora --data-path nyu-mll/glue
 
 Writes eval_<split>.json (accuracy, macro-F1, per-class precision / recall / F1, confusion matrix)
 and confusion_matrix_<split>.png. The base model is loaded in the quantization the run trained with.

@@ -408,7 +408,7 @@ rate); IA3 and prompt tuning train a few scaling vectors / embeddings from a neu
 (1e-2, 3e-2, the range of the IA3 and prompt-tuning papers' AdamW settings); BitFit 2e-3; full fine-tuning Study 1's
 1e-4 with and without layer-wise decay (head 1e-4 ... embeddings 1e-4 x 0.8^7 = 2.1e-5)."""
 
-STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=../shared/data/emotion"]}
+STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=dair-ai/emotion", "data.config_name=split"]}
 """The datasets (on top of the recipe's SST-2) each method is trained on."""
 
 NOT_RUN = {
