@@ -1,8 +1,8 @@
 """The one setup path from a recipe to data and a model: training, inference, benchmarks and studies all use it.
 
-    recipe -> data spec -> splits -> label names            :func:`load_task_data`
-    label names + tokenizer -> model config (+ pad token)
-      -> base model (NF4 when asked) -> PEFT regime         :func:`build_classifier`
+recipe -> data spec -> splits -> label names            :func:`load_task_data`
+label names + tokenizer -> model config (+ pad token)
+  -> base model (NF4 when asked) -> PEFT regime         :func:`build_classifier`
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ class TaskData:
         return len(self.label_names)
 
 
-def load_task_data(
-    recipe: Recipe, loading_context: Callable[[], AbstractContextManager] = nullcontext
-) -> TaskData:
+def load_task_data(recipe: Recipe, loading_context: Callable[[], AbstractContextManager] = nullcontext) -> TaskData:
     """Resolve the task, load both splits (inside ``loading_context``, e.g. main-process-first) and check labels."""
     spec = resolve_spec(recipe.data)
     with loading_context():

@@ -28,7 +28,13 @@ def base_license(name_or_path: str) -> Optional[str]:
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
     local = Path(name_or_path) / "README.md"
-    readme = local if local.is_file() else try_to_load_from_cache(name_or_path, "README.md") if _is_hub_id(name_or_path) else None
+    readme = (
+        local
+        if local.is_file()
+        else try_to_load_from_cache(name_or_path, "README.md")
+        if _is_hub_id(name_or_path)
+        else None
+    )
     if not isinstance(readme, (str, Path)):
         return None
     try:
@@ -58,11 +64,19 @@ def _card_data(recipe: Recipe, metrics: dict[str, Any]):
     dataset_id, dataset_name, dataset_config, split = _dataset(recipe)
     results = [
         EvalResult(
-            task_type="text-classification", dataset_type=dataset_id or "local", dataset_name=dataset_name,
-            dataset_config=dataset_config, dataset_split=split, metric_type=metric_type, metric_name=name,
+            task_type="text-classification",
+            dataset_type=dataset_id or "local",
+            dataset_name=dataset_name,
+            dataset_config=dataset_config,
+            dataset_split=split,
+            metric_type=metric_type,
+            metric_name=name,
             metric_value=round(value, 4),
         )
-        for metric_type, name, value in (("accuracy", "accuracy", _metric(metrics, "accuracy")), ("f1", "macro-F1", _metric(metrics, "macro_f1")))
+        for metric_type, name, value in (
+            ("accuracy", "accuracy", _metric(metrics, "accuracy")),
+            ("f1", "macro-F1", _metric(metrics, "macro_f1")),
+        )
         if value is not None
     ]
     adapter = recipe.peft.is_adapter
@@ -98,22 +112,45 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
     if pe.method == "lora":
         rows.append(("LoRA r / alpha / dropout", f"{pe.r} / {pe.alpha:g} / {pe.dropout:g}"))
     elif pe.method == "adalora":
-        rows.append(("AdaLoRA init_r -> target_r / alpha / dropout", f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}"))
+        rows.append(
+            (
+                "AdaLoRA init_r -> target_r / alpha / dropout",
+                f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}",
+            )
+        )
     if pe.method == "lora" and (pe.use_dora or pe.use_rslora or pe.init_lora_weights is not True):
         rows.append(("LoRA variant", f"DoRA {pe.use_dora}, rsLoRA {pe.use_rslora}, init {pe.init_lora_weights}"))
     if pe.method in ("prompt_tuning", "prefix_tuning"):
         rows.append(("virtual tokens", str(pe.num_virtual_tokens)))
     if pe.method in ("lora", "adalora", "ia3"):
-        rows.append(("target modules", ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules))
-    rows.append(("base weights", f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})" if q.is_4bit else recipe.model.dtype))
+        rows.append(
+            (
+                "target modules",
+                ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules,
+            )
+        )
+    rows.append(
+        (
+            "base weights",
+            f"NF4 4-bit (double quant: {q.double_quant}, compute {q.compute_dtype})"
+            if q.is_4bit
+            else recipe.model.dtype,
+        )
+    )
     steps = metrics.get("global_step")
     rows += [
         ("learning rate", f"{t.learning_rate:g} ({t.lr_scheduler}, warm-up {t.warmup_ratio:g} of the steps)"),
         ("optimizer", f"AdamW, weight decay {t.weight_decay:g}, gradient clipping {t.max_grad_norm:g}"),
-        ("batch", f"{t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} accumulation"
-                  f" x {metrics.get('num_processes', 1)} processes = {metrics.get('global_batch_size', '?')}"),
-        ("optimizer steps", f"{steps if steps is not None else '?'}"
-                            + (f" ({metrics['epochs']:.2f} epochs)" if isinstance(metrics.get("epochs"), (int, float)) else "")),
+        (
+            "batch",
+            f"{t.per_device_train_batch_size} per device x {t.gradient_accumulation_steps} accumulation"
+            f" x {metrics.get('num_processes', 1)} processes = {metrics.get('global_batch_size', '?')}",
+        ),
+        (
+            "optimizer steps",
+            f"{steps if steps is not None else '?'}"
+            + (f" ({metrics['epochs']:.2f} epochs)" if isinstance(metrics.get("epochs"), (int, float)) else ""),
+        ),
         ("max sequence length", str(d.max_length)),
         ("training examples", str(d.max_train_samples) + " (subset)" if d.max_train_samples else "all"),
         ("mixed precision", t.mixed_precision),
@@ -128,12 +165,15 @@ def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
     module = "peft" if adapter else "transformers"
     labels = dict(enumerate(label_names))
     # AutoPeftModel builds the base from its own config (2 labels, LABEL_i names): pass the run's labels.
-    label_kwargs = f", id2label={labels!r}, label2id={ {v: k for k, v in labels.items()}!r}" if adapter and labels else ""
+    label_kwargs = (
+        f", id2label={labels!r}, label2id={ {v: k for k, v in labels.items()}!r}" if adapter and labels else ""
+    )
     nf4 = recipe.quantization.is_4bit
     note = (
         "\nThe adapter was trained on a 4-bit NF4 base. The snippet loads the base in full precision;"
         " `scripts/predict.py` and `lora_train.inference.load_run` rebuild the NF4 base from `recipe.yaml` as in training.\n"
-        if nf4 else ""
+        if nf4
+        else ""
     )
     return f"""```python
 import torch
@@ -153,7 +193,9 @@ With lora_train: `python scripts/predict.py {repo} "a delightful film"`, `python
 """
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = None, repo_id: Optional[str] = None) -> str:
+def model_card(
+    recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = None, repo_id: Optional[str] = None
+) -> str:
     """Hub-parsable YAML metadata, then results, recipe, hyperparameters, hardware, plot and usage.
 
     ``metrics`` is the final ``metrics.json`` (or an evaluation report); ``plot`` the file name of the
@@ -165,7 +207,11 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = No
     label_names = metrics.get("label_names") or list(metrics.get("per_class", {}))
     rows = "\n".join(
         f"| {name} | {value:.4f} |"
-        for name, value in (("accuracy", _metric(metrics, "accuracy")), ("macro-F1", _metric(metrics, "macro_f1")), ("loss", _metric(metrics, "loss")))
+        for name, value in (
+            ("accuracy", _metric(metrics, "accuracy")),
+            ("macro-F1", _metric(metrics, "macro_f1")),
+            ("loss", _metric(metrics, "loss")),
+        )
         if value is not None
     )
     per_class = "\n".join(
@@ -175,7 +221,8 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = No
     trainable = metrics.get("trainable_params")
     params_line = (
         f"- trainable parameters: {trainable:,} of {metrics['total_params']:,} ({metrics['trainable_percent']:.3f}%)"
-        if trainable else "- trainable parameters: see the final run directory"
+        if trainable
+        else "- trainable parameters: see the final run directory"
     )
     device = str(metrics.get("device", ""))
     memory_kind = "peak GPU memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
@@ -183,7 +230,11 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = No
     resumed = metrics.get("resumed_from_step")
     session = f" (this session, resumed at step {resumed})" if resumed else ""
     dataset_id, dataset_name, dataset_config, split = _dataset(recipe)
-    source = f"`{dataset_id}`" + (f" / `{dataset_config}`" if dataset_config else "") if dataset_id else f"local data `{recipe.data.path}`"
+    source = (
+        f"`{dataset_id}`" + (f" / `{dataset_config}`" if dataset_config else "")
+        if dataset_id
+        else f"local data `{recipe.data.path}`"
+    )
     at_step = f", step {metrics['step']}" if "step" in metrics else ""
     base_link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}` (a local directory)"
     return f"""---
@@ -193,11 +244,11 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], plot: Optional[str] = No
 # {data.model_name}
 
 A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
-{'on a 4-bit NF4 base (QLoRA) ' if recipe.quantization.is_4bit else ''}by lora_train on {source}
-(task `{recipe.data.task or 'custom'}`, labels: {', '.join(label_names) or '?'}).
-{'Only the adapter and the classification head are stored here (adapter-only weights).' if data.library_name == 'peft' else ''}
+{"on a 4-bit NF4 base (QLoRA) " if recipe.quantization.is_4bit else ""}by lora_train on {source}
+(task `{recipe.data.task or "custom"}`, labels: {", ".join(label_names) or "?"}).
+{"Only the adapter and the classification head are stored here (adapter-only weights)." if data.library_name == "peft" else ""}
 
-## Evaluation: split `{split}` of {dataset_name}, {metrics.get('eval_samples', metrics.get('num_samples', '?'))} examples{at_step}
+## Evaluation: split `{split}` of {dataset_name}, {metrics.get("eval_samples", metrics.get("num_samples", "?"))} examples{at_step}
 
 | metric | value |
 |---|---|
@@ -209,16 +260,16 @@ A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 
 ## Training
 
-{f'![learning curve: loss and evaluation metrics against optimizer step]({plot})' if plot else ''}
+{f"![learning curve: loss and evaluation metrics against optimizer step]({plot})" if plot else ""}
 
 | hyperparameter | value |
 |---|---|
 {_hyperparameters(recipe, metrics)}
 
 {params_line}
-- hardware: {metrics.get('hardware', device or '?')}
-- training time: {_duration(metrics.get('train_seconds_this_session'))}{session}
-- {memory_kind}: {f'{memory:,.0f} MB' if isinstance(memory, (int, float)) else '?'}
+- hardware: {metrics.get("hardware", device or "?")}
+- training time: {_duration(metrics.get("train_seconds_this_session"))}{session}
+- {memory_kind}: {f"{memory:,.0f} MB" if isinstance(memory, (int, float)) else "?"}
 
 <details><summary>Full recipe (recipe.yaml)</summary>
 

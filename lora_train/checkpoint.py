@@ -166,8 +166,11 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """Write the ``COMPLETE`` marker (last): the size and sha256 of every file already in ``directory``."""
-    files = {p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(directory.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
     (directory / COMPLETE_MARKER).write_text(json.dumps({"files": files}, indent=1))
 
 
@@ -226,9 +229,11 @@ def report_full_disk(what: str, checkpoints_root: Path) -> Iterator[None]:
         code = disk_full_errno(err)
         if code is None:
             raise
-        raise SaveFailedError(f"could not write {what} ({os.strerror(code)}); {kept_checkpoint(checkpoints_root)}."
-                              " Free space (or raise the file-size limit, ulimit -f), then resume with"
-                              " training.resume_from_checkpoint=latest") from None
+        raise SaveFailedError(
+            f"could not write {what} ({os.strerror(code)}); {kept_checkpoint(checkpoints_root)}."
+            " Free space (or raise the file-size limit, ulimit -f), then resume with"
+            " training.resume_from_checkpoint=latest"
+        ) from None
 
 
 def kept_checkpoint(checkpoints_root: Path) -> str:
@@ -266,7 +271,9 @@ def directory_contents(directory: Path, ignore: tuple[str, ...] = ()) -> list[st
 # The adapter (what users keep and share)
 
 
-def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None) -> None:
+def save_model_dir(
+    directory: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None
+) -> None:
     """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and extra files (text or bytes).
 
     ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
@@ -280,7 +287,9 @@ def save_model_dir(directory: Path, model, tokenizer, extra_files: dict[str, str
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
-def save_final(output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None) -> None:
+def save_final(
+    output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None
+) -> None:
     """Write the final model into ``output_dir`` itself, each file replaced atomically."""
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final.tmp-"))
     try:
@@ -391,8 +400,9 @@ def save_training_state(
         return atomic_directory(checkpoint_dir, write)
 
 
-def load_training_state(checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler,
-                        rank: int = 0) -> dict[str, Any]:
+def load_training_state(
+    checkpoint_dir: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0
+) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and process ``rank``'s RNGs from a checkpoint; return ``state.json``."""
     state = json.loads((checkpoint_dir / "state.json").read_text())
     weights = load_file(checkpoint_dir / "trainable.safetensors")
@@ -452,29 +462,41 @@ def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path
             problem = verify_checkpoint(candidate)
             if problem is None:
                 if damaged:
-                    logger.warning("resuming from %s, the newest intact checkpoint, instead of %s",
-                                   candidate, damaged[0])
+                    logger.warning(
+                        "resuming from %s, the newest intact checkpoint, instead of %s", candidate, damaged[0]
+                    )
                 return candidate
             logger.warning("checkpoint %s is damaged and skipped: %s", candidate, problem)
             damaged.append(candidate)
         if damaged:
-            raise RecipeError([(f"training.resume_from_checkpoint = 'latest', but every checkpoint in"
-                                f" {checkpoints_root} is damaged (see the warnings above); start again with"
-                                " output.overwrite_output_dir=true")])
+            raise RecipeError(
+                [
+                    (
+                        f"training.resume_from_checkpoint = 'latest', but every checkpoint in"
+                        f" {checkpoints_root} is damaged (see the warnings above); start again with"
+                        " output.overwrite_output_dir=true"
+                    )
+                ]
+            )
         return None
     path = Path(spec)
     if not (path / COMPLETE_MARKER).exists():
-        raise RecipeError([
-            f"training.resume_from_checkpoint = {spec!r} is not a complete checkpoint directory"
-            f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory, or 'latest' for the newest"
-            " complete one"
-        ])
+        raise RecipeError(
+            [
+                f"training.resume_from_checkpoint = {spec!r} is not a complete checkpoint directory"
+                f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory, or 'latest' for the newest"
+                " complete one"
+            ]
+        )
     problem = verify_checkpoint(path)
     if problem:
         others = (c for c in reversed(list_checkpoints(path.parent)) if c != path)
         intact = next((c for c in others if verify_checkpoint(c) is None), None)
-        instead = (f"the newest intact checkpoint is {intact}: pass training.resume_from_checkpoint={intact}"
-                   if intact else "no other checkpoint there is intact")
+        instead = (
+            f"the newest intact checkpoint is {intact}: pass training.resume_from_checkpoint={intact}"
+            if intact
+            else "no other checkpoint there is intact"
+        )
         raise RecipeError([f"training.resume_from_checkpoint = {spec!r} is damaged: {problem}; {instead}"])
     return path
 
@@ -502,10 +524,20 @@ def checkpoint_name(step: int) -> str:
 
 
 RESUME_KEYS = (
-    ("model", "name_or_path"), ("quantization", "method"), ("peft", "method"), ("peft", "r"),
-    ("peft", "target_modules"), ("peft", "init_r"), ("peft", "use_dora"), ("peft", "init_lora_weights"),
-    ("peft", "num_virtual_tokens"), ("data", "task"), ("data", "path"),
-    ("training", "per_device_train_batch_size"), ("training", "gradient_accumulation_steps"), ("training", "seed"),
+    ("model", "name_or_path"),
+    ("quantization", "method"),
+    ("peft", "method"),
+    ("peft", "r"),
+    ("peft", "target_modules"),
+    ("peft", "init_r"),
+    ("peft", "use_dora"),
+    ("peft", "init_lora_weights"),
+    ("peft", "num_virtual_tokens"),
+    ("data", "task"),
+    ("data", "path"),
+    ("training", "per_device_train_batch_size"),
+    ("training", "gradient_accumulation_steps"),
+    ("training", "seed"),
 )
 """Recipe fields a checkpoint must agree on to be resumed."""
 

@@ -21,7 +21,9 @@ def recipe_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_recipe(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> tuple[Recipe, argparse.Namespace]:
+def parse_recipe(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None
+) -> tuple[Recipe, argparse.Namespace]:
     """Parse arguments and load the recipe; on a bad recipe print every problem and exit 2."""
     args = parser.parse_args(argv)
     try:

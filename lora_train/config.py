@@ -77,8 +77,9 @@ class PeftConfig:
     """What is trained: adapters (LoRA, AdaLoRA, IA3, soft prompts) + head, biases + head, the head only, or all."""
 
     method: PeftMethod = _f(
-        "lora", "lora | adalora | ia3 | prompt_tuning | prefix_tuning (peft adapters + head), bitfit (biases + head),"
-        " head_only (frozen encoder) or full (full fine-tuning). docs/results.md compares them."
+        "lora",
+        "lora | adalora | ia3 | prompt_tuning | prefix_tuning (peft adapters + head), bitfit (biases + head),"
+        " head_only (frozen encoder) or full (full fine-tuning). docs/results.md compares them.",
     )
     r: int = _f(8, "LoRA rank (for AdaLoRA: the rank budget per module is set by init_r / target_r).")
     alpha: float = _f(16.0, "LoRA scaling numerator: the update is scaled by alpha / r.")
@@ -88,9 +89,10 @@ class PeftConfig:
         ["query", "value"], "Module name suffixes to adapt (a list), or 'all-linear'."
     )
     modules_to_save: Optional[list[str]] = _f(
-        None, "Modules trained in full and saved with the adapter; null = the head modules the checkpoint lacks"
+        None,
+        "Modules trained in full and saved with the adapter; null = the head modules the checkpoint lacks"
         " (e.g. classifier), found automatically. [pooler, classifier] also trains BERT's pretrained pooler:"
-        " much better on sentence-embedding checkpoints such as all-MiniLM-L6-v2 (docs/results.md)."
+        " much better on sentence-embedding checkpoints such as all-MiniLM-L6-v2 (docs/results.md).",
     )
     init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
     target_r: int = _f(8, "AdaLoRA: average target rank after pruning (<= init_r).")
@@ -103,18 +105,20 @@ class PeftConfig:
     use_dora: bool = _f(False, "LoRA: DoRA, a trained magnitude per output feature times a LoRA-updated direction.")
     use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
     init_lora_weights: Union[bool, LoraInit] = _f(
-        True, "LoRA: true = A Kaiming-uniform, B = 0 (the update starts at 0); gaussian = A Gaussian, B = 0; pissa /"
+        True,
+        "LoRA: true = A Kaiming-uniform, B = 0 (the update starts at 0); gaussian = A Gaussian, B = 0; pissa /"
         " olora = A, B from the base weight's SVD / QR, the base keeps the residual (saved converted to a plain rank-2r"
         " LoRA on the original base); loftq = A, B that cancel the NF4 quantization error (quantization.method nf4,"
-        " CUDA only in peft)."
+        " CUDA only in peft).",
     )
     feedforward_modules: list[str] = _f(
         [], "IA3: the target_modules that are feed-forward layers (scaled at their input; the others at their output)."
     )
     num_virtual_tokens: int = _f(20, "prompt_tuning / prefix_tuning: learned virtual tokens per input.")
     prompt_init_text: Optional[str] = _f(
-        None, "prompt_tuning: start the soft prompt from this text's token embeddings (repeated to"
-        " num_virtual_tokens); null = random."
+        None,
+        "prompt_tuning: start the soft prompt from this text's token embeddings (repeated to"
+        " num_virtual_tokens); null = random.",
     )
 
     @property
@@ -166,8 +170,9 @@ class TrainingConfig:
     lr_scheduler: Literal["linear", "cosine", "constant"] = _f("linear", "Decay after warm-up.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this; 0 = no clipping.")
     layer_lr_decay: float = _f(
-        1.0, "peft.method full: layer-wise learning rates; the head gets learning_rate, transformer layer L-k"
-        " learning_rate * decay^k, the embeddings the lowest (1.0 = one rate for all)."
+        1.0,
+        "peft.method full: layer-wise learning rates; the head gets learning_rate, transformer layer L-k"
+        " learning_rate * decay^k, the embeddings the lowest (1.0 = one rate for all).",
     )
     seed: int = _f(42, "Seed of data order, dropout and head initialisation.")
     mixed_precision: Literal["no", "fp16", "bf16"] = _f("no", "Autocast dtype (GPU); 'no' on CPU.")
@@ -335,8 +340,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if isinstance(key, typing.Hashable) and key in first_line:
-                raise DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]}): YAML"
-                                        " would keep only the last one silently; keep one of them")
+                raise DuplicateKeyError(
+                    f"duplicate key {key!r} at line {line} (first at line {first_line[key]}): YAML"
+                    " would keep only the last one silently; keep one of them"
+                )
             if isinstance(key, typing.Hashable):
                 first_line[key] = line
         return super().construct_mapping(node, deep)
@@ -383,8 +390,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         problem = getattr(err, "problem", None) or str(err)
         raise RecipeError([f"malformed YAML at {where}{problem}"], str(path)) from None
     if raw is None or raw == {}:
-        raise RecipeError([f"recipe file '{path}' is empty: it needs at least the sections that differ from the"
-                           " defaults (model, data, ...); start from one of recipes/*.yaml"], str(path))
+        raise RecipeError(
+            [
+                f"recipe file '{path}' is empty: it needs at least the sections that differ from the"
+                " defaults (model, data, ...); start from one of recipes/*.yaml"
+            ],
+            str(path),
+        )
     if not isinstance(raw, dict):
         raise RecipeError(["the top level must be a mapping of sections: " + ", ".join(SECTIONS)], str(path))
     return raw
@@ -396,7 +408,9 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str = "
     merged: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
-            problems.append(f"unknown section '{section}'{_suggest(section, list(SECTIONS))}; valid: {', '.join(SECTIONS)}")
+            problems.append(
+                f"unknown section '{section}'{_suggest(section, list(SECTIONS))}; valid: {', '.join(SECTIONS)}"
+            )
             continue
         if values is None:
             values = {}
@@ -447,9 +461,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "peft.use_dora": ("lora",), "peft.use_rslora": ("lora",), "peft.init_lora_weights": ("lora",),
-    "peft.feedforward_modules": ("ia3",), "peft.num_virtual_tokens": ("prompt_tuning", "prefix_tuning"),
-    "peft.prompt_init_text": ("prompt_tuning",), "training.layer_lr_decay": ("full",),
+    "peft.use_dora": ("lora",),
+    "peft.use_rslora": ("lora",),
+    "peft.init_lora_weights": ("lora",),
+    "peft.feedforward_modules": ("ia3",),
+    "peft.num_virtual_tokens": ("prompt_tuning", "prefix_tuning"),
+    "peft.prompt_init_text": ("prompt_tuning",),
+    "training.layer_lr_decay": ("full",),
 }
 """Method-specific options and the peft.method values they apply to: set away from its default under any other
 method, an option is an error (it would be silently ignored)."""
@@ -465,8 +483,10 @@ def _inapplicable_options(recipe: Recipe) -> list[str]:
         missing = spec.default is dataclasses.MISSING
         default_value = spec.default_factory() if missing else spec.default  # type: ignore[misc]
         if recipe.peft.method not in methods and value != default_value:
-            problems.append(f"{key} = {value!r} does not apply to peft.method = {recipe.peft.method!r} (only to"
-                            f" {' / '.join(methods)}): remove it, or set peft.method={methods[0]}")
+            problems.append(
+                f"{key} = {value!r} does not apply to peft.method = {recipe.peft.method!r} (only to"
+                f" {' / '.join(methods)}): remove it, or set peft.method={methods[0]}"
+            )
     return problems
 
 
@@ -475,17 +495,25 @@ def _lora_variant_problems(recipe: Recipe) -> list[str]:
     pe, nf4 = recipe.peft, recipe.quantization.method == "nf4"
     init, p = pe.init_lora_weights, []
     if init is False:
-        p.append("peft.init_lora_weights = false starts from a random, non-zero update (peft's test setting): use true,"
-                 " gaussian, pissa, olora or loftq")
+        p.append(
+            "peft.init_lora_weights = false starts from a random, non-zero update (peft's test setting): use true,"
+            " gaussian, pissa, olora or loftq"
+        )
     if init == "loftq" and not nf4:
-        p.append("peft.init_lora_weights = 'loftq' corrects the error of a 4-bit base: set quantization.method=nf4 (or"
-                 " use true / pissa / olora on a full-precision base)")
+        p.append(
+            "peft.init_lora_weights = 'loftq' corrects the error of a 4-bit base: set quantization.method=nf4 (or"
+            " use true / pissa / olora on a full-precision base)"
+        )
     if init in ("pissa", "olora") and nf4:
-        p.append(f"peft.init_lora_weights = {init!r} rewrites the base weights (base = W - BA at the start), which a"
-                 " frozen NF4 base cannot hold: use quantization.method=none, or init_lora_weights=loftq for NF4")
+        p.append(
+            f"peft.init_lora_weights = {init!r} rewrites the base weights (base = W - BA at the start), which a"
+            " frozen NF4 base cannot hold: use quantization.method=none, or init_lora_weights=loftq for NF4"
+        )
     if init in ("pissa", "olora", "loftq") and pe.use_dora:
-        p.append(f"peft.use_dora with peft.init_lora_weights = {init!r}: the adapter is saved converted to a plain LoRA"
-                 " of the original base, which has no DoRA magnitude; use one of the two")
+        p.append(
+            f"peft.use_dora with peft.init_lora_weights = {init!r}: the adapter is saved converted to a plain LoRA"
+            " of the original base, which has no DoRA magnitude; use one of the two"
+        )
     return p
 
 
@@ -505,7 +533,10 @@ def validate(recipe: Recipe) -> list[str]:
     need(pe.alpha > 0, f"peft.alpha = {pe.alpha} must be > 0")
     need(0 <= pe.dropout < 1, f"peft.dropout = {pe.dropout} must be in [0, 1)")
     if isinstance(pe.target_modules, str):
-        need(pe.target_modules == "all-linear", f"peft.target_modules = {pe.target_modules!r}: give a list of module names or 'all-linear'")
+        need(
+            pe.target_modules == "all-linear",
+            f"peft.target_modules = {pe.target_modules!r}: give a list of module names or 'all-linear'",
+        )
     else:
         need(len(pe.target_modules) > 0, "peft.target_modules must not be empty")
     if pe.method == "adalora":
@@ -517,20 +548,26 @@ def validate(recipe: Recipe) -> list[str]:
             need(0 <= getattr(pe, name) < 1, f"peft.{name} = {getattr(pe, name)} must be in [0, 1)")
         need(pe.orth_reg_weight >= 0, "peft.orth_reg_weight must be >= 0")
     if q.is_4bit:
-        need(pe.method in ("lora", "adalora"),
-             f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}")
+        need(
+            pe.method in ("lora", "adalora"),
+            f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}",
+        )
     p.extend(_inapplicable_options(recipe))
     if pe.method == "lora":
         p.extend(_lora_variant_problems(recipe))
     need(pe.num_virtual_tokens > 0, f"peft.num_virtual_tokens = {pe.num_virtual_tokens} must be > 0")
-    need(pe.prompt_init_text is None or pe.prompt_init_text.strip() != "",
-         "peft.prompt_init_text must be a non-empty text, or null for a random soft prompt")
+    need(
+        pe.prompt_init_text is None or pe.prompt_init_text.strip() != "",
+        "peft.prompt_init_text must be a non-empty text, or null for a random soft prompt",
+    )
     if pe.method == "ia3":
         stray = [m for m in pe.feedforward_modules if isinstance(pe.target_modules, str) or m not in pe.target_modules]
         need(not stray, f"peft.feedforward_modules {stray} must be a subset of peft.target_modules (a list)")
 
     if d.task is not None and d.task not in TASKS:
-        p.append(f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))}; valid: {', '.join(TASKS)}, or null with data.path")
+        p.append(
+            f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))}; valid: {', '.join(TASKS)}, or null with data.path"
+        )
     if d.task is None:
         need(d.path is not None, "data.task is null, so data.path must name a Hub dataset id or a local directory")
         need(d.text_column is not None, "data.task is null, so data.text_column must be set")
@@ -541,10 +578,19 @@ def validate(recipe: Recipe) -> list[str]:
         need(v is None or v > 0, f"data.{name} = {v} must be > 0 or null")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
 
-    need(t.learning_rate > 0 and math.isfinite(t.learning_rate), f"training.learning_rate = {t.learning_rate} must be > 0")
+    need(
+        t.learning_rate > 0 and math.isfinite(t.learning_rate),
+        f"training.learning_rate = {t.learning_rate} must be > 0",
+    )
     need(t.num_epochs > 0 or t.max_steps > 0, "set training.num_epochs > 0 or training.max_steps > 0")
     need(t.max_steps == -1 or t.max_steps > 0, f"training.max_steps = {t.max_steps} must be > 0 or -1")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps", "keep_last"):
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "keep_last",
+    ):
         need(getattr(t, name) > 0, f"training.{name} = {getattr(t, name)} must be > 0")
     need(0 <= t.warmup_ratio < 1, f"training.warmup_ratio = {t.warmup_ratio} must be in [0, 1)")
     need(t.weight_decay >= 0, "training.weight_decay must be >= 0")
@@ -553,12 +599,19 @@ def validate(recipe: Recipe) -> list[str]:
     need(t.eval_steps >= 0 and t.save_steps >= 0, "training.eval_steps and training.save_steps must be >= 0")
 
     for tracker in o.report_to:
-        need(tracker in ("tensorboard", "wandb"), f"output.report_to: unknown tracker {tracker!r}; valid: tensorboard, wandb")
+        need(
+            tracker in ("tensorboard", "wandb"),
+            f"output.report_to: unknown tracker {tracker!r}; valid: tensorboard, wandb",
+        )
     if o.push_to_hub:
-        need(bool(o.hub_model_id) and "/" in (o.hub_model_id or ""),
-             "output.push_to_hub is true, so output.hub_model_id must be 'user/name'")
-    need(o.push_to_hub or not o.push_checkpoints,
-         "output.push_checkpoints is true but output.push_to_hub is false: set output.push_to_hub=true (and output.hub_model_id)")
+        need(
+            bool(o.hub_model_id) and "/" in (o.hub_model_id or ""),
+            "output.push_to_hub is true, so output.hub_model_id must be 'user/name'",
+        )
+    need(
+        o.push_to_hub or not o.push_checkpoints,
+        "output.push_checkpoints is true but output.push_to_hub is false: set output.push_to_hub=true (and output.hub_model_id)",
+    )
     return p
 
 
@@ -574,8 +627,10 @@ def fields_help() -> str:
         hints = _field_types(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {section}.{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-                         f"  ({_describe(hints[f.name])})")
+            lines.append(
+                f"  {section}.{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
+                f"  ({_describe(hints[f.name])})"
+            )
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -83,8 +82,10 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
     origin = {split: spec.source for split in (spec.train_split, spec.eval_split)}
     if local.exists():
         if local.is_file() and local.suffix not in DATA_EXTENSIONS:
-            raise DataError(f"data.path '{local}' is a {local.suffix or 'suffix-less'} file; give a directory of"
-                            " {split}.parquet|csv|json|jsonl files, or one .parquet, .csv, .json or .jsonl file")
+            raise DataError(
+                f"data.path '{local}' is a {local.suffix or 'suffix-less'} file; give a directory of"
+                " {split}.parquet|csv|json|jsonl files, or one .parquet, .csv, .json or .jsonl file"
+            )
         files = _local_files(local) if local.is_dir() else {spec.train_split: str(local)}
         if not files:
             raise DataError(f"data.path '{local}' holds no {'/'.join(DATA_EXTENSIONS)} files named after their split")
@@ -100,20 +101,30 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
             )
         empty = [f"{s} ({files[s]})" for s in wanted if not _readable_rows(Path(files[s]))]
         if empty:
-            raise DataError(f"data.path '{local}': split(s) {', '.join(empty)} hold no rows; every split used needs examples")
+            raise DataError(
+                f"data.path '{local}': split(s) {', '.join(empty)} hold no rows; every split used needs examples"
+            )
         origin.update((s, files[s]) for s in wanted)
         try:
             dd = datasets.load_dataset(builders.pop(), data_files={s: files[s] for s in wanted})
         except Exception as err:  # noqa: BLE001 - parser errors of pandas / pyarrow, of many types
             cause = err.__cause__ or err
-            raise DataError(f"cannot read the data files {[files[s] for s in wanted]}: {type(cause).__name__}: {cause}."
-                            " Check that each file is complete and well-formed") from None
+            raise DataError(
+                f"cannot read the data files {[files[s] for s in wanted]}: {type(cause).__name__}: {cause}."
+                " Check that each file is complete and well-formed"
+            ) from None
     elif _looks_local(spec.source):
-        raise DataError(f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
-                        " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name")
+        raise DataError(
+            f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
+            " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name"
+        )
     else:
         dd = load_hub_dataset(spec.source, spec.config_name)
-        missing = [s for s in (spec.train_split, spec.eval_split) if s not in dd and not (s == spec.eval_split and spec.carve_eval_from_train)]
+        missing = [
+            s
+            for s in (spec.train_split, spec.eval_split)
+            if s not in dd and not (s == spec.eval_split and spec.carve_eval_from_train)
+        ]
         if missing:
             raise DataError(f"dataset '{spec.source}' has no split(s) {missing}; it has {list(dd)}")
     train = dd[spec.train_split]
@@ -150,14 +161,17 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
     try:
         card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))
         patterns = config_file_patterns(card / "README.md", dataset_id, config_name)
-        snapshot = snapshot_download(dataset_id, repo_type="dataset",
-                                     allow_patterns=None if patterns is None else patterns + ["README.md"])
+        snapshot = snapshot_download(
+            dataset_id, repo_type="dataset", allow_patterns=None if patterns is None else patterns + ["README.md"]
+        )
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - offline cache miss, 404, auth, network: re-raised with advice
-        raise DataError(f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
-                        f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
-                        " files.") from None
+        raise DataError(
+            f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
+            f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
+            " files."
+        ) from None
     return datasets.load_dataset(snapshot, config_name)
 
 
@@ -178,14 +192,17 @@ def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[st
     if config_name is None:
         defaults = [c for c in configs if c.get("default")] or (configs if len(configs) == 1 else [])
         if not defaults:
-            raise DataError(f"dataset '{dataset_id}' has several configs {sorted(by_name)};"
-                            " choose one with data.config_name")
+            raise DataError(
+                f"dataset '{dataset_id}' has several configs {sorted(by_name)}; choose one with data.config_name"
+            )
         chosen = defaults[0]
     elif config_name in by_name:
         chosen = by_name[config_name]
     else:
-        raise DataError(f"dataset '{dataset_id}' has no config '{config_name}'; its configs are {sorted(by_name)}."
-                        " Set data.config_name to one of them")
+        raise DataError(
+            f"dataset '{dataset_id}' has no config '{config_name}'; its configs are {sorted(by_name)}."
+            " Set data.config_name to one of them"
+        )
     files = chosen.get("data_files", [])
     entries = files if isinstance(files, list) else [files]
     patterns: list[str] = []
@@ -209,8 +226,10 @@ def _readable_rows(path: Path) -> bool:
         try:
             return pq.ParquetFile(path).metadata.num_rows > 0
         except Exception as err:  # noqa: BLE001 - ArrowInvalid, OSError (thrift), ...
-            raise DataError(f"data file '{path}' cannot be read as parquet ({type(err).__name__}: {err}): it is"
-                            " truncated or corrupt; copy or export it again") from None
+            raise DataError(
+                f"data file '{path}' cannot be read as parquet ({type(err).__name__}: {err}): it is"
+                " truncated or corrupt; copy or export it again"
+            ) from None
     try:
         text = read_text_file(path, "data file")
     except ValueError as err:
@@ -220,8 +239,10 @@ def _readable_rows(path: Path) -> bool:
             try:
                 line.strip() and json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(f"data file '{path}', line {number} is not valid JSON ({err.msg}, column {err.colno});"
-                                " every line must be one JSON object") from None
+                raise DataError(
+                    f"data file '{path}', line {number} is not valid JSON ({err.msg}, column {err.colno});"
+                    " every line must be one JSON object"
+                ) from None
     lines = [line for line in text.splitlines() if line.strip() not in ("", "[", "]", "[]")]
     return len(lines) > (1 if path.suffix == ".csv" else 0)  # a CSV header alone is no data
 
@@ -253,8 +274,10 @@ def _check_columns(ds: "datasets.Dataset", spec: DataSpec, split: str, origin: s
         empty = _null_rows(values)
         if len(empty):
             shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
-            raise DataError(f"split '{split}': {role} column '{column}' is empty (null or NaN) in {len(empty)} row(s):"
-                            f" rows {shown} of {origin} (counting from 0); drop or fill those rows")
+            raise DataError(
+                f"split '{split}': {role} column '{column}' is empty (null or NaN) in {len(empty)} row(s):"
+                f" rows {shown} of {origin} (counting from 0); drop or fill those rows"
+            )
     _check_text_type(ds.data.column(spec.text_column), spec, split)
     _check_label_type(ds.data.column(spec.label_column), spec, split)
 
@@ -271,8 +294,10 @@ def _check_text_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str)
     import pyarrow as pa
 
     if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise DataError(f"split '{split}': text column '{spec.text_column}' holds {values.type} values, not text."
-                        " Set data.text_column to the column that holds the texts")
+        raise DataError(
+            f"split '{split}': text column '{spec.text_column}' holds {values.type} values, not text."
+            " Set data.text_column to the column that holds the texts"
+        )
 
 
 def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str) -> None:
@@ -285,19 +310,27 @@ def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str
         return
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         names = spec.label_names
-        order = (f"map them to 0..{len(names) - 1} in the order of data.label_names {names}" if names
-                 else "map them to 0..K-1 and list the class names in that order in data.label_names")
-        raise DataError(f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not"
-                        f" class ids; {order}")
+        order = (
+            f"map them to 0..{len(names) - 1} in the order of data.label_names {names}"
+            if names
+            else "map them to 0..K-1 and list the class names in that order in data.label_names"
+        )
+        raise DataError(
+            f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not"
+            f" class ids; {order}"
+        )
     if pa.types.is_floating(values.type):
         numbers = values.to_numpy()
         fractional = np.flatnonzero(numbers != np.round(numbers))
         row = int(fractional[0]) if len(fractional) else 0
         kind = "non-integer" if len(fractional) else "floating-point"
-        raise DataError(f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row"
-                        f" {row}); labels must be integer class ids: convert the column to integers")
-    raise DataError(f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer"
-                    " class ids 0..K-1")
+        raise DataError(
+            f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row"
+            f" {row}); labels must be integer class ids: convert the column to integers"
+        )
+    raise DataError(
+        f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer class ids 0..K-1"
+    )
 
 
 def label_names_of(train: "datasets.Dataset", spec: DataSpec) -> list[str]:

@@ -59,7 +59,9 @@ class Launch:
 
     @property
     def zero_stage(self) -> int:
-        return int(self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if self.engine == "deepspeed" else 0
+        return (
+            int(self.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if self.engine == "deepspeed" else 0
+        )
 
     @property
     def engine_owns_optimizer(self) -> bool:
@@ -73,7 +75,11 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return f"DeepSpeed ZeRO-{self.zero_stage}" if self.engine == "deepspeed" else {"fsdp": "FSDP", "ddp": "DDP"}.get(self.engine, "one process")
+        return (
+            f"DeepSpeed ZeRO-{self.zero_stage}"
+            if self.engine == "deepspeed"
+            else {"fsdp": "FSDP", "ddp": "DDP"}.get(self.engine, "one process")
+        )
 
     @classmethod
     def from_accelerator(cls, accelerator) -> "Launch":
@@ -96,7 +102,11 @@ class Launch:
             deepspeed_config=plugin.deepspeed_config if plugin is not None else {},
             fsdp_version=getattr(fsdp, "fsdp_version", None),
             bf16_supported=accelerator.device.type != "cuda" or torch.cuda.is_bf16_supported(),
-            requested=tuple(e for e, var in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP")) if _env_flag(var)),
+            requested=tuple(
+                e
+                for e, var in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP"))
+                if _env_flag(var)
+            ),
             launcher_mixed_precision=os.environ.get("ACCELERATE_MIXED_PRECISION"),
         )
 
@@ -112,7 +122,12 @@ def accelerator_kwargs() -> dict[str, Any]:
     host without CUDA gets no process group, so every process would train alone. DeepSpeed itself runs on
     CPU over gloo (its CPU accelerator's backend), so on such a host we hand Accelerate that backend.
     """
-    if _env_flag("ACCELERATE_USE_DEEPSPEED") and not _env_flag("ACCELERATE_USE_CPU") and "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+    if (
+        _env_flag("ACCELERATE_USE_DEEPSPEED")
+        and not _env_flag("ACCELERATE_USE_CPU")
+        and "LOCAL_RANK" in os.environ
+        and not torch.cuda.is_available()
+    ):
         from accelerate.utils import InitProcessGroupKwargs
 
         return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}
@@ -123,12 +138,15 @@ def refuse_silent_duplication(num_processes: int) -> None:
     """``WORLD_SIZE > 1`` but Accelerate sees one process: N copies would each train alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and num_processes == 1:
-        raise RecipeError([
-            f"WORLD_SIZE={world} but Accelerate sees a single process, so {world} independent copies of this run"
-            " would each train alone and overwrite each other's output. On a CPU-only host"
-            " `accelerate launch --multi_gpu` (or a multi_gpu / fsdp config) does this. Run several CPU processes with:"
-            f" {CPU_LAUNCH}"
-        ], "launch")
+        raise RecipeError(
+            [
+                f"WORLD_SIZE={world} but Accelerate sees a single process, so {world} independent copies of this run"
+                " would each train alone and overwrite each other's output. On a CPU-only host"
+                " `accelerate launch --multi_gpu` (or a multi_gpu / fsdp config) does this. Run several CPU processes with:"
+                f" {CPU_LAUNCH}"
+            ],
+            "launch",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,15 +179,19 @@ def _qlora_storage_problems(recipe: Recipe, launch: Launch) -> list[str]:
     training_dtype = MIXED_PRECISION_DTYPES.get(recipe.training.mixed_precision)
     wanted = training_dtype or recipe.quantization.compute_dtype
     if launch.engine == "fsdp" and storage == "uint8":
-        return [f"QLoRA under FSDP with quantization.quant_storage_dtype = uint8: Accelerate leaves non-floating 4-bit"
-                f" weights out of FSDP sharding, so every GPU would hold the whole 4-bit model. Set"
-                f" quantization.quant_storage_dtype={wanted}, or use DDP / DeepSpeed, which handle uint8 storage"]
+        return [
+            f"QLoRA under FSDP with quantization.quant_storage_dtype = uint8: Accelerate leaves non-floating 4-bit"
+            f" weights out of FSDP sharding, so every GPU would hold the whole 4-bit model. Set"
+            f" quantization.quant_storage_dtype={wanted}, or use DDP / DeepSpeed, which handle uint8 storage"
+        ]
     if storage != "uint8" and training_dtype not in (None, storage):
-        return [f"QLoRA under {launch.name} with quantization.quant_storage_dtype = {storage} and"
-                f" training.mixed_precision = {recipe.training.mixed_precision}: the engine casts floating parameters to"
-                f" {training_dtype}, which would convert the packed 4-bit data as numbers. Set"
-                f" quantization.quant_storage_dtype={training_dtype}"
-                + (", or keep the default uint8 storage" if launch.engine == "deepspeed" else "")]
+        return [
+            f"QLoRA under {launch.name} with quantization.quant_storage_dtype = {storage} and"
+            f" training.mixed_precision = {recipe.training.mixed_precision}: the engine casts floating parameters to"
+            f" {training_dtype}, which would convert the packed 4-bit data as numbers. Set"
+            f" quantization.quant_storage_dtype={training_dtype}"
+            + (", or keep the default uint8 storage" if launch.engine == "deepspeed" else "")
+        ]
     return []
 
 
@@ -181,44 +203,63 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
 
     # The launch asked for an engine that Accelerate is not running: the run would silently be plain DDP.
     if "deepspeed" in launch.requested and launch.engine != "deepspeed":
-        p.append(f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but Accelerate runs {launch.name}:"
-                 " ACCELERATE_USE_CPU=true (accelerate launch --cpu) turns DeepSpeed off. Drop it: on a CPU-only host"
-                 " DeepSpeed runs over gloo with `accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml"
-                 " --num_processes N scripts/train.py RECIPE`")
+        p.append(
+            f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but Accelerate runs {launch.name}:"
+            " ACCELERATE_USE_CPU=true (accelerate launch --cpu) turns DeepSpeed off. Drop it: on a CPU-only host"
+            " DeepSpeed runs over gloo with `accelerate launch --config_file accelerate_configs/deepspeed_zero2.yaml"
+            " --num_processes N scripts/train.py RECIPE`"
+        )
     if "fsdp" in launch.requested and launch.engine != "fsdp":
-        p.append(f"the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate runs {launch.name}: Accelerate"
-                 f" enables FSDP only on GPUs. On CPU use DDP: {CPU_LAUNCH}")
+        p.append(
+            f"the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate runs {launch.name}: Accelerate"
+            f" enables FSDP only on GPUs. On CPU use DDP: {CPU_LAUNCH}"
+        )
 
     # Mixed precision: the recipe decides; refuse what Accelerate would ignore or cannot run.
     if t.mixed_precision == "fp16" and launch.device_type == "cpu":
-        p.append("training.mixed_precision = 'fp16' on CPU: Accelerate silently runs fp32 there (no fp16 autocast"
-                 " on CPU). Use training.mixed_precision=no, or bf16 (CPU autocast)")
+        p.append(
+            "training.mixed_precision = 'fp16' on CPU: Accelerate silently runs fp32 there (no fp16 autocast"
+            " on CPU). Use training.mixed_precision=no, or bf16 (CPU autocast)"
+        )
     if t.mixed_precision == "bf16" and not launch.bf16_supported:
-        p.append("training.mixed_precision = 'bf16' but this GPU has no bfloat16 support: use training.mixed_precision=fp16"
-                 " (and quantization.compute_dtype=float16 for QLoRA)")
+        p.append(
+            "training.mixed_precision = 'bf16' but this GPU has no bfloat16 support: use training.mixed_precision=fp16"
+            " (and quantization.compute_dtype=float16 for QLoRA)"
+        )
     if launch.launcher_mixed_precision not in (None, "no", t.mixed_precision):
-        p.append(f"the Accelerate config asks for mixed_precision={launch.launcher_mixed_precision!r} but the recipe has"
-                 f" training.mixed_precision={t.mixed_precision!r}, which decides. Set the recipe field, and leave"
-                 " mixed_precision: 'no' in the Accelerate config")
+        p.append(
+            f"the Accelerate config asks for mixed_precision={launch.launcher_mixed_precision!r} but the recipe has"
+            f" training.mixed_precision={t.mixed_precision!r}, which decides. Set the recipe field, and leave"
+            " mixed_precision: 'no' in the Accelerate config"
+        )
     if launch.gradient_accumulation_steps != t.gradient_accumulation_steps:
-        p.append(f"the launch sets gradient_accumulation_steps={launch.gradient_accumulation_steps}"
-                 f" (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, from the Accelerate config) but the recipe has"
-                 f" training.gradient_accumulation_steps={t.gradient_accumulation_steps}: remove it from the config, the"
-                 " recipe decides")
+        p.append(
+            f"the launch sets gradient_accumulation_steps={launch.gradient_accumulation_steps}"
+            f" (ACCELERATE_GRADIENT_ACCUMULATION_STEPS, from the Accelerate config) but the recipe has"
+            f" training.gradient_accumulation_steps={t.gradient_accumulation_steps}: remove it from the config, the"
+            " recipe decides"
+        )
 
     # Methods and quantization under sharding engines.
     if pe.method == "adalora" and sharded:
-        why = ("Accelerate runs DeepSpeed's optimizer step inside accelerator.backward(), so the gradients AdaLoRA's"
-               " rank allocator scores are gone by update_and_allocate()" if launch.engine == "deepspeed" else
-               "FSDP shards the parameters and gradients AdaLoRA's rank allocator scores, so each process would prune"
-               " ranks from its own shard")
-        p.append(f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
-                 " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora")
+        why = (
+            "Accelerate runs DeepSpeed's optimizer step inside accelerator.backward(), so the gradients AdaLoRA's"
+            " rank allocator scores are gone by update_and_allocate()"
+            if launch.engine == "deepspeed"
+            else "FSDP shards the parameters and gradients AdaLoRA's rank allocator scores, so each process would prune"
+            " ranks from its own shard"
+        )
+        p.append(
+            f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
+            " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora"
+        )
     if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
-        p.append(f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
-                 " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
-                 " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
-                 " sharding), or init_lora_weights=true")
+        p.append(
+            f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
+            " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
+            " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
+            " sharding), or init_lora_weights=true"
+        )
     if q.is_4bit and sharded:
         p.extend(_qlora_storage_problems(recipe, launch))
 
@@ -227,23 +268,36 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
         ds = launch.deepspeed_config
         for key in ("optimizer", "scheduler"):
             if key in ds:
-                p.append(f"the DeepSpeed config defines a {key!r} section, but the recipe builds AdamW and its"
-                         f" {t.lr_scheduler} schedule: remove {key!r} from the DeepSpeed config")
+                p.append(
+                    f"the DeepSpeed config defines a {key!r} section, but the recipe builds AdamW and its"
+                    f" {t.lr_scheduler} schedule: remove {key!r} from the DeepSpeed config"
+                )
         for key, value in deepspeed_values(recipe, launch.num_processes).items():
             if ds.get(key, "auto") not in ("auto", value):
-                p.append(f"the DeepSpeed config sets {key}={ds[key]} but the recipe gives {value}: set it to 'auto' (the"
-                         " recipe decides)")
-        if launch.zero_stage == 3 and ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True:
-            p.append("ZeRO-3 shards the adapter across processes, so saving it needs"
-                     " stage3_gather_16bit_weights_on_model_save: set zero3_save_16bit_model: true in the Accelerate"
-                     " config (as accelerate_configs/deepspeed_zero3.yaml does)")
+                p.append(
+                    f"the DeepSpeed config sets {key}={ds[key]} but the recipe gives {value}: set it to 'auto' (the"
+                    " recipe decides)"
+                )
+        if (
+            launch.zero_stage == 3
+            and ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True
+        ):
+            p.append(
+                "ZeRO-3 shards the adapter across processes, so saving it needs"
+                " stage3_gather_16bit_weights_on_model_save: set zero3_save_16bit_model: true in the Accelerate"
+                " config (as accelerate_configs/deepspeed_zero3.yaml does)"
+            )
     if launch.engine == "fsdp" and launch.fsdp_version != 2:
-        p.append(f"fsdp_version {launch.fsdp_version} is not supported: the loop builds its optimizer before preparing"
-                 " the model, and Accelerate re-points an optimizer at the sharded parameters only for FSDP2. Set"
-                 " fsdp_version: 2 (as accelerate_configs/fsdp.yaml does)")
+        p.append(
+            f"fsdp_version {launch.fsdp_version} is not supported: the loop builds its optimizer before preparing"
+            " the model, and Accelerate re-points an optimizer at the sharded parameters only for FSDP2. Set"
+            " fsdp_version: 2 (as accelerate_configs/fsdp.yaml does)"
+        )
     if launch.shards_weights and recipe.output.push_to_hub and recipe.output.push_checkpoints:
-        p.append(f"output.push_checkpoints is not supported under {launch.name} (the adapter is sharded at every"
-                 " checkpoint); keep output.push_to_hub for the final adapter and set output.push_checkpoints=false")
+        p.append(
+            f"output.push_checkpoints is not supported under {launch.name} (the adapter is sharded at every"
+            " checkpoint); keep output.push_to_hub for the final adapter and set output.push_checkpoints=false"
+        )
     return p
 
 
@@ -340,16 +394,22 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
     problems = []
     engine_ckpt = saved.get("format") == ENGINE_FORMAT
     if engine_ckpt != launch.engine_owns_optimizer:
-        problems.append(f"the checkpoint was written under {saved.get('engine', 'one process or DDP')} and cannot be"
-                        f" resumed under {launch.name}: resume with the Accelerate config that wrote it")
+        problems.append(
+            f"the checkpoint was written under {saved.get('engine', 'one process or DDP')} and cannot be"
+            f" resumed under {launch.name}: resume with the Accelerate config that wrote it"
+        )
     elif engine_ckpt and saved.get("engine") != launch.name:
-        problems.append(f"the checkpoint was written under {saved.get('engine')}, this launch is {launch.name}:"
-                        " resume with the Accelerate config that wrote it")
+        problems.append(
+            f"the checkpoint was written under {saved.get('engine')}, this launch is {launch.name}:"
+            " resume with the Accelerate config that wrote it"
+        )
     written = saved.get("num_processes")
     if written is not None and written != launch.num_processes:
-        problems.append(f"the checkpoint was written by {written} process(es) and this launch has {launch.num_processes}:"
-                        " its data position counts per-process batches (and DeepSpeed / FSDP shards are per process);"
-                        f" resume with {written} processes")
+        problems.append(
+            f"the checkpoint was written by {written} process(es) and this launch has {launch.num_processes}:"
+            " its data position counts per-process batches (and DeepSpeed / FSDP shards are per process);"
+            f" resume with {written} processes"
+        )
     if problems:
         raise RecipeError(["cannot resume from this checkpoint:"] + problems, "resume")
 
@@ -358,8 +418,14 @@ def check_resume_launch(saved: dict[str, Any], launch: Launch) -> None:
 # The Accelerate config files and the compatibility table of docs/distributed.md
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
-CONFIG_ORDER = ("single_gpu.yaml", "multi_gpu.yaml", "multi_node.yaml", "deepspeed_zero2.yaml", "deepspeed_zero3.yaml",
-                "fsdp.yaml")
+CONFIG_ORDER = (
+    "single_gpu.yaml",
+    "multi_gpu.yaml",
+    "multi_node.yaml",
+    "deepspeed_zero2.yaml",
+    "deepspeed_zero3.yaml",
+    "fsdp.yaml",
+)
 
 TABLE_COLUMNS: dict[str, dict[str, dict[str, Any]]] = {
     "LoRA": {},
@@ -403,7 +469,11 @@ def launch_env(config_file: Path) -> tuple[Any, dict[str, str]]:
     Uses Accelerate's own parser and environment preparation, so a config Accelerate rejects fails here.
     """
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+    from accelerate.utils.launch import (
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+        prepare_simple_launcher_cmd_env,
+    )
 
     args = launch_command_parser().parse_args(["--config_file", str(config_file), "scripts/train.py"])
     args, defaults, mp_from_config = _validate_launch_command(args)
@@ -427,7 +497,9 @@ def launch_from_config(config_file: Path) -> Launch:
         fsdp = FullyShardedDataParallelPlugin() if engine == "fsdp" else None
     gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
     return Launch(
-        engine=engine, num_processes=args.num_processes, device_type="cuda",
+        engine=engine,
+        num_processes=args.num_processes,
+        device_type="cuda",
         gradient_accumulation_steps=int(gas) if gas.isdigit() else 1,
         deepspeed_config=deepspeed.deepspeed_config if deepspeed else {},
         fsdp_version=fsdp.fsdp_version if fsdp else None,
@@ -444,22 +516,30 @@ RUN_HERE: dict[tuple[str, str], str] = {
     (CPU_ONE_PROCESS, "LoRA"): "tests/test_train_real.py::test_cpu_recipe_learns_on_a_real_subset",
     (CPU_ONE_PROCESS, "AdaLoRA"): "tests/test_train_real.py::test_cpu_recipe_learns_on_a_real_subset",
     (CPU_ONE_PROCESS, "QLoRA (uint8 storage)"): "tests/test_decoder.py::test_qlora_recipe_path_learns_a_story_task",
-    **{(CPU_ONE_PROCESS, column): PEFT_METHODS_TEST for column in ("LoRA, PiSSA / OLoRA init", "IA3", "prompt tuning",
-                                                                    "BitFit")},
+    **{
+        (CPU_ONE_PROCESS, column): PEFT_METHODS_TEST
+        for column in ("LoRA, PiSSA / OLoRA init", "IA3", "prompt tuning", "BitFit")
+    },
     (CPU_ONE_PROCESS, "full"): "tests/test_train_tiny.py::test_tiny_full_finetuning_learns",
     (CPU_DDP, "LoRA"): "tests/test_distributed.py::test_two_processes_train_like_one_with_the_same_global_batch",
     (CPU_DDP, "QLoRA (uint8 storage)"): "tests/test_decoder.py::test_two_process_ddp_qlora_on_the_decoder",
-    ("`deepspeed_zero2.yaml`", "LoRA"):
-        "tests/test_distributed.py::test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes",
-    ("`deepspeed_zero3.yaml`", "QLoRA (uint8 storage)"):
-        "tests/test_distributed.py::test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter",
+    (
+        "`deepspeed_zero2.yaml`",
+        "LoRA",
+    ): "tests/test_distributed.py::test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes",
+    (
+        "`deepspeed_zero3.yaml`",
+        "QLoRA (uint8 storage)",
+    ): "tests/test_distributed.py::test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter",
 }
 """(launch row, column) combinations that a test in this repository runs end to end, on CPU processes (the
 DeepSpeed configs over gloo). Nothing has run on a GPU; every other allowed cell is 'untested'."""
 
 UNTESTED_RISKS: dict[tuple[str, str], str] = {
-    ("fsdp", "QLoRA (bf16 storage, bf16 mixed precision)"):
-        "upstream bitsandbytes reports packed NF4 weights corrupted under FSDP2 with bf16 storage",
+    (
+        "fsdp",
+        "QLoRA (bf16 storage, bf16 mixed precision)",
+    ): "upstream bitsandbytes reports packed NF4 weights corrupted under FSDP2 with bf16 storage",
 }
 """(engine, column) combinations that are allowed, never run here, and have a known upstream problem: the table
 says so and the run logs a warning at start (:func:`untested_risk`)."""
@@ -468,8 +548,9 @@ says so and the run logs a warning at start (:func:`untested_risk`)."""
 def table_rows() -> dict[str, Launch]:
     """The launches of the compatibility table: each Accelerate config as on GPUs, then the CPU launches."""
     launches = {f"`{name}`": launch_from_config(CONFIG_DIR / name) for name in CONFIG_ORDER}
-    launches[CPU_ONE_PROCESS] = Launch(engine="single", num_processes=1, device_type="cpu",
-                                       gradient_accumulation_steps=1)
+    launches[CPU_ONE_PROCESS] = Launch(
+        engine="single", num_processes=1, device_type="cpu", gradient_accumulation_steps=1
+    )
     launches[CPU_DDP] = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1)
     return launches
 
@@ -498,8 +579,11 @@ def untested_risk(recipe: Recipe, launch: Launch) -> Optional[str]:
     """The known upstream problem of this never-run recipe x launch (:data:`UNTESTED_RISKS`), or None."""
     for (engine, column), risk in UNTESTED_RISKS.items():
         variant = TABLE_COLUMNS[column]
-        if launch.engine == engine and all(getattr(getattr(recipe, section), key) == value
-                                           for section, values in variant.items() for key, value in values.items()):
+        if launch.engine == engine and all(
+            getattr(getattr(recipe, section), key) == value
+            for section, values in variant.items()
+            for key, value in values.items()
+        ):
             return f"{launch.name} with {column} has never been run here, and {risk}: compare its losses with a DDP run"
     return None
 

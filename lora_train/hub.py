@@ -23,8 +23,10 @@ PUSHED_SUFFIXES = (".safetensors", ".json", ".md", ".yaml", ".txt", ".model", ".
 def offline_hint() -> str:
     """What to check when a model, dataset or run cannot be fetched from the Hub (the one hint every loader gives)."""
     if os.environ.get("HF_HUB_OFFLINE") == "1":
-        return ("HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
-                " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it.")
+        return (
+            "HF_HUB_OFFLINE=1 is set, so only local directories and the Hub cache (HF_HUB_CACHE) are used:"
+            " point it at a local directory, or set HF_HUB_CACHE to a cache that holds it."
+        )
     return "Check the id and revision, your network, and `hf auth login` for gated or private repos."
 
 
@@ -35,7 +37,8 @@ class HubError(RuntimeError):
 def pushed_files(directory: Path) -> list[str]:
     """Names of the files of ``directory`` that a push uploads (adapter or model, tokenizer, card, metrics, plot)."""
     return sorted(
-        p.name for p in directory.iterdir()
+        p.name
+        for p in directory.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix in PUSHED_SUFFIXES
     )
 
@@ -69,7 +72,9 @@ class HubPusher:
         """Upload the run files of ``directory`` (see :func:`pushed_files`) as one commit; return its URL."""
         self.wait()
         files = pushed_files(directory)
-        info = self.api.upload_folder(repo_id=self.repo_id, folder_path=directory, allow_patterns=files, commit_message=message)
+        info = self.api.upload_folder(
+            repo_id=self.repo_id, folder_path=directory, allow_patterns=files, commit_message=message
+        )
         logger.info("pushed %d files to %s (%s)", len(files), self.url, info.commit_url)
         return info.commit_url
 
@@ -78,8 +83,13 @@ class HubPusher:
         tmp = Path(tempfile.mkdtemp(prefix="lora_train-push-"))
         try:
             write(tmp)
-            future = self.api.upload_folder(repo_id=self.repo_id, folder_path=tmp, allow_patterns=pushed_files(tmp),
-                                            commit_message=message, run_as_future=True)
+            future = self.api.upload_folder(
+                repo_id=self.repo_id,
+                folder_path=tmp,
+                allow_patterns=pushed_files(tmp),
+                commit_message=message,
+                run_as_future=True,
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -60,7 +60,9 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
         except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with advice
-            raise RunError(f"cannot download Hub repo '{source}': {type(err).__name__}: {err}. {offline_hint()}") from None
+            raise RunError(
+                f"cannot download Hub repo '{source}': {type(err).__name__}: {err}. {offline_hint()}"
+            ) from None
     else:
         raise RunError(f"'{source}' is neither an existing run directory nor a Hub repo id of the form user/name")
     missing = [name for name in ("recipe.yaml", "labels.json") if not (directory / name).is_file()]
@@ -72,9 +74,11 @@ def resolve_run(source: str, revision: Optional[str] = None) -> Path:
     for weights in sorted(directory.glob("*.safetensors")):  # a damaged file named now, not deep inside safetensors
         problem = safetensors_problem(weights)
         if problem:
-            raise RunError(f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the"
-                           " run's last checkpoint: scripts/train.py RUN/recipe.yaml"
-                           " training.resume_from_checkpoint=latest")
+            raise RunError(
+                f"{problem}. Copy it again, use the run's best/ adapter, or write it again from the"
+                " run's last checkpoint: scripts/train.py RUN/recipe.yaml"
+                " training.resume_from_checkpoint=latest"
+            )
     return directory
 
 
@@ -92,8 +96,10 @@ def read_run(directory: Path) -> tuple[Recipe, list[str]]:
         problem = f"not valid JSON ({err})"
     except (ValueError, KeyError, TypeError) as err:
         problem = f"{type(err).__name__}: {err}"
-    raise RunError(f"'{labels}' is corrupt: {problem}; it should read"
-                   ' {"id2label": {"0": NAME, "1": NAME, ...}} as training wrote it')
+    raise RunError(
+        f"'{labels}' is corrupt: {problem}; it should read"
+        ' {"id2label": {"0": NAME, "1": NAME, ...}} as training wrote it'
+    )
 
 
 def load_run_tokenizer(directory: Path):
@@ -165,7 +171,9 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     """Classify ``texts`` in batches, streaming results in input order: ``{"text", "label", "probability", "probabilities"}``."""
     run.model.eval()
     for batch in batched(texts, batch_size):
-        enc = run.tokenizer(batch, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt")
+        enc = run.tokenizer(
+            batch, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt"
+        )
         probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for text, row in zip(batch, probs):
             best = int(row.argmax())
@@ -202,7 +210,9 @@ def read_texts(path: str, column: str = "text") -> Iterator[str]:
     if not Path(path).exists():
         raise RunError(f"input file '{path}' does not exist")
     if suffix not in (".txt", ".text", ".jsonl", ".csv") and not Path(path).is_dir():
-        raise RunError(f"input file '{path}': unsupported type '{suffix}'; use .txt (one text per line), .jsonl or .csv")
+        raise RunError(
+            f"input file '{path}': unsupported type '{suffix}'; use .txt (one text per line), .jsonl or .csv"
+        )
     try:
         read_text_file(Path(path), "input file")
     except ValueError as err:
@@ -233,8 +243,9 @@ def _json_line(line: str, path: str, number: int) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as err:
-        raise RunError(f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); every line must be one"
-                       " JSON object") from None
+        raise RunError(
+            f"{path}, line {number}: not valid JSON ({err.msg}, column {err.colno}); every line must be one JSON object"
+        ) from None
 
 
 def _field(record: Any, column: str, path: str, line: int) -> str:
@@ -242,13 +253,18 @@ def _field(record: Any, column: str, path: str, line: int) -> str:
         return record
     if not isinstance(record, dict) or not isinstance(record.get(column), str):
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
-        raise RunError(f"{path}, line {line}: no text field '{column}' (found {found}); choose the field with --text-column")
+        raise RunError(
+            f"{path}, line {line}: no text field '{column}' (found {found}); choose the field with --text-column"
+        )
     return record[column]
 
 
 def evaluate_run(
-    run: LoadedRun, split: Optional[str] = None, data_path: Optional[str] = None,
-    max_samples: Optional[int] = None, batch_size: int = 64,
+    run: LoadedRun,
+    split: Optional[str] = None,
+    data_path: Optional[str] = None,
+    max_samples: Optional[int] = None,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1 and confusion matrix of ``run`` on a split of its task.
 
@@ -274,7 +290,15 @@ def evaluate_run(
     check_labels(raw, spec, len(run.label_names), spec.eval_split)
     dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length).remove_columns("length")
     accelerator = Accelerator(cpu=run.device.type == "cpu")
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(run.tokenizer)))
+    loader = accelerator.prepare(
+        DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(run.tokenizer))
+    )
     report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
     run.model.eval()
-    return {"source": run.source, "split": spec.eval_split, "data": spec.source, **report, "label_names": run.label_names}
+    return {
+        "source": run.source,
+        "split": spec.eval_split,
+        "data": spec.source,
+        **report,
+        "label_names": run.label_names,
+    }

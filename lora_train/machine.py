@@ -32,11 +32,14 @@ def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
     import transformers
 
     return {
-        "cpu": cpu_name(), "cpu_count": usable_cores(),
+        "cpu": cpu_name(),
+        "cpu_count": usable_cores(),
         "threads": threads if threads is not None else torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 

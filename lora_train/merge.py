@@ -26,7 +26,9 @@ UNMERGEABLE = ("prompt_tuning", "prefix_tuning")
 """Methods whose adapter is not a weight update: learned virtual tokens in the input (or attention cache)."""
 
 
-def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False) -> dict[str, Any]:
+def merge_adapter(
+    source: str, output_dir: str | Path, dtype: Optional[str] = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Merge the run's adapter into its base and save the result in ``output_dir``; return a summary.
 
     ``dtype`` (float32 / bfloat16 / float16) sets the saved weights' dtype; by default the training
@@ -42,14 +44,18 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
         raise RunError(f"output directory '{out}' {problem}; give a new or empty directory you can write to")
     directory = resolve_run(source)
     if not is_adapter_run(directory):
-        raise RunError(f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
-                       " already standalone")
+        raise RunError(
+            f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
+            " already standalone"
+        )
     recipe, label_names = read_run(directory)
     if recipe.peft.method in UNMERGEABLE:
-        raise RunError(f"'{source}' is a {recipe.peft.method} adapter: learned virtual tokens prepended to every input,"
-                       " not a change of weights, so there is nothing to merge into the base. Use it as an adapter"
-                       " (scripts/predict.py, lora_train.inference.load_run or peft's"
-                       " AutoPeftModelForSequenceClassification)")
+        raise RunError(
+            f"'{source}' is a {recipe.peft.method} adapter: learned virtual tokens prepended to every input,"
+            " not a change of weights, so there is nothing to merge into the base. Use it as an adapter"
+            " (scripts/predict.py, lora_train.inference.load_run or peft's"
+            " AutoPeftModelForSequenceClassification)"
+        )
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     nf4 = recipe.quantization.is_4bit
@@ -71,9 +77,13 @@ def merge_adapter(source: str, output_dir: str | Path, dtype: Optional[str] = No
         if (directory / name).is_file():
             shutil.copy2(directory / name, out / name)
     summary = {
-        "source": source, "output_dir": str(out), "base_model": recipe.model.name_or_path,
-        "peft_method": recipe.peft.method, "trained_on": "nf4" if nf4 else recipe.model.dtype,
-        "dtype": str(target).removeprefix("torch."), "parameters": sum(p.numel() for p in merged.parameters()),
+        "source": source,
+        "output_dir": str(out),
+        "base_model": recipe.model.name_or_path,
+        "peft_method": recipe.peft.method,
+        "trained_on": "nf4" if nf4 else recipe.model.dtype,
+        "dtype": str(target).removeprefix("torch."),
+        "parameters": sum(p.numel() for p in merged.parameters()),
     }
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -40,7 +40,12 @@ def classification_report(
         "accuracy": float(tp.sum() / max(cm.sum(), 1)),
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class": {
-            names[i]: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            names[i]: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i in range(num_labels)
         },
         "confusion_matrix": cm.tolist(),
@@ -65,7 +70,9 @@ def _metric_class():
                 description="Accuracy, macro-F1, per-class precision/recall/F1 and confusion matrix.",
                 citation="",
                 inputs_description="predictions and references: integer class ids",
-                features=datasets.Features({"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}),
+                features=datasets.Features(
+                    {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+                ),
             )
 
         def _compute(self, predictions, references):
@@ -89,7 +96,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, loader: "torch.utils.data.DataLoader", accelerator, num_labels: int, label_names: list[str]) -> dict[str, Any]:
+def evaluate(
+    model, loader: "torch.utils.data.DataLoader", accelerator, num_labels: int, label_names: list[str]
+) -> dict[str, Any]:
     """Exact metrics over the whole split: ``gather_for_metrics`` drops the padding of the last batch."""
     from tqdm.auto import tqdm
 

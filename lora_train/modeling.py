@@ -44,11 +44,13 @@ def load_tokenizer(recipe: Recipe):
     m = recipe.model
     try:
         require_tokenizer_files(Path(m.name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(m.name_or_path, revision=m.revision,
-                                                  trust_remote_code=m.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code
+        )
     except (OSError, ValueError, TypeError) as err:  # missing or unreadable tokenizer files
-        raise RecipeError([f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}:"
-                           f" {tokenizer_error(err)}"]) from None
+        raise RecipeError(
+            [f"cannot load a tokenizer from model.name_or_path = {m.name_or_path!r}: {tokenizer_error(err)}"]
+        ) from None
     if tokenizer.pad_token is None:
         set_pad_token(tokenizer, m.name_or_path)
     return tokenizer
@@ -80,8 +82,15 @@ def never_emits_unk(tokenizer) -> bool:
     return backend is not None and bool(getattr(backend.model, "byte_fallback", False))
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 """Files a saved tokenizer has at least one of (fast, slow WordPiece / BPE, SentencePiece)."""
 
 
@@ -95,8 +104,10 @@ def require_tokenizer_files(directory: Path) -> None:
 def tokenizer_error(err: Exception) -> str:
     """A failed tokenizer load in one line, with what a model or run directory needs."""
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return (f"{type(err).__name__}: {first_line} The directory needs the files save_pretrained writes for a tokenizer"
-            " (tokenizer.json and tokenizer_config.json, or its class's vocabulary files)")
+    return (
+        f"{type(err).__name__}: {first_line} The directory needs the files save_pretrained writes for a tokenizer"
+        " (tokenizer.json and tokenizer_config.json, or its class's vocabulary files)"
+    )
 
 
 def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
@@ -106,12 +117,19 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
     m = recipe.model
     labels = {}
     if label_names is not None:
-        labels = dict(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-                      label2id={name: i for i, name in enumerate(label_names)})
+        labels = dict(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+        )
     try:
-        return AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels)
+        return AutoConfig.from_pretrained(
+            m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels
+        )
     except (OSError, ValueError) as err:
-        raise RecipeError([f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]) from None
+        raise RecipeError(
+            [f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]
+        ) from None
 
 
 def head_modules(model: nn.Module) -> list[str]:
@@ -132,7 +150,8 @@ def head_linear_names(model: nn.Module) -> list[str]:
     """
     heads = set(head_modules(model))
     return sorted(
-        name for name, module in model.named_modules()
+        name
+        for name, module in model.named_modules()
         if isinstance(module, nn.Linear) and heads.intersection(name.split(".")) and "attention" not in name
     )
 
@@ -158,7 +177,9 @@ def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
     missing = [t for t in targets if t.split(".")[-1] not in available]
     if missing:
         raise RecipeError(
-            [f"peft.target_modules {missing} not found in {recipe.model.name_or_path}; its Linear layers are: {available}"]
+            [
+                f"peft.target_modules {missing} not found in {recipe.model.name_or_path}; its Linear layers are: {available}"
+            ]
         )
 
 
@@ -223,7 +244,9 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
     if model.config.pad_token_id is None:
         model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
     missing = {part for key in info["missing_keys"] for part in key.split(".")}
-    new_heads = [h for h in head_modules(model) if h in missing] or [h for h in head_modules(model) if h in ("classifier", "score")]
+    new_heads = [h for h in head_modules(model) if h in missing] or [
+        h for h in head_modules(model) if h in ("classifier", "score")
+    ]
     return model, new_heads
 
 
@@ -238,8 +261,15 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
     if pe.method == "ia3":
         return IA3Config(target_modules=pe.target_modules, feedforward_modules=pe.feedforward_modules, **heads)
     if pe.method == "prompt_tuning":
-        init = dict(prompt_tuning_init="TEXT", prompt_tuning_init_text=pe.prompt_init_text,
-                    tokenizer_name_or_path=recipe.model.name_or_path) if pe.prompt_init_text else {}
+        init = (
+            dict(
+                prompt_tuning_init="TEXT",
+                prompt_tuning_init_text=pe.prompt_init_text,
+                tokenizer_name_or_path=recipe.model.name_or_path,
+            )
+            if pe.prompt_init_text
+            else {}
+        )
         return PromptTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **init, **heads)
     if pe.method == "prefix_tuning":
         return PrefixTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **heads)
@@ -252,12 +282,22 @@ def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
     tfinal = pe.tfinal or max(1, int(0.2 * total_steps))
     if tinit + tfinal >= total_steps:
         raise RecipeError(
-            [f"AdaLoRA needs tinit + tfinal < total optimizer steps, got {tinit} + {tfinal} >= {total_steps};"
-             " lower peft.tinit / peft.tfinal or train longer"]
+            [
+                f"AdaLoRA needs tinit + tfinal < total optimizer steps, got {tinit} + {tfinal} >= {total_steps};"
+                " lower peft.tinit / peft.tfinal or train longer"
+            ]
         )
     return AdaLoraConfig(
-        init_r=pe.init_r, target_r=pe.target_r, tinit=tinit, tfinal=tfinal, deltaT=pe.deltaT,
-        beta1=pe.beta1, beta2=pe.beta2, orth_reg_weight=pe.orth_reg_weight, total_step=total_steps, **common,
+        init_r=pe.init_r,
+        target_r=pe.target_r,
+        tinit=tinit,
+        tfinal=tfinal,
+        deltaT=pe.deltaT,
+        beta1=pe.beta1,
+        beta2=pe.beta2,
+        orth_reg_weight=pe.orth_reg_weight,
+        total_step=total_steps,
+        **common,
     )
 
 
@@ -318,9 +358,11 @@ def check_method_runs(recipe: Recipe, model: nn.Module) -> None:
     if recipe.peft.init_lora_weights == "loftq" and not torch.cuda.is_available():
         import peft
 
-        problems.append(f"peft.init_lora_weights = 'loftq': peft {peft.__version__} computes LoftQ on a CUDA (or XPU)"
-                        " device only (loftq_utils hard-codes it), and none is available. Train on a GPU, or use"
-                        " init_lora_weights=true (plain QLoRA)")
+        problems.append(
+            f"peft.init_lora_weights = 'loftq': peft {peft.__version__} computes LoftQ on a CUDA (or XPU)"
+            " device only (loftq_utils hard-codes it), and none is available. Train on a GPU, or use"
+            " init_lora_weights=true (plain QLoRA)"
+        )
     problems = [p for p in problems if p]
     if problems:
         raise RecipeError(problems)
@@ -340,10 +382,12 @@ def prefix_tuning_problem(model: nn.Module) -> Optional[str]:
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
     if any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
         return None
-    return (f"peft.method = 'prefix_tuning' cannot run on {type(model).__name__} with peft {peft.__version__} and"
-            f" transformers {transformers.__version__}: peft passes the prefix as past_key_values, which this model's"
-            " forward does not take (transformers 5 calls it `cache`, and encoders such as BERT use no key/value"
-            " cache). Use peft.method=prompt_tuning (a soft prompt in the input) or lora / ia3")
+    return (
+        f"peft.method = 'prefix_tuning' cannot run on {type(model).__name__} with peft {peft.__version__} and"
+        f" transformers {transformers.__version__}: peft passes the prefix as past_key_values, which this model's"
+        " forward does not take (transformers 5 calls it `cache`, and encoders such as BERT use no key/value"
+        " cache). Use peft.method=prompt_tuning (a soft prompt in the input) or lora / ia3"
+    )
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

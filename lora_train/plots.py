@@ -34,7 +34,13 @@ def learning_curve_png(history: Sequence[dict[str, Any]], title: str = "") -> by
     if train:
         loss_ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
     if evals:
-        loss_ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], "o-", label="evaluation loss", color="tab:orange")
+        loss_ax.plot(
+            [h["step"] for h in evals],
+            [h["eval_loss"] for h in evals],
+            "o-",
+            label="evaluation loss",
+            color="tab:orange",
+        )
         for key, label, color in (("eval_accuracy", "accuracy", "tab:green"), ("eval_macro_f1", "macro-F1", "tab:red")):
             metric_ax.plot([h["step"] for h in evals], [h[key] for h in evals], "o-", label=label, color=color)
     loss_ax.set(xlabel="optimizer step", ylabel="cross-entropy loss", title="loss")
@@ -63,8 +69,15 @@ def confusion_matrix_png(matrix: Sequence[Sequence[int]], label_names: Sequence[
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{cm[i, j]}\n{row_share[i, j]:.1%}", ha="center", va="center", fontsize=9,
-                    color="white" if row_share[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{row_share[i, j]:.1%}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if row_share[i, j] > 0.5 else "black",
+            )
     ax.set_xticks(range(n), labels=label_names, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
     ax.set_yticks(range(n), labels=label_names)
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")

@@ -36,14 +36,19 @@ def run_lock(output_dir: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
-            raise RecipeError([
-                f"output.output_dir '{output_dir}' is in use by another run ({holder}, lock {output_dir / LOCK_FILE}):"
-                " two runs in one directory would overwrite each other's checkpoints and adapter. Wait for it to"
-                " finish (or stop it), or choose another output.output_dir"
-            ]) from None
+            raise RecipeError(
+                [
+                    f"output.output_dir '{output_dir}' is in use by another run ({holder}, lock {output_dir / LOCK_FILE}):"
+                    " two runs in one directory would overwrite each other's checkpoints and adapter. Wait for it to"
+                    " finish (or stop it), or choose another output.output_dir"
+                ]
+            ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        os.pwrite(
+            fd,
+            f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)  # releases the lock

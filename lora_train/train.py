@@ -28,8 +28,16 @@ from lora_train.config import Recipe, RecipeError, recipe_to_yaml
 from lora_train.data import EpochSampler, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import ParamCount, check_method_runs, check_target_modules, count_parameters, load_model_config
-from lora_train.modeling import load_tokenizer, meta_model, use_fast_dropout
+from lora_train.modeling import (
+    ParamCount,
+    check_method_runs,
+    check_target_modules,
+    count_parameters,
+    load_model_config,
+    load_tokenizer,
+    meta_model,
+    use_fast_dropout,
+)
 from lora_train.optim import param_groups
 from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
@@ -120,8 +128,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
         finally:
             stop.uninstall()
         if session.interrupted:
-            logger.warning("stopped by %s at step %d; checkpoint saved. Resume with"
-                           " training.resume_from_checkpoint=latest", stop.signal_name, state.global_step)
+            logger.warning(
+                "stopped by %s at step %d; checkpoint saved. Resume with training.resume_from_checkpoint=latest",
+                stop.signal_name,
+                state.global_step,
+            )
             _end_training(run.accelerator)
             return {"interrupted": True, "step": state.global_step}
         return finish(run, state, session)
@@ -165,7 +176,9 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
             if end_of_epoch:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             last = state.global_step >= run.total_steps
-            due_eval = (t.eval_steps and state.global_step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
+            due_eval = (
+                (t.eval_steps and state.global_step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
+            )
             due_save = (t.save_steps and state.global_step % t.save_steps == 0) or (not t.save_steps and end_of_epoch)
             interrupted = stop.agreed(accelerator)
             if state.global_step % t.logging_steps == 0 or due_eval or due_save or last or interrupted:
@@ -187,7 +200,11 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
 def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     """Final evaluation (reused when the loop just ran it), metrics, the saved run directory and the push."""
     accelerator = run.accelerator
-    report = run.last_eval["report"] if run.last_eval.get("step") == state.global_step else evaluate_and_keep_best(run, state)
+    report = (
+        run.last_eval["report"]
+        if run.last_eval.get("step") == state.global_step
+        else evaluate_and_keep_best(run, state)
+    )
     metrics = final_metrics(run, state, session, report)
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
@@ -195,7 +212,12 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
         files = _run_files(run.recipe, run.label_names, metrics, state.history)
         with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
             ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
-        logger.info("final: accuracy %.4f | macro-F1 %.4f | saved to %s", metrics["eval_accuracy"], metrics["eval_macro_f1"], run.out)
+        logger.info(
+            "final: accuracy %.4f | macro-F1 %.4f | saved to %s",
+            metrics["eval_accuracy"],
+            metrics["eval_macro_f1"],
+            run.out,
+        )
     accelerator.wait_for_everyone()
     if run.pusher is not None:
         _push_final(run.pusher, run.out, state.global_step)
@@ -250,13 +272,32 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
         use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
     params = count_parameters(model)
     optimizer = build_optimizer(model, recipe, accelerator.device)
-    scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup", optimizer,
-                              num_warmup_steps=int(t.warmup_ratio * total_steps), num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.torch_compile:
         model = torch.compile(model)
-    run = Run(recipe, out, accelerator, launch, tokenizer, data.label_names, train_loader, eval_loader, model,
-              optimizer, scheduler, total_steps, updates_per_epoch, params, pusher)
+    run = Run(
+        recipe,
+        out,
+        accelerator,
+        launch,
+        tokenizer,
+        data.label_names,
+        train_loader,
+        eval_loader,
+        model,
+        optimizer,
+        scheduler,
+        total_steps,
+        updates_per_epoch,
+        params,
+        pusher,
+    )
     _log_plan(run, data)
     state = restore(run, resume_dir, saved) if resume_dir is not None else LoopState()
     if resume_dir is None and t.resume_from_checkpoint == "latest":
@@ -284,13 +325,21 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
     global_batch = t.per_device_train_batch_size * accelerator.num_processes
     sampler = EpochSampler(lengths, global_batch, t.seed, recipe.data.group_by_length)
-    common = dict(collate_fn=collator, num_workers=recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda")
+    common = dict(
+        collate_fn=collator, num_workers=recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"
+    )
     # Own generators: a DataLoader draws a worker seed from its generator (else from the global RNG that dropout
     # uses) at every iteration start, so a resumed run's fresh iterator would shift dropout masks.
-    train_loader = DataLoader(train_ds, batch_size=t.per_device_train_batch_size, sampler=sampler,
-                              generator=torch.Generator().manual_seed(t.seed), **common)
-    eval_loader = DataLoader(eval_ds, batch_size=t.per_device_eval_batch_size,
-                             generator=torch.Generator().manual_seed(t.seed), **common)
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=t.per_device_train_batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(t.seed),
+        **common,
+    )
+    eval_loader = DataLoader(
+        eval_ds, batch_size=t.per_device_eval_batch_size, generator=torch.Generator().manual_seed(t.seed), **common
+    )
     return accelerator.prepare(train_loader, eval_loader)
 
 
@@ -301,13 +350,19 @@ def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
         loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
     else:
         base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-        loaded = ckpt.load_training_state(resume_dir, run.unwrapped, base_optimizer, run.scheduler,
-                                          run.accelerator.process_index)
+        loaded = ckpt.load_training_state(
+            resume_dir, run.unwrapped, base_optimizer, run.scheduler, run.accelerator.process_index
+        )
     state = LoopState(**loaded["loop"])
     if run.is_adalora:
         ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
-    logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_dir, state.global_step, state.epoch,
-                state.batches_in_epoch)
+    logger.info(
+        "resumed from %s at step %d (epoch %d, batch %d)",
+        resume_dir,
+        state.global_step,
+        state.epoch,
+        state.batches_in_epoch,
+    )
     return state
 
 
@@ -351,13 +406,20 @@ class LogWindow:
         losses = accelerator.reduce(torch.stack([loss for _, loss in self.pending]), reduction="mean").tolist()
         for (step, _), value in zip(self.pending, losses):
             if not math.isfinite(value):
-                raise TrainingError(f"loss became {value} at optimizer step {step}; stopping. {_last_good(run.checkpoints_root)}")
+                raise TrainingError(
+                    f"loss became {value} at optimizer step {step}; stopping. {_last_good(run.checkpoints_root)}"
+                )
         elapsed = time.perf_counter() - self.start
         samples, tokens = accelerator.reduce(torch.stack([self.samples, self.tokens]), reduction="sum").tolist()
         entry = {
-            "step": self.pending[-1][0], "loss": sum(losses) / len(losses), "learning_rate": run.scheduler.get_last_lr()[0],
-            "samples_per_s": samples / elapsed, "tokens_per_s": tokens / elapsed, "window_s": elapsed,
-            "window_samples": int(samples), "window_tokens": int(tokens),
+            "step": self.pending[-1][0],
+            "loss": sum(losses) / len(losses),
+            "learning_rate": run.scheduler.get_last_lr()[0],
+            "samples_per_s": samples / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "window_s": elapsed,
+            "window_samples": int(samples),
+            "window_tokens": int(tokens),
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "step_losses": losses,
         }
@@ -373,12 +435,21 @@ class LogWindow:
 def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
     """Evaluate, log and record the report; save ``best/`` when the accuracy improved."""
     report = evaluate(run.model, run.eval_loader, run.accelerator, len(run.label_names), run.label_names)
-    entry = {"step": state.global_step, "eval_loss": report["loss"], "eval_accuracy": report["accuracy"],
-             "eval_macro_f1": report["macro_f1"]}
+    entry = {
+        "step": state.global_step,
+        "eval_loss": report["loss"],
+        "eval_accuracy": report["accuracy"],
+        "eval_macro_f1": report["macro_f1"],
+    }
     state.history.append(entry)
     run.accelerator.log(entry, step=state.global_step)
-    logger.info("step %d | eval loss %.4f | accuracy %.4f | macro-F1 %.4f", state.global_step, report["loss"],
-                report["accuracy"], report["macro_f1"])
+    logger.info(
+        "step %d | eval loss %.4f | accuracy %.4f | macro-F1 %.4f",
+        state.global_step,
+        report["loss"],
+        report["accuracy"],
+        report["macro_f1"],
+    )
     run.last_eval.update(step=state.global_step, report=report)
     if state.best_metric is None or report["accuracy"] > state.best_metric:
         state.best_metric, state.best_step = report["accuracy"], state.global_step
@@ -386,8 +457,9 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         if run.accelerator.is_main_process:
             files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
             with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
-                ckpt.atomic_directory(run.out / "best",
-                                      lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights))
+                ckpt.atomic_directory(
+                    run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights)
+                )
     return report
 
 
@@ -398,11 +470,17 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
     path = run.checkpoints_root / ckpt.checkpoint_name(state.global_step)
     bad = ckpt.non_finite(run.unwrapped)
     if bad:  # keep the last good checkpoint rather than save a broken one
-        raise TrainingError(f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
-                            f" without saving. {_last_good(run.checkpoints_root)}")
+        raise TrainingError(
+            f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
+            f" without saving. {_last_good(run.checkpoints_root)}"
+        )
     extra, adalora_meta = ckpt.adalora_state(run.unwrapped) if run.is_adalora else (None, None)
-    saved_state = {"loop": state.__dict__, "recipe": recipe.to_dict(), "num_processes": accelerator.num_processes,
-                   "adalora": adalora_meta}
+    saved_state = {
+        "loop": state.__dict__,
+        "recipe": recipe.to_dict(),
+        "num_processes": accelerator.num_processes,
+        "adalora": adalora_meta,
+    }
     if run.launch.engine_owns_optimizer:
         dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
     else:
@@ -414,10 +492,16 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
         ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
         logger.info("saved checkpoint %s", path)
         if run.pusher is not None and recipe.output.push_checkpoints:
-            card_metrics = {"global_step": state.global_step, "step": run.last_eval.get("step"), **run.last_eval.get("report", {})}
+            card_metrics = {
+                "global_step": state.global_step,
+                "step": run.last_eval.get("step"),
+                **run.last_eval.get("report", {}),
+            }
             files = _run_files(recipe, run.label_names, card_metrics, state.history)
-            run.pusher.push_in_background(lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files),
-                                          f"lora_train: adapter at step {state.global_step}")
+            run.pusher.push_in_background(
+                lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files),
+                f"lora_train: adapter at step {state.global_step}",
+            )
     accelerator.wait_for_everyone()
 
 
@@ -425,18 +509,27 @@ def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[s
     """What ``metrics.json``, the model card and the command line report at the end of a run."""
     accelerator, params = run.accelerator, run.params
     return {
-        "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_loss": report["loss"],
-        "eval_samples": report["num_samples"], "per_class": report["per_class"],
+        "eval_accuracy": report["accuracy"],
+        "eval_macro_f1": report["macro_f1"],
+        "eval_loss": report["loss"],
+        "eval_samples": report["num_samples"],
+        "per_class": report["per_class"],
         "confusion_matrix": report["confusion_matrix"],
-        "best_eval_accuracy": state.best_metric, "best_step": state.best_step,
-        "global_step": state.global_step, "epochs": state.global_step / run.updates_per_epoch,
+        "best_eval_accuracy": state.best_metric,
+        "best_step": state.best_step,
+        "global_step": state.global_step,
+        "epochs": state.global_step / run.updates_per_epoch,
         "train_seconds_this_session": session.seconds,
         "train_steps_per_s": (state.global_step - session.first_step) / max(session.seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(accelerator.device),
-        "trainable_params": params.trainable, "total_params": params.total, "trainable_percent": params.percent,
-        "num_processes": accelerator.num_processes, "global_batch_size": run.global_batch,
+        "trainable_params": params.trainable,
+        "total_params": params.total,
+        "trainable_percent": params.percent,
+        "num_processes": accelerator.num_processes,
+        "global_batch_size": run.global_batch,
         "train_samples_per_process": [int(n) for n in accelerator.gather(session.samples_this_process).tolist()],
-        "device": str(accelerator.device), "label_names": run.label_names,
+        "device": str(accelerator.device),
+        "label_names": run.label_names,
         "hardware": hardware_summary(accelerator.device, accelerator.num_processes),
         "resumed_from_step": session.first_step,
     }
@@ -445,18 +538,30 @@ def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[s
 def _progress_bar(run: Run, state: LoopState):
     from tqdm.auto import tqdm
 
-    return tqdm(total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train")
+    return tqdm(
+        total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train"
+    )
 
 
 def _log_plan(run: Run, data: TaskData) -> None:
     t, accelerator = run.recipe.training, run.accelerator
     logger.info("%s", run.params)
-    logger.info("examples: train %d, eval %d | %s, processes %d | global batch %d (= %d per device x %d accumulation"
-                " x %d; learning rate %.2e applies to it, not scaled with processes) | %d optimizer steps over %d"
-                " epoch(s)", len(data.train), len(data.eval), run.launch.name, accelerator.num_processes,
-                run.global_batch, t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                accelerator.num_processes, t.learning_rate, run.total_steps,
-                math.ceil(run.total_steps / run.updates_per_epoch))
+    logger.info(
+        "examples: train %d, eval %d | %s, processes %d | global batch %d (= %d per device x %d accumulation"
+        " x %d; learning rate %.2e applies to it, not scaled with processes) | %d optimizer steps over %d"
+        " epoch(s)",
+        len(data.train),
+        len(data.eval),
+        run.launch.name,
+        accelerator.num_processes,
+        run.global_batch,
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        accelerator.num_processes,
+        t.learning_rate,
+        run.total_steps,
+        math.ceil(run.total_steps / run.updates_per_epoch),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +570,12 @@ def _log_plan(run: Run, data: TaskData) -> None:
 
 def setup_logging(is_main: bool) -> None:
     """Readable logs on the main process; warnings only elsewhere."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.INFO if is_main else logging.WARNING, force=True)
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if is_main else logging.WARNING,
+        force=True,
+    )
     import datasets
     import transformers
 
@@ -480,21 +590,31 @@ def check_output_dir(recipe: Recipe) -> Path:
     """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
     work."""
     if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
-        raise RecipeError(["output.output_dir is empty: the run would write into the current directory (its README.md"
-                           " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"])
+        raise RecipeError(
+            [
+                "output.output_dir is empty: the run would write into the current directory (its README.md"
+                " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"
+            ]
+        )
     out = Path(recipe.output.output_dir)
     overwrite = recipe.output.overwrite_output_dir
     if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
-        raise RecipeError([
-            f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
-            " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
-        ])
+        raise RecipeError(
+            [
+                f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
+                " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
+            ]
+        )
     others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
     if others and not ckpt.holds_run(out) and not overwrite:
         shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise RecipeError([f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
-                           " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
-                           " it with output.overwrite_output_dir=true"])
+        raise RecipeError(
+            [
+                f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
+                " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
+                " it with output.overwrite_output_dir=true"
+            ]
+        )
     problem = ckpt.writable_directory_problem(out)
     if problem:
         raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
@@ -506,27 +626,41 @@ def check_model_fits(recipe: Recipe, config) -> None:
     safetensors weights for a local model, and bitsandbytes kernels that run when NF4 is asked."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and recipe.data.max_length > limit:
-        raise RecipeError([f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"])
+        raise RecipeError(
+            [
+                f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"
+            ]
+        )
     meta = meta_model(config)
     check_target_modules(recipe, meta)
     check_method_runs(recipe, meta)
     local = Path(recipe.model.name_or_path)
     if local.is_dir() and not any(local.glob("*.safetensors")):
         pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise RecipeError([f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
-                           " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
-                           " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"])
+        raise RecipeError(
+            [
+                f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
+                " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
+                " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
+            ]
+        )
     if recipe.quantization.is_4bit:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         try:  # a 64x64 round trip: installed is not enough, its kernels must run on this device
             import bitsandbytes.functional as bnb_functional
 
-            bnb_functional.dequantize_4bit(*bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4"))
+            bnb_functional.dequantize_4bit(
+                *bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+            )
         except Exception as err:  # noqa: BLE001 - import, library-loading and kernel errors alike
-            raise RecipeError([f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
-                               f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
-                               " platform (CPU support needs >= 0.46), or train without quantization:"
-                               " quantization.method=none"]) from None
+            raise RecipeError(
+                [
+                    f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
+                    f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
+                    " platform (CPU support needs >= 0.46), or train without quantization:"
+                    " quantization.method=none"
+                ]
+            ) from None
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
@@ -567,7 +701,9 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
     return flat
 
 
-def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None) -> dict[str, str | bytes]:
+def _run_files(
+    recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None
+) -> dict[str, str | bytes]:
     """Files saved beside every adapter: recipe, labels, metrics, model card; with a history, it and its learning curve."""
     from lora_train.card import PLOT_NAME, model_card
     from lora_train.plots import learning_curve_png
@@ -581,7 +717,9 @@ def _run_files(recipe: Recipe, label_names: list[str], metrics: dict, history: O
     if history is not None:
         files["history.json"] = json.dumps(history, indent=1)
         nf4 = " on an NF4 base" if recipe.quantization.is_4bit else ""
-        files[PLOT_NAME] = learning_curve_png(history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method}{nf4})")
+        files[PLOT_NAME] = learning_curve_png(
+            history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method}{nf4})"
+        )
     return files
 
 
@@ -590,8 +728,10 @@ def _push_final(pusher: "hub.HubPusher", out: Path, step: int) -> None:
     try:
         pusher.push_directory(out, f"lora_train: final adapter, step {step}")
     except Exception as err:  # noqa: BLE001 - network / HTTP errors of any kind
-        raise TrainingError(f"training finished and {out} is saved, but the push to {pusher.repo_id} failed"
-                            f" ({type(err).__name__}: {err}). Retry with: python scripts/push_to_hub.py {out} {pusher.repo_id}") from None
+        raise TrainingError(
+            f"training finished and {out} is saved, but the push to {pusher.repo_id} failed"
+            f" ({type(err).__name__}: {err}). Retry with: python scripts/push_to_hub.py {out} {pusher.repo_id}"
+        ) from None
 
 
 def _last_good(checkpoints_root: Path) -> str:
@@ -625,8 +765,11 @@ class _StopFlag:
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
-        logger.warning("%s received: saving a checkpoint and stopping after this optimizer step (send it again to stop"
-                       " at once, without a checkpoint)", self.signal_name)
+        logger.warning(
+            "%s received: saving a checkpoint and stopping after this optimizer step (send it again to stop"
+            " at once, without a checkpoint)",
+            self.signal_name,
+        )
 
     def agreed(self, accelerator) -> bool:
         """True on every process once any process was signalled (so all stop at the same step)."""

@@ -17,8 +17,9 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 HAS_SHARED = (HF_HUB / "models--sentence-transformers--all-MiniLM-L6-v2").is_dir() and (DATA / "sst2").is_dir()
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason="needs the real assets in ../shared (data and hf-hub)")
-HAS_HUB_DATA = all((HF_HUB / f"datasets--{repo}").is_dir()
-                   for repo in ("nyu-mll--glue", "stanfordnlp--imdb", "dair-ai--emotion"))
+HAS_HUB_DATA = all(
+    (HF_HUB / f"datasets--{repo}").is_dir() for repo in ("nyu-mll--glue", "stanfordnlp--imdb", "dair-ai--emotion")
+)
 needs_hub_data = pytest.mark.skipif(not HAS_HUB_DATA, reason="needs the dataset repos in ../shared/hf-hub")
 
 # Offline everywhere: tests never reach the Hub. The real checkpoint cache is used when present.
@@ -48,8 +49,14 @@ STORY_NAMES = ["Lily", "Tom", "Ben", "Sue", "Max", "Anna", "Tim", "Mia"]
 STORY_PLACES = ["park", "garden", "house", "forest", "beach", "school"]
 STORY_HAPPY = ["happy", "glad", "excited", "proud"]
 STORY_SAD = ["sad", "scared", "angry", "upset"]
-STORY_AFTER = ["They played with a ball.", "The sun was big.", "Then they went home.", "It was a nice day.",
-               "A dog ran by.", "Mom gave them a cake."]
+STORY_AFTER = [
+    "They played with a ball.",
+    "The sun was big.",
+    "Then they went home.",
+    "It was a nice day.",
+    "A dog ran by.",
+    "Mom gave them a cake.",
+]
 
 
 def make_story_rows(n: int, seed: int) -> list[dict]:
@@ -87,14 +94,21 @@ def _word_tokenizer(directory: Path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER)}
+    vocab = {
+        tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER)
+    }
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     from tokenizers.processors import TemplateProcessing
 
     backend.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
         model_max_length=64,
     )
     tok.save_pretrained(directory)
@@ -109,8 +123,15 @@ def save_tiny_bert(directory: Path, with_pooler: bool, seed: int) -> Path:
 
     tok = _word_tokenizer(directory)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=128, max_position_embeddings=64, pad_token_id=tok.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=tok.pad_token_id,
+    )
     BertModel(config, add_pooling_layer=with_pooler).save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -134,8 +155,18 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     tok.eos_token = "[SEP]"
     tok.save_pretrained(directory)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64, eos_token_id=3, bos_token_id=2, pad_token_id=None)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        eos_token_id=3,
+        bos_token_id=2,
+        pad_token_id=None,
+    )
     LlamaModel(config).save_pretrained(directory, safe_serialization=True)
     return directory
 
@@ -176,9 +207,21 @@ def tiny_recipe(model_dir: Path, data_dir: Path, output_dir: Path, **sections) -
     recipe = {
         "model": {"name_or_path": str(model_dir), "attn_implementation": "eager"},
         "peft": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]},
-        "data": {"task": None, "path": str(data_dir), "text_column": "text", "label_names": ["neg", "pos"], "max_length": 32},
-        "training": {"num_epochs": 2, "per_device_train_batch_size": 16, "learning_rate": 5e-3, "logging_steps": 4,
-                     "warmup_ratio": 0.0, "seed": 0},
+        "data": {
+            "task": None,
+            "path": str(data_dir),
+            "text_column": "text",
+            "label_names": ["neg", "pos"],
+            "max_length": 32,
+        },
+        "training": {
+            "num_epochs": 2,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 5e-3,
+            "logging_steps": 4,
+            "warmup_ratio": 0.0,
+            "seed": 0,
+        },
         "output": {"output_dir": str(output_dir), "report_to": []},
     }
     for section, values in sections.items():
@@ -202,18 +245,30 @@ def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     from transformers import AutoTokenizer
 
     from lora_train.config import load_recipe
-    from lora_train.modeling import head_linear_names, keep_4bit_training_layout, load_model_config, meta_model, quantization_config
+    from lora_train.modeling import (
+        head_linear_names,
+        keep_4bit_training_layout,
+        load_model_config,
+        meta_model,
+        quantization_config,
+    )
 
     recipe = load_recipe(run_dir / "recipe.yaml")
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
     kwargs = {"pad_token_id": tokenizer.pad_token_id}  # decoders ship without one; the run's tokenizer has it
     if recipe.quantization.method == "nf4":
-        kwargs["quantization_config"] = quantization_config(recipe, head_linear_names(meta_model(load_model_config(recipe))))
+        kwargs["quantization_config"] = quantization_config(
+            recipe, head_linear_names(meta_model(load_model_config(recipe)))
+        )
     model = AutoPeftModelForSequenceClassification.from_pretrained(run_dir, **kwargs).eval()
-    keep_4bit_training_layout(model)  # bitsandbytes would repack NF4 weights with bf16-rounded scales on AVX512-BF16 CPUs
+    keep_4bit_training_layout(
+        model
+    )  # bitsandbytes would repack NF4 weights with bf16-rounded scales on AVX512-BF16 CPUs
     logits = []
     with torch.no_grad():
         for i in range(0, len(texts), 128):
-            enc = tokenizer(texts[i:i + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                texts[i : i + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            )
             logits.append(model(**enc).logits.float().numpy())
     return np.concatenate(logits)

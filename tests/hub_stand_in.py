@@ -114,7 +114,11 @@ class HubStandIn:
 
     def unhandled(self) -> list[tuple[str, str, int]]:
         """Requests answered 400/404/405/501 (an endpoint the client needs that the stand-in lacks shows up here)."""
-        return [entry for entry in self.log if entry[2] in (400, 405, 501) or (entry[2] == 404 and "/resolve/" not in entry[1])]
+        return [
+            entry
+            for entry in self.log
+            if entry[2] in (400, 405, 501) or (entry[2] == 404 and "/resolve/" not in entry[1])
+        ]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -143,7 +147,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, code: str, message: str, head: bool = False, headers: Optional[dict] = None) -> None:
         body = b"" if head else json.dumps({"error": message}).encode()
-        self._send(status, body, {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})}, head)
+        self._send(
+            status,
+            body,
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})},
+            head,
+        )
 
     def _body(self) -> Optional[bytes]:
         length = int(self.headers.get("Content-Length") or 0)
@@ -232,10 +241,12 @@ class _Handler(BaseHTTPRequestHandler):
         from huggingface_hub.repocard_data import model_index_to_eval_results
 
         if not content.startswith("---\n") or "\n---" not in content[4:]:
-            return self._json(200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata in repo card"}]})
+            return self._json(
+                200, {"errors": [], "warnings": [{"message": "empty or missing yaml metadata in repo card"}]}
+            )
         errors = []
         try:
-            meta = yaml.safe_load(content[4:content.index("\n---", 4)])
+            meta = yaml.safe_load(content[4 : content.index("\n---", 4)])
         except yaml.YAMLError as err:
             meta, errors = None, [{"message": f"invalid YAML: {err}"}]
         if meta is not None and not isinstance(meta, dict):
@@ -254,10 +265,18 @@ class _Handler(BaseHTTPRequestHandler):
         commit = repo.at(revision)
         if commit is None:
             return self._error(404, "RevisionNotFound", f"revision {revision} not found")
-        self._json(200, {
-            "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": commit.oid,
-            "private": repo.private, "siblings": [{"rfilename": path} for path in sorted(commit.files)], "tags": [],
-        })
+        self._json(
+            200,
+            {
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "author": repo.repo_id.split("/")[0],
+                "sha": commit.oid,
+                "private": repo.private,
+                "siblings": [{"rfilename": path} for path in sorted(commit.files)],
+                "tags": [],
+            },
+        )
 
     def _tree(self, repo: Repo, revision: str, prefix: str) -> None:
         commit = repo.at(revision)
@@ -268,15 +287,28 @@ class _Handler(BaseHTTPRequestHandler):
         for path in sorted(commit.files):
             if not path.startswith(prefix):
                 continue
-            entries.append({"type": "file", "path": path, "size": len(commit.files[path]), "oid": git_blob_sha1(commit.files[path])})
+            entries.append(
+                {
+                    "type": "file",
+                    "path": path,
+                    "size": len(commit.files[path]),
+                    "oid": git_blob_sha1(commit.files[path]),
+                }
+            )
             folders.update("/".join(path.split("/")[:i]) for i in range(1, path.count("/") + 1))
-        entries += [{"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)]
+        entries += [
+            {"type": "directory", "path": f, "oid": hashlib.sha1(f.encode()).hexdigest()} for f in sorted(folders)
+        ]
         self._json(200, entries)
 
     def _preupload(self, repo: Repo, payload: dict) -> None:
         files = [
-            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False,
-             "oid": git_blob_sha1(repo.head.files[f["path"]]) if f["path"] in repo.head.files else None}
+            {
+                "path": f["path"],
+                "uploadMode": "regular",
+                "shouldIgnore": False,
+                "oid": git_blob_sha1(repo.head.files[f["path"]]) if f["path"] in repo.head.files else None,
+            }
             for f in payload.get("files", [])
         ]
         self._json(200, {"files": files, "commitOid": repo.head.oid})
@@ -295,7 +327,11 @@ class _Handler(BaseHTTPRequestHandler):
                 if parent and not repo.head.oid.startswith(parent):
                     return self._error(412, "PreconditionFailed", "parent commit is not the head of main")
             elif key == "file":
-                files[value["path"]] = base64.b64decode(value["content"]) if value.get("encoding") == "base64" else value["content"].encode()
+                files[value["path"]] = (
+                    base64.b64decode(value["content"])
+                    if value.get("encoding") == "base64"
+                    else value["content"].encode()
+                )
             elif key == "deletedFile":
                 files.pop(value["path"], None)
             elif key == "deletedFolder":
@@ -310,8 +346,14 @@ class _Handler(BaseHTTPRequestHandler):
             for path in sorted(files):
                 digest.update(path.encode() + git_blob_sha1(files[path]).encode())
             repo.commits.append(Commit(digest.hexdigest(), message, files))
-        self._json(200, {"commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{repo.head.oid}", "commitOid": repo.head.oid,
-                         "pullRequestUrl": None})
+        self._json(
+            200,
+            {
+                "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{repo.head.oid}",
+                "commitOid": repo.head.oid,
+                "pullRequestUrl": None,
+            },
+        )
 
     def _resolve(self, repo_id: str, revision: str, path: str, head: bool) -> None:
         repo = self._repo(repo_id, head)
@@ -321,8 +363,17 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is None:
             return self._error(404, "RevisionNotFound", f"revision {revision} not found", head)
         if path not in commit.files:
-            return self._error(404, "EntryNotFound", f"{path} does not exist at {revision}", head, {"X-Repo-Commit": commit.oid})
+            return self._error(
+                404, "EntryNotFound", f"{path} does not exist at {revision}", head, {"X-Repo-Commit": commit.oid}
+            )
         content = commit.files[path]
-        self._send(200, content, {
-            "Content-Type": "application/octet-stream", "X-Repo-Commit": commit.oid, "ETag": f'"{git_blob_sha1(content)}"',
-        }, head)
+        self._send(
+            200,
+            content,
+            {
+                "Content-Type": "application/octet-stream",
+                "X-Repo-Commit": commit.oid,
+                "ETag": f'"{git_blob_sha1(content)}"',
+            },
+            head,
+        )

@@ -53,7 +53,15 @@ def test_config_builds_accelerate_plugins(name):
     assert launch_problems(recipe(), launch) == []  # the default recipe (LoRA) runs under every config
     if launch.engine == "deepspeed":
         ds = launch.deepspeed_config
-        assert all(ds[k] == "auto" for k in ("train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"))
+        assert all(
+            ds[k] == "auto"
+            for k in (
+                "train_micro_batch_size_per_gpu",
+                "train_batch_size",
+                "gradient_accumulation_steps",
+                "gradient_clipping",
+            )
+        )
         assert "optimizer" not in ds and "scheduler" not in ds
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "none"
 
@@ -65,10 +73,13 @@ def test_building_plugins_leaves_transformers_deepspeed_state_alone():
     assert not is_deepspeed_zero3_enabled()  # in-process training after this must not think it runs ZeRO-3
 
 
-@pytest.mark.parametrize("broken", [
-    "distributed_type: DEEPSPEEDX\nnum_processes: 2\n",
-    "distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: HALF_STATE_DICT\n",
-])
+@pytest.mark.parametrize(
+    "broken",
+    [
+        "distributed_type: DEEPSPEEDX\nnum_processes: 2\n",
+        "distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: HALF_STATE_DICT\n",
+    ],
+)
 def test_a_broken_config_fails(tmp_path: Path, broken):
     path = tmp_path / "broken.yaml"
     path.write_text("compute_environment: LOCAL_MACHINE\nmixed_precision: 'no'\n" + broken)
@@ -81,11 +92,18 @@ def test_recipe_values_are_written_into_the_deepspeed_config():
     r = recipe(training={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 4, "max_grad_norm": 0.5})
     configure_deepspeed(r, launch)
     ds = launch.deepspeed_config
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"], ds["gradient_clipping"]) == (8, 4, 64, 0.5)
+    assert (
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+        ds["train_batch_size"],
+        ds["gradient_clipping"],
+    ) == (8, 4, 64, 0.5)
 
 
 def test_refusals_under_the_shipped_configs_name_what_works():
-    zero2, zero3, fsdp = (launch_from_config(CONFIG_DIR / n) for n in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"))
+    zero2, zero3, fsdp = (
+        launch_from_config(CONFIG_DIR / n) for n in ("deepspeed_zero2.yaml", "deepspeed_zero3.yaml", "fsdp.yaml")
+    )
     [message] = launch_problems(recipe(peft={"method": "adalora"}), zero2)
     assert "not supported under DeepSpeed ZeRO-2" in message and "multi_gpu.yaml" in message
     [message] = launch_problems(recipe(peft={"method": "adalora"}), fsdp)
@@ -94,11 +112,21 @@ def test_refusals_under_the_shipped_configs_name_what_works():
     assert launch_problems(qlora, zero2) == launch_problems(qlora, zero3) == []
     [message] = launch_problems(qlora, fsdp)
     assert "every GPU would hold the whole 4-bit model" in message and "quant_storage_dtype=bfloat16" in message
-    float_storage = recipe(quantization={"method": "nf4", "quant_storage_dtype": "float32"}, training={"mixed_precision": "bf16"})
+    float_storage = recipe(
+        quantization={"method": "nf4", "quant_storage_dtype": "float32"}, training={"mixed_precision": "bf16"}
+    )
     for launch in (zero2, zero3, fsdp):
         [message] = launch_problems(float_storage, launch)
         assert "convert the packed 4-bit data as numbers" in message and "quant_storage_dtype=bfloat16" in message
-    assert launch_problems(recipe(quantization={"method": "nf4", "quant_storage_dtype": "bfloat16"}, training={"mixed_precision": "bf16"}), fsdp) == []
+    assert (
+        launch_problems(
+            recipe(
+                quantization={"method": "nf4", "quant_storage_dtype": "bfloat16"}, training={"mixed_precision": "bf16"}
+            ),
+            fsdp,
+        )
+        == []
+    )
     pushing = recipe(output={"push_to_hub": True, "hub_model_id": "me/x", "push_checkpoints": True})
     assert "push_checkpoints" in launch_problems(pushing, zero3)[0]
 

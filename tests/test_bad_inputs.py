@@ -44,7 +44,9 @@ class Context:
     run: Path
 
     def recipe(self, name: str = "recipe", **sections) -> Path:
-        return write_recipe(self.tmp / f"{name}.yaml", tiny_recipe(self.model_dir, self.data_dir, self.tmp / "out", **sections))
+        return write_recipe(
+            self.tmp / f"{name}.yaml", tiny_recipe(self.model_dir, self.data_dir, self.tmp / "out", **sections)
+        )
 
     def data(self, name: str, **splits: pd.DataFrame) -> Path:
         directory = self.tmp / name
@@ -111,8 +113,10 @@ def _output_dir_in_sysfs(ctx: Context) -> list[str]:
 
 def _resume_other_recipe(ctx: Context) -> list[str]:
     checkpoint = ctx.finished_run / "checkpoints" / "step-00000004"
-    path = ctx.recipe(peft={"method": "adalora", "r": 16, "target_modules": ["query", "key"]},
-                      training={"resume_from_checkpoint": str(checkpoint)})
+    path = ctx.recipe(
+        peft={"method": "adalora", "r": 16, "target_modules": ["query", "key"]},
+        training={"resume_from_checkpoint": str(checkpoint)},
+    )
     return [str(path)]
 
 
@@ -183,17 +187,28 @@ def _rows_edited(column: str, rows: list[int], values: list, split: str = "train
 
 def _string_labels(ctx: Context) -> list[str]:
     names = {0: "neg", 1: "pos"}
-    splits = {s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").assign(label=lambda f: f["label"].map(names))
-              for s in ("train", "validation")}
+    splits = {
+        s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").assign(label=lambda f: f["label"].map(names))
+        for s in ("train", "validation")
+    }
     return [str(ctx.recipe()), f"data.path={ctx.data('string_labels', **splits)}"]
 
 
 def _string_labels_builtin_task(ctx: Context) -> list[str]:
     names = {0: "negative", 1: "positive"}
-    splits = {s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").rename(columns={"text": "sentence"})
-              .assign(label=lambda f: f["label"].map(names)) for s in ("train", "validation")}
-    return [str(ctx.recipe()), f"data.path={ctx.data('sst2_like', **splits)}", "data.task=sst2",
-            "data.text_column=null", "data.label_names=null"]
+    splits = {
+        s: pd.read_parquet(ctx.data_dir / f"{s}.parquet")
+        .rename(columns={"text": "sentence"})
+        .assign(label=lambda f: f["label"].map(names))
+        for s in ("train", "validation")
+    }
+    return [
+        str(ctx.recipe()),
+        f"data.path={ctx.data('sst2_like', **splits)}",
+        "data.task=sst2",
+        "data.text_column=null",
+        "data.label_names=null",
+    ]
 
 
 def _data_files(kind: str) -> Callable[[Context], list[str]]:
@@ -294,161 +309,343 @@ FIX_DATA = "drop or fill those rows"
 TRUNCATED_SAFETENSORS = save_safetensors({"weight": torch.zeros(4)})[:-8]  # 88 bytes written, the last 8 lost
 
 CASES = {
-    "malformed_yaml": Case("recipe: malformed YAML", _malformed_yaml,
-                           ["malformed YAML at line 26, column 10: mapping values are not allowed here"]),
-    "duplicate_section": Case("recipe: a second `training:` section", _second_training_section,
-                              ["duplicate key 'training' at line 30 (first at line 20)"]),
-    "duplicate_field": Case("recipe: `r: 4` then `r: 64`", _recipe_edited("  r: 4\n", "  r: 4\n  r: 64\n"),
-                            ["duplicate key 'r' at line 7 (first at line 6)", "keep one of them"]),
-    "empty_recipe": Case("recipe: empty file (or only comments)", _recipe_file("empty.yaml", b"# nothing yet\n"),
-                         ["empty.yaml' is empty", "recipes/"]),
-    "recipe_is_a_directory": Case("recipe: a directory", lambda ctx: [str(ctx.tmp)],
-                                  ["recipe '", "is a directory, not a file"]),
-    "recipe_not_utf8": Case("recipe: not UTF-8", _recipe_file("latin1.yaml", b"model:\n  name_or_path: caf\xe9\n"),
-                            ["latin1.yaml' is not UTF-8 text (byte 0xe9 at line 2)"]),
-    "unknown_key_in_file": Case("recipe: unknown field", _typo_in_file,
-                                ["unknown field 'training.lerning_rate' (did you mean 'learning_rate'?)"]),
-    "unknown_key_override": Case("override: unknown field", _overrides("training.lerning_rate=1e-3"),
-                                 ["unknown field 'training.lerning_rate' (did you mean 'learning_rate'?)"]),
-    "unknown_section": Case("override: unknown section", _overrides("trainig.seed=1"),
-                            ["unknown section 'trainig'", "(did you mean 'training'?)"]),
-    "wrong_type": Case("wrong type", _overrides("training.per_device_train_batch_size=sixteen"),
-                       ["training.per_device_train_batch_size = 'sixteen' is invalid: expected an integer"]),
-    "wrong_type_bool": Case("wrong type (boolean)", _overrides("training.gradient_checkpointing=maybe"),
-                            ["training.gradient_checkpointing = 'maybe' is invalid: expected true/false"]),
+    "malformed_yaml": Case(
+        "recipe: malformed YAML",
+        _malformed_yaml,
+        ["malformed YAML at line 26, column 10: mapping values are not allowed here"],
+    ),
+    "duplicate_section": Case(
+        "recipe: a second `training:` section",
+        _second_training_section,
+        ["duplicate key 'training' at line 30 (first at line 20)"],
+    ),
+    "duplicate_field": Case(
+        "recipe: `r: 4` then `r: 64`",
+        _recipe_edited("  r: 4\n", "  r: 4\n  r: 64\n"),
+        ["duplicate key 'r' at line 7 (first at line 6)", "keep one of them"],
+    ),
+    "empty_recipe": Case(
+        "recipe: empty file (or only comments)",
+        _recipe_file("empty.yaml", b"# nothing yet\n"),
+        ["empty.yaml' is empty", "recipes/"],
+    ),
+    "recipe_is_a_directory": Case(
+        "recipe: a directory", lambda ctx: [str(ctx.tmp)], ["recipe '", "is a directory, not a file"]
+    ),
+    "recipe_not_utf8": Case(
+        "recipe: not UTF-8",
+        _recipe_file("latin1.yaml", b"model:\n  name_or_path: caf\xe9\n"),
+        ["latin1.yaml' is not UTF-8 text (byte 0xe9 at line 2)"],
+    ),
+    "unknown_key_in_file": Case(
+        "recipe: unknown field",
+        _typo_in_file,
+        ["unknown field 'training.lerning_rate' (did you mean 'learning_rate'?)"],
+    ),
+    "unknown_key_override": Case(
+        "override: unknown field",
+        _overrides("training.lerning_rate=1e-3"),
+        ["unknown field 'training.lerning_rate' (did you mean 'learning_rate'?)"],
+    ),
+    "unknown_section": Case(
+        "override: unknown section",
+        _overrides("trainig.seed=1"),
+        ["unknown section 'trainig'", "(did you mean 'training'?)"],
+    ),
+    "wrong_type": Case(
+        "wrong type",
+        _overrides("training.per_device_train_batch_size=sixteen"),
+        ["training.per_device_train_batch_size = 'sixteen' is invalid: expected an integer"],
+    ),
+    "wrong_type_bool": Case(
+        "wrong type (boolean)",
+        _overrides("training.gradient_checkpointing=maybe"),
+        ["training.gradient_checkpointing = 'maybe' is invalid: expected true/false"],
+    ),
     "rank_zero": Case("out of range: rank", _overrides("peft.r=0"), ["peft.r = 0 must be a positive integer"]),
-    "learning_rate_zero": Case("out of range: learning rate 0", _overrides("training.learning_rate=0"),
-                               ["training.learning_rate = 0.0 must be > 0"]),
-    "learning_rate_negative": Case("out of range: negative learning rate", _overrides("training.learning_rate=-1e-4"),
-                                   ["training.learning_rate = -0.0001 must be > 0"]),
-    "dropout_one": Case("out of range: dropout 1", _overrides("peft.dropout=1.0"),
-                        ["peft.dropout = 1.0 must be in [0, 1)"]),
-    "dropout_negative": Case("out of range: negative dropout", _overrides("peft.dropout=-0.1"),
-                             ["peft.dropout = -0.1 must be in [0, 1)"]),
-    "adalora_target_above_init": Case("AdaLoRA target rank above initial rank",
-                                      _overrides("peft.method=adalora", "peft.init_r=4", "peft.target_r=8"),
-                                      ["peft.target_r = 8 must be in (0, init_r = 4]"]),
-    "unknown_task": Case("unknown task", _overrides("data.task=sst3"),
-                         ["data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)",
-                          "valid: sst2, imdb, emotion"]),
-    "model_not_found_offline": Case("model not found (offline)", _overrides("model.name_or_path=nobody/no-such-model"),
-                                    ["model.name_or_path = 'nobody/no-such-model' cannot be loaded",
-                                     "HF_HUB_OFFLINE=1 is set"]),
-    "model_without_safetensors": Case("model without safetensors weights", _no_safetensors,
-                                      ["holds no .safetensors weights (only ['pytorch_model.bin'])",
-                                       "pickle checkpoints are never loaded"]),
-    "model_without_tokenizer": Case("model directory without tokenizer files", _model_without_tokenizer,
-                                    ["cannot load a tokenizer from model.name_or_path", "no_tokenizer"]),
-    "dataset_not_found_offline": Case("dataset not found (offline)", _overrides("data.path=nobody/no-such-dataset"),
-                                      ["cannot load dataset 'nobody/no-such-dataset'", "HF_HUB_OFFLINE=1 is set",
-                                       "set data.path to a local directory"]),
-    "data_dir_missing": Case("data directory missing", _overrides("data.path={tmp}/no/such/dir"),
-                             ["data.path '", "no/such/dir' does not exist"]),
-    "data_path_unknown_type": Case("data.path a file of another type", _data_path_of_unknown_type,
-                                   ["reviews.txt' is a .txt file", "parquet, .csv, .json or .jsonl"]),
-    "csv_not_utf8": Case("data: CSV file not UTF-8", _data_files("latin1_csv"),
-                         ["train.csv' is not UTF-8 text (byte 0xe9 at line 3)", "re-save it as UTF-8"]),
-    "jsonl_malformed_line": Case("data: JSONL file with a malformed line", _data_files("malformed_jsonl"),
-                                 ["train.jsonl', line 3 is not valid JSON (Expecting property name"]),
-    "parquet_truncated": Case("data: truncated parquet file", _data_files("truncated_parquet"),
-                              ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
-    "parquet_garbled": Case("data: garbled parquet file", _data_files("garbled_parquet"),
-                            ["train.parquet' cannot be read as parquet", "truncated or corrupt"]),
-    "csv_ragged_row": Case("data: CSV file with a malformed row", _csv_with_a_ragged_row,
-                           ["cannot read the data files", "train.csv", "Expected 2 fields in line 6, saw 4",
-                            "Check that each file is complete and well-formed"]),
-    "missing_text_column": Case("data: no such text column", _overrides("data.text_column=sentence"),
-                                ["split 'train' has no text column 'sentence'; its columns are ['text', 'label'].",
-                                 "Set data.text_column to one of them."]),
-    "missing_label_column": Case("data: no such label column", _overrides("data.label_column=target"),
-                                 ["split 'train' has no label column 'target'", "Set data.label_column"]),
-    "text_column_not_text": Case("data: text column that is not text", _overrides("data.text_column=label"),
-                                 ["split 'train': text column 'label' holds int64 values, not text",
-                                  "Set data.text_column to the column that holds the texts"]),
-    "null_texts": Case("data: null or NaN texts", _rows_edited("text", [3, 7], [None, float("nan")]),
-                       ["split 'train': text column 'text' is empty (null or NaN) in 2 row(s): rows 3, 7", FIX_DATA]),
-    "string_labels": Case("data: string labels (generic task)", _string_labels,
-                          ["split 'train': label column 'label' holds strings (e.g. 'neg'), not class ids",
-                           "map them to 0..1 in the order of data.label_names ['neg', 'pos']"]),
-    "string_labels_builtin_task": Case("data: string labels (built-in task)", _string_labels_builtin_task,
-                                       ["split 'train': label column 'label' holds strings (e.g. 'negative'),"
-                                        " not class ids",
-                                        "map them to 0..1 in the order of data.label_names ['negative', 'positive']"]),
-    "float_labels": Case("data: float labels", _rows_edited("label", [5], [0.5]),
-                         ["split 'train': label column 'label' holds non-integer values (e.g. 0.5 in row 5)",
-                          "labels must be integer class ids"]),
-    "nan_labels": Case("data: null or NaN labels", _rows_edited("label", [4, 9], [float("nan"), None]),
-                       ["split 'train': label column 'label' is empty (null or NaN) in 2 row(s): rows 4, 9", FIX_DATA]),
-    "labels_outside_num_labels": Case("data: labels outside num_labels", _labels_out_of_range,
-                                      ["split 'train' has label(s) [2, 5] outside [0, 2) in column 'label'",
-                                       "data.label_names"]),
+    "learning_rate_zero": Case(
+        "out of range: learning rate 0",
+        _overrides("training.learning_rate=0"),
+        ["training.learning_rate = 0.0 must be > 0"],
+    ),
+    "learning_rate_negative": Case(
+        "out of range: negative learning rate",
+        _overrides("training.learning_rate=-1e-4"),
+        ["training.learning_rate = -0.0001 must be > 0"],
+    ),
+    "dropout_one": Case(
+        "out of range: dropout 1", _overrides("peft.dropout=1.0"), ["peft.dropout = 1.0 must be in [0, 1)"]
+    ),
+    "dropout_negative": Case(
+        "out of range: negative dropout", _overrides("peft.dropout=-0.1"), ["peft.dropout = -0.1 must be in [0, 1)"]
+    ),
+    "adalora_target_above_init": Case(
+        "AdaLoRA target rank above initial rank",
+        _overrides("peft.method=adalora", "peft.init_r=4", "peft.target_r=8"),
+        ["peft.target_r = 8 must be in (0, init_r = 4]"],
+    ),
+    "unknown_task": Case(
+        "unknown task",
+        _overrides("data.task=sst3"),
+        ["data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)", "valid: sst2, imdb, emotion"],
+    ),
+    "model_not_found_offline": Case(
+        "model not found (offline)",
+        _overrides("model.name_or_path=nobody/no-such-model"),
+        ["model.name_or_path = 'nobody/no-such-model' cannot be loaded", "HF_HUB_OFFLINE=1 is set"],
+    ),
+    "model_without_safetensors": Case(
+        "model without safetensors weights",
+        _no_safetensors,
+        ["holds no .safetensors weights (only ['pytorch_model.bin'])", "pickle checkpoints are never loaded"],
+    ),
+    "model_without_tokenizer": Case(
+        "model directory without tokenizer files",
+        _model_without_tokenizer,
+        ["cannot load a tokenizer from model.name_or_path", "no_tokenizer"],
+    ),
+    "dataset_not_found_offline": Case(
+        "dataset not found (offline)",
+        _overrides("data.path=nobody/no-such-dataset"),
+        [
+            "cannot load dataset 'nobody/no-such-dataset'",
+            "HF_HUB_OFFLINE=1 is set",
+            "set data.path to a local directory",
+        ],
+    ),
+    "data_dir_missing": Case(
+        "data directory missing",
+        _overrides("data.path={tmp}/no/such/dir"),
+        ["data.path '", "no/such/dir' does not exist"],
+    ),
+    "data_path_unknown_type": Case(
+        "data.path a file of another type",
+        _data_path_of_unknown_type,
+        ["reviews.txt' is a .txt file", "parquet, .csv, .json or .jsonl"],
+    ),
+    "csv_not_utf8": Case(
+        "data: CSV file not UTF-8",
+        _data_files("latin1_csv"),
+        ["train.csv' is not UTF-8 text (byte 0xe9 at line 3)", "re-save it as UTF-8"],
+    ),
+    "jsonl_malformed_line": Case(
+        "data: JSONL file with a malformed line",
+        _data_files("malformed_jsonl"),
+        ["train.jsonl', line 3 is not valid JSON (Expecting property name"],
+    ),
+    "parquet_truncated": Case(
+        "data: truncated parquet file",
+        _data_files("truncated_parquet"),
+        ["train.parquet' cannot be read as parquet", "truncated or corrupt"],
+    ),
+    "parquet_garbled": Case(
+        "data: garbled parquet file",
+        _data_files("garbled_parquet"),
+        ["train.parquet' cannot be read as parquet", "truncated or corrupt"],
+    ),
+    "csv_ragged_row": Case(
+        "data: CSV file with a malformed row",
+        _csv_with_a_ragged_row,
+        [
+            "cannot read the data files",
+            "train.csv",
+            "Expected 2 fields in line 6, saw 4",
+            "Check that each file is complete and well-formed",
+        ],
+    ),
+    "missing_text_column": Case(
+        "data: no such text column",
+        _overrides("data.text_column=sentence"),
+        [
+            "split 'train' has no text column 'sentence'; its columns are ['text', 'label'].",
+            "Set data.text_column to one of them.",
+        ],
+    ),
+    "missing_label_column": Case(
+        "data: no such label column",
+        _overrides("data.label_column=target"),
+        ["split 'train' has no label column 'target'", "Set data.label_column"],
+    ),
+    "text_column_not_text": Case(
+        "data: text column that is not text",
+        _overrides("data.text_column=label"),
+        [
+            "split 'train': text column 'label' holds int64 values, not text",
+            "Set data.text_column to the column that holds the texts",
+        ],
+    ),
+    "null_texts": Case(
+        "data: null or NaN texts",
+        _rows_edited("text", [3, 7], [None, float("nan")]),
+        ["split 'train': text column 'text' is empty (null or NaN) in 2 row(s): rows 3, 7", FIX_DATA],
+    ),
+    "string_labels": Case(
+        "data: string labels (generic task)",
+        _string_labels,
+        [
+            "split 'train': label column 'label' holds strings (e.g. 'neg'), not class ids",
+            "map them to 0..1 in the order of data.label_names ['neg', 'pos']",
+        ],
+    ),
+    "string_labels_builtin_task": Case(
+        "data: string labels (built-in task)",
+        _string_labels_builtin_task,
+        [
+            "split 'train': label column 'label' holds strings (e.g. 'negative'), not class ids",
+            "map them to 0..1 in the order of data.label_names ['negative', 'positive']",
+        ],
+    ),
+    "float_labels": Case(
+        "data: float labels",
+        _rows_edited("label", [5], [0.5]),
+        [
+            "split 'train': label column 'label' holds non-integer values (e.g. 0.5 in row 5)",
+            "labels must be integer class ids",
+        ],
+    ),
+    "nan_labels": Case(
+        "data: null or NaN labels",
+        _rows_edited("label", [4, 9], [float("nan"), None]),
+        ["split 'train': label column 'label' is empty (null or NaN) in 2 row(s): rows 4, 9", FIX_DATA],
+    ),
+    "labels_outside_num_labels": Case(
+        "data: labels outside num_labels",
+        _labels_out_of_range,
+        ["split 'train' has label(s) [2, 5] outside [0, 2) in column 'label'", "data.label_names"],
+    ),
     "empty_split": Case("data: empty split", _empty_split, ["split(s) validation (", "hold no rows"]),
-    "max_length_beyond_model": Case("data.max_length beyond the model", _overrides("data.max_length=512"),
-                                    ["data.max_length = 512 exceeds", "limit of 64 positions"]),
-    "target_module_missing": Case("target module not in the model", _overrides("peft.target_modules=[q_proj,v_proj]"),
-                                  ["peft.target_modules ['q_proj', 'v_proj'] not found in", "its Linear layers are: [",
-                                   "'query'"]),
-    "nf4_without_bitsandbytes": Case("NF4 without working bitsandbytes", _overrides("quantization.method=nf4"),
-                                     ["quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on",
-                                      "quantization.method=none"],
-                                     subprocess_setup="import sys; sys.modules['bitsandbytes'] = None  # not importable"),
-    "output_dir_empty": Case("`output.output_dir=` (empty)", _overrides("output.output_dir="),
-                             ["output.output_dir is empty", "would write into the current directory"]),
-    "output_dir_not_a_run": Case("output_dir a non-empty directory that is not a run", _output_dir_not_a_run,
-                                 ["is not empty (README.md) and holds no run", "output.overwrite_output_dir=true"]),
-    "output_dir_holds_another_run": Case("output_dir holds another run", _overrides("output.output_dir={run}"),
-                                         ["already holds a run. Resume it with training.resume_from_checkpoint=latest",
-                                          "output.overwrite_output_dir=true"]),
-    "output_dir_under_a_file": Case("output_dir under a file", _output_dir_under_a_file,
-                                    ["is not a writable directory (Not a directory"]),
-    "output_dir_read_only_fs": Case("output_dir not writable", _output_dir_in_sysfs,
-                                    ["'/sys/lora_train_unwritable_run' is not a writable directory"]),
-    "resume_from_other_recipe": Case("resume from a checkpoint of another recipe", _resume_other_recipe, [
-        "cannot resume from a checkpoint of a different recipe:",
-        "model.name_or_path: checkpoint has",
-        "peft.method: checkpoint has 'lora', recipe has 'adalora'",
-        "peft.r: checkpoint has 4, recipe has 16",
-        "peft.target_modules: checkpoint has ['query', 'value'], recipe has ['query', 'key']",
-    ]),
-    "resume_from_non_checkpoint": Case("resume path not a checkpoint",
-                                       _overrides("training.resume_from_checkpoint={tmp}"),
-                                       ["is not a complete checkpoint directory", "'latest'"]),
-    "resume_from_damaged_checkpoint": Case("resume from a truncated or corrupt checkpoint", _resume_damaged_checkpoint,
-                                           ["step-00000004/optimizer.safetensors is truncated or corrupt:",
-                                            "were written; no other checkpoint there is intact"]),
-    "predict_input_not_utf8": Case("predict: input file not UTF-8",
-                                   _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
-                                   ["in.txt' is not UTF-8 text (byte 0xe9 at line 2)", "re-save it as UTF-8"],
-                                   entry="predict"),
-    "predict_jsonl_malformed_line": Case("predict: JSONL input with a malformed line",
-                                         _predict_file("in.jsonl", JSONL_BAD_LINE_3),
-                                         ["in.jsonl, line 3: not valid JSON (Expecting property name"],
-                                         entry="predict"),
+    "max_length_beyond_model": Case(
+        "data.max_length beyond the model",
+        _overrides("data.max_length=512"),
+        ["data.max_length = 512 exceeds", "limit of 64 positions"],
+    ),
+    "target_module_missing": Case(
+        "target module not in the model",
+        _overrides("peft.target_modules=[q_proj,v_proj]"),
+        ["peft.target_modules ['q_proj', 'v_proj'] not found in", "its Linear layers are: [", "'query'"],
+    ),
+    "nf4_without_bitsandbytes": Case(
+        "NF4 without working bitsandbytes",
+        _overrides("quantization.method=nf4"),
+        ["quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on", "quantization.method=none"],
+        subprocess_setup="import sys; sys.modules['bitsandbytes'] = None  # not importable",
+    ),
+    "output_dir_empty": Case(
+        "`output.output_dir=` (empty)",
+        _overrides("output.output_dir="),
+        ["output.output_dir is empty", "would write into the current directory"],
+    ),
+    "output_dir_not_a_run": Case(
+        "output_dir a non-empty directory that is not a run",
+        _output_dir_not_a_run,
+        ["is not empty (README.md) and holds no run", "output.overwrite_output_dir=true"],
+    ),
+    "output_dir_holds_another_run": Case(
+        "output_dir holds another run",
+        _overrides("output.output_dir={run}"),
+        [
+            "already holds a run. Resume it with training.resume_from_checkpoint=latest",
+            "output.overwrite_output_dir=true",
+        ],
+    ),
+    "output_dir_under_a_file": Case(
+        "output_dir under a file", _output_dir_under_a_file, ["is not a writable directory (Not a directory"]
+    ),
+    "output_dir_read_only_fs": Case(
+        "output_dir not writable",
+        _output_dir_in_sysfs,
+        ["'/sys/lora_train_unwritable_run' is not a writable directory"],
+    ),
+    "resume_from_other_recipe": Case(
+        "resume from a checkpoint of another recipe",
+        _resume_other_recipe,
+        [
+            "cannot resume from a checkpoint of a different recipe:",
+            "model.name_or_path: checkpoint has",
+            "peft.method: checkpoint has 'lora', recipe has 'adalora'",
+            "peft.r: checkpoint has 4, recipe has 16",
+            "peft.target_modules: checkpoint has ['query', 'value'], recipe has ['query', 'key']",
+        ],
+    ),
+    "resume_from_non_checkpoint": Case(
+        "resume path not a checkpoint",
+        _overrides("training.resume_from_checkpoint={tmp}"),
+        ["is not a complete checkpoint directory", "'latest'"],
+    ),
+    "resume_from_damaged_checkpoint": Case(
+        "resume from a truncated or corrupt checkpoint",
+        _resume_damaged_checkpoint,
+        [
+            "step-00000004/optimizer.safetensors is truncated or corrupt:",
+            "were written; no other checkpoint there is intact",
+        ],
+    ),
+    "predict_input_not_utf8": Case(
+        "predict: input file not UTF-8",
+        _predict_file("in.txt", b"a good film\ncaf\xe9 bad\n"),
+        ["in.txt' is not UTF-8 text (byte 0xe9 at line 2)", "re-save it as UTF-8"],
+        entry="predict",
+    ),
+    "predict_jsonl_malformed_line": Case(
+        "predict: JSONL input with a malformed line",
+        _predict_file("in.jsonl", JSONL_BAD_LINE_3),
+        ["in.jsonl, line 3: not valid JSON (Expecting property name"],
+        entry="predict",
+    ),
     "predict_later_record_without_text": Case(
         "predict: a later record without the text field",
         _predict_file("in.jsonl", b'{"text": "good"}\n{"text": "bad"}\n{"review": "fine"}\n'),
-        ["in.jsonl, line 3: no text field 'text' (found ['review'])"], entry="predict"),
-    "predict_input_is_a_directory": Case("predict: --file a directory",
-                                         lambda ctx: [str(ctx.run), "--file", str(ctx.tmp)],
-                                         ["is a directory, not a file"], entry="predict"),
-    "run_labels_json_corrupt": Case("run: labels.json corrupt", _run_with("labels.json", b'{"id2label": {"0": "neg",'),
-                                    ["labels.json' is corrupt", "not valid JSON"], entry="predict"),
-    "run_recipe_duplicate_key": Case("run: recipe.yaml with a duplicate key",
-                                     _run_with("recipe.yaml", b"peft:\n  r: 4\npeft:\n  r: 8\n"),
-                                     ["duplicate key 'peft' at line 3 (first at line 1)"], entry="predict"),
-    "run_adapter_truncated": Case("run: adapter_model.safetensors truncated",
-                                  _run_with("adapter_model.safetensors", TRUNCATED_SAFETENSORS),
-                                  ["adapter_model.safetensors is truncated or corrupt: its tensors need 88 bytes, the"
-                                   " file has 80", "use the run's best/ adapter"], entry="predict"),
-    "run_without_tokenizer": Case("run: tokenizer files missing", _run_with("", None),
-                                  ["cannot load the tokenizer of run", "tokenizer.json"], entry="predict"),
-    "push_run_with_corrupt_metrics": Case("push: the run's metrics.json corrupt", _push_with_corrupt_metrics,
-                                          ["cannot build the model card of", "metrics.json' is corrupt: not valid JSON"],
-                                          entry="push_to_hub"),
-    "merge_into_a_file": Case("merge: output path is a file", _merge_into_a_file,
-                              ["output directory '", "merged' is a file"], entry="merge_adapter"),
-    "eval_output_into_a_file": Case("eval: --output-dir is a file", _eval_output_into_a_file,
-                                    ["--output-dir '", "report' is a file"], entry="eval"),
+        ["in.jsonl, line 3: no text field 'text' (found ['review'])"],
+        entry="predict",
+    ),
+    "predict_input_is_a_directory": Case(
+        "predict: --file a directory",
+        lambda ctx: [str(ctx.run), "--file", str(ctx.tmp)],
+        ["is a directory, not a file"],
+        entry="predict",
+    ),
+    "run_labels_json_corrupt": Case(
+        "run: labels.json corrupt",
+        _run_with("labels.json", b'{"id2label": {"0": "neg",'),
+        ["labels.json' is corrupt", "not valid JSON"],
+        entry="predict",
+    ),
+    "run_recipe_duplicate_key": Case(
+        "run: recipe.yaml with a duplicate key",
+        _run_with("recipe.yaml", b"peft:\n  r: 4\npeft:\n  r: 8\n"),
+        ["duplicate key 'peft' at line 3 (first at line 1)"],
+        entry="predict",
+    ),
+    "run_adapter_truncated": Case(
+        "run: adapter_model.safetensors truncated",
+        _run_with("adapter_model.safetensors", TRUNCATED_SAFETENSORS),
+        [
+            "adapter_model.safetensors is truncated or corrupt: its tensors need 88 bytes, the file has 80",
+            "use the run's best/ adapter",
+        ],
+        entry="predict",
+    ),
+    "run_without_tokenizer": Case(
+        "run: tokenizer files missing",
+        _run_with("", None),
+        ["cannot load the tokenizer of run", "tokenizer.json"],
+        entry="predict",
+    ),
+    "push_run_with_corrupt_metrics": Case(
+        "push: the run's metrics.json corrupt",
+        _push_with_corrupt_metrics,
+        ["cannot build the model card of", "metrics.json' is corrupt: not valid JSON"],
+        entry="push_to_hub",
+    ),
+    "merge_into_a_file": Case(
+        "merge: output path is a file",
+        _merge_into_a_file,
+        ["output directory '", "merged' is a file"],
+        entry="merge_adapter",
+    ),
+    "eval_output_into_a_file": Case(
+        "eval: --output-dir is a file", _eval_output_into_a_file, ["--output-dir '", "report' is a file"], entry="eval"
+    ),
 }
 
 
@@ -487,8 +684,14 @@ def run_entry(case: Case, argv: list[str], capsys) -> tuple[int, str]:
     """Run the case's entry point on ``argv``: exit status and standard error."""
     if case.subprocess_setup:
         program = f"{case.subprocess_setup}\nfrom lora_train.cli import train_main\nsys.exit(train_main(sys.argv[1:]))"
-        done = subprocess.run([sys.executable, "-c", program, *argv], cwd=ROOT, env=dict(os.environ),
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-c", program, *argv],
+            cwd=ROOT,
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         return done.returncode, done.stderr
     main = train_main if case.entry == "train" else script(case.entry).main
     start = time.perf_counter()
@@ -503,8 +706,9 @@ def run_entry(case: Case, argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_fails_fast_with_a_clear_message(name, tmp_path, corrupt_model_dir, toy_data_dir, finished_run,
-                                                   corrupt_run, capsys):
+def test_bad_input_fails_fast_with_a_clear_message(
+    name, tmp_path, corrupt_model_dir, toy_data_dir, finished_run, corrupt_run, capsys
+):
     case = CASES[name]
     argv = case.make(Context(tmp_path, corrupt_model_dir, toy_data_dir, finished_run, corrupt_run))
     code, err = run_entry(case, argv, capsys)
@@ -532,8 +736,13 @@ def test_predict_reads_a_csv_with_a_byte_order_mark(tmp_path):
     assert list(read_texts(str(tmp_path / "in.csv"))) == ["a café film", "dull"]
 
 
-SCRIPTS = {"train": "scripts/train.py", "predict": "scripts/predict.py", "eval": "scripts/eval.py",
-           "merge_adapter": "scripts/merge_adapter.py", "push_to_hub": "scripts/push_to_hub.py"}
+SCRIPTS = {
+    "train": "scripts/train.py",
+    "predict": "scripts/predict.py",
+    "eval": "scripts/eval.py",
+    "merge_adapter": "scripts/merge_adapter.py",
+    "push_to_hub": "scripts/push_to_hub.py",
+}
 
 
 def catalogue_markdown() -> str:

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 
+from lora_train.config import build_recipe
 from lora_train.experiments.benchmark import (
     CONTENDERS,
     MEMORY_VARIANTS,
@@ -18,7 +19,6 @@ from lora_train.experiments.benchmark import (
     run_memory,
     weight_memory,
 )
-from lora_train.config import build_recipe
 from lora_train.train import train
 from tests.conftest import reload_accuracy, tiny_recipe
 
@@ -53,7 +53,9 @@ def test_settings_refuse_impossible_measurements():
 
 
 def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_dir, toy_data_dir):
-    recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", data={"max_length": 32, "max_train_samples": 256}))
+    recipe = build_recipe(
+        tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", data={"max_length": 32, "max_train_samples": 256})
+    )
     settings = Settings(warmup_steps=2, measure_steps=4, repeats=1, threads=1)
     report = run_benchmark(recipe, settings, tmp_path / "bench", log=lambda _: None)
 
@@ -120,8 +122,13 @@ def test_nf4_weights_are_about_a_quarter_of_bf16(tiny_bert_dir, toy_data_dir, tm
 
 def test_memory_mode_writes_its_table(tmp_path, tiny_bert_dir, toy_data_dir):
     raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", quantization={"compute_dtype": "float32"})
-    report = run_memory(build_recipe(raw), Settings(warmup_steps=1, measure_steps=2, threads=1), tmp_path / "mem",
-                        ("nf4_double_quant",), log=lambda _: None)
+    report = run_memory(
+        build_recipe(raw),
+        Settings(warmup_steps=1, measure_steps=2, threads=1),
+        tmp_path / "mem",
+        ("nf4_double_quant",),
+        log=lambda _: None,
+    )
     (row,) = report["rows"]
     assert 0 < row["linear_weight_bytes"] < row["weight_bytes"] and row["peak_memory_mb"] > 0
     assert "nf4_double_quant" in (tmp_path / "mem" / "results.md").read_text()
@@ -143,15 +150,23 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
     assert torch.equal(x.grad != 0, kept)  # gradients flow exactly through the kept elements
     drop.eval()
     assert drop(x) is x
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.2), torch.nn.Sequential(torch.nn.Dropout(0.3)))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.Dropout(0.2), torch.nn.Sequential(torch.nn.Dropout(0.3))
+    )
     assert use_fast_dropout(model) == 2
     assert [type(m).__name__ for m in model.modules()].count("FastDropout") == 2 and model[2][0].p == 0.3
 
 
 def test_lever_ablation_times_a_bare_loop_with_and_without_each_lever(tmp_path, tiny_bert_dir, toy_data_dir):
     recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", peft={"dropout": 0.1}))
-    report = run_benchmark(recipe, Settings(warmup_steps=1, measure_steps=3, repeats=1, threads=1), tmp_path / "levers",
-                           ("plain", "both"), log=lambda _: None, reference="both")
+    report = run_benchmark(
+        recipe,
+        Settings(warmup_steps=1, measure_steps=3, repeats=1, threads=1),
+        tmp_path / "levers",
+        ("plain", "both"),
+        log=lambda _: None,
+        reference="both",
+    )
     assert {r["contender"] for r in report["runs"]} == {"plain", "both"}
     assert all(r["steps"] == 3 and r["samples"] == 3 * 16 for r in report["runs"])
     assert_summary_adds_up(report, "both")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -31,8 +30,15 @@ def test_required_recipes_are_shipped():
 def test_overrides_are_typed_by_the_schema():
     recipe = build_recipe(
         {"training": {"learning_rate": 1e-3}},
-        ["training.learning_rate=1e-4", "peft.r=16", "output.output_dir=runs/x", "peft.target_modules=[query,key]",
-         "data.max_train_samples=null", "training.num_epochs=2", "quantization.method=nf4"],
+        [
+            "training.learning_rate=1e-4",
+            "peft.r=16",
+            "output.output_dir=runs/x",
+            "peft.target_modules=[query,key]",
+            "data.max_train_samples=null",
+            "training.num_epochs=2",
+            "quantization.method=nf4",
+        ],
     )
     assert recipe.training.learning_rate == pytest.approx(1e-4)  # "1e-4" is a YAML string; the schema makes it a float
     assert recipe.peft.r == 16 and recipe.output.output_dir == "runs/x"
@@ -48,8 +54,11 @@ def test_all_linear_is_accepted_for_target_modules():
 def test_every_problem_is_reported_at_once():
     with pytest.raises(RecipeError) as info:
         build_recipe(
-            {"training": {"lerning_rate": 1e-3, "per_device_train_batch_size": "big"}, "peft": {"r": 0, "dropout": 1.0},
-             "modle": {}},
+            {
+                "training": {"lerning_rate": 1e-3, "per_device_train_batch_size": "big"},
+                "peft": {"r": 0, "dropout": 1.0},
+                "modle": {},
+            },
         )
     text = str(info.value)
     assert "unknown field 'training.lerning_rate' (did you mean 'learning_rate'?)" in text
@@ -64,10 +73,16 @@ def test_every_problem_is_reported_at_once():
     "override,message",
     [
         ("training.learning_rate=0", "training.learning_rate = 0.0 must be > 0"),
-        ("peft.method=prefix", "peft.method = 'prefix' is invalid: expected one of 'lora', 'adalora', 'ia3', 'prompt_tuning',"),
+        (
+            "peft.method=prefix",
+            "peft.method = 'prefix' is invalid: expected one of 'lora', 'adalora', 'ia3', 'prompt_tuning',",
+        ),
         ("data.task=sst3", "data.task = 'sst3' is not a built-in task (did you mean 'sst2'?)"),
         ("training.warmup_ratio=1.5", "training.warmup_ratio = 1.5 must be in [0, 1)"),
-        ("model.trust_remote_code=yes please", "model.trust_remote_code = 'yes please' is invalid: expected true/false"),
+        (
+            "model.trust_remote_code=yes please",
+            "model.trust_remote_code = 'yes please' is invalid: expected true/false",
+        ),
         ("output.report_to=[mlflow]", "output.report_to: unknown tracker 'mlflow'"),
         ("output.push_to_hub=true", "output.hub_model_id must be 'user/name'"),
         ("trainingx.seed=1", "unknown section 'trainingx' in override 'trainingx.seed=1' (did you mean 'training'?)"),
@@ -127,7 +142,9 @@ def test_cli_fails_fast_on_a_typo_without_importing_torch():
 
 
 def test_scripts_help_lists_recipe_fields():
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     assert "quantization.double_quant" in result.stdout and "training.resume_from_checkpoint" in result.stdout
 
@@ -137,4 +154,6 @@ def test_readme_recipe_reference_matches_the_schema():
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- recipe-reference:start -->\n", 1)[1].split("<!-- recipe-reference:end -->", 1)[0]
-    assert block.strip() == fields_markdown().strip(), "regenerate the README block from lora_train.config.fields_markdown()"
+    assert block.strip() == fields_markdown().strip(), (
+        "regenerate the README block from lora_train.config.fields_markdown()"
+    )

@@ -32,10 +32,16 @@ def test_registry_describes_the_three_tasks():
 def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
     spec = resolve_spec(DataConfig(task="sst2"))
     assert (spec.source, spec.config_name, spec.text_column, spec.eval_split) == (
-        "nyu-mll/glue", "sst2", "sentence", "validation")
-    for task, legacy, canonical, config in (("sst2", "glue", "nyu-mll/glue", "sst2"),
-                                            ("imdb", "imdb", "stanfordnlp/imdb", "plain_text"),
-                                            ("emotion", "emotion", "dair-ai/emotion", "split")):
+        "nyu-mll/glue",
+        "sst2",
+        "sentence",
+        "validation",
+    )
+    for task, legacy, canonical, config in (
+        ("sst2", "glue", "nyu-mll/glue", "sst2"),
+        ("imdb", "imdb", "stanfordnlp/imdb", "plain_text"),
+        ("emotion", "emotion", "dair-ai/emotion", "split"),
+    ):
         spec = resolve_spec(DataConfig(task=task, path=legacy))
         assert (spec.source, spec.config_name) == (canonical, config)
     local = resolve_spec(DataConfig(task="sst2", path="/data/sst2", eval_split="test"))
@@ -56,12 +62,15 @@ def test_shared_layout_loads_as_is(task, train_n, eval_n, classes):
 
 
 @needs_hub_data
-@pytest.mark.parametrize("task,path,config,train_n,eval_n,names", [
-    ("sst2", "nyu-mll/glue", "sst2", 67349, 872, ["negative", "positive"]),
-    ("sst2", "glue", None, 67349, 872, ["negative", "positive"]),  # the legacy short id and the task's config
-    ("emotion", "dair-ai/emotion", None, 16000, 2000, ["sadness", "joy", "love", "anger", "fear", "surprise"]),
-    (None, "stanfordnlp/imdb", "plain_text", 25000, 25000, ["neg", "pos"]),  # generic: names from its ClassLabel
-])
+@pytest.mark.parametrize(
+    "task,path,config,train_n,eval_n,names",
+    [
+        ("sst2", "nyu-mll/glue", "sst2", 67349, 872, ["negative", "positive"]),
+        ("sst2", "glue", None, 67349, 872, ["negative", "positive"]),  # the legacy short id and the task's config
+        ("emotion", "dair-ai/emotion", None, 16000, 2000, ["sadness", "joy", "love", "anger", "fear", "surprise"]),
+        (None, "stanfordnlp/imdb", "plain_text", 25000, 25000, ["neg", "pos"]),  # generic: names from its ClassLabel
+    ],
+)
 def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, eval_n, names):
     generic = {} if task else {"eval_split": "test", "text_column": "text"}
     cfg = DataConfig(task=task, path=path, config_name=config, **generic)
@@ -73,8 +82,11 @@ def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, ev
 
 def test_hub_dataset_missing_offline_says_what_to_do():
     cfg = DataConfig(task=None, path="lora-train-tests/no-such-dataset", text_column="text")
-    with pytest.raises(DataError, match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*"
-                       r"HF_HUB_OFFLINE=1 is set.*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*"
+        r"HF_HUB_OFFLINE=1 is set.*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local",
+    ):
         load_splits(resolve_spec(cfg), cfg)
 
 
@@ -87,9 +99,11 @@ def test_hub_config_the_dataset_lacks_lists_its_configs():
 
 def test_config_file_patterns_come_from_the_dataset_card(tmp_path):
     card = tmp_path / "README.md"
-    card.write_text("---\nconfigs:\n- config_name: a\n  data_files:\n  - split: train\n    path: a/train-*\n"
-                    "  - split: test\n    path: [a/test-*, extra/test-*]\n- config_name: b\n  data_files: b/*.csv\n"
-                    "  default: true\n---\n# card\n")
+    card.write_text(
+        "---\nconfigs:\n- config_name: a\n  data_files:\n  - split: train\n    path: a/train-*\n"
+        "  - split: test\n    path: [a/test-*, extra/test-*]\n- config_name: b\n  data_files: b/*.csv\n"
+        "  default: true\n---\n# card\n"
+    )
     assert config_file_patterns(card, "x/y", "a") == ["a/train-*", "a/test-*", "extra/test-*"]
     assert config_file_patterns(card, "x/y", None) == ["b/*.csv"]
     with pytest.raises(DataError, match=r"no config 'c'; its configs are \['a', 'b'\]"):
@@ -128,7 +142,9 @@ def test_generic_csv_with_missing_column_names_the_columns(tmp_path):
 
 
 def test_generic_data_without_label_names_counts_classes(tmp_path):
-    pd.DataFrame({"text": list("abcd"), "label": [0, 2, 1, 2]}).to_json(tmp_path / "train.jsonl", orient="records", lines=True)
+    pd.DataFrame({"text": list("abcd"), "label": [0, 2, 1, 2]}).to_json(
+        tmp_path / "train.jsonl", orient="records", lines=True
+    )
     pd.DataFrame({"text": ["e"], "label": [1]}).to_json(tmp_path / "validation.jsonl", orient="records", lines=True)
     cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
     spec = resolve_spec(cfg)
@@ -163,9 +179,9 @@ def test_epoch_sampler_is_a_seeded_permutation_with_length_grouping():
     grouped.set_epoch(0)
     order = list(grouped)
     spread = lambda idx: max(lengths[i] for i in idx) - min(lengths[i] for i in idx)  # noqa: E731
-    grouped_spread = sum(spread(order[i:i + 16]) for i in range(0, 992, 16))
+    grouped_spread = sum(spread(order[i : i + 16]) for i in range(0, 992, 16))
     plain_order = list(EpochSampler(lengths, 16, seed=3, group_by_length=False))
-    plain_spread = sum(spread(plain_order[i:i + 16]) for i in range(0, 992, 16))
+    plain_spread = sum(spread(plain_order[i : i + 16]) for i in range(0, 992, 16))
     assert grouped_spread < 0.3 * plain_spread
 
 

@@ -35,7 +35,9 @@ from tests.conftest import ROOT, reload_logits, tiny_recipe, write_recipe
 STEP_LOSS_TOL = 1e-5
 TRAIN_ROWS, STEPS = 256, 16  # one epoch at global batch 16
 EVAL_ROWS = 127  # odd: the last evaluation batch is padded on one of the 2 processes
-needs_cpu_host = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU launches; on a GPU host these would use the GPUs")
+needs_cpu_host = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="CPU launches; on a GPU host these would use the GPUs"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,19 +81,41 @@ def launch(command: list[str], env: dict[str, str], timeout: int = 420) -> subpr
 
 def torchrun(recipe: Path, *overrides: str) -> subprocess.CompletedProcess:
     """The documented CPU data-parallel command: ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 ..."""
-    return launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   "scripts/train.py", str(recipe), *overrides], {"ACCELERATE_USE_CPU": "true"})
+    return launch(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "scripts/train.py",
+            str(recipe),
+            *overrides,
+        ],
+        {"ACCELERATE_USE_CPU": "true"},
+    )
 
 
 def accelerate_command(config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()) -> list[str]:
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    return [*accelerate, *(["--config_file", f"accelerate_configs/{config}"] if config else []), *extra,
-            "--num_processes", "2", "--main_process_port", str(free_port()),
-            "scripts/train.py", str(recipe), *overrides]
+    return [
+        *accelerate,
+        *(["--config_file", f"accelerate_configs/{config}"] if config else []),
+        *extra,
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "scripts/train.py",
+        str(recipe),
+        *overrides,
+    ]
 
 
-def accelerate_launch(config: str, recipe: Path, *overrides: str,
-                      extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+def accelerate_launch(
+    config: str, recipe: Path, *overrides: str, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     return launch(accelerate_command(config, recipe, *overrides, extra=extra), {})
 
 
@@ -135,15 +159,27 @@ def one_process_eval(run_dir: Path, data_dir: Path) -> dict[str, float]:
     logits = torch.from_numpy(reload_logits(run_dir, list(val["text"]), max_length=32))
     labels = torch.tensor(val["label"].to_numpy())
     preds = logits.argmax(-1).numpy()
-    return {"accuracy": float((preds == labels.numpy()).mean()),
-            "macro_f1": float(f1_score(labels.numpy(), preds, average="macro")),
-            "loss": float(torch.nn.functional.cross_entropy(logits, labels)), "n": len(val)}
+    return {
+        "accuracy": float((preds == labels.numpy()).mean()),
+        "macro_f1": float(f1_score(labels.numpy(), preds, average="macro")),
+        "loss": float(torch.nn.functional.cross_entropy(logits, labels)),
+        "n": len(val),
+    }
 
 
 def recipe_for(model: Path, data: Path, out: Path, per_device: int, quant: str = "none", **training) -> dict:
-    return tiny_recipe(model, data, out, quantization={"method": quant, "compute_dtype": "float32"},
-                       training={"num_epochs": 1, "per_device_train_batch_size": per_device, "per_device_eval_batch_size": 32,
-                                 **training})
+    return tiny_recipe(
+        model,
+        data,
+        out,
+        quantization={"method": quant, "compute_dtype": "float32"},
+        training={
+            "num_epochs": 1,
+            "per_device_train_batch_size": per_device,
+            "per_device_eval_batch_size": 32,
+            **training,
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +204,9 @@ def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS
     # No temporary or half-written files left by any process; the run lock's file stays by design (lora_train.run_lock).
     assert [p.relative_to(out).as_posix() for p in out.rglob(".*")] == [LOCK_FILE]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("adapter_model.safetensors")) == [
-        "adapter_model.safetensors", "best/adapter_model.safetensors"]
+        "adapter_model.safetensors",
+        "best/adapter_model.safetensors",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,9 +215,13 @@ def assert_one_checkpoint_and_adapter(out: Path, steps: tuple[int, ...] = (STEPS
 
 @needs_cpu_host
 @pytest.mark.parametrize("quant", ["none", "nf4"])
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_no_dropout, uneven_data, one_process_runs, quant):
+def test_two_processes_train_like_one_with_the_same_global_batch(
+    tmp_path, bert_no_dropout, uneven_data, one_process_runs, quant
+):
     out = tmp_path / "two"
-    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant=quant))
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant=quant)
+    )
     proc = torchrun(recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -192,7 +234,11 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_
 
     assert_same_trajectory(out, one_process_runs[quant])
     assert_one_checkpoint_and_adapter(out)
-    assert {p.name for p in (out / "checkpoints" / f"step-{STEPS:08d}").iterdir()} >= {"trainable.safetensors", "state.json", "COMPLETE"}
+    assert {p.name for p in (out / "checkpoints" / f"step-{STEPS:08d}").iterdir()} >= {
+        "trainable.safetensors",
+        "state.json",
+        "COMPLETE",
+    }
 
     # Exact evaluation: every row once, the same figures as evaluating the saved adapter in one process.
     reference = one_process_eval(out, uneven_data)
@@ -204,7 +250,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, bert_
 
 @needs_cpu_host
 def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes(
-        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    tmp_path, bert_no_dropout, uneven_data, one_process_runs
+):
     """ZeRO-2 over gloo: every process SIGKILLed inside the save of step 12 (test hook: all shards written, nothing
     published); step 8 is intact, and the resumed run has the 1-process trajectory with per-rank optimizer shards."""
     out = tmp_path / "zero2"
@@ -212,9 +259,13 @@ def test_deepspeed_zero2_killed_mid_save_keeps_the_previous_checkpoint_and_resum
     recipe = write_recipe(tmp_path / "recipe.yaml", raw)
     root, log = out / "checkpoints", tmp_path / "killed.log"
     with open(log, "w") as handle:
-        killed = subprocess.Popen(accelerate_command("deepspeed_zero2.yaml", recipe), cwd=ROOT, stdout=handle,
-                                  stderr=subprocess.STDOUT,
-                                  env={**os.environ, **OFFLINE, ckpt.PAUSE_IN_SAVE_ENV: "step-00000012"})
+        killed = subprocess.Popen(
+            accelerate_command("deepspeed_zero2.yaml", recipe),
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **OFFLINE, ckpt.PAUSE_IN_SAVE_ENV: "step-00000012"},
+        )
     try:
         wait_until(lambda: len(list(root.glob(".step-00000012.tmp-*/**/*optim_states.pt"))) == 2, killed, log)
     finally:
@@ -265,20 +316,44 @@ def test_ddp_resume_restores_every_processs_rng_and_is_bitwise_exact(tmp_path, t
 
 @needs_cpu_host
 def test_two_nodes_through_c10d_rendezvous_train_like_one_process(
-        tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+    tmp_path, bert_no_dropout, uneven_data, one_process_runs
+):
     """Two "machines" of one process each (two torchrun agents meeting at a c10d rendezvous on 127.0.0.1), global
     batch 16 = 2 nodes x 8: the same per-step losses as one process x 16, one report, exact evaluation."""
     out = tmp_path / "nodes"
     recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "--rdzv_id", "two-nodes",
-               "--local_addr", "127.0.0.1", "scripts/train.py", str(recipe)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "1",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv_id",
+        "two-nodes",
+        "--local_addr",
+        "127.0.0.1",
+        "scripts/train.py",
+        str(recipe),
+    ]
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     nodes = []
     for path in logs:
         with open(path, "w") as handle:
-            nodes.append(subprocess.Popen(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT,
-                                          env={**os.environ, **OFFLINE, "ACCELERATE_USE_CPU": "true"}))
+            nodes.append(
+                subprocess.Popen(
+                    command,
+                    cwd=ROOT,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, **OFFLINE, "ACCELERATE_USE_CPU": "true"},
+                )
+            )
     try:
         codes = [node.wait(420) for node in nodes]
     finally:
@@ -300,16 +375,23 @@ def test_two_nodes_through_c10d_rendezvous_train_like_one_process(
 # destroy_process_group, into interpreter finalization. train() now destroys it first (train._end_training). The
 # abort did not reproduce in 16 runs of this launch at load 17-30 (11 before that change, 5 after).
 @needs_cpu_host
-def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(tmp_path, bert_no_dropout, uneven_data, one_process_runs):
+def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(
+    tmp_path, bert_no_dropout, uneven_data, one_process_runs
+):
     """ZeRO-3 partitions every weight (uint8 4-bit ones included); the saved adapter is gathered from the shards."""
     out = tmp_path / "zero3"
-    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant="nf4"))
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8, quant="nf4")
+    )
     proc = accelerate_launch("deepspeed_zero3.yaml", recipe)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeepSpeed ZeRO-3, processes 2" in proc.stderr
     assert_same_trajectory(out, one_process_runs["nf4"])
     assert_one_checkpoint_and_adapter(out)
-    ours, reference = load_file(out / "adapter_model.safetensors"), load_file(one_process_runs["nf4"] / "adapter_model.safetensors")
+    ours, reference = (
+        load_file(out / "adapter_model.safetensors"),
+        load_file(one_process_runs["nf4"] / "adapter_model.safetensors"),
+    )
     assert ours.keys() == reference.keys()
     assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) < 1e-5  # whole tensors, not one shard
 
@@ -345,9 +427,17 @@ CPU_DDP = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accu
 def test_mixed_precision_refusals():
     assert any("silently runs fp32" in p for p in problems(CPU_DDP, training={"mixed_precision": "fp16"}))
     assert problems(CPU_DDP, training={"mixed_precision": "bf16"}) == []  # CPU autocast works
-    old_gpu = Launch(engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, bf16_supported=False)
+    old_gpu = Launch(
+        engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, bf16_supported=False
+    )
     assert any("no bfloat16 support" in p for p in problems(old_gpu, training={"mixed_precision": "bf16"}))
-    from_config = Launch(engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, launcher_mixed_precision="bf16")
+    from_config = Launch(
+        engine="ddp",
+        num_processes=2,
+        device_type="cuda",
+        gradient_accumulation_steps=1,
+        launcher_mixed_precision="bf16",
+    )
     [message] = problems(from_config)
     assert "mixed_precision='bf16'" in message and "training.mixed_precision='no'" in message
 
@@ -359,16 +449,25 @@ def test_accumulation_from_the_launcher_is_refused():
 
 
 def test_engine_requested_but_not_running_is_refused():
-    launch = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1, requested=("deepspeed", "fsdp"))
+    launch = Launch(
+        engine="ddp", num_processes=2, device_type="cpu", gradient_accumulation_steps=1, requested=("deepspeed", "fsdp")
+    )
     ds, fsdp = problems(launch)
     assert "ACCELERATE_USE_CPU=true" in ds and "deepspeed_zero2.yaml" in ds
     assert "FSDP only on GPUs" in fsdp and CPU_LAUNCH in fsdp
 
 
 def test_deepspeed_config_conflicts_are_refused():
-    ds = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}, "train_micro_batch_size_per_gpu": 4,
-          "gradient_accumulation_steps": "auto", "gradient_clipping": 1.0}
-    launch = Launch(engine="deepspeed", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, deepspeed_config=ds)
+    ds = {
+        "zero_optimization": {"stage": 2},
+        "optimizer": {"type": "AdamW"},
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": 1.0,
+    }
+    launch = Launch(
+        engine="deepspeed", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, deepspeed_config=ds
+    )
     found = problems(launch)
     assert len(found) == 2
     assert "'optimizer' section" in found[0]
@@ -376,8 +475,13 @@ def test_deepspeed_config_conflicts_are_refused():
 
 
 def test_zero3_needs_gathering_to_save_and_fsdp_needs_version_2():
-    zero3 = Launch(engine="deepspeed", num_processes=2, device_type="cuda", gradient_accumulation_steps=1,
-                   deepspeed_config={"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}})
+    zero3 = Launch(
+        engine="deepspeed",
+        num_processes=2,
+        device_type="cuda",
+        gradient_accumulation_steps=1,
+        deepspeed_config={"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": False}},
+    )
     [message] = problems(zero3)
     assert "zero3_save_16bit_model: true" in message
     fsdp1 = Launch(engine="fsdp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, fsdp_version=1)

@@ -40,15 +40,22 @@ def lora_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def adalora_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
-    return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, "adalora", peft={"method": "adalora", "init_r": 6, "target_r": 4})
+    return trained(
+        tmp_path_factory, tiny_bert_dir, toy_data_dir, "adalora", peft={"method": "adalora", "init_r": 6, "target_r": 4}
+    )
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
 def nf4_run(request, tmp_path_factory, tiny_bert_dir, toy_data_dir) -> Path:
     # A high learning rate, so the LoRA update moves the logits far more than bfloat16 rounding does (see lora_effect).
-    return trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, f"nf4_{request.param}",
-                   quantization={"method": "nf4", "compute_dtype": request.param},
-                   training={"max_steps": 4, "eval_steps": 0, "learning_rate": 0.05})
+    return trained(
+        tmp_path_factory,
+        tiny_bert_dir,
+        toy_data_dir,
+        f"nf4_{request.param}",
+        quantization={"method": "nf4", "compute_dtype": request.param},
+        training={"max_steps": 4, "eval_steps": 0, "learning_rate": 0.05},
+    )
 
 
 @torch.no_grad()
@@ -131,7 +138,9 @@ def test_eval_on_nf4_adapter_uses_nf4_base(nf4_run):
     from lora_train.inference import evaluate_run
 
     report = evaluate_run(run)
-    assert report["accuracy"] == pytest.approx(json.loads((nf4_run / "metrics.json").read_text())["eval_accuracy"], abs=1e-12)
+    assert report["accuracy"] == pytest.approx(
+        json.loads((nf4_run / "metrics.json").read_text())["eval_accuracy"], abs=1e-12
+    )
 
 
 def test_eval_refuses_bad_input_clearly(tmp_path, lora_run, capsys):
@@ -156,15 +165,21 @@ def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, t
     predict = script("predict").main
     assert predict([str(lora_run), *TEXTS, "--batch-size", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [(line.split("\t")[0], line.split("\t")[2]) for line in lines] == [(label, t) for (label, _), t in zip(expected, TEXTS)]
+    assert [(line.split("\t")[0], line.split("\t")[2]) for line in lines] == [
+        (label, t) for (label, _), t in zip(expected, TEXTS)
+    ]
     assert [float(line.split("\t")[1]) for line in lines] == pytest.approx([p for _, p in expected], abs=1e-4)
 
     (tmp_path / "in.txt").write_text("\n".join(TEXTS) + "\n\n")
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"review": t, "id": i}) for i, t in enumerate(TEXTS)))
     pd.DataFrame({"id": range(len(TEXTS)), "review": TEXTS}).to_csv(tmp_path / "in.csv", index=False)
     outputs = []
-    for args in (["--file", str(tmp_path / "in.txt")], ["--file", str(tmp_path / "in.jsonl"), "--text-column", "review"],
-                 ["--file", str(tmp_path / "in.csv"), "--text-column", "review"], []):
+    for args in (
+        ["--file", str(tmp_path / "in.txt")],
+        ["--file", str(tmp_path / "in.jsonl"), "--text-column", "review"],
+        ["--file", str(tmp_path / "in.csv"), "--text-column", "review"],
+        [],
+    ):
         monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS) + "\n"))
         assert predict([str(lora_run), "--json", "--batch-size", "3", *args]) == 0
         outputs.append([json.loads(line) for line in capsys.readouterr().out.splitlines()])
@@ -210,7 +225,9 @@ def merged_vs_adapter(run: Path, out: Path) -> tuple[float, torch.nn.Module]:
     merged = AutoModelForSequenceClassification.from_pretrained(out)  # transformers alone, no peft
     assert merged.config.id2label == {0: "neg", 1: "pos"}
     adapter = load_run(str(run), device="cpu")
-    return (logits_of(merged, adapter.tokenizer) - logits_of(adapter.model, adapter.tokenizer)).abs().max().item(), merged
+    return (
+        logits_of(merged, adapter.tokenizer) - logits_of(adapter.model, adapter.tokenizer)
+    ).abs().max().item(), merged
 
 
 # Rounding of one merged weight: float32 sums, or bfloat16 (8 significant bits) plus the bf16 LoRA product.
@@ -295,8 +312,10 @@ def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, caps
     adapter = run / "adapter_model.safetensors"
     good = adapter.read_bytes()
     half = len(good) // 2
-    truncated = (good[:half], (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file"
-                               f" has {half}"))
+    truncated = (
+        good[:half],
+        (f"{adapter} is truncated or corrupt: its tensors need {len(good)} bytes, the file has {half}"),
+    )
     garbled = (good[:8] + b"\0" * 16 + good[24:], f"{adapter} is corrupt: its safetensors header is not valid")
     for damage, message in (truncated, garbled):
         adapter.write_bytes(damage)

@@ -11,15 +11,23 @@ import sys
 
 from tests.conftest import HF_HUB, ROOT, needs_hub_data, needs_shared
 
-TINY = ["data.max_train_samples=64", "data.max_eval_samples=64", "training.eval_steps=0", "training.save_steps=0",
-        "output.report_to=[]"]
+TINY = [
+    "data.max_train_samples=64",
+    "data.max_eval_samples=64",
+    "training.eval_steps=0",
+    "training.save_steps=0",
+    "output.report_to=[]",
+]
 """Overrides that keep the run to two optimizer steps; the recipe's data, model and output stay as they are."""
 
 
 def readme_offline_command() -> tuple[dict[str, str], list[str]]:
     """The README's offline CPU command, split into its environment assignments and its argv."""
-    [line] = [line for line in (ROOT / "README.md").read_text().splitlines()
-              if line.startswith("HF_HUB_OFFLINE=1 ") and "scripts/train.py recipes/cpu/" in line]
+    [line] = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith("HF_HUB_OFFLINE=1 ") and "scripts/train.py recipes/cpu/" in line
+    ]
     words = line.split()
     env = dict(word.split("=", 1) for word in words if "=" in word and not word.startswith(("python", "scripts")))
     return env, [word for word in words if "=" not in word]
@@ -27,8 +35,16 @@ def readme_offline_command() -> tuple[dict[str, str], list[str]]:
 
 def copy_of_the_project(destination) -> None:
     """What a clone holds: the tracked files and the new files git does not ignore (no runs/, no caches)."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (ROOT / name).is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
@@ -46,8 +62,9 @@ def test_readme_cpu_command_runs_from_a_fresh_clone_without_shared_data(tmp_path
     assert hub_env == {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "../shared/hf-hub"} and argv[0] == "python"
     env = {**os.environ, **hub_env, "PYTHONPATH": str(project), "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache")}
 
-    proc = subprocess.run([sys.executable, *argv[1:], *TINY], cwd=project, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, *argv[1:], *TINY], cwd=project, env=env, capture_output=True, text=True, timeout=900
+    )
 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (shared / "data").exists()

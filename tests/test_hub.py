@@ -33,9 +33,20 @@ def hub():
 
 
 def hub_env(hub: HubStandIn, home: Path, token: bool = True) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(home), HF_HUB_CACHE=str(home / "hub"), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=str(ROOT), NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_TOKEN")
+    }
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(home),
+        HF_HUB_CACHE=str(home / "hub"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=str(ROOT),
+        NO_PROXY="127.0.0.1",
+        no_proxy="127.0.0.1",
+    )
     if token:
         env["HF_TOKEN"] = TOKEN
     return env
@@ -77,22 +88,41 @@ def local_logits(run_dir: Path) -> torch.Tensor:
 
 def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path, tiny_bert_dir, toy_data_dir):
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
-        tiny_bert_dir, toy_data_dir, out,
-        training={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
-        output={"push_to_hub": True, "hub_model_id": "user/tiny-sentiment", "push_checkpoints": True},
-    ))
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        tiny_recipe(
+            tiny_bert_dir,
+            toy_data_dir,
+            out,
+            training={"max_steps": 4, "eval_steps": 2, "save_steps": 2, "logging_steps": 1},
+            output={"push_to_hub": True, "hub_model_id": "user/tiny-sentiment", "push_checkpoints": True},
+        ),
+    )
     trained = run(["scripts/train.py", str(recipe)], hub_env(hub, tmp_path / "home_train"))
     assert trained.returncode == 0, trained.stderr[-3000:]
 
     repo = hub.repos["user/tiny-sentiment"]
     assert repo.private  # output.hub_private defaults to true
     messages = [c.message for c in repo.commits]
-    assert messages == ["initial commit", "lora_train: adapter at step 2", "lora_train: adapter at step 4",
-                        "lora_train: final adapter, step 4"], messages
+    assert messages == [
+        "initial commit",
+        "lora_train: adapter at step 2",
+        "lora_train: adapter at step 4",
+        "lora_train: final adapter, step 4",
+    ], messages
     files = set(repo.head.files)
-    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
-            "learning_curve.png", "recipe.yaml", "labels.json", "metrics.json", "history.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "README.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "learning_curve.png",
+        "recipe.yaml",
+        "labels.json",
+        "metrics.json",
+        "history.json",
+    } <= files
     assert not any("/" in f for f in files), "checkpoints/, best/ or logs were pushed"
     assert repo.head.files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
     assert not any(TOKEN.encode() in content for commit in repo.commits for content in commit.files.values())
@@ -110,11 +140,21 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
     assert card["library_name"] == "peft" and card["pipeline_tag"] == "text-classification"
     assert card["base_model"] == str(tiny_bert_dir) and "lora" in card["tags"]
     assert card["model-index"][0]["results"][0]["dataset"]["split"] == "validation"
-    assert sorted(result["eval_results"]) == sorted([["accuracy", round(metrics["eval_accuracy"], 4)], ["f1", round(metrics["eval_macro_f1"], 4)]])
+    assert sorted(result["eval_results"]) == sorted(
+        [["accuracy", round(metrics["eval_accuracy"], 4)], ["f1", round(metrics["eval_macro_f1"], 4)]]
+    )
     assert 'from_pretrained("user/tiny-sentiment"' in result["text"] and "(learning_curve.png)" in result["text"]
     assert hub.unhandled() == []
-    assert {"POST create", "POST validate-yaml", "POST preupload", "POST commit", "GET repo-info", "GET tree",
-            "HEAD resolve", "GET resolve"} <= hub.routes(), hub.routes()
+    assert {
+        "POST create",
+        "POST validate-yaml",
+        "POST preupload",
+        "POST commit",
+        "GET repo-info",
+        "GET tree",
+        "HEAD resolve",
+        "GET resolve",
+    } <= hub.routes(), hub.routes()
 
     # An existing run, pushed by the script to another repo: the card now names that repo.
     pushed = run(["scripts/push_to_hub.py", str(out), "user/copy", "--public"], hub_env(hub, tmp_path / "home_push"))
@@ -124,7 +164,9 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
     assert b'from_pretrained("user/copy"' in copy.head.files["README.md"]
     assert copy.head.files["adapter_model.safetensors"] == repo.head.files["adapter_model.safetensors"]
 
-    no_token = run(["scripts/push_to_hub.py", str(out), "user/other"], hub_env(hub, tmp_path / "home_none", token=False))
+    no_token = run(
+        ["scripts/push_to_hub.py", str(out), "user/other"], hub_env(hub, tmp_path / "home_none", token=False)
+    )
     assert no_token.returncode == 2 and "no Hugging Face token found" in no_token.stderr
     assert "user/other" not in hub.repos
 
@@ -132,8 +174,11 @@ def test_push_at_end_of_training_and_pull_back_through_the_hub_api(hub, tmp_path
 def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, tiny_bert_dir, toy_data_dir):
     from lora_train.hub import pusher_for
 
-    recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run",
-                                      output={"push_to_hub": True, "hub_model_id": "user/x"}))
+    recipe = build_recipe(
+        tiny_recipe(
+            tiny_bert_dir, toy_data_dir, tmp_path / "run", output={"push_to_hub": True, "hub_model_id": "user/x"}
+        )
+    )
     with pytest.raises(RecipeError, match="HF_HUB_OFFLINE=1 is set"):
         pusher_for(recipe)  # conftest runs the suite offline
     with pytest.raises(RecipeError, match="output.push_checkpoints is true but output.push_to_hub is false"):

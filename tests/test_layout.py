@@ -25,11 +25,18 @@ def console_scripts() -> dict[str, str]:
 def script_target(path) -> str:
     """``module:function`` that scripts/NAME.py imports and calls under ``if __name__ == "__main__"``."""
     tree = ast.parse(path.read_text())
-    imported = {alias.asname or alias.name: f"{node.module}:{alias.name}"
-                for node in tree.body if isinstance(node, ast.ImportFrom) for alias in node.names}
+    imported = {
+        alias.asname or alias.name: f"{node.module}:{alias.name}"
+        for node in tree.body
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     main_guard = next(node for node in tree.body if isinstance(node, ast.If))
-    called = next(node.func.id for node in ast.walk(main_guard) if isinstance(node, ast.Call)
-                  and isinstance(node.func, ast.Name) and node.func.id in imported)
+    called = next(
+        node.func.id
+        for node in ast.walk(main_guard)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in imported
+    )
     return imported[called]
 
 

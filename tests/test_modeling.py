@@ -18,15 +18,24 @@ from lora_train.modeling import (
 )
 from tests.conftest import MINILM, needs_shared
 
-COMBOS = [("none", "lora"), ("none", "adalora"), ("nf4", "lora"), ("nf4", "adalora"), ("none", "head_only"), ("none", "full")]
+COMBOS = [
+    ("none", "lora"),
+    ("none", "adalora"),
+    ("nf4", "lora"),
+    ("nf4", "adalora"),
+    ("none", "head_only"),
+    ("none", "full"),
+]
 
 
 def build(name_or_path: str, quant: str, method: str, targets: list[str]):
-    recipe = build_recipe({
-        "model": {"name_or_path": str(name_or_path), "attn_implementation": "eager"},
-        "quantization": {"method": quant, "compute_dtype": "float32"},
-        "peft": {"method": method, "r": 8, "target_modules": targets, "init_r": 12, "target_r": 8},
-    })
+    recipe = build_recipe(
+        {
+            "model": {"name_or_path": str(name_or_path), "attn_implementation": "eager"},
+            "quantization": {"method": quant, "compute_dtype": "float32"},
+            "peft": {"method": method, "r": 8, "target_modules": targets, "init_r": 12, "target_r": 8},
+        }
+    )
     config = load_model_config(recipe, ["neg", "pos"])
     model, heads = load_base_model(recipe, config)
     return apply_regime(recipe, model, heads, total_steps=100), heads
@@ -81,13 +90,19 @@ def test_nf4_skip_list_uses_full_names_for_nested_heads(tiny_bert_dir):
 
 
 def test_missing_target_module_lists_the_linear_layers(tiny_bert_dir):
-    recipe = build_recipe({"model": {"name_or_path": str(tiny_bert_dir)}, "peft": {"target_modules": ["query", "q_proj"]}})
-    with pytest.raises(RecipeError, match=r"\['q_proj'\] not found .* its Linear layers are: \['dense', 'key', 'query', 'value'\]"):
+    recipe = build_recipe(
+        {"model": {"name_or_path": str(tiny_bert_dir)}, "peft": {"target_modules": ["query", "q_proj"]}}
+    )
+    with pytest.raises(
+        RecipeError, match=r"\['q_proj'\] not found .* its Linear layers are: \['dense', 'key', 'query', 'value'\]"
+    ):
         check_target_modules(recipe, meta_model(load_model_config(recipe)))
 
 
 def test_decoder_without_pad_token_gets_one(tiny_llama_dir):
-    recipe = build_recipe({"model": {"name_or_path": str(tiny_llama_dir)}, "peft": {"target_modules": ["q_proj", "v_proj"]}})
+    recipe = build_recipe(
+        {"model": {"name_or_path": str(tiny_llama_dir)}, "peft": {"target_modules": ["q_proj", "v_proj"]}}
+    )
     tokenizer = load_tokenizer(recipe)
     assert tokenizer.pad_token == tokenizer.eos_token == "[SEP]"
     config = load_model_config(recipe, ["neg", "pos"])

@@ -66,7 +66,11 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert adapter_config(resumed) == adapter_config(reference)
     ma, mb = (json.loads((run / "metrics.json").read_text()) for run in (reference, resumed))
-    assert (mb["best_step"], mb["best_eval_accuracy"], mb["eval_loss"]) == (ma["best_step"], ma["best_eval_accuracy"], ma["eval_loss"])
+    assert (mb["best_step"], mb["best_eval_accuracy"], mb["eval_loss"]) == (
+        ma["best_step"],
+        ma["best_eval_accuracy"],
+        ma["eval_loss"],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,7 +84,13 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_bert_dir, toy_data_dir
     sections = dict(
         peft={"method": method, "dropout": 0.1, "init_r": 6, "target_r": 4, "tinit": 2, "tfinal": 4, "deltaT": 2},
         quantization={"method": quant, "compute_dtype": "float32"},
-        training={"gradient_accumulation_steps": 3, "save_steps": 5, "eval_steps": 7, "logging_steps": 2, "keep_last": 10},
+        training={
+            "gradient_accumulation_steps": 3,
+            "save_steps": 5,
+            "eval_steps": 7,
+            "logging_steps": 2,
+            "keep_last": 10,
+        },
     )
     reference = tmp_path / "reference"
     train(build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, reference, **sections)))
@@ -89,7 +99,9 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_bert_dir, toy_data_dir
 
     for step, (epoch, batch) in ((5, (0, 15)), (20, (1, 27))):
         resumed = tmp_path / f"resumed-{step}"
-        shutil.copytree(reference / "checkpoints" / ckpt.checkpoint_name(step), resumed / "checkpoints" / ckpt.checkpoint_name(step))
+        shutil.copytree(
+            reference / "checkpoints" / ckpt.checkpoint_name(step), resumed / "checkpoints" / ckpt.checkpoint_name(step)
+        )
         loop = json.loads((resumed / "checkpoints" / ckpt.checkpoint_name(step) / "state.json").read_text())["loop"]
         assert (loop["epoch"], loop["batches_in_epoch"]) == (epoch, batch)  # mid-epoch, on an accumulation boundary
         sections["training"]["resume_from_checkpoint"] = "latest"
@@ -140,17 +152,21 @@ def test_incomplete_or_damaged_checkpoints_are_named_and_skipped(tmp_path, tiny_
     finally:
         logger.removeHandler(caplog.handler)
     assert "skipping incomplete checkpoint" in caplog.text and "step-00000040" in caplog.text
-    assert (f"checkpoint {root / 'step-00000032'} is damaged and skipped: {optimizer} is truncated or corrupt:"
-            f" {size - 100} bytes, {size} were written") in caplog.text
+    assert (
+        f"checkpoint {root / 'step-00000032'} is damaged and skipped: {optimizer} is truncated or corrupt:"
+        f" {size - 100} bytes, {size} were written"
+    ) in caplog.text
     assert f"{trainable} is corrupt: its sha256 differs from the one written with the checkpoint" in caplog.text
-    assert (f"resuming from {root / 'step-00000016'}, the newest intact checkpoint, instead of"
-            f" {root / 'step-00000032'}") in caplog.text
+    assert (
+        f"resuming from {root / 'step-00000016'}, the newest intact checkpoint, instead of {root / 'step-00000032'}"
+    ) in caplog.text
     with pytest.raises(Exception, match="not a complete checkpoint directory"):
         ckpt.resolve_resume(str(root / "step-00000040"), root)
     with pytest.raises(RecipeError) as err:  # a damaged checkpoint given by path: refused, naming the one to pass
         ckpt.resolve_resume(str(root / "step-00000032"), root)
-    assert (f"is damaged: {optimizer} is truncated or corrupt" in str(err.value)
-            and f"pass training.resume_from_checkpoint={root / 'step-00000016'}" in str(err.value))
+    assert f"is damaged: {optimizer} is truncated or corrupt" in str(
+        err.value
+    ) and f"pass training.resume_from_checkpoint={root / 'step-00000016'}" in str(err.value)
 
     # The command line resumes from the newest intact checkpoint, and the run finishes.
     recipe = write_recipe(tmp_path / "recipe.yaml", raw)
@@ -165,8 +181,13 @@ def test_overwrite_discards_the_old_runs_checkpoints(tmp_path, tiny_bert_dir, to
     out = tmp_path / "run"
     train(build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, out, training={"save_steps": 40, "keep_last": 5})))
     assert (out / "checkpoints" / "step-00000040").is_dir()
-    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, training={"num_epochs": 1, "save_steps": 8, "keep_last": 5},
-                      output={"overwrite_output_dir": True})
+    raw = tiny_recipe(
+        tiny_bert_dir,
+        toy_data_dir,
+        out,
+        training={"num_epochs": 1, "save_steps": 8, "keep_last": 5},
+        output={"overwrite_output_dir": True},
+    )
     train(build_recipe(raw))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (8, 16, 24, 32)]
 
@@ -188,8 +209,13 @@ class Run:
         self.out = Path(yaml.safe_load(recipe.read_text())["output"]["output_dir"])
         self.log_path = recipe.parent / f"{recipe.stem}-{time.monotonic_ns()}.log"
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe), *overrides],
-                                         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe), *overrides],
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     @property
     def log(self) -> str:
@@ -252,7 +278,9 @@ def test_sigkill_mid_run_then_resume_is_exact(tmp_path, tiny_bert_dir, toy_data_
     assert_same_run(reference_run, run.out)
 
 
-def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_path, tiny_bert_dir, toy_data_dir, reference_run):
+def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_exact(
+    tmp_path, tiny_bert_dir, toy_data_dir, reference_run
+):
     recipe = process_recipe(tmp_path, "run", tiny_bert_dir, toy_data_dir)
     # The test hook makes the save of step 20 (mid-epoch 1) pause after writing weights and optimizer state.
     run = Run(recipe, env={ckpt.PAUSE_IN_SAVE_ENV: "step-00000020"})
@@ -271,7 +299,8 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint_and_resume_is_exact(tmp_
 
 
 def test_file_size_limit_during_a_save_names_both_checkpoints_exits_3_and_resume_is_exact(
-        tmp_path, tiny_bert_dir, toy_data_dir, reference_run):
+    tmp_path, tiny_bert_dir, toy_data_dir, reference_run
+):
     """A real EFBIG: the process runs under RLIMIT_FSIZE (SIGXFSZ ignored, as Python does), so writing the step-32
     optimizer file fails the way a full disk fails a write; the step-28 checkpoint (where it resumed) is kept."""
     recipe = process_recipe(tmp_path, "run", tiny_bert_dir, toy_data_dir)
@@ -285,16 +314,23 @@ def test_file_size_limit_during_a_save_names_both_checkpoints_exits_3_and_resume
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    command = [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe),
-               "training.resume_from_checkpoint=latest"]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited,
-                          check=False)
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "train.py"),
+        str(recipe),
+        "training.resume_from_checkpoint=latest",
+    ]
+    proc = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limited, check=False
+    )
     assert proc.returncode == ckpt.SAVE_FAILED_EXIT_STATUS == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert line == (f"error: could not write checkpoint {root / 'step-00000032'} (File too large); kept"
-                    f" {root / 'step-00000028'}. Free space (or raise the file-size limit, ulimit -f), then resume with"
-                    " training.resume_from_checkpoint=latest")
+    assert line == (
+        f"error: could not write checkpoint {root / 'step-00000032'} (File too large); kept"
+        f" {root / 'step-00000028'}. Free space (or raise the file-size limit, ulimit -f), then resume with"
+        " training.resume_from_checkpoint=latest"
+    )
     assert sorted(p.name for p in root.iterdir()) == ["step-00000028"]  # the failed save left nothing behind
 
     assert resume(recipe) == 28
@@ -317,14 +353,24 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resume_is_exact(tmp_path, tiny_b
     assert_same_run(reference_run, run.out)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_bert_dir, toy_data_dir, capsys):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, tiny_bert_dir, toy_data_dir, capsys
+):
     # A learning rate of 1e30 makes Adam's first update ~1e30 per weight: the second forward overflows to NaN.
-    recipe = process_recipe(tmp_path, "run", tiny_bert_dir, toy_data_dir,
-                            training={"learning_rate": 1e30, "save_steps": 1, "logging_steps": 1, "gradient_accumulation_steps": 1})
+    recipe = process_recipe(
+        tmp_path,
+        "run",
+        tiny_bert_dir,
+        toy_data_dir,
+        training={"learning_rate": 1e30, "save_steps": 1, "logging_steps": 1, "gradient_accumulation_steps": 1},
+    )
     assert train_main([str(recipe)]) == 1
     err = capsys.readouterr().err
     root = tmp_path / "run" / "checkpoints"
-    assert f"error: loss became nan at optimizer step 2; stopping. The last good checkpoint is kept: {root / 'step-00000001'}." in err
+    assert (
+        f"error: loss became nan at optimizer step 2; stopping. The last good checkpoint is kept: {root / 'step-00000001'}."
+        in err
+    )
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
     assert all(torch.isfinite(t).all() for t in load_file(root / "step-00000001" / "trainable.safetensors").values())
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
@@ -335,10 +381,17 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path, tiny_bert_dir, t
     out = tmp_path / "run"
     # AdamW first scales weights by 1 - learning_rate * weight_decay = -1e40: past float32's range, so the weights
     # become inf in the step-1 update, after the step-1 loss was computed (finite) from the initial weights.
-    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out,
-                      training={"learning_rate": 1e30, "weight_decay": 1e10, "save_steps": 1, "logging_steps": 1})
-    with pytest.raises(TrainingError, match=r"parameters \[.*\] became non-finite at optimizer step 1; stopping without"
-                                            r" saving. No checkpoint had been saved yet."):
+    raw = tiny_recipe(
+        tiny_bert_dir,
+        toy_data_dir,
+        out,
+        training={"learning_rate": 1e30, "weight_decay": 1e10, "save_steps": 1, "logging_steps": 1},
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"parameters \[.*\] became non-finite at optimizer step 1; stopping without"
+        r" saving. No checkpoint had been saved yet.",
+    ):
         train(build_recipe(raw))
     assert ckpt.list_checkpoints(out / "checkpoints") == [] and not list((out / "checkpoints").glob(".step-*"))
 

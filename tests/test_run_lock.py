@@ -15,19 +15,26 @@ from tests.test_resume import Run
 
 
 def test_a_second_run_into_a_busy_directory_is_refused_and_a_dead_runs_lock_does_not_block(
-        tmp_path, tiny_bert_dir, toy_data_dir, capsys):
+    tmp_path, tiny_bert_dir, toy_data_dir, capsys
+):
     out = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, out,
-                                                                  training={"max_steps": 4, "save_steps": 2}))
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml",
+        tiny_recipe(tiny_bert_dir, toy_data_dir, out, training={"max_steps": 4, "save_steps": 2}),
+    )
     # The first run sleeps inside its first checkpoint save (the test hook), so it is surely alive and busy.
     first = Run(recipe, env={"LORA_TRAIN_PAUSE_IN_SAVE": "step-00000002"})
     first.wait_for("the first save", lambda: any((out / "checkpoints").glob(".step-00000002.tmp-*")))
 
     # What a job retry does: same recipe, resume=latest. Before the lock it trained into the directory too (exit 0).
     start = time.monotonic()
-    second = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe),
-                             "training.resume_from_checkpoint=latest"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe), "training.resume_from_checkpoint=latest"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"is in use by another run (process {first.proc.pid} on " in second.stderr
     assert "Traceback" not in second.stderr

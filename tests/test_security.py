@@ -35,12 +35,28 @@ def token_run(tmp_path_factory, tiny_bert_dir, toy_data_dir) -> tuple[Path, Path
     """A real run (checkpoints, best adapter, tensorboard) with a Hub token in its environment."""
     tmp = tmp_path_factory.mktemp("token_run")
     out, datasets_cache = tmp / "run", tmp / "datasets_cache"
-    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, training={"num_epochs": 1, "save_steps": 8, "eval_steps": 16},
-                      output={"report_to": ["tensorboard"]})
+    raw = tiny_recipe(
+        tiny_bert_dir,
+        toy_data_dir,
+        out,
+        training={"num_epochs": 1, "save_steps": 8, "eval_steps": 16},
+        output={"report_to": ["tensorboard"]},
+    )
     recipe = write_recipe(tmp / "recipe.yaml", raw)
-    env = {**os.environ, "HF_TOKEN": FAKE_TOKEN, "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN, "HF_DATASETS_CACHE": str(datasets_cache)}
-    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "HF_TOKEN": FAKE_TOKEN,
+        "HUGGING_FACE_HUB_TOKEN": FAKE_TOKEN,
+        "HF_DATASETS_CACHE": str(datasets_cache),
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), str(recipe)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
     return out, datasets_cache, log
@@ -72,8 +88,13 @@ def test_run_writes_weights_only_as_safetensors(token_run):
 
 
 FORBIDDEN_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
-FORBIDDEN_KEYWORDS = {("weights_only", False), ("allow_pickle", True), ("safe_serialization", False),
-                      ("use_safetensors", False), ("trust_remote_code", True)}
+FORBIDDEN_KEYWORDS = {
+    ("weights_only", False),
+    ("allow_pickle", True),
+    ("safe_serialization", False),
+    ("use_safetensors", False),
+    ("trust_remote_code", True),
+}
 
 
 def unsafe_calls(source: str) -> list[str]:
@@ -87,11 +108,18 @@ def unsafe_calls(source: str) -> list[str]:
             found.append(f"from {node.module} import ...")
         elif isinstance(node, ast.Call):
             func = node.func
-            if isinstance(func, ast.Attribute) and func.attr in ("load", "loads", "Unpickler") and isinstance(func.value, ast.Name) \
-                    and func.value.id in FORBIDDEN_MODULES | {"torch"}:
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr in ("load", "loads", "Unpickler")
+                and isinstance(func.value, ast.Name)
+                and func.value.id in FORBIDDEN_MODULES | {"torch"}
+            ):
                 found.append(f"{func.value.id}.{func.attr}()")
-            found += [f"{k.arg}={k.value.value!r}" for k in node.keywords
-                      if isinstance(k.value, ast.Constant) and (k.arg, k.value.value) in FORBIDDEN_KEYWORDS]
+            found += [
+                f"{k.arg}={k.value.value!r}"
+                for k in node.keywords
+                if isinstance(k.value, ast.Constant) and (k.arg, k.value.value) in FORBIDDEN_KEYWORDS
+            ]
     return found
 
 
@@ -99,7 +127,9 @@ def test_the_scanner_sees_unsafe_loading():
     assert unsafe_calls("import torch\nstate = torch.load(path)\n") == ["torch.load()"]
     assert unsafe_calls("import pickle\npickle.loads(b)\n") == ["import pickle", "pickle.loads()"]
     assert unsafe_calls("m = M.from_pretrained(p, trust_remote_code=True, use_safetensors=False)\n") == [
-        "trust_remote_code=True", "use_safetensors=False"]
+        "trust_remote_code=True",
+        "use_safetensors=False",
+    ]
 
 
 def test_package_never_unpickles():

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import pytest
 
-from lora_train.experiments import sweep
 from lora_train.config import RecipeError
+from lora_train.experiments import sweep
 from lora_train.experiments.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
 from tests.conftest import tiny_recipe, write_recipe
 
@@ -28,25 +27,33 @@ def test_commas_inside_brackets_do_not_split():
     runs = sweep.expand_grid(["peft.target_modules=[query,value],[query,key,value]"])
     assert [r["peft.target_modules"] for r in runs] == ["[query,value]", "[query,key,value]"]
     assert sweep.run_name(runs[1]) == "target_modules-query-key-value"
-    assert sweep.run_name({"peft.method": "lora", "quantization.method": "nf4"}) == "peft.method-lora_quantization.method-nf4"
+    assert (
+        sweep.run_name({"peft.method": "lora", "quantization.method": "nf4"})
+        == "peft.method-lora_quantization.method-nf4"
+    )
 
 
-@pytest.mark.parametrize("specs,message", [
-    (["peft.alpha=2*peft.r"], "not a list axis of the same grid"),
-    (["peft.r=1,,2"], "malformed"),
-    (["peft.target_modules=[query,value"], "malformed"),
-    (["r=1,2"], "must be section.field"),
-    (["peft.r"], "not of the form"),
-    (["peft.r=1", "peft.r=2"], "given twice"),
-    (["peft.method=lora,full", "peft.alpha=2*peft.method"], "needs numeric values"),
-])
+@pytest.mark.parametrize(
+    "specs,message",
+    [
+        (["peft.alpha=2*peft.r"], "not a list axis of the same grid"),
+        (["peft.r=1,,2"], "malformed"),
+        (["peft.target_modules=[query,value"], "malformed"),
+        (["r=1,2"], "must be section.field"),
+        (["peft.r"], "not of the form"),
+        (["peft.r=1", "peft.r=2"], "given twice"),
+        (["peft.method=lora,full", "peft.alpha=2*peft.method"], "needs numeric values"),
+    ],
+)
 def test_bad_grids_are_refused_with_the_reason(specs, message):
     with pytest.raises(RecipeError, match=message):
         sweep.expand_grid(specs)
 
 
 def test_arms_sharing_a_run_train_it_once(tmp_path):
-    runs = sweep.plan({"scaled": ["peft.r=4,8", "peft.alpha=2*peft.r"], "fixed": ["peft.r=4,8", "peft.alpha=16"]}, tmp_path)
+    runs = sweep.plan(
+        {"scaled": ["peft.r=4,8", "peft.alpha=2*peft.r"], "fixed": ["peft.r=4,8", "peft.alpha=16"]}, tmp_path
+    )
     assert [r.name for r in runs] == ["r-4_alpha-8", "r-8_alpha-16", "r-4_alpha-16", "r-8_alpha-16"]
     assert len(sweep.unique(runs)) == 3
     study_runs = sweep.plan(rank_arms(3), tmp_path)
@@ -64,8 +71,10 @@ def test_every_run_is_validated_before_any_trains(tmp_path, tiny_bert_dir, toy_d
 
 
 def test_aggregate_means_and_sample_std_over_seeds():
-    rows = [{"run": f"s{s}", "arm": "a", "peft.r": "8", "training.seed": str(s), "eval_accuracy": acc}
-            for s, acc in enumerate((0.80, 0.82, 0.84))]
+    rows = [
+        {"run": f"s{s}", "arm": "a", "peft.r": "8", "training.seed": str(s), "eval_accuracy": acc}
+        for s, acc in enumerate((0.80, 0.82, 0.84))
+    ]
     rows.append({"run": "x", "arm": "a", "peft.r": "16", "training.seed": "0", "eval_accuracy": 0.9})
     agg = sweep.aggregate(rows, "training.seed", ["eval_accuracy"])
     assert [(a["peft.r"], a["n"]) for a in agg] == [("8", 3), ("16", 1)]
@@ -75,11 +84,22 @@ def test_aggregate_means_and_sample_std_over_seeds():
 
 def test_study_tables_give_mean_and_std_over_seeds_per_arm():
     def row(arm, seed, acc, f1, seconds):
-        return {"run": f"{arm}-{seed}", "arm": arm, **({"training.seed": str(seed)} if seed is not None else {}),
-                "eval_accuracy": acc, "eval_macro_f1": f1, "train_seconds": seconds, "train_samples_per_s": 10.0,
-                "peak_memory_mb": 1000.0, "trainable_params": 770, "wall_seconds": None}
+        return {
+            "run": f"{arm}-{seed}",
+            "arm": arm,
+            **({"training.seed": str(seed)} if seed is not None else {}),
+            "eval_accuracy": acc,
+            "eval_macro_f1": f1,
+            "train_seconds": seconds,
+            "train_samples_per_s": 10.0,
+            "peak_memory_mb": 1000.0,
+            "trainable_params": 770,
+            "wall_seconds": None,
+        }
 
-    rows = [row("features", None, 0.6, 0.5, 9.0)] + [row("lora", s, acc, 0.7, 100.0 + s) for s, acc in enumerate((0.80, 0.84))]
+    rows = [row("features", None, 0.6, 0.5, 9.0)] + [
+        row("lora", s, acc, 0.7, 100.0 + s) for s, acc in enumerate((0.80, 0.84))
+    ]
     arms = over_seeds(rows)
     assert [(a["arm"], a["n"]) for a in arms] == [("features", 1), ("lora", 2)]
     table = comparison_table(arms, lambda a: a["arm"]).splitlines()
@@ -94,12 +114,23 @@ def test_pareto_front_keeps_only_undominated_points():
 
 def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir):
     """Real LoRA runs of a tiny BERT, each in its own process and directory, a failing run, and the tables."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused",
-                                                           training={"num_epochs": 1, "save_steps": 1000}))
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", training={"num_epochs": 1, "save_steps": 1000}),
+    )
     out = tmp_path / "sweep"
     # "nonexistent" is not a module of this model: that run fails at its model check, the others still run.
-    argv = [str(recipe), "peft.r=2,4", "peft.alpha=2*peft.r", "--grid", "peft.target_modules=[nonexistent]",
-            "--out", str(out), "--aggregate-over", "peft.target_modules"]
+    argv = [
+        str(recipe),
+        "peft.r=2,4",
+        "peft.alpha=2*peft.r",
+        "--grid",
+        "peft.target_modules=[nonexistent]",
+        "--out",
+        str(out),
+        "--aggregate-over",
+        "peft.target_modules",
+    ]
     assert sweep.sweep_main(argv) == 1
     assert "not found" in (out / "logs" / "target_modules-nonexistent.log").read_text()
     assert not (out / "target_modules-nonexistent" / "metrics.json").exists()
@@ -113,7 +144,9 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(row["peft.r"], row["peft.alpha"]) for row in rows] == [("2", "4"), ("4", "8")]
-    assert int(rows[1]["trainable_params"]) - int(rows[0]["trainable_params"]) == 2 * 2 * (2 * 64 * 2)  # 2 layers x q,v x (A+B) x 2 more ranks
+    assert int(rows[1]["trainable_params"]) - int(rows[0]["trainable_params"]) == 2 * 2 * (
+        2 * 64 * 2
+    )  # 2 layers x q,v x (A+B) x 2 more ranks
     for row in rows:  # the table reports each run's own metrics and logged rates, not placeholders
         metrics = json.loads((out / row["run"] / "metrics.json").read_text())
         history = json.loads((out / row["run"] / "history.json").read_text())

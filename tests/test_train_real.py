@@ -21,8 +21,13 @@ def test_cpu_recipe_learns_on_a_real_subset(tmp_path, recipe_name):
     out = tmp_path / recipe_name
     recipe = load_recipe(
         ROOT / "recipes" / "cpu" / f"{recipe_name}.yaml",
-        ["data.max_train_samples=3000", "training.eval_steps=0", "training.save_steps=0",
-         f"output.output_dir={out}", "output.report_to=[]"],
+        [
+            "data.max_train_samples=3000",
+            "training.eval_steps=0",
+            "training.save_steps=0",
+            f"output.output_dir={out}",
+            "output.report_to=[]",
+        ],
     )
     metrics = train(recipe)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from lora_train.config import build_recipe
 from lora_train.train import train
 from tests.conftest import reload_accuracy, reset_accelerator_state, tiny_recipe
@@ -18,12 +19,24 @@ from tests.conftest import reload_accuracy, reset_accelerator_state, tiny_recipe
 @pytest.mark.parametrize("method,quant", [("lora", "none"), ("adalora", "none"), ("lora", "nf4"), ("adalora", "nf4")])
 def test_tiny_bert_trains_and_saves_adapter_only(tmp_path, tiny_bert_dir, toy_data_dir, method, quant):
     out = tmp_path / "run"
-    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, peft={"method": method, "init_r": 6, "target_r": 4},
-                      quantization={"method": quant, "compute_dtype": "float32"})
+    raw = tiny_recipe(
+        tiny_bert_dir,
+        toy_data_dir,
+        out,
+        peft={"method": method, "init_r": 6, "target_r": 4},
+        quantization={"method": quant, "compute_dtype": "float32"},
+    )
     metrics = train(build_recipe(raw))
     assert metrics["global_step"] == 64 and metrics["eval_samples"] == 128
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "recipe.yaml", "metrics.json", "README.md", "tokenizer.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "recipe.yaml",
+        "metrics.json",
+        "README.md",
+        "tokenizer.json",
+    } <= names
     assert "model.safetensors" not in names and not any(n.endswith(".bin") for n in names)
     from safetensors import safe_open
 
@@ -34,15 +47,21 @@ def test_tiny_bert_trains_and_saves_adapter_only(tmp_path, tiny_bert_dir, toy_da
 
     val = pd.read_parquet(toy_data_dir / "validation.parquet")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert reload_accuracy(out, list(val["text"]), val["label"].to_numpy(), 32) == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert reload_accuracy(out, list(val["text"]), val["label"].to_numpy(), 32) == pytest.approx(
+        metrics["eval_accuracy"], abs=1e-9
+    )
     from lora_train.inference import evaluate_run, load_run
 
-    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)  # scripts/eval.py
+    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(
+        metrics["eval_accuracy"], abs=1e-9
+    )  # scripts/eval.py
 
 
 def test_tiny_full_finetuning_learns(tmp_path, tiny_bert_dir, toy_data_dir):
     out = tmp_path / "full"
-    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, peft={"method": "full"}, training={"num_epochs": 4, "learning_rate": 1e-3})
+    raw = tiny_recipe(
+        tiny_bert_dir, toy_data_dir, out, peft={"method": "full"}, training={"num_epochs": 4, "learning_rate": 1e-3}
+    )
     metrics = train(build_recipe(raw))
     losses = [h["loss"] for h in json.loads((out / "history.json").read_text()) if "loss" in h]
     assert losses[-1] < 0.5 * losses[0]
@@ -52,8 +71,9 @@ def test_tiny_full_finetuning_learns(tmp_path, tiny_bert_dir, toy_data_dir):
 
 def test_tiny_llama_decoder_classifier_gets_pad_token(tmp_path, tiny_llama_dir, toy_data_dir):
     out = tmp_path / "llama"
-    raw = tiny_recipe(tiny_llama_dir, toy_data_dir, out, peft={"target_modules": ["q_proj", "v_proj"]},
-                      training={"num_epochs": 1})
+    raw = tiny_recipe(
+        tiny_llama_dir, toy_data_dir, out, peft={"target_modules": ["q_proj", "v_proj"]}, training={"num_epochs": 1}
+    )
     metrics = train(build_recipe(raw))
     assert metrics["global_step"] == 32
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -72,10 +92,18 @@ def test_bf16_autocast_and_gradient_checkpointing_train_the_encoder(tmp_path, ti
     import numpy as np
 
     runs = {}
-    for name, training in (("fp32", {}), ("checkpointing", {"gradient_checkpointing": True}),
-                           ("bf16", {"mixed_precision": "bf16"})):
-        raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / name, peft={"method": "full"},
-                          training={"num_epochs": 4, "learning_rate": 1e-3, **training})
+    for name, training in (
+        ("fp32", {}),
+        ("checkpointing", {"gradient_checkpointing": True}),
+        ("bf16", {"mixed_precision": "bf16"}),
+    ):
+        raw = tiny_recipe(
+            tiny_bert_dir,
+            toy_data_dir,
+            tmp_path / name,
+            peft={"method": "full"},
+            training={"num_epochs": 4, "learning_rate": 1e-3, **training},
+        )
         train(build_recipe(raw))
         reset_accelerator_state()
         history = json.loads((tmp_path / name / "history.json").read_text())
@@ -92,9 +120,14 @@ def test_gradient_checkpointing_is_on_for_every_regime_that_asks(tiny_bert_dir):
     from lora_train.modeling import apply_regime, load_base_model, load_model_config
 
     for quant, method in (("none", "lora"), ("nf4", "lora"), ("none", "full")):
-        recipe = build_recipe({"model": {"name_or_path": str(tiny_bert_dir)}, "peft": {"method": method},
-                               "quantization": {"method": quant, "compute_dtype": "float32"},
-                               "training": {"gradient_checkpointing": True}})
+        recipe = build_recipe(
+            {
+                "model": {"name_or_path": str(tiny_bert_dir)},
+                "peft": {"method": method},
+                "quantization": {"method": quant, "compute_dtype": "float32"},
+                "training": {"gradient_checkpointing": True},
+            }
+        )
         model, heads = load_base_model(recipe, load_model_config(recipe, ["neg", "pos"]))
         model = apply_regime(recipe, model, heads, 10)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -111,13 +144,21 @@ def test_nf4_run_does_not_depend_on_the_thread_count(tmp_path, tiny_bert_dir, to
         for threads in (1, 2):
             torch.set_num_threads(threads)
             out = tmp_path / f"threads_{threads}"
-            raw = tiny_recipe(tiny_bert_dir, toy_data_dir, out, peft={"dropout": 0.1},
-                              quantization={"method": "nf4", "compute_dtype": "float32"},
-                              training={"max_steps": 8, "logging_steps": 1})
+            raw = tiny_recipe(
+                tiny_bert_dir,
+                toy_data_dir,
+                out,
+                peft={"dropout": 0.1},
+                quantization={"method": "nf4", "compute_dtype": "float32"},
+                training={"max_steps": 8, "logging_steps": 1},
+            )
             metrics = train(build_recipe(raw))
             history = json.loads((out / "history.json").read_text())
-            results[threads] = ([loss for h in history for loss in h.get("step_losses", [])],
-                                metrics["eval_loss"], metrics["eval_accuracy"])
+            results[threads] = (
+                [loss for h in history for loss in h.get("step_losses", [])],
+                metrics["eval_loss"],
+                metrics["eval_accuracy"],
+            )
     finally:
         torch.set_num_threads(before)
     assert len(results[1][0]) == 8 and results[1] == results[2]

@@ -22,20 +22,39 @@ from lora_train.experiments.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = recipe_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/benchmark", help="Directory for results.json, results.md and per-run logs.")
+    parser.add_argument(
+        "--out", default="runs/benchmark", help="Directory for results.json, results.md and per-run logs."
+    )
     parser.add_argument("--warmup", type=int, default=Settings.warmup_steps, help="Untimed optimizer steps first.")
     parser.add_argument("--steps", type=int, default=Settings.measure_steps, help="Timed optimizer steps.")
-    parser.add_argument("--repeats", type=int, default=Settings.repeats, help="Runs of each contender (median reported).")
-    parser.add_argument("--threads", type=int, default=Settings.threads, help="torch / OpenMP threads, the same for every run.")
-    parser.add_argument("--seed-per-repeat", action="store_true",
-                        help="Repeat k trains with training.seed + k (every contender alike): accuracy as mean ± std over seeds.")
-    parser.add_argument("--epochs", type=float, default=None, help="Time whole epochs and report accuracy instead of --steps.")
+    parser.add_argument(
+        "--repeats", type=int, default=Settings.repeats, help="Runs of each contender (median reported)."
+    )
+    parser.add_argument(
+        "--threads", type=int, default=Settings.threads, help="torch / OpenMP threads, the same for every run."
+    )
+    parser.add_argument(
+        "--seed-per-repeat",
+        action="store_true",
+        help="Repeat k trains with training.seed + k (every contender alike): accuracy as mean ± std over seeds.",
+    )
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="Time whole epochs and report accuracy instead of --steps."
+    )
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    parser.add_argument("--levers", action="store_true", help="Ablation of " + ", ".join(LEVERS) + " instead (steps only).")
+    parser.add_argument(
+        "--levers", action="store_true", help="Ablation of " + ", ".join(LEVERS) + " instead (steps only)."
+    )
     parser.add_argument("--memory", action="store_true", help="Compare " + ", ".join(MEMORY_VARIANTS) + " instead.")
     recipe, args = parse_recipe(parser, argv)
-    settings = Settings(warmup_steps=args.warmup, measure_steps=args.steps, repeats=args.repeats, threads=args.threads,
-                        epochs=args.epochs, seed_per_repeat=args.seed_per_repeat)
+    settings = Settings(
+        warmup_steps=args.warmup,
+        measure_steps=args.steps,
+        repeats=args.repeats,
+        threads=args.threads,
+        epochs=args.epochs,
+        seed_per_repeat=args.seed_per_repeat,
+    )
     try:
         if args.memory:
             report = run_memory(recipe, settings, Path(args.out))

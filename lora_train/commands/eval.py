@@ -20,12 +20,18 @@ from typing import Optional, Sequence
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
-    parser.add_argument("--split", help="split to evaluate (default: the recipe's evaluation split, exactly as in training)")
-    parser.add_argument("--data-path", help="directory of {split}.parquet files or Hub dataset id (default: the recipe's data.path)")
+    parser.add_argument(
+        "--split", help="split to evaluate (default: the recipe's evaluation split, exactly as in training)"
+    )
+    parser.add_argument(
+        "--data-path", help="directory of {split}.parquet files or Hub dataset id (default: the recipe's data.path)"
+    )
     parser.add_argument("--max-samples", type=int, help="evaluate a fixed random subset of this many rows")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
-    parser.add_argument("--output-dir", help="where the JSON and PNG go (default: RUN/eval, or runs/eval/<user--name> for a Hub repo)")
+    parser.add_argument(
+        "--output-dir", help="where the JSON and PNG go (default: RUN/eval, or runs/eval/<user--name> for a Hub repo)"
+    )
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples <= 0:
         parser.error("--max-samples must be > 0")
@@ -39,7 +45,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_train.plots import confusion_matrix_png
 
     local = Path(args.run).exists()
-    out = Path(args.output_dir) if args.output_dir else (Path(args.run) / "eval" if local else Path("runs/eval") / args.run.replace("/", "--"))
+    out = (
+        Path(args.output_dir)
+        if args.output_dir
+        else (Path(args.run) / "eval" if local else Path("runs/eval") / args.run.replace("/", "--"))
+    )
     try:
         problem = args.output_dir and writable_directory_problem(out)  # before the work, not after it
         if problem:
@@ -53,9 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"eval_{split}.json").write_text(json.dumps(report, indent=1))
     title = f"{Path(args.run).name if local else args.run}: {split} ({report['num_samples']} examples)"
-    (out / f"confusion_matrix_{split}.png").write_bytes(confusion_matrix_png(report["confusion_matrix"], run.label_names, title))
+    (out / f"confusion_matrix_{split}.png").write_bytes(
+        confusion_matrix_png(report["confusion_matrix"], run.label_names, title)
+    )
 
-    print(f"{split}: {report['num_samples']} examples | accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f} | loss {report['loss']:.4f}")
+    print(
+        f"{split}: {report['num_samples']} examples | accuracy {report['accuracy']:.4f} | macro-F1 {report['macro_f1']:.4f} | loss {report['loss']:.4f}"
+    )
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
     for name, c in report["per_class"].items():
         print(f"{name:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>10}")

@@ -20,8 +20,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
     parser.add_argument("output_dir", help="directory for the merged model (must be empty or new)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                        help="dtype of the saved weights (default: the training dtype; the compute dtype for NF4 runs)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the saved weights (default: the training dtype; the compute dtype for NF4 runs)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     args = parser.parse_args(argv)
 

@@ -22,9 +22,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
     parser.add_argument("texts", nargs="*", help="texts to classify (none: read --file or stdin)")
     parser.add_argument("--file", help="input file: .txt (one text per line), .jsonl or .csv; '-' for stdin")
-    parser.add_argument("--text-column", help="field of .jsonl / .csv records holding the text (default: the task's text column)")
+    parser.add_argument(
+        "--text-column", help="field of .jsonl / .csv records holding the text (default: the task's text column)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", action="store_true", help="print one JSON object per text, with every class probability")
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object per text, with every class probability"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     args = parser.parse_args(argv)
     if args.texts and args.file:
@@ -49,11 +53,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column))
         run = load_run(str(directory), device=args.device)
         # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
-        rows = tqdm(predict(run, texts, args.batch_size), total=total, desc="predict", unit="text",
-                    disable=total is None or total <= args.batch_size)
+        rows = tqdm(
+            predict(run, texts, args.batch_size),
+            total=total,
+            desc="predict",
+            unit="text",
+            disable=total is None or total <= args.batch_size,
+        )
         for row in rows:
-            line = (json.dumps(row, ensure_ascii=False) if args.json
-                    else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}")
+            line = (
+                json.dumps(row, ensure_ascii=False)
+                if args.json
+                else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
+            )
             rows.write(line, file=sys.stdout)
             sys.stdout.flush()
     except (RunError, RecipeError) as err:

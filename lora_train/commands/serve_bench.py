@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -41,9 +40,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [name or default_name(source, Path(source)) for name, source in pairs]
     if len(set(names)) != len(names):
         parser.error(f"adapter names {names} repeat; name them with NAME=SOURCE")
-    results = run_bench([source for _, source in pairs], names, args.setups, args.clients, args.warmup,
-                        args.duration, args.texts_per_adapter,
-                        server_args=["--threads", str(args.server_threads)] if args.server_threads else [])
+    results = run_bench(
+        [source for _, source in pairs],
+        names,
+        args.setups,
+        args.clients,
+        args.warmup,
+        args.duration,
+        args.texts_per_adapter,
+        server_args=["--threads", str(args.server_threads)] if args.server_threads else [],
+    )
     print(markdown_table(results))
     print(summary(results) or "")
     if args.out:

@@ -48,19 +48,28 @@ CONTENDER_LABELS = {
     "trainer_dynamic": "Trainer + PEFT, dynamic padding + group_by_length",
 }
 LEVERS = {
-    "plain": (False, False), "fast_dropout": (True, False), "fused_adamw": (False, True), "both": (True, True),
+    "plain": (False, False),
+    "fast_dropout": (True, False),
+    "fused_adamw": (False, True),
+    "both": (True, True),
 }
 """Ablation (``--levers``): a bare loop over our data and model with (FastDropout, fused AdamW) on or off."""
 LABELS = {
     **CONTENDER_LABELS,
-    "plain": "bare loop: torch dropout, foreach AdamW", "fast_dropout": "bare loop + FastDropout",
-    "fused_adamw": "bare loop + fused AdamW", "both": "bare loop + FastDropout + fused AdamW (= our loop)",
+    "plain": "bare loop: torch dropout, foreach AdamW",
+    "fast_dropout": "bare loop + FastDropout",
+    "fused_adamw": "bare loop + fused AdamW",
+    "both": "bare loop + FastDropout + fused AdamW (= our loop)",
 }
 MEMORY_VARIANTS = {
     "fp32": ["model.dtype=float32", "quantization.method=none"],
     "bf16": ["model.dtype=bfloat16", "quantization.method=none"],
     "nf4": ["quantization.method=nf4", "quantization.double_quant=false", "quantization.compute_dtype=float32"],
-    "nf4_double_quant": ["quantization.method=nf4", "quantization.double_quant=true", "quantization.compute_dtype=float32"],
+    "nf4_double_quant": [
+        "quantization.method=nf4",
+        "quantization.double_quant=true",
+        "quantization.compute_dtype=float32",
+    ],
 }
 """Recipe overrides of the memory comparison. NF4 keeps the recipe's dtype for the weights it does not quantize and
 computes in float32 (bitsandbytes' fast path on CPU; a GPU recipe would use bfloat16)."""
@@ -86,7 +95,9 @@ class Settings:
         """Refuse settings that cannot give a measurement."""
         problems = []
         if self.epochs is None and (self.warmup_steps < 0 or self.measure_steps <= 0):
-            problems.append(f"warm-up steps must be >= 0 and measured steps > 0 (got {self.warmup_steps}, {self.measure_steps})")
+            problems.append(
+                f"warm-up steps must be >= 0 and measured steps > 0 (got {self.warmup_steps}, {self.measure_steps})"
+            )
         if self.epochs is not None and self.epochs <= 0:
             problems.append(f"epochs must be > 0 (got {self.epochs})")
         if self.repeats <= 0 or self.threads <= 0:
@@ -105,10 +116,19 @@ def run_job(job: dict[str, Any], work_dir: Path, threads: int) -> dict[str, Any]
     job_path, result_path, log_path = work_dir / "job.json", work_dir / "result.json", work_dir / "log.txt"
     job_path.write_text(json.dumps(job))
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "lora_train.experiments.benchmark", str(job_path), str(result_path)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, "-m", "lora_train.experiments.benchmark", str(job_path), str(result_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"benchmark job {job.get('name')} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
@@ -120,8 +140,14 @@ def interleaved_order(names: list[str], repeats: int) -> list[tuple[int, str]]:
     return [(r, names[(r + i) % len(names)]) for r in range(repeats) for i in range(len(names))]
 
 
-def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders: tuple[str, ...] = CONTENDERS,
-                  log=print, reference: str = "ours") -> dict[str, Any]:
+def run_benchmark(
+    recipe: Recipe,
+    settings: Settings,
+    out_dir: Path,
+    contenders: tuple[str, ...] = CONTENDERS,
+    log=print,
+    reference: str = "ours",
+) -> dict[str, Any]:
     """Run every contender (or lever of :data:`LEVERS`) ``settings.repeats`` times, interleaved; write and
     return the report, with how many times faster ``reference`` is than each."""
     settings.check()
@@ -131,23 +157,39 @@ def run_benchmark(recipe: Recipe, settings: Settings, out_dir: Path, contenders:
     runs = []
     for repeat, name in interleaved_order(list(contenders), settings.repeats):
         seed = recipe.training.seed + (repeat if settings.seed_per_repeat else 0)
-        job = {"kind": "train", "name": name, "recipe": build_recipe(recipe.to_dict(), [f"training.seed={seed}"]).to_dict(),
-               "threads": settings.threads,
-               "warmup_steps": settings.warmup_steps, "measure_steps": settings.measure_steps, "epochs": settings.epochs}
+        job = {
+            "kind": "train",
+            "name": name,
+            "recipe": build_recipe(recipe.to_dict(), [f"training.seed={seed}"]).to_dict(),
+            "threads": settings.threads,
+            "warmup_steps": settings.warmup_steps,
+            "measure_steps": settings.measure_steps,
+            "epochs": settings.epochs,
+        }
         result = run_job(job, out_dir / "runs" / f"{repeat}-{name}", settings.threads)
         result.update(contender=name, repeat=repeat, seed=seed)
         runs.append(result)
-        log(f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
-            f"peak {result['peak_memory_mb']:.0f} MB" + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else ""))
-    report = {"mode": "epochs" if settings.epochs is not None else "steps", "settings": settings.__dict__,
-              "recipe": recipe.to_dict(), "machine": machine_info(settings.threads), "runs": runs,
-              "reference": reference, "summary": summarize(runs, list(contenders), reference)}
+        log(
+            f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
+            f"peak {result['peak_memory_mb']:.0f} MB"
+            + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else "")
+        )
+    report = {
+        "mode": "epochs" if settings.epochs is not None else "steps",
+        "settings": settings.__dict__,
+        "recipe": recipe.to_dict(),
+        "machine": machine_info(settings.threads),
+        "runs": runs,
+        "reference": reference,
+        "summary": summarize(runs, list(contenders), reference),
+    }
     write_report(report, out_dir, throughput_markdown(report))
     return report
 
 
-def run_memory(recipe: Recipe, settings: Settings, out_dir: Path, variants: tuple[str, ...] = tuple(MEMORY_VARIANTS),
-               log=print) -> dict[str, Any]:
+def run_memory(
+    recipe: Recipe, settings: Settings, out_dir: Path, variants: tuple[str, ...] = tuple(MEMORY_VARIANTS), log=print
+) -> dict[str, Any]:
     """Weight bytes (one process per variant) and peak memory of a short training run (another process)."""
     settings.check()
     rows = []
@@ -155,15 +197,36 @@ def run_memory(recipe: Recipe, settings: Settings, out_dir: Path, variants: tupl
         variant = build_recipe(recipe.to_dict(), MEMORY_VARIANTS[name])
         base_job = {"recipe": variant.to_dict(), "threads": settings.threads, "name": name}
         weights = run_job({**base_job, "kind": "weights"}, out_dir / "runs" / f"{name}-weights", settings.threads)
-        trained = run_job({**base_job, "kind": "train", "name": "ours", "warmup_steps": settings.warmup_steps,
-                           "measure_steps": settings.measure_steps, "epochs": None}, out_dir / "runs" / f"{name}-train", settings.threads)
-        row = {"variant": name, "overrides": MEMORY_VARIANTS[name], **weights,
-               **{k: trained[k] for k in ("peak_memory_mb", "samples_per_s", "step_time_ms", "trainable_params")}}
+        trained = run_job(
+            {
+                **base_job,
+                "kind": "train",
+                "name": "ours",
+                "warmup_steps": settings.warmup_steps,
+                "measure_steps": settings.measure_steps,
+                "epochs": None,
+            },
+            out_dir / "runs" / f"{name}-train",
+            settings.threads,
+        )
+        row = {
+            "variant": name,
+            "overrides": MEMORY_VARIANTS[name],
+            **weights,
+            **{k: trained[k] for k in ("peak_memory_mb", "samples_per_s", "step_time_ms", "trainable_params")},
+        }
         rows.append(row)
-        log(f"{name}: base Linear weights {row['linear_weight_bytes'] / 2**20:.2f} MiB, all weights"
-            f" {row['weight_bytes'] / 2**20:.2f} MiB, peak {row['peak_memory_mb']:.0f} MB")
-    report = {"mode": "memory", "settings": settings.__dict__, "recipe": recipe.to_dict(),
-              "machine": machine_info(settings.threads), "rows": rows}
+        log(
+            f"{name}: base Linear weights {row['linear_weight_bytes'] / 2**20:.2f} MiB, all weights"
+            f" {row['weight_bytes'] / 2**20:.2f} MiB, peak {row['peak_memory_mb']:.0f} MB"
+        )
+    report = {
+        "mode": "memory",
+        "settings": settings.__dict__,
+        "recipe": recipe.to_dict(),
+        "machine": machine_info(settings.threads),
+        "rows": rows,
+    }
     write_report(report, out_dir, memory_markdown(report))
     return report
 
@@ -184,7 +247,11 @@ def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str 
     summary: dict[str, Any] = {}
     for name in contenders:
         mine = [r for r in runs if r["contender"] == name]
-        row = {"runs": len(mine), "trainable_params": mine[0]["trainable_params"], "total_params": mine[0]["total_params"]}
+        row = {
+            "runs": len(mine),
+            "trainable_params": mine[0]["trainable_params"],
+            "total_params": mine[0]["total_params"],
+        }
         for key in keys:
             values = [r[key] for r in mine if r.get(key) is not None]
             row[key] = statistics.median(values) if values else None
@@ -225,18 +292,26 @@ def _header(report: dict[str, Any]) -> list[str]:
 
 def throughput_markdown(report: dict[str, Any]) -> str:
     """The throughput table (medians, with the samples/s range over runs)."""
-    lines = [f"## Throughput ({report['mode']} mode)", ""] + _header(report) + ["",
-             f"| contender | samples/s (min-max) | non-pad tokens/s | ms/step | peak memory MB | trainable params | accuracy |"
-             f" {LABELS[report['reference']].split(' (')[0]} is x faster |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = (
+        [f"## Throughput ({report['mode']} mode)", ""]
+        + _header(report)
+        + [
+            "",
+            f"| contender | samples/s (min-max) | non-pad tokens/s | ms/step | peak memory MB | trainable params | accuracy |"
+            f" {LABELS[report['reference']].split(' (')[0]} is x faster |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    )
     for name, row in report["summary"].items():
         low, high = row["samples_per_s_range"]
         acc = f"{row['eval_accuracy']:.4f}" if row.get("eval_accuracy") is not None else "-"
         if row.get("eval_accuracy") is not None and report["settings"].get("seed_per_repeat"):
             acc = f"{row['eval_accuracy_mean']:.4f} ± {row['eval_accuracy_std']:.4f} (mean ± std)"
         speed = f"{row['speedup']:.2f}" if "speedup" in row else "-"
-        lines.append(f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
-                     f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} | {acc} | {speed} |")
+        lines.append(
+            f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
+            f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} | {acc} | {speed} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -244,18 +319,30 @@ def memory_markdown(report: dict[str, Any]) -> str:
     """The weight-memory / peak-memory table of the dtype and NF4 variants."""
     rows = {r["variant"]: r for r in report["rows"]}
     ref = rows.get("bf16")
-    lines = ["## Memory: fp32 / bf16 / NF4 LoRA", ""] + _header(report) + ["",
-             "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s | trainable params |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = (
+        ["## Memory: fp32 / bf16 / NF4 LoRA", ""]
+        + _header(report)
+        + [
+            "",
+            "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s | trainable params |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    )
+
     def ratio(row: dict[str, Any], key: str) -> str:
         return f"{row[key] / ref[key]:.3f}" if ref else "-"
 
     for name, row in rows.items():
-        lines.append(f"| {name} | {row['linear_weight_bytes'] / 2**20:.2f} | {ratio(row, 'linear_weight_bytes')} |"
-                     f" {row['weight_bytes'] / 2**20:.2f} | {ratio(row, 'weight_bytes')} | {row['peak_memory_mb']:.0f} |"
-                     f" {row['samples_per_s']:.1f} | {row['trainable_params']:,} |")
-    lines += ["", "Base Linear weights: the encoder's Linear layers (what NF4 quantizes), with their quantization"
-              " constants; all weights: every parameter and buffer (embeddings, norms, head, adapters) plus those constants."]
+        lines.append(
+            f"| {name} | {row['linear_weight_bytes'] / 2**20:.2f} | {ratio(row, 'linear_weight_bytes')} |"
+            f" {row['weight_bytes'] / 2**20:.2f} | {ratio(row, 'weight_bytes')} | {row['peak_memory_mb']:.0f} |"
+            f" {row['samples_per_s']:.1f} | {row['trainable_params']:,} |"
+        )
+    lines += [
+        "",
+        "Base Linear weights: the encoder's Linear layers (what NF4 quantizes), with their quantization"
+        " constants; all weights: every parameter and buffer (embeddings, norms, head, adapters) plus those constants.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -278,8 +365,12 @@ def weight_memory(model) -> dict[str, int]:
             size = tensor.numel() * tensor.element_size() + _quant_state_bytes(getattr(tensor, "quant_state", None))
             total += size
             parts = name.split(".")
-            if (pname == "weight" and isinstance(module, nn.Linear) and not heads.intersection(parts)
-                    and not any(p.startswith("lora_") for p in parts)):
+            if (
+                pname == "weight"
+                and isinstance(module, nn.Linear)
+                and not heads.intersection(parts)
+                and not any(p.startswith("lora_") for p in parts)
+            ):
                 linear += size
     return {"linear_weight_bytes": linear, "weight_bytes": total}
 
@@ -300,7 +391,10 @@ def _job_recipe(job: dict[str, Any], out_dir: Path) -> Recipe:
     recipe = build_recipe(job["recipe"])
     t, o = recipe.training, recipe.output
     if job["epochs"] is None:
-        t.max_steps, t.logging_steps = job["warmup_steps"] + job["measure_steps"], math.gcd(job["warmup_steps"], job["measure_steps"])
+        t.max_steps, t.logging_steps = (
+            job["warmup_steps"] + job["measure_steps"],
+            math.gcd(job["warmup_steps"], job["measure_steps"]),
+        )
     else:
         t.max_steps, t.num_epochs = -1, job["epochs"]
     t.eval_steps = t.save_steps = NO_STEP  # only the final evaluation, after the timing; no checkpoints
@@ -319,10 +413,16 @@ def bench_ours(job: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     windows = [h for h in history if "window_s" in h and h["step"] > first]
     seconds = sum(h["window_s"] for h in windows)
     steps = metrics["global_step"] - first
-    return _result(samples=sum(h["window_samples"] for h in windows), tokens=sum(h["window_tokens"] for h in windows),
-                   seconds=seconds, steps=steps,
-                   accuracy=metrics["eval_accuracy"] if job["epochs"] is not None else None,
-                   trainable=metrics["trainable_params"], total=metrics["total_params"], device=metrics["device"])
+    return _result(
+        samples=sum(h["window_samples"] for h in windows),
+        tokens=sum(h["window_tokens"] for h in windows),
+        seconds=seconds,
+        steps=steps,
+        accuracy=metrics["eval_accuracy"] if job["epochs"] is not None else None,
+        trainable=metrics["trainable_params"],
+        total=metrics["total_params"],
+        device=metrics["device"],
+    )
 
 
 def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str, Any]:
@@ -340,6 +440,7 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
     data = load_task_data(recipe)
     spec, train_raw, eval_raw = data.spec, data.train, data.eval
     if padding == "max_length":
+
         def encode(batch: dict) -> dict:
             enc = tokenizer(batch[spec.text_column], padding="max_length", truncation=True, max_length=d.max_length)
             enc["labels"] = batch[spec.label_column]
@@ -350,36 +451,67 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
         train_ds = tokenize(train_raw, tokenizer, spec, d.max_length)  # its "length" column feeds group_by_length
     eval_ds = tokenize(eval_raw, tokenizer, spec, d.max_length).remove_columns("length")
 
-    updates_per_epoch = steps_per_epoch(math.ceil(len(train_ds) / t.per_device_train_batch_size), t.gradient_accumulation_steps)
+    updates_per_epoch = steps_per_epoch(
+        math.ceil(len(train_ds) / t.per_device_train_batch_size), t.gradient_accumulation_steps
+    )
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
     set_seed(t.seed)
     cuda = torch.cuda.is_available()
-    model = build_classifier(recipe, data.label_names, tokenizer, torch.device("cuda:0" if cuda else "cpu"), total_steps)
+    model = build_classifier(
+        recipe, data.label_names, tokenizer, torch.device("cuda:0" if cuda else "cpu"), total_steps
+    )
 
     counter = _CountingCollator(DataCollatorWithPadding(tokenizer))
     first = job["warmup_steps"] if job["epochs"] is None else 0
     timer = _step_timer(first, total_steps)
     args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
         lr_scheduler_type=t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
-        warmup_steps=int(t.warmup_ratio * total_steps), max_steps=total_steps, seed=t.seed,
-        bf16=t.mixed_precision == "bf16", fp16=t.mixed_precision == "fp16", use_cpu=not cuda,
-        logging_steps=t.logging_steps, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        warmup_steps=int(t.warmup_ratio * total_steps),
+        max_steps=total_steps,
+        seed=t.seed,
+        bf16=t.mixed_precision == "bf16",
+        fp16=t.mixed_precision == "fp16",
+        use_cpu=not cuda,
+        logging_steps=t.logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
         dataloader_num_workers=d.num_workers,
         train_sampling_strategy="group_by_length" if padding == "dynamic" else "random",
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=counter, processing_class=tokenizer,
-                      callbacks=[timer], compute_metrics=_accuracy)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        data_collator=counter,
+        processing_class=tokenizer,
+        callbacks=[timer],
+        compute_metrics=_accuracy,
+    )
     trainer.train()
     ga = t.gradient_accumulation_steps
-    batch_tokens = counter.tokens[first * ga: total_steps * ga]
-    batch_samples = counter.samples[first * ga: total_steps * ga]
+    batch_tokens = counter.tokens[first * ga : total_steps * ga]
+    batch_samples = counter.samples[first * ga : total_steps * ga]
     accuracy = trainer.evaluate(eval_ds)["eval_accuracy"] if job["epochs"] is not None else None
     params = count_parameters(model)
-    return _result(samples=sum(batch_samples), tokens=sum(batch_tokens), seconds=timer.seconds, steps=total_steps - first,
-                   accuracy=accuracy, trainable=params.trainable, total=params.total, device="cuda" if cuda else "cpu")
+    return _result(
+        samples=sum(batch_samples),
+        tokens=sum(batch_tokens),
+        seconds=timer.seconds,
+        steps=total_steps - first,
+        accuracy=accuracy,
+        trainable=params.trainable,
+        total=params.total,
+        device="cuda" if cuda else "cpu",
+    )
 
 
 def _accuracy(prediction) -> dict[str, float]:
@@ -429,16 +561,32 @@ def _step_timer(start: int, stop: int):
     return StepTimer()
 
 
-def _result(samples: float, tokens: float, seconds: float, steps: int, accuracy: Optional[float], trainable: int,
-            total: int, device: str) -> dict[str, Any]:
+def _result(
+    samples: float,
+    tokens: float,
+    seconds: float,
+    steps: int,
+    accuracy: Optional[float],
+    trainable: int,
+    total: int,
+    device: str,
+) -> dict[str, Any]:
     import torch
 
     from lora_train.metrics import peak_memory_mb
 
     return {
-        "samples_per_s": samples / seconds, "tokens_per_s": tokens / seconds, "step_time_ms": 1000 * seconds / steps,
-        "seconds": seconds, "steps": steps, "samples": samples, "tokens": tokens, "eval_accuracy": accuracy,
-        "peak_memory_mb": peak_memory_mb(torch.device(device)), "trainable_params": trainable, "total_params": total,
+        "samples_per_s": samples / seconds,
+        "tokens_per_s": tokens / seconds,
+        "step_time_ms": 1000 * seconds / steps,
+        "seconds": seconds,
+        "steps": steps,
+        "samples": samples,
+        "tokens": tokens,
+        "eval_accuracy": accuracy,
+        "peak_memory_mb": peak_memory_mb(torch.device(device)),
+        "trainable_params": trainable,
+        "total_params": total,
         "device": device,
     }
 
@@ -452,7 +600,9 @@ def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
 
     recipe = build_recipe(job["recipe"])
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    model = build_classifier(recipe, load_task_data(recipe).label_names, load_tokenizer(recipe), device, total_steps=100)
+    model = build_classifier(
+        recipe, load_task_data(recipe).label_names, load_tokenizer(recipe), device, total_steps=100
+    )
     return weight_memory(model)
 
 
@@ -472,13 +622,19 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
     tokenizer = load_tokenizer(recipe)
     data = load_task_data(recipe)
     train_ds = tokenize(data.train, tokenizer, data.spec, d.max_length)
-    loader = DataLoader(train_ds.remove_columns("length"), batch_size=t.per_device_train_batch_size, collate_fn=DataCollatorWithPadding(tokenizer),
-                        sampler=EpochSampler(train_ds["length"], t.per_device_train_batch_size, t.seed, d.group_by_length))
+    loader = DataLoader(
+        train_ds.remove_columns("length"),
+        batch_size=t.per_device_train_batch_size,
+        collate_fn=DataCollatorWithPadding(tokenizer),
+        sampler=EpochSampler(train_ds["length"], t.per_device_train_batch_size, t.seed, d.group_by_length),
+    )
     set_seed(t.seed)
     model = build_classifier(recipe, data.label_names, tokenizer, total_steps=100)
     if fast_dropout:
         use_fast_dropout(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, fused=fused_adamw)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, fused=fused_adamw
+    )
     model.train()
     warmup, steps = job["warmup_steps"], job["measure_steps"]
     samples = tokens = 0
@@ -496,8 +652,16 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
     else:
         raise ValueError(f"{warmup} + {steps} steps need more than one epoch of data; raise data.max_train_samples")
     params = count_parameters(model)
-    return _result(samples=samples, tokens=tokens, seconds=time.perf_counter() - start, steps=steps, accuracy=None,
-                   trainable=params.trainable, total=params.total, device="cpu")
+    return _result(
+        samples=samples,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+        steps=steps,
+        accuracy=None,
+        trainable=params.trainable,
+        total=params.total,
+        device="cpu",
+    )
 
 
 def worker_main(job_path: str, result_path: str) -> None:
@@ -514,7 +678,9 @@ def worker_main(job_path: str, result_path: str) -> None:
         elif job["name"] == "ours":
             result = bench_ours(job, Path(tmp) / "run")
         else:
-            result = bench_trainer(job, Path(tmp) / "run", "max_length" if job["name"] == "trainer_max_length" else "dynamic")
+            result = bench_trainer(
+                job, Path(tmp) / "run", "max_length" if job["name"] == "trainer_max_length" else "dynamic"
+            )
     result["torch_threads"] = torch.get_num_threads()
     Path(result_path).write_text(json.dumps(result))
 

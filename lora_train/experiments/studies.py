@@ -66,14 +66,23 @@ def rank_arms(seeds: int) -> list[tuple[str, list[str]]]:
             ("lora_alpha_2r", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=2*peft.r", f"training.seed={seed}"]),
         ]
         if seed == 0:
-            arms.append(("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"]))
-    arms += [("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"])
-             for seed in range(1, seeds)]
+            arms.append(
+                ("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"])
+            )
+    arms += [
+        ("lora_alpha_16", ["peft.method=lora", f"peft.r={ranks}", "peft.alpha=16", f"training.seed={seed}"])
+        for seed in range(1, seeds)
+    ]
     return arms
 
 
-ARM_LABELS = {"head_only": "head-only (classifier)", "head_pooler": "head-only (pooler + classifier)", "full": "full fine-tuning",
-              "lora_alpha_2r": r"LoRA $\alpha=2r$", "lora_alpha_16": r"LoRA $\alpha=16$"}
+ARM_LABELS = {
+    "head_only": "head-only (classifier)",
+    "head_pooler": "head-only (pooler + classifier)",
+    "full": "full fine-tuning",
+    "lora_alpha_2r": r"LoRA $\alpha=2r$",
+    "lora_alpha_16": r"LoRA $\alpha=16$",
+}
 
 
 def data_setting(recipe_path: str) -> str:
@@ -122,19 +131,38 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
     """Study 1: accuracy vs rank (alpha = 2r and alpha = 16), vs trainable parameters, learning curves."""
     plt = pyplot()
     summary = over_seeds(rows)
-    columns = ["arm", "peft.r", "peft.alpha", "n", "trainable_params", "eval_accuracy", "eval_accuracy_std",
-               "best_eval_accuracy", "train_seconds", "train_samples_per_s"]
+    columns = [
+        "arm",
+        "peft.r",
+        "peft.alpha",
+        "n",
+        "trainable_params",
+        "eval_accuracy",
+        "eval_accuracy_std",
+        "best_eval_accuracy",
+        "train_seconds",
+        "train_samples_per_s",
+    ]
     sweep.write_table(rows, out / "results.csv", out / "results.md")
     sweep.write_table(summary, out / "summary.csv", out / "summary.md", columns)
     baselines = {arm: _by_arm(summary, arm) for arm in ("head_only", "head_pooler", "full")}
     setting = data_setting(study.recipe)
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
-    for arm, style, label in (("lora_alpha_2r", "o-", r"LoRA, $\alpha = 2r$"), ("lora_alpha_16", "s--", r"LoRA, $\alpha = 16$ fixed")):
+    for arm, style, label in (
+        ("lora_alpha_2r", "o-", r"LoRA, $\alpha = 2r$"),
+        ("lora_alpha_16", "s--", r"LoRA, $\alpha = 16$ fixed"),
+    ):
         points = _by_arm(summary, arm)
         if points:
-            ax.errorbar([int(p["peft.r"]) for p in points], [100 * p["eval_accuracy"] for p in points],
-                        yerr=[100 * p["eval_accuracy_std"] for p in points], fmt=style, capsize=3, label=label)
+            ax.errorbar(
+                [int(p["peft.r"]) for p in points],
+                [100 * p["eval_accuracy"] for p in points],
+                yerr=[100 * p["eval_accuracy_std"] for p in points],
+                fmt=style,
+                capsize=3,
+                label=label,
+            )
     for (arm, points), color in zip(baselines.items(), ("tab:gray", "tab:olive", "tab:red")):
         if points:
             mean, std = 100 * points[0]["eval_accuracy"], 100 * points[0]["eval_accuracy_std"]
@@ -142,47 +170,103 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
             ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
     ax.set_xscale("log", base=2)
     ax.set_xticks(RANKS, [str(r) for r in RANKS])
-    finish_plot(fig, ax, "LoRA rank r (query, value)", "SST-2 validation accuracy (%)",
-                f"all-MiniLM-L6-v2, {setting}; mean ± std over seeds", figures / "study1_accuracy_vs_rank.png")
+    finish_plot(
+        fig,
+        ax,
+        "LoRA rank r (query, value)",
+        "SST-2 validation accuracy (%)",
+        f"all-MiniLM-L6-v2, {setting}; mean ± std over seeds",
+        figures / "study1_accuracy_vs_rank.png",
+    )
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
     points = []
-    for arm, marker in (("head_only", "v"), ("head_pooler", "^"), ("full", "D"), ("lora_alpha_2r", "o"), ("lora_alpha_16", "s")):
+    for arm, marker in (
+        ("head_only", "v"),
+        ("head_pooler", "^"),
+        ("full", "D"),
+        ("lora_alpha_2r", "o"),
+        ("lora_alpha_16", "s"),
+    ):
         arm_points = _by_arm(summary, arm)
         xs = [p["trainable_params"] for p in arm_points]
         ys = [100 * p["eval_accuracy"] for p in arm_points]
         points += list(zip(xs, ys))
         if xs:
-            ax.errorbar(xs, ys, yerr=[100 * p["eval_accuracy_std"] for p in arm_points], fmt=marker, capsize=2,
-                        label=ARM_LABELS[arm])
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=[100 * p["eval_accuracy_std"] for p in arm_points],
+                fmt=marker,
+                capsize=2,
+                label=ARM_LABELS[arm],
+            )
     front = pareto_front(points)
-    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6, label="Pareto frontier")
+    ax.step(
+        [p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, alpha=0.6, label="Pareto frontier"
+    )
     ax.set_xscale("log")
-    finish_plot(fig, ax, "trainable parameters (log)", "SST-2 validation accuracy (%)",
-                f"Accuracy vs trainable parameters ({setting})", figures / "study1_pareto.png")
+    finish_plot(
+        fig,
+        ax,
+        "trainable parameters (log)",
+        "SST-2 validation accuracy (%)",
+        f"Accuracy vs trainable parameters ({setting})",
+        figures / "study1_pareto.png",
+    )
 
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
-    curves = {"head-only": ("head_only", None), "pooler + head": ("head_pooler", None), "full FT": ("full", None), "LoRA r=1": ("lora_alpha_2r", "1"),
-              "LoRA r=8": ("lora_alpha_2r", "8"), "LoRA r=32": ("lora_alpha_2r", "32"), r"LoRA r=1, $\alpha$=16": ("lora_alpha_16", "1"),
-              r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32")}
+    curves = {
+        "head-only": ("head_only", None),
+        "pooler + head": ("head_pooler", None),
+        "full FT": ("full", None),
+        "LoRA r=1": ("lora_alpha_2r", "1"),
+        "LoRA r=8": ("lora_alpha_2r", "8"),
+        "LoRA r=32": ("lora_alpha_2r", "32"),
+        r"LoRA r=1, $\alpha$=16": ("lora_alpha_16", "1"),
+        r"LoRA r=32, $\alpha$=16": ("lora_alpha_16", "32"),
+    }
     for label, (arm, r) in curves.items():
         members = [row for row in rows if row["arm"] == arm and (r is None or row.get("peft.r") == r)]
         if not members:
             continue
         per_seed = [dict(eval_curve(out / row["run"])) for row in members]
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
-        ax.plot(steps, [100 * statistics.mean(c[s] for c in per_seed) for s in steps], "o-", ms=3, label=f"{label} (n={len(members)})")
-    finish_plot(fig, ax, "optimizer step (batch 32)", "SST-2 validation accuracy (%)",
-                f"Validation accuracy during training ({setting})", figures / "study1_learning_curves.png")
+        ax.plot(
+            steps,
+            [100 * statistics.mean(c[s] for c in per_seed) for s in steps],
+            "o-",
+            ms=3,
+            label=f"{label} (n={len(members)})",
+        )
+    finish_plot(
+        fig,
+        ax,
+        "optimizer step (batch 32)",
+        "SST-2 validation accuracy (%)",
+        f"Validation accuracy during training ({setting})",
+        figures / "study1_learning_curves.png",
+    )
 
-    lines = ["| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std | best-during-run acc. (%) | train s (mean) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std | best-during-run acc. (%) | train s (mean) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in summary:
-        lines.append(f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} | {row['trainable_params']:,.0f} |"
-                     f" {_mean_std(row, 'eval_accuracy')} | {100 * row['best_eval_accuracy']:.1f} |"
-                     f" {row['train_seconds']:.0f} |")
-    return "\n".join(lines) + "\n\n" + "\n".join(f"![{name}](figures/{name}.png)" for name in
-                                                  ("study1_accuracy_vs_rank", "study1_pareto", "study1_learning_curves")) + "\n"
+        lines.append(
+            f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} | {row['trainable_params']:,.0f} |"
+            f" {_mean_std(row, 'eval_accuracy')} | {100 * row['best_eval_accuracy']:.1f} |"
+            f" {row['train_seconds']:.0f} |"
+        )
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + "\n".join(
+            f"![{name}](figures/{name}.png)"
+            for name in ("study1_accuracy_vs_rank", "study1_pareto", "study1_learning_curves")
+        )
+        + "\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,8 +301,13 @@ def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
     def embed(texts: list[str]) -> np.ndarray:
         chunks = []
         for i in range(0, len(texts), recipe.training.per_device_eval_batch_size):
-            enc = tokenizer(texts[i:i + recipe.training.per_device_eval_batch_size], padding=True, truncation=True,
-                            max_length=recipe.data.max_length, return_tensors="pt")
+            enc = tokenizer(
+                texts[i : i + recipe.training.per_device_eval_batch_size],
+                padding=True,
+                truncation=True,
+                max_length=recipe.data.max_length,
+                return_tensors="pt",
+            )
             hidden = model(**enc).last_hidden_state
             mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             chunks.append(((hidden * mask).sum(1) / mask.sum(1)).numpy())  # mean over real tokens
@@ -231,12 +320,17 @@ def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
     predictions = classifier.predict(embed(list(eval_raw[spec.text_column])))
     report = classification_report(predictions, eval_raw[spec.label_column], len(label_names), label_names)
     metrics = {
-        "eval_accuracy": report["accuracy"], "eval_macro_f1": report["macro_f1"], "eval_samples": report["num_samples"],
-        "per_class": report["per_class"], "confusion_matrix": report["confusion_matrix"],
-        "best_eval_accuracy": report["accuracy"], "train_seconds_this_session": train_seconds,
+        "eval_accuracy": report["accuracy"],
+        "eval_macro_f1": report["macro_f1"],
+        "eval_samples": report["num_samples"],
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "best_eval_accuracy": report["accuracy"],
+        "train_seconds_this_session": train_seconds,
         "peak_memory_mb": peak_memory_mb(torch.device("cpu")),
         "trainable_params": int(classifier.coef_.size + classifier.intercept_.size),
-        "train_examples": len(train_raw), "label_names": label_names,
+        "train_examples": len(train_raw),
+        "label_names": label_names,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
@@ -262,26 +356,37 @@ def regimes_arms(seeds: int) -> list[tuple[str, list[str]]]:
     fine-tuning trains it, LoRA by default keeps BERT's pretrained pooler frozen)."""
     arms = []
     for seed in range(seeds):
-        arms += [("full", ["peft.method=full", "training.learning_rate=1e-4", f"training.seed={seed}"]),
-                 ("lora_qkv", ["peft.method=lora", f"training.seed={seed}"])]
+        arms += [
+            ("full", ["peft.method=full", "training.learning_rate=1e-4", f"training.seed={seed}"]),
+            ("lora_qkv", ["peft.method=lora", f"training.seed={seed}"]),
+        ]
     arms += [("lora_qkv_pooler", ["peft.method=lora", HEAD_POOLER, f"training.seed={seed}"]) for seed in range(seeds)]
     return arms
 
 
 def comparison_table(arms: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
     """A Markdown table of one row per arm (mean ± std over seeds): accuracy, macro-F1, time, throughput, memory."""
-    lines = ["| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in arms:
         rate, wall = row.get("train_samples_per_s"), row.get("wall_seconds")
-        lines.append(f"| {label(row)} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
-                     f" {_mean_std(row, 'eval_macro_f1', single='')} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} | {'' if rate is None else f'{rate:.0f}'} |"
-                     f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,.0f} | {'' if wall is None else f'{wall:.0f}'} |")
+        lines.append(
+            f"| {label(row)} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
+            f" {_mean_std(row, 'eval_macro_f1', single='')} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} | {'' if rate is None else f'{rate:.0f}'} |"
+            f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,.0f} | {'' if wall is None else f'{wall:.0f}'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def bar_panels(arms: Sequence[dict[str, Any]], labels: Sequence[str], path: Path, title: str,
-               panels: Sequence[tuple[str, str, float]]) -> None:
+def bar_panels(
+    arms: Sequence[dict[str, Any]],
+    labels: Sequence[str],
+    path: Path,
+    title: str,
+    panels: Sequence[tuple[str, str, float]],
+) -> None:
     """One bar chart per metric (key, axis label, factor), side by side; error bars are the std over seeds."""
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 3.0), dpi=100)
@@ -308,13 +413,30 @@ def analyse_regimes(study: Study, rows: list[dict[str, Any]], out: Path, figures
     rows = ([features] if features else []) + rows
     sweep.write_table(rows, out / "results.csv", out / "results.md")
     arms = over_seeds(rows)
-    names = {"frozen_features": "frozen features + LogReg", "full": "full fine-tuning", "lora_qkv": "LoRA q,k,v",
-             "lora_qkv_pooler": "LoRA q,k,v + pooler"}
+    names = {
+        "frozen_features": "frozen features + LogReg",
+        "full": "full fine-tuning",
+        "lora_qkv": "LoRA q,k,v",
+        "lora_qkv_pooler": "LoRA q,k,v + pooler",
+    }
     labels = [names.get(row["arm"], row["arm"]) for row in arms]
-    bar_panels(arms, labels, figures / "study2_regimes.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (6 classes)",
-               [("eval_accuracy", "val. accuracy (%)", 100), ("eval_macro_f1", "val. macro-F1 (%)", 100),
-                ("train_seconds", "train time (s)", 1), ("peak_memory_mb", "peak RSS (MB)", 1), ("trainable_params", "trainable params", 1)])
-    return comparison_table(arms, lambda row: labels[arms.index(row)]) + "\n![study2_regimes](figures/study2_regimes.png)\n"
+    bar_panels(
+        arms,
+        labels,
+        figures / "study2_regimes.png",
+        f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (6 classes)",
+        [
+            ("eval_accuracy", "val. accuracy (%)", 100),
+            ("eval_macro_f1", "val. macro-F1 (%)", 100),
+            ("train_seconds", "train time (s)", 1),
+            ("peak_memory_mb", "peak RSS (MB)", 1),
+            ("trainable_params", "trainable params", 1),
+        ],
+    )
+    return (
+        comparison_table(arms, lambda row: labels[arms.index(row)])
+        + "\n![study2_regimes](figures/study2_regimes.png)\n"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,14 +454,18 @@ def quant_arms(seeds: int) -> list[tuple[str, list[str]]]:
     arms = []
     for seed in range(seeds):
         s = f"training.seed={seed}"
-        arms += [("lora", ["peft.method=lora", "quantization.method=none", s]),
-                 ("qlora_nf4_dq", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=true", s]),
-                 ("qlora_nf4", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=false", s]),
-                 ("adalora", [*ADALORA, s])]
+        arms += [
+            ("lora", ["peft.method=lora", "quantization.method=none", s]),
+            ("qlora_nf4_dq", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=true", s]),
+            ("qlora_nf4", ["peft.method=lora", "quantization.method=nf4", "quantization.double_quant=false", s]),
+            ("adalora", [*ADALORA, s]),
+        ]
     for seed in range(seeds):
         s = f"training.seed={seed}"
-        arms += [("lora_4ep", ["peft.method=lora", "quantization.method=none", "training.num_epochs=4", s]),
-                 ("adalora_4ep", [*ADALORA, "training.num_epochs=4", s])]
+        arms += [
+            ("lora_4ep", ["peft.method=lora", "quantization.method=none", "training.num_epochs=4", s]),
+            ("adalora_4ep", [*ADALORA, "training.num_epochs=4", s]),
+        ]
     return arms
 
 
@@ -347,17 +473,36 @@ def analyse_quant(study: Study, rows: list[dict[str, Any]], out: Path, figures: 
     """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA (mean ± std over seeds)."""
     sweep.write_table(rows, out / "results.csv", out / "results.md")
     arms = over_seeds(rows)
-    names = {"lora": "LoRA r=8 (fp32 base)", "qlora_nf4_dq": "QLoRA NF4 + double quant", "qlora_nf4": "QLoRA NF4",
-             "adalora": "AdaLoRA 12 -> 8", "lora_4ep": "LoRA r=8, 4 epochs", "adalora_4ep": "AdaLoRA 12 -> 8, 4 epochs"}
+    names = {
+        "lora": "LoRA r=8 (fp32 base)",
+        "qlora_nf4_dq": "QLoRA NF4 + double quant",
+        "qlora_nf4": "QLoRA NF4",
+        "adalora": "AdaLoRA 12 -> 8",
+        "lora_4ep": "LoRA r=8, 4 epochs",
+        "adalora_4ep": "AdaLoRA 12 -> 8, 4 epochs",
+    }
     labels = [names[row["arm"]] for row in arms]
-    bar_panels(arms, labels, figures / "study3_quant.png", f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (the '4 epochs' arms: 4)",
-               [("eval_accuracy", "val. accuracy (%)", 100), ("peak_memory_mb", "peak RSS (MB)", 1),
-                ("train_seconds", "train time (s)", 1), ("train_samples_per_s", "train samples/s", 1)])
+    bar_panels(
+        arms,
+        labels,
+        figures / "study3_quant.png",
+        f"all-MiniLM-L6-v2, {data_setting(study.recipe)} (the '4 epochs' arms: 4)",
+        [
+            ("eval_accuracy", "val. accuracy (%)", 100),
+            ("peak_memory_mb", "peak RSS (MB)", 1),
+            ("train_seconds", "train time (s)", 1),
+            ("train_samples_per_s", "train samples/s", 1),
+        ],
+    )
     footprints = weight_footprints(study.recipe, out / "weight_footprints.json")
     lines = ["| base weights | in-memory footprint (MB, `get_memory_footprint`) |", "|---|---|"]
     lines += [f"| {name} | {mb:.2f} |" for name, mb in footprints.items()]
-    return (comparison_table(arms, lambda row: labels[arms.index(row)]) + "\n![study3_quant](figures/study3_quant.png)\n\n"
-            + "\n".join(lines) + "\n")
+    return (
+        comparison_table(arms, lambda row: labels[arms.index(row)])
+        + "\n![study3_quant](figures/study3_quant.png)\n\n"
+        + "\n".join(lines)
+        + "\n"
+    )
 
 
 def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
@@ -372,9 +517,11 @@ def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
     from lora_train.modeling import load_tokenizer
 
     sizes = {}
-    for name, overrides in (("float32", ["quantization.method=none"]),
-                            ("NF4", ["quantization.method=nf4", "quantization.double_quant=false"]),
-                            ("NF4 + double quant", ["quantization.method=nf4", "quantization.double_quant=true"])):
+    for name, overrides in (
+        ("float32", ["quantization.method=none"]),
+        ("NF4", ["quantization.method=nf4", "quantization.double_quant=false"]),
+        ("NF4 + double quant", ["quantization.method=nf4", "quantization.double_quant=true"]),
+    ):
         recipe = load_recipe(recipe_path, overrides)
         model = build_classifier(recipe, ["negative", "positive"], load_tokenizer(recipe))
         sizes[name] = model.get_memory_footprint() / 2**20
@@ -391,17 +538,30 @@ PEFT_METHODS: dict[str, tuple[str, list[str]]] = {
     "lora": ("LoRA r=8 (q, v)", ["peft.method=lora", "training.learning_rate=2e-3"]),
     "dora": ("DoRA r=8", ["peft.method=lora", "peft.use_dora=true", "training.learning_rate=2e-3"]),
     "rslora": ("rsLoRA r=8", ["peft.method=lora", "peft.use_rslora=true", "training.learning_rate=2e-3"]),
-    "pissa": ("LoRA r=8, PiSSA init", ["peft.method=lora", "peft.init_lora_weights=pissa",
-                                       "training.learning_rate=2e-3"]),
-    "olora": ("LoRA r=8, OLoRA init", ["peft.method=lora", "peft.init_lora_weights=olora",
-                                       "training.learning_rate=2e-3"]),
-    "ia3": ("IA3 (k, v, ffn)", ["peft.method=ia3", "peft.target_modules=[key,value,output.dense]",
-                                "peft.feedforward_modules=[output.dense]", "training.learning_rate=1e-2"]),
+    "pissa": (
+        "LoRA r=8, PiSSA init",
+        ["peft.method=lora", "peft.init_lora_weights=pissa", "training.learning_rate=2e-3"],
+    ),
+    "olora": (
+        "LoRA r=8, OLoRA init",
+        ["peft.method=lora", "peft.init_lora_weights=olora", "training.learning_rate=2e-3"],
+    ),
+    "ia3": (
+        "IA3 (k, v, ffn)",
+        [
+            "peft.method=ia3",
+            "peft.target_modules=[key,value,output.dense]",
+            "peft.feedforward_modules=[output.dense]",
+            "training.learning_rate=1e-2",
+        ],
+    ),
     "prompt_tuning": ("prompt tuning (20 tokens)", ["peft.method=prompt_tuning", "training.learning_rate=3e-2"]),
     "bitfit": ("BitFit (biases + head)", ["peft.method=bitfit", "training.learning_rate=2e-3"]),
     "full": ("full fine-tuning", ["peft.method=full", "training.learning_rate=1e-4"]),
-    "full_llrd": ("full FT, layer LR decay 0.8", ["peft.method=full", "training.layer_lr_decay=0.8",
-                                                   "training.learning_rate=1e-4"]),
+    "full_llrd": (
+        "full FT, layer LR decay 0.8",
+        ["peft.method=full", "training.layer_lr_decay=0.8", "training.learning_rate=1e-4"],
+    ),
 }
 """Arm -> (label, overrides). Learning rates: the LoRA family at Study 1's 2e-3 (PiSSA / OLoRA papers keep LoRA's
 rate); IA3 and prompt tuning train a few scaling vectors / embeddings from a neutral start and need larger steps
@@ -413,7 +573,7 @@ STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=dair-a
 
 NOT_RUN = {
     "prefix_tuning": "refused at start: peft 0.21 passes the prefix as `past_key_values`, which transformers 5's BERT"
-                     " no longer takes (and a BERT encoder attends to no key/value cache)",
+    " no longer takes (and a BERT encoder attends to no key/value cache)",
     "LoRA, LoftQ init": "refused on CPU: peft's LoftQ code runs on CUDA / XPU only",
 }
 """Methods of the schema that cannot run in this study, and why (each is refused by the recipe checks)."""
@@ -421,9 +581,12 @@ NOT_RUN = {
 
 def peft_method_arms(seeds: int) -> list[tuple[str, list[str]]]:
     """Every method on every dataset, seed-major (all first seeds first, so an early stop leaves a balanced table)."""
-    return [(f"{dataset}/{arm}", [*data, *overrides, f"training.seed={seed}"])
-            for seed in range(seeds) for dataset, data in STUDY_DATASETS.items()
-            for arm, (_, overrides) in PEFT_METHODS.items()]
+    return [
+        (f"{dataset}/{arm}", [*data, *overrides, f"training.seed={seed}"])
+        for seed in range(seeds)
+        for dataset, data in STUDY_DATASETS.items()
+        for arm, (_, overrides) in PEFT_METHODS.items()
+    ]
 
 
 def saved_megabytes(run_dir: Path) -> float:
@@ -445,8 +608,15 @@ def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, fi
         arms = [row for row in summary if row["arm"].startswith(dataset + "/")]
         for i, row in enumerate(arms):
             key = row["arm"].split("/", 1)[1]
-            ax.errorbar([row["trainable_params"]], [100 * row["eval_accuracy"]], yerr=[100 * row["eval_accuracy_std"]],
-                        fmt="os^vD<>pP*"[i % 10], color=f"C{i}", capsize=3, label=PEFT_METHODS[key][0])
+            ax.errorbar(
+                [row["trainable_params"]],
+                [100 * row["eval_accuracy"]],
+                yerr=[100 * row["eval_accuracy_std"]],
+                fmt="os^vD<>pP*"[i % 10],
+                color=f"C{i}",
+                capsize=3,
+                label=PEFT_METHODS[key][0],
+            )
         ax.set_xscale("log")
         ax.set_title(dataset, fontsize=9)
         ax.set_xlabel("trainable parameters (log)", fontsize=8)
@@ -460,20 +630,25 @@ def analyse_peft_methods(study: Study, rows: list[dict[str, Any]], out: Path, fi
     fig.savefig(figures / "study4_peft_methods.png")
     plt.close(fig)
     not_run = "\n".join(f"- {name}: {why}." for name, why in NOT_RUN.items())
-    return ("\n".join(tables) + f"\nNot run:\n{not_run}\n\n![study4_peft_methods](figures/study4_peft_methods.png)\n")
+    return "\n".join(tables) + f"\nNot run:\n{not_run}\n\n![study4_peft_methods](figures/study4_peft_methods.png)\n"
 
 
 def methods_table(arms: Sequence[dict[str, Any]]) -> str:
     """One Markdown row per method: accuracy, macro-F1 (mean ± std), parameters, saved size, time, memory, lr."""
-    lines = ["| method | learning rate | seeds | accuracy (%) | macro-F1 (%) | trainable params | saved MB |"
-             " train s | run wall s | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | learning rate | seeds | accuracy (%) | macro-F1 (%) | trainable params | saved MB |"
+        " train s | run wall s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in arms:
         label, overrides = PEFT_METHODS[row["arm"].split("/", 1)[1]]
         lr = next(o.split("=", 1)[1] for o in overrides if o.startswith("training.learning_rate="))
-        lines.append(f"| {label} | {lr} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
-                     f" {_mean_std(row, 'eval_macro_f1', single='')} | {row['trainable_params']:,.0f} |"
-                     f" {row['saved_mb']:.2f} | {row['train_seconds']:.0f} | {row.get('wall_seconds') or 0:.0f} |"
-                     f" {row['peak_memory_mb']:.0f} |")
+        lines.append(
+            f"| {label} | {lr} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
+            f" {_mean_std(row, 'eval_macro_f1', single='')} | {row['trainable_params']:,.0f} |"
+            f" {row['saved_mb']:.2f} | {row['train_seconds']:.0f} | {row.get('wall_seconds') or 0:.0f} |"
+            f" {row['peak_memory_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -486,7 +661,16 @@ def toy_study(out: Path, figures: Path) -> str:
     from lora_train.experiments.toy import plot_toy, run_toy
 
     results = run_toy()
-    rows = [{"r": res.r, "svd_bound": res.bound, "learned_error": res.learned, "learned_over_bound": res.ratio, "steps": res.steps} for res in results]
+    rows = [
+        {
+            "r": res.r,
+            "svd_bound": res.bound,
+            "learned_error": res.learned,
+            "learned_over_bound": res.ratio,
+            "steps": res.steps,
+        }
+        for res in results
+    ]
     sweep.write_table(rows, out / "results.csv")
     plot_toy(results, figures / "toy_svd_bound.png")
     lines = ["| r | SVD bound sum_{i>r} sigma_i^2 | learned error | (learned - bound) / bound |", "|---|---|---|---|"]
@@ -500,11 +684,18 @@ def toy_study(out: Path, figures: Path) -> str:
 
 STUDIES: dict[str, Study] = {
     "rank": Study("rank", "recipes/studies/sst2_minilm_rank.yaml", rank_arms, analyse_rank, seeds=3),
-    "regimes": Study("regimes", "recipes/studies/emotion_minilm_regimes.yaml", regimes_arms, analyse_regimes, seeds=3,
-                     extra_runs=lambda root: regimes_extra(STUDIES["regimes"], root)),
+    "regimes": Study(
+        "regimes",
+        "recipes/studies/emotion_minilm_regimes.yaml",
+        regimes_arms,
+        analyse_regimes,
+        seeds=3,
+        extra_runs=lambda root: regimes_extra(STUDIES["regimes"], root),
+    ),
     "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=3),
-    "peft_methods": Study("peft_methods", "recipes/studies/peft_methods_minilm.yaml", peft_method_arms,
-                          analyse_peft_methods, seeds=3),
+    "peft_methods": Study(
+        "peft_methods", "recipes/studies/peft_methods_minilm.yaml", peft_method_arms, analyse_peft_methods, seeds=3
+    ),
 }
 
 
@@ -541,10 +732,14 @@ def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = N
         if missing:
             body += f"\n{missing} planned run(s) have no results yet (not run or failed).\n"
         walls = [json.loads(p.read_text())["wall_seconds"] for p in sorted(out.glob("*/sweep_run.json"))]
-        body += f"\nSum of the run wall times recorded by the sweep: {sum(walls) / 60:.1f} min over {len(walls)} runs.\n"
+        body += (
+            f"\nSum of the run wall times recorded by the sweep: {sum(walls) / 60:.1f} min over {len(walls)} runs.\n"
+        )
         command = f"python scripts/study.py {name}" + (f" --seeds {seeds}" if seeds is not None else "")
-    report = (f"Command: `HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-hub {command}`  \nHardware: {hardware()}  \n"
-              f"This invocation took {time.perf_counter() - start:.0f} s.\n\n{body}")
+    report = (
+        f"Command: `HF_HUB_OFFLINE=1 HF_HUB_CACHE=../shared/hf-hub {command}`  \nHardware: {hardware()}  \n"
+        f"This invocation took {time.perf_counter() - start:.0f} s.\n\n{body}"
+    )
     (out / "report.md").write_text(report)
     return report
 
@@ -553,11 +748,16 @@ def study_main(argv: Optional[Sequence[str]] = None) -> int:
     """``scripts/study.py NAME``: run or resume one study and write its tables, plots and report."""
     import argparse
 
-    parser = argparse.ArgumentParser(description="Run one LoRA study end to end (resumable): its runs, tables and plots.")
-    parser.add_argument("study", choices=[*STUDIES, "toy"],
-                        help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
-                             " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); peft_methods: Study 4 (every PEFT method on"
-                             " SST-2 and emotion); toy: the linear SVD-bound toy")
+    parser = argparse.ArgumentParser(
+        description="Run one LoRA study end to end (resumable): its runs, tables and plots."
+    )
+    parser.add_argument(
+        "study",
+        choices=[*STUDIES, "toy"],
+        help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
+        " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); peft_methods: Study 4 (every PEFT method on"
+        " SST-2 and emotion); toy: the linear SVD-bound toy",
+    )
     parser.add_argument("--out", default="runs/studies", help="Root of the study directories (default runs/studies)")
     parser.add_argument("--figures", default="docs/figures", help="Where the PNG plots go (default docs/figures)")
     parser.add_argument("--seeds", type=int, default=None, help="Seeds per configuration (default: the study's own)")

@@ -31,12 +31,20 @@ from lora_train.config import RecipeError, load_recipe
 
 logger = logging.getLogger("lora_train.experiments.sweep")
 
-TIE = re.compile(r"^(?:(?P<coef>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<ref>[A-Za-z_]\w*\.[A-Za-z_]\w*)$")
+TIE = re.compile(
+    r"^(?:(?P<coef>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*\*\s*)?(?P<ref>[A-Za-z_]\w*\.[A-Za-z_]\w*)$"
+)
 """``2*peft.r``, ``0.5 * peft.r`` or ``peft.r``: a value tied to another axis."""
 
 RESULT_COLUMNS = (
-    "eval_accuracy", "eval_macro_f1", "best_eval_accuracy", "trainable_params", "train_seconds",
-    "train_samples_per_s", "peak_memory_mb", "wall_seconds",
+    "eval_accuracy",
+    "eval_macro_f1",
+    "best_eval_accuracy",
+    "trainable_params",
+    "train_seconds",
+    "train_samples_per_s",
+    "peak_memory_mb",
+    "wall_seconds",
 )
 """Metrics collected from each run into the results table (after the run's overrides)."""
 
@@ -75,7 +83,9 @@ def split_values(raw: str) -> list[str]:
             current.append(ch)
     values.append("".join(current).strip())
     if depth != 0 or any(v == "" for v in values):
-        raise RecipeError([f"grid values '{raw}' are malformed: expected V1,V2,... with balanced brackets"], "sweep grid")
+        raise RecipeError(
+            [f"grid values '{raw}' are malformed: expected V1,V2,... with balanced brackets"], "sweep grid"
+        )
     return values
 
 
@@ -86,7 +96,9 @@ def parse_axes(specs: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, tu
     problems = []
     for spec in specs:
         if "=" not in spec:
-            problems.append(f"grid axis '{spec}' is not of the form section.field=V1,V2,... or section.field=C*other.field")
+            problems.append(
+                f"grid axis '{spec}' is not of the form section.field=V1,V2,... or section.field=C*other.field"
+            )
             continue
         key, raw = (s.strip() for s in spec.split("=", 1))
         if key.count(".") != 1:
@@ -105,8 +117,10 @@ def parse_axes(specs: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, tu
             problems.extend(err.problems)
     for key, (_, ref) in tied.items():
         if ref not in free:
-            problems.append(f"grid axis '{key}' is tied to '{ref}', which is not a list axis of the same grid"
-                            f" (list axes: {', '.join(free) or 'none'})")
+            problems.append(
+                f"grid axis '{key}' is tied to '{ref}', which is not a list axis of the same grid"
+                f" (list axes: {', '.join(free) or 'none'})"
+            )
     if problems:
         raise RecipeError(problems, "sweep grid")
     return free, tied
@@ -127,8 +141,10 @@ def expand_grid(specs: Sequence[str]) -> list[dict[str, str]]:
             try:
                 base = float(values[ref])
             except ValueError:
-                raise RecipeError([f"grid axis '{key}' = {coef}*{ref} needs numeric values of {ref}, got '{values[ref]}'"],
-                                  "sweep grid") from None
+                raise RecipeError(
+                    [f"grid axis '{key}' = {coef}*{ref} needs numeric values of {ref}, got '{values[ref]}'"],
+                    "sweep grid",
+                ) from None
             values[key] = _format_number(coef * base)
         runs.append({k: values[k] for k in order})
     return runs
@@ -150,7 +166,9 @@ def run_name(overrides: dict[str, str]) -> str:
     return "_".join(parts) or "base"
 
 
-def plan(arms: dict[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]], root: Path, extra: Sequence[str] = ()) -> list[Run]:
+def plan(
+    arms: dict[str, Sequence[str]] | Sequence[tuple[str, Sequence[str]]], root: Path, extra: Sequence[str] = ()
+) -> list[Run]:
     """The runs of several named grids (arms) under ``root``, in the order given.
 
     ``arms`` maps arm names to axis specs, or is a list of ``(arm, specs)`` pairs where a name may repeat
@@ -205,12 +223,20 @@ def execute(command: list[str], run: Run, log_dir: Path) -> int:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if code == 0 and (run.out_dir / "metrics.json").exists():
-        info = {"arm": run.arm, "overrides": run.overrides, "extra": run.extra, "wall_seconds": wall, "command": command}
+        info = {
+            "arm": run.arm,
+            "overrides": run.overrides,
+            "extra": run.extra,
+            "wall_seconds": wall,
+            "command": command,
+        }
         (run.out_dir / "sweep_run.json").write_text(json.dumps(info, indent=1))
     return code
 
 
-def run_sweep(recipe_path: str | Path, runs: Sequence[Run], log_dir: Optional[Path] = None, dry_run: bool = False) -> list[Run]:
+def run_sweep(
+    recipe_path: str | Path, runs: Sequence[Run], log_dir: Optional[Path] = None, dry_run: bool = False
+) -> list[Run]:
     """Train every run that has no ``metrics.json`` yet, one after another; return the runs that failed."""
     runs = unique(runs)
     validate_runs(recipe_path, runs)
@@ -246,16 +272,18 @@ def read_result(run: Run) -> Optional[dict[str, Any]]:
     history = json.loads(history_path.read_text()) if history_path.exists() else []
     rates = [h["samples_per_s"] for h in history if "samples_per_s" in h]
     row: dict[str, Any] = {"run": run.name, "arm": run.arm, **run.overrides}
-    row.update({
-        "eval_accuracy": metrics.get("eval_accuracy"),
-        "eval_macro_f1": metrics.get("eval_macro_f1"),
-        "best_eval_accuracy": metrics.get("best_eval_accuracy"),
-        "trainable_params": metrics.get("trainable_params"),
-        "train_seconds": metrics.get("train_seconds_this_session", metrics.get("train_seconds")),
-        "train_samples_per_s": sum(rates) / len(rates) if rates else metrics.get("train_samples_per_s"),
-        "peak_memory_mb": metrics.get("peak_memory_mb"),
-        "wall_seconds": json.loads(sweep_info.read_text())["wall_seconds"] if sweep_info.exists() else None,
-    })
+    row.update(
+        {
+            "eval_accuracy": metrics.get("eval_accuracy"),
+            "eval_macro_f1": metrics.get("eval_macro_f1"),
+            "best_eval_accuracy": metrics.get("best_eval_accuracy"),
+            "trainable_params": metrics.get("trainable_params"),
+            "train_seconds": metrics.get("train_seconds_this_session", metrics.get("train_seconds")),
+            "train_samples_per_s": sum(rates) / len(rates) if rates else metrics.get("train_samples_per_s"),
+            "peak_memory_mb": metrics.get("peak_memory_mb"),
+            "wall_seconds": json.loads(sweep_info.read_text())["wall_seconds"] if sweep_info.exists() else None,
+        }
+    )
     return row
 
 
@@ -264,7 +292,9 @@ def collect(runs: Iterable[Run]) -> list[dict[str, Any]]:
     return [row for row in (read_result(run) for run in runs) if row is not None]
 
 
-def aggregate(rows: Sequence[dict[str, Any]], over: str, metrics: Sequence[str] = RESULT_COLUMNS) -> list[dict[str, Any]]:
+def aggregate(
+    rows: Sequence[dict[str, Any]], over: str, metrics: Sequence[str] = RESULT_COLUMNS
+) -> list[dict[str, Any]]:
     """Group rows that differ only in ``over`` (e.g. the seed): mean and sample std of each metric, and n."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
@@ -279,7 +309,9 @@ def aggregate(rows: Sequence[dict[str, Any]], over: str, metrics: Sequence[str] 
             if values:
                 mean = sum(values) / len(values)
                 agg[metric] = mean
-                agg[f"{metric}_std"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                agg[f"{metric}_std"] = (
+                    math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+                )
         out.append(agg)
     return out
 
@@ -294,8 +326,12 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def write_table(rows: Sequence[dict[str, Any]], csv_path: Path, md_path: Optional[Path] = None,
-                columns: Optional[Sequence[str]] = None) -> None:
+def write_table(
+    rows: Sequence[dict[str, Any]],
+    csv_path: Path,
+    md_path: Optional[Path] = None,
+    columns: Optional[Sequence[str]] = None,
+) -> None:
     """Write rows as CSV (full precision) and optionally Markdown (rounded); columns default to the union in order."""
     if columns is None:
         columns = list(dict.fromkeys(k for row in rows for k in row))
@@ -327,21 +363,38 @@ def sweep_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run a grid of one recipe with overrides, one output directory per run, and collect a results table"
-                    " (results.csv, results.md; with --aggregate-over also summary.csv/.md of mean and std).",
+        " (results.csv, results.md; with --aggregate-over also summary.csv/.md of mean and std).",
         epilog="Axis syntax: section.field=V1,V2,... (commas inside [...] do not split), or a tied axis"
-               " section.field=C*other.field (e.g. peft.alpha=2*peft.r).\nExample:\n"
-               "  python scripts/sweep.py recipes/cpu/sst2_lora.yaml peft.r=1,2,4,8 peft.alpha=2*peft.r \\\n"
-               "      training.seed=0,1,2 --out runs/sweeps/rank --aggregate-over training.seed",
+        " section.field=C*other.field (e.g. peft.alpha=2*peft.r).\nExample:\n"
+        "  python scripts/sweep.py recipes/cpu/sst2_lora.yaml peft.r=1,2,4,8 peft.alpha=2*peft.r \\\n"
+        "      training.seed=0,1,2 --out runs/sweeps/rank --aggregate-over training.seed",
     )
     parser.add_argument("recipe", help="Recipe YAML shared by every run")
-    parser.add_argument("axes", nargs="*", help="Axes of the main grid (section.field=V1,V2,... or section.field=C*other.field)")
-    parser.add_argument("--grid", action="append", default=[], metavar='"AXIS AXIS ..."',
-                        help="An additional grid (arm), its axes in one quoted string; repeatable")
-    parser.add_argument("--set", action="append", default=[], metavar="section.field=value", dest="fixed",
-                        help="A fixed override applied to every run; repeatable")
+    parser.add_argument(
+        "axes", nargs="*", help="Axes of the main grid (section.field=V1,V2,... or section.field=C*other.field)"
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar='"AXIS AXIS ..."',
+        help="An additional grid (arm), its axes in one quoted string; repeatable",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="section.field=value",
+        dest="fixed",
+        help="A fixed override applied to every run; repeatable",
+    )
     parser.add_argument("--out", required=True, help="Root directory: one subdirectory per run, logs/ and the tables")
-    parser.add_argument("--aggregate-over", default=None, metavar="section.field",
-                        help="Also write summary tables averaging over this axis (typically training.seed)")
+    parser.add_argument(
+        "--aggregate-over",
+        default=None,
+        metavar="section.field",
+        help="Also write summary tables averaging over this axis (typically training.seed)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="Print the runs' overrides without training")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)

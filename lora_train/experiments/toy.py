@@ -61,12 +61,15 @@ def svd_bound(sigma: torch.Tensor, r: int) -> float:
     return float((sigma[r:] ** 2).sum())
 
 
-def train_factors(w0: torch.Tensor, w_star: torch.Tensor, x: torch.Tensor, r: int, alpha: float, steps: int,
-                  lr: float, seed: int) -> torch.Tensor:
+def train_factors(
+    w0: torch.Tensor, w_star: torch.Tensor, x: torch.Tensor, r: int, alpha: float, steps: int, lr: float, seed: int
+) -> torch.Tensor:
     """Fit LoRA factors by full-batch Adam with cosine decay; return the learned update ``(alpha / r) B A``."""
     g = torch.Generator().manual_seed(seed + 2)
     d_out, d_in = w0.shape
-    a = (torch.rand(r, d_in, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(d_in)  # kaiming-uniform-like, as in peft
+    a = (torch.rand(r, d_in, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(
+        d_in
+    )  # kaiming-uniform-like, as in peft
     a.requires_grad_(True)
     b = torch.zeros(d_out, r, dtype=torch.float64, requires_grad=True)  # B = 0: training starts at W0
     scale = alpha / r
@@ -83,8 +86,17 @@ def train_factors(w0: torch.Tensor, w_star: torch.Tensor, x: torch.Tensor, r: in
     return (scale * b @ a).detach()
 
 
-def run_toy(ranks: Sequence[int] = (1, 2, 4, 8, 16, 32), d_out: int = 64, d_in: int = 64, decay: float = 0.9,
-            n: int = 256, steps: int = 3000, lr: float = 0.02, alpha_per_rank: float = 1.0, seed: int = 0) -> list[ToyResult]:
+def run_toy(
+    ranks: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    d_out: int = 64,
+    d_in: int = 64,
+    decay: float = 0.9,
+    n: int = 256,
+    steps: int = 3000,
+    lr: float = 0.02,
+    alpha_per_rank: float = 1.0,
+    seed: int = 0,
+) -> list[ToyResult]:
     """Train the factors for every rank and compare the learned error with the SVD bound."""
     if any(not 0 < r <= min(d_out, d_in) for r in ranks):
         raise ValueError(f"ranks must be in [1, min(d_out, d_in) = {min(d_out, d_in)}], got {list(ranks)}")
@@ -110,5 +122,12 @@ def plot_toy(results: Sequence[ToyResult], path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(ranks, [str(r) for r in ranks])
-    finish_plot(fig, ax, "LoRA rank r", "squared Frobenius error", "Linear toy: gradient descent on B, A vs the best rank-r update",
-                path, fontsize=9)
+    finish_plot(
+        fig,
+        ax,
+        "LoRA rank r",
+        "squared Frobenius error",
+        "Linear toy: gradient descent on B, A vs the best rank-r update",
+        path,
+        fontsize=9,
+    )
