@@ -171,7 +171,8 @@ def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
     nf4 = recipe.quantization.is_4bit
     note = (
         "\nThe adapter was trained on a 4-bit NF4 base. The snippet loads the base in full precision;"
-        " `scripts/predict.py` and `lora_train.inference.load_run` rebuild the NF4 base from `recipe.yaml` as in training.\n"
+        " `scripts/predict.py` and `lora_train.inference.load_run` rebuild the NF4 base from `recipe.yaml`"
+        " as in training.\n"
         if nf4
         else ""
     )
@@ -237,6 +238,12 @@ def model_card(
     )
     at_step = f", step {metrics['step']}" if "step" in metrics else ""
     base_link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}` (a local directory)"
+    adapter_note = (
+        "Only the adapter and the classification head are stored here (adapter-only weights)."
+        if data.library_name == "peft"
+        else ""
+    )
+    n_examples = metrics.get("eval_samples", metrics.get("num_samples", "?"))
     return f"""---
 {data.to_yaml()}
 ---
@@ -246,9 +253,9 @@ def model_card(
 A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 {"on a 4-bit NF4 base (QLoRA) " if recipe.quantization.is_4bit else ""}by lora_train on {source}
 (task `{recipe.data.task or "custom"}`, labels: {", ".join(label_names) or "?"}).
-{"Only the adapter and the classification head are stored here (adapter-only weights)." if data.library_name == "peft" else ""}
+{adapter_note}
 
-## Evaluation: split `{split}` of {dataset_name}, {metrics.get("eval_samples", metrics.get("num_samples", "?"))} examples{at_step}
+## Evaluation: split `{split}` of {dataset_name}, {n_examples} examples{at_step}
 
 | metric | value |
 |---|---|

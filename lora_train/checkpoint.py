@@ -484,8 +484,8 @@ def resolve_resume(spec: Optional[str], checkpoints_root: Path) -> Optional[Path
         raise RecipeError(
             [
                 f"training.resume_from_checkpoint = {spec!r} is not a complete checkpoint directory"
-                f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory, or 'latest' for the newest"
-                " complete one"
+                f" (no {path / COMPLETE_MARKER}); give a checkpoints/step-XXXXXXXX directory,"
+                " or 'latest' for the newest complete one"
             ]
         )
     problem = verify_checkpoint(path)

@@ -550,7 +550,8 @@ def validate(recipe: Recipe) -> list[str]:
     if q.is_4bit:
         need(
             pe.method in ("lora", "adalora"),
-            f"quantization.method = 'nf4' trains adapters on a frozen 4-bit base: peft.method must be lora or adalora, not {pe.method!r}",
+            "quantization.method = 'nf4' trains adapters on a frozen 4-bit base:"
+            f" peft.method must be lora or adalora, not {pe.method!r}",
         )
     p.extend(_inapplicable_options(recipe))
     if pe.method == "lora":
@@ -566,7 +567,8 @@ def validate(recipe: Recipe) -> list[str]:
 
     if d.task is not None and d.task not in TASKS:
         p.append(
-            f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))}; valid: {', '.join(TASKS)}, or null with data.path"
+            f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))};"
+            f" valid: {', '.join(TASKS)}, or null with data.path"
         )
     if d.task is None:
         need(d.path is not None, "data.task is null, so data.path must name a Hub dataset id or a local directory")
@@ -610,7 +612,8 @@ def validate(recipe: Recipe) -> list[str]:
         )
     need(
         o.push_to_hub or not o.push_checkpoints,
-        "output.push_checkpoints is true but output.push_to_hub is false: set output.push_to_hub=true (and output.hub_model_id)",
+        "output.push_checkpoints is true but output.push_to_hub is false:"
+        " set output.push_to_hub=true (and output.hub_model_id)",
     )
     return p
 
@@ -627,10 +630,8 @@ def fields_help() -> str:
         hints = _field_types(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(
-                f"  {section}.{f.name} = {yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}"
-                f"  ({_describe(hints[f.name])})"
-            )
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"  {section}.{f.name} = {shown}  ({_describe(hints[f.name])})")
             lines.append(f"      {f.metadata['help']}")
     return "\n".join(lines)
 

@@ -53,7 +53,8 @@ class Launch:
     fsdp_version: Optional[int] = None
     bf16_supported: bool = True
     requested: tuple[str, ...] = ()
-    """Engines the environment asks for (ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP, set by ``accelerate launch``)."""
+    """Engines the environment asks for (ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP,
+    set by ``accelerate launch``)."""
     launcher_mixed_precision: Optional[str] = None
     """ACCELERATE_MIXED_PRECISION, set by ``accelerate launch`` from its config."""
 
@@ -142,7 +143,8 @@ def refuse_silent_duplication(num_processes: int) -> None:
             [
                 f"WORLD_SIZE={world} but Accelerate sees a single process, so {world} independent copies of this run"
                 " would each train alone and overwrite each other's output. On a CPU-only host"
-                " `accelerate launch --multi_gpu` (or a multi_gpu / fsdp config) does this. Run several CPU processes with:"
+                " `accelerate launch --multi_gpu` (or a multi_gpu / fsdp config) does this."
+                " Run several CPU processes with:"
                 f" {CPU_LAUNCH}"
             ],
             "launch",

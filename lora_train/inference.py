@@ -168,7 +168,8 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
 
 @torch.no_grad()
 def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Iterator[dict[str, Any]]:
-    """Classify ``texts`` in batches, streaming results in input order: ``{"text", "label", "probability", "probabilities"}``."""
+    """Classify ``texts`` in batches, streaming results in input order:
+    ``{"text", "label", "probability", "probabilities"}``."""
     run.model.eval()
     for batch in batched(texts, batch_size):
         enc = run.tokenizer(

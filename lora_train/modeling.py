@@ -178,7 +178,8 @@ def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
     if missing:
         raise RecipeError(
             [
-                f"peft.target_modules {missing} not found in {recipe.model.name_or_path}; its Linear layers are: {available}"
+                f"peft.target_modules {missing} not found in {recipe.model.name_or_path};"
+                f" its Linear layers are: {available}"
             ]
         )
 

@@ -38,7 +38,8 @@ def run_lock(output_dir: Path) -> Iterator[None]:
             holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
             raise RecipeError(
                 [
-                    f"output.output_dir '{output_dir}' is in use by another run ({holder}, lock {output_dir / LOCK_FILE}):"
+                    f"output.output_dir '{output_dir}' is in use by another run"
+                    f" ({holder}, lock {output_dir / LOCK_FILE}):"
                     " two runs in one directory would overwrite each other's checkpoints and adapter. Wait for it to"
                     " finish (or stop it), or choose another output.output_dir"
                 ]

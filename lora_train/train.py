@@ -628,7 +628,8 @@ def check_model_fits(recipe: Recipe, config) -> None:
     if limit and recipe.data.max_length > limit:
         raise RecipeError(
             [
-                f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit of {limit} positions"
+                f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit"
+                f" of {limit} positions"
             ]
         )
     meta = meta_model(config)
@@ -704,7 +705,8 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
 def _run_files(
     recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None
 ) -> dict[str, str | bytes]:
-    """Files saved beside every adapter: recipe, labels, metrics, model card; with a history, it and its learning curve."""
+    """Files saved beside every adapter: recipe, labels, metrics, model card;
+    with a history, it and its learning curve."""
     from lora_train.card import PLOT_NAME, model_card
     from lora_train.plots import learning_curve_png
 

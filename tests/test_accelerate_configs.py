@@ -77,7 +77,8 @@ def test_building_plugins_leaves_transformers_deepspeed_state_alone():
     "broken",
     [
         "distributed_type: DEEPSPEEDX\nnum_processes: 2\n",
-        "distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n  fsdp_state_dict_type: HALF_STATE_DICT\n",
+        "distributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n"
+        "  fsdp_state_dict_type: HALF_STATE_DICT\n",
     ],
 )
 def test_a_broken_config_fails(tmp_path: Path, broken):

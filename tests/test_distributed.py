@@ -184,7 +184,8 @@ def recipe_for(model: Path, data: Path, out: Path, per_device: int, quant: str =
 
 @pytest.fixture(scope="module")
 def one_process_runs(bert_no_dropout, uneven_data, tmp_path_factory) -> dict[str, Path]:
-    """1-process references with the global batch of the 2-process runs (16), LoRA and QLoRA, trained in this process."""
+    """1-process references with the global batch of the 2-process runs (16), LoRA and QLoRA,
+    trained in this process."""
     runs = {}
     for quant in ("none", "nf4"):
         out = tmp_path_factory.mktemp(f"one_process_{quant}") / "run"
@@ -398,7 +399,8 @@ def test_deepspeed_zero3_qlora_shards_the_4bit_weights_and_gathers_the_adapter(
 
 @needs_cpu_host
 def test_silent_duplication_is_refused_before_any_work(tmp_path, bert_no_dropout, uneven_data):
-    """`accelerate launch --multi_gpu` on a CPU-only host starts 2 processes that each see one: refused, naming torchrun."""
+    """`accelerate launch --multi_gpu` on a CPU-only host starts 2 processes that each see one:
+    refused, naming torchrun."""
     out = tmp_path / "dup"
     recipe = write_recipe(tmp_path / "recipe.yaml", recipe_for(bert_no_dropout, uneven_data, out, per_device=8))
     proc = accelerate_launch("", recipe, extra=("--multi_gpu",))

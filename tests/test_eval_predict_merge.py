@@ -1,4 +1,5 @@
-"""Using trained tiny adapters: the learning curve and card, scripts/eval.py, scripts/predict.py, scripts/merge_adapter.py.
+"""Using trained tiny adapters: the learning curve and card, scripts/eval.py, scripts/predict.py,
+scripts/merge_adapter.py.
 
 The adapters are trained here (tiny random BERT, synthetic data, 4 to 12 steps), with LoRA and
 AdaLoRA in full precision and LoRA on an NF4 base (float32 and bfloat16 compute).

@@ -72,7 +72,8 @@ with torch.no_grad():
     logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
 card = ModelCard.load(repo)
 labels = [row["label"] for row in predict(load_run(repo, device="cpu"), texts)]
-print(json.dumps({"logits": logits.tolist(), "card": card.data.to_dict(), "eval_results": [[r.metric_type, r.metric_value] for r in card.data.eval_results],
+print(json.dumps({"logits": logits.tolist(), "card": card.data.to_dict(),
+                  "eval_results": [[r.metric_type, r.metric_value] for r in card.data.eval_results],
                   "text": card.text, "labels": labels}))
 """
 

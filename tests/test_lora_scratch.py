@@ -1,4 +1,5 @@
-"""The from-scratch LoRA layer (lora_train/experiments/lora_scratch.py) against peft's own LoRA layer at the same weights."""
+"""The from-scratch LoRA layer (lora_train/experiments/lora_scratch.py) against peft's own LoRA layer
+at the same weights."""
 
 from __future__ import annotations
 

@@ -368,8 +368,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     err = capsys.readouterr().err
     root = tmp_path / "run" / "checkpoints"
     assert (
-        f"error: loss became nan at optimizer step 2; stopping. The last good checkpoint is kept: {root / 'step-00000001'}."
-        in err
+        "error: loss became nan at optimizer step 2; stopping."
+        f" The last good checkpoint is kept: {root / 'step-00000001'}." in err
     )
     assert sorted(p.name for p in root.iterdir()) == ["step-00000001"]
     assert all(torch.isfinite(t).all() for t in load_file(root / "step-00000001" / "trainable.safetensors").values())

@@ -275,18 +275,27 @@ def _header(report: dict[str, Any]) -> list[str]:
         if s.get("seed_per_repeat"):
             what += f" with training seeds {r['training']['seed']}..{r['training']['seed'] + s['repeats'] - 1}"
     elif report["mode"] == "memory":
-        what = f"weights measured after loading; peak memory over {s['warmup_steps'] + s['measure_steps']} training steps; one run per variant"
+        what = (
+            f"weights measured after loading; peak memory over {s['warmup_steps'] + s['measure_steps']} training steps;"
+            " one run per variant"
+        )
     else:
-        what = f"{s['measure_steps']} optimizer steps timed after {s['warmup_steps']} warm-up steps; {s['repeats']} run(s) each"
+        what = (
+            f"{s['measure_steps']} optimizer steps timed after {s['warmup_steps']} warm-up steps;"
+            f" {s['repeats']} run(s) each"
+        )
     return [
-        f"- model `{r['model']['name_or_path']}` ({r['model']['dtype']}, attention {r['model']['attn_implementation']}),"
-        f" {r['peft']['method']} r={r['peft']['r']} on {r['peft']['target_modules']}, quantization {r['quantization']['method']}",
+        f"- model `{r['model']['name_or_path']}` ({r['model']['dtype']},"
+        f" attention {r['model']['attn_implementation']}),"
+        f" {r['peft']['method']} r={r['peft']['r']} on {r['peft']['target_modules']},"
+        f" quantization {r['quantization']['method']}",
         f"- data `{r['data']['path'] or r['data']['task']}`: {r['data']['max_train_samples'] or 'all'} training rows,"
         f" max_length {r['data']['max_length']}, batch {r['training']['per_device_train_batch_size']},"
         f" mixed precision {r['training']['mixed_precision']}",
         f"- {what}" + ("" if report["mode"] == "memory" else "; medians over runs"),
-        f"- machine: {m['cpu']} ({m['cpu_count']} cores), GPU {m['gpu'] or 'none'}, {m['threads']} torch threads for every"
-        f" run, load average at the end {load}; torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}",
+        f"- machine: {m['cpu']} ({m['cpu_count']} cores), GPU {m['gpu'] or 'none'}, {m['threads']} torch threads"
+        f" for every run, load average at the end {load};"
+        f" torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}",
     ]
 
 
@@ -297,7 +306,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         + _header(report)
         + [
             "",
-            f"| contender | samples/s (min-max) | non-pad tokens/s | ms/step | peak memory MB | trainable params | accuracy |"
+            "| contender | samples/s (min-max) | non-pad tokens/s | ms/step |"
+            " peak memory MB | trainable params | accuracy |"
             f" {LABELS[report['reference']].split(' (')[0]} is x faster |",
             "|---|---|---|---|---|---|---|---|",
         ]
@@ -310,7 +320,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         speed = f"{row['speedup']:.2f}" if "speedup" in row else "-"
         lines.append(
             f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
-            f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} | {acc} | {speed} |"
+            f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
+            f" {acc} | {speed} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -324,7 +335,8 @@ def memory_markdown(report: dict[str, Any]) -> str:
         + _header(report)
         + [
             "",
-            "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s | trainable params |",
+            "| variant | base Linear weights MiB | x bf16 | all weights MiB | x bf16 | peak memory MB | samples/s |"
+            " trainable params |",
             "|---|---|---|---|---|---|---|---|",
         ]
     )
@@ -536,7 +548,7 @@ class _CountingCollator:
 
 
 def _step_timer(start: int, stop: int):
-    """A TrainerCallback timing from the end of optimizer step ``start`` (0 = the start of training) to the end of ``stop``."""
+    """A TrainerCallback timing from the end of optimizer step ``start`` (0 = training start) to the end of ``stop``."""
     import torch
     from transformers import TrainerCallback
 

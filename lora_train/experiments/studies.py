@@ -249,12 +249,14 @@ def analyse_rank(study: Study, rows: list[dict[str, Any]], out: Path, figures: P
     )
 
     lines = [
-        "| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std | best-during-run acc. (%) | train s (mean) |",
+        "| regime | r | alpha | seeds | trainable params | final val. accuracy (%), mean ± std |"
+        " best-during-run acc. (%) | train s (mean) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         lines.append(
-            f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} | {row['trainable_params']:,.0f} |"
+            f"| {row['arm']} | {row.get('peft.r', '')} | {row.get('peft.alpha', '')} | {row['n']} |"
+            f" {row['trainable_params']:,.0f} |"
             f" {_mean_std(row, 'eval_accuracy')} | {100 * row['best_eval_accuracy']:.1f} |"
             f" {row['train_seconds']:.0f} |"
         )
@@ -345,7 +347,10 @@ def regimes_extra(study: Study, root: Path) -> None:
     run = sweep.Run({}, root / FEATURES_RUN, "frozen_features")
     if (run.out_dir / "metrics.json").exists():
         return
-    code = f"from pathlib import Path; from lora_train.experiments.studies import frozen_features; frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
+    code = (
+        "from pathlib import Path; from lora_train.experiments.studies import frozen_features;"
+        f" frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
+    )
     logger.info("%s: extracting features and fitting the logistic regression", FEATURES_RUN)
     if sweep.execute([sys.executable, "-c", code], run, root / "logs") != 0:
         raise RuntimeError(f"{FEATURES_RUN} failed; see {root / 'logs' / (FEATURES_RUN + '.log')}")
@@ -367,14 +372,16 @@ def regimes_arms(seeds: int) -> list[tuple[str, list[str]]]:
 def comparison_table(arms: Sequence[dict[str, Any]], label: Callable[[dict[str, Any]], str]) -> str:
     """A Markdown table of one row per arm (mean ± std over seeds): accuracy, macro-F1, time, throughput, memory."""
     lines = [
-        "| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB | trainable params | run wall s |",
+        "| arm | seeds | accuracy (%) | macro-F1 (%) | train s | train samples/s | peak memory MB |"
+        " trainable params | run wall s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in arms:
         rate, wall = row.get("train_samples_per_s"), row.get("wall_seconds")
         lines.append(
             f"| {label(row)} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
-            f" {_mean_std(row, 'eval_macro_f1', single='')} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} | {'' if rate is None else f'{rate:.0f}'} |"
+            f" {_mean_std(row, 'eval_macro_f1', single='')} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} |"
+            f" {'' if rate is None else f'{rate:.0f}'} |"
             f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,.0f} | {'' if wall is None else f'{wall:.0f}'} |"
         )
     return "\n".join(lines) + "\n"
@@ -470,7 +477,8 @@ def quant_arms(seeds: int) -> list[tuple[str, list[str]]]:
 
 
 def analyse_quant(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
-    """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA (mean ± std over seeds)."""
+    """Study 3: accuracy, peak memory and time of LoRA, QLoRA (NF4 +/- double quant) and AdaLoRA
+    (mean ± std over seeds)."""
     sweep.write_table(rows, out / "results.csv", out / "results.md")
     arms = over_seeds(rows)
     names = {
