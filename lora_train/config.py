@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -347,6 +348,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if isinstance(key, typing.Hashable):
                 first_line[key] = line
         return super().construct_mapping(node, deep)
+
+
+# YAML 1.1 reads yes/no/on/off as booleans, so `mixed_precision: no` would arrive as False; like YAML 1.2, only
+# true/false are booleans here and the other words stay strings.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def load_yaml_text(text: str) -> Any:

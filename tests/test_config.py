@@ -120,6 +120,16 @@ def test_parse_override_reads_yaml_scalars():
     assert parse_override("peft.r=8") == ("peft", "r", 8)
     assert parse_override("data.task=null") == ("data", "task", None)
     assert parse_override("model.revision=") == ("model", "revision", "")
+    assert parse_override("training.gradient_checkpointing=true") == ("training", "gradient_checkpointing", True)
+
+
+def test_yes_no_on_off_stay_strings(tmp_path):
+    """YAML 1.1 reads `no` as False, which made `training.mixed_precision=no` an invalid value."""
+    assert parse_override("training.mixed_precision=no") == ("training", "mixed_precision", "no")
+    assert build_recipe({}, ["training.mixed_precision=no"]).training.mixed_precision == "no"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("training:\n  mixed_precision: no\n")
+    assert load_recipe(recipe).training.mixed_precision == "no"
 
 
 def test_help_lists_every_field_with_its_default():
