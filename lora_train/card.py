@@ -151,7 +151,7 @@ def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
             f"{steps if steps is not None else '?'}"
             + (f" ({metrics['epochs']:.2f} epochs)" if isinstance(metrics.get("epochs"), (int, float)) else ""),
         ),
-        ("max sequence length", str(d.max_length)),
+        ("max sequence length", str(d.max_length) + (" (head + tail)" if d.truncation == "head_tail" else "")),
         ("training examples", str(d.max_train_samples) + " (subset)" if d.max_train_samples else "all"),
         ("mixed precision", t.mixed_precision),
         ("seed", str(t.seed)),
@@ -176,6 +176,12 @@ def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
         if nf4
         else ""
     )
+    if recipe.data.truncation == "head_tail":
+        note += (
+            f"\nLong texts were cut to their head and tail (`data.truncation: head_tail`), not their first"
+            f" {recipe.data.max_length} tokens as in the snippet: `lora_train.data.encode_texts(tokenizer, texts,"
+            f" {recipe.data.max_length}, 'head_tail', padding=True, return_tensors='pt')` cuts them the same way.\n"
+        )
     return f"""```python
 import torch
 from {module} import {loader}

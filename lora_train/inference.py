@@ -18,6 +18,7 @@ import torch
 
 from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
+from lora_train.data import encode_texts
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -172,9 +173,8 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     ``{"text", "label", "probability", "probabilities"}``."""
     run.model.eval()
     for batch in batched(texts, batch_size):
-        enc = run.tokenizer(
-            batch, truncation=True, max_length=run.recipe.data.max_length, padding=True, return_tensors="pt"
-        )
+        data = run.recipe.data
+        enc = encode_texts(run.tokenizer, batch, data.max_length, data.truncation, padding=True, return_tensors="pt")
         probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for text, row in zip(batch, probs):
             best = int(row.argmax())
@@ -260,6 +260,17 @@ def _field(record: Any, column: str, path: str, line: int) -> str:
     return record[column]
 
 
+def autocast_like_training(run: LoadedRun) -> "torch.autocast":
+    """The autocast the run trained and evaluated under, so evaluation reproduces metrics.json (at bf16 speed).
+
+    torch.autocast directly, not a second Accelerator: Accelerate's state keeps the first mixed precision of the
+    process. CPUs have no fp16 autocast, so an fp16 run evaluates in fp32 there, as training would have.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.recipe.training.mixed_precision)
+    enabled = dtype is not None and not (run.device.type == "cpu" and dtype == torch.float16)
+    return torch.autocast(device_type=run.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+
+
 def evaluate_run(
     run: LoadedRun,
     split: Optional[str] = None,
@@ -289,12 +300,13 @@ def evaluate_run(
     spec = resolve_spec(cfg)
     _, raw = load_splits(spec, cfg)
     check_labels(raw, spec, len(run.label_names), spec.eval_split)
-    dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length).remove_columns("length")
+    dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation).remove_columns("length")
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(
         DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(run.tokenizer))
     )
-    report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
+    with autocast_like_training(run):
+        report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
     run.model.eval()
     return {
         "source": run.source,

@@ -318,8 +318,9 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
 
     t = recipe.training
     with accelerator.main_process_first():
-        train_ds = tokenize(data.train, tokenizer, data.spec, recipe.data.max_length)
-        eval_ds = tokenize(data.eval, tokenizer, data.spec, recipe.data.max_length)
+        d = recipe.data
+        train_ds = tokenize(data.train, tokenizer, data.spec, d.max_length, d.truncation)
+        eval_ds = tokenize(data.eval, tokenizer, data.spec, d.max_length, d.truncation)
     lengths = train_ds["length"]
     train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)

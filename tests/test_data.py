@@ -14,6 +14,7 @@ from lora_train.data import (
     EpochSampler,
     check_labels,
     config_file_patterns,
+    encode_texts,
     label_names_of,
     load_splits,
     resolve_spec,
@@ -203,3 +204,32 @@ def test_tokenize_truncates_and_collator_pads_dynamically():
     assert batch["input_ids"].shape[1] == max(sum(r["attention_mask"]) for r in rows)
     batch8 = DataCollatorWithPadding(tok, pad_to_multiple_of=8)(rows)
     assert batch8["input_ids"].shape[1] % 8 == 0
+
+
+def _head_tail_check(tok, max_length: int) -> None:
+    words = [f"w{i}" for i in range(400)]
+    text = " ".join(words)
+    ids = encode_texts(tok, [text, "w1 w2"], max_length, "head_tail")["input_ids"]
+    assert max_length - 1 <= len(ids[0]) <= max_length
+    decoded = tok.decode(ids[0], skip_special_tokens=True).replace(" ", "")
+    # The start and the end of the text survive; the middle is gone.
+    assert decoded.startswith("w0w1w2") and decoded.endswith("w398w399") and "w200" not in decoded
+    assert ids[1] == tok(["w1 w2"])["input_ids"][0]  # short texts are untouched
+    right = encode_texts(tok, [text], max_length)["input_ids"][0]
+    assert not tok.decode(right, skip_special_tokens=True).replace(" ", "").endswith("w399")
+
+
+def test_head_tail_truncation_keeps_start_and_end(tiny_bert_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    tok.add_tokens([f"w{i}" for i in range(400)])  # a word-level vocabulary: one token per word
+    _head_tail_check(tok, max_length=24)
+
+
+@needs_shared
+@pytest.mark.parametrize("model", [MINILM, "local/llama2c-stories260K"])
+def test_head_tail_truncation_with_real_tokenizers(model):
+    from transformers import AutoTokenizer
+
+    _head_tail_check(AutoTokenizer.from_pretrained(model), max_length=64)

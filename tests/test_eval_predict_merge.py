@@ -144,6 +144,17 @@ def test_eval_on_nf4_adapter_uses_nf4_base(nf4_run):
     )
 
 
+def test_eval_of_a_bf16_run_reproduces_its_metrics(tmp_path_factory, tiny_bert_dir, toy_data_dir):
+    """A run trained under CPU bf16 autocast is evaluated under it again: the same loss, not an fp32 one."""
+    from lora_train.inference import evaluate_run
+
+    bf16_run = trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, "bf16", training={"mixed_precision": "bf16"})
+    metrics = json.loads((bf16_run / "metrics.json").read_text())
+    report = evaluate_run(load_run(str(bf16_run), device="cpu"))
+    assert report["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)  # batches of 64 here, 128 in training
+    assert report["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
+
+
 def test_eval_refuses_bad_input_clearly(tmp_path, lora_run, capsys):
     assert script("eval").main([str(tmp_path)]) == 2
     assert "is not a lora_train run" in capsys.readouterr().err

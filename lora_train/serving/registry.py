@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe
+from lora_train.data import encode_texts
 from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -119,11 +120,12 @@ class Adapter:
 
     def encode(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
         """Token ids of each text (cut to the adapter's ``max_length``) and whether it was cut."""
-        enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
+        enc = encode_texts(self.tokenizer, texts, self.max_length, self.recipe.data.truncation)
         features = [{key: enc[key][i] for key in enc.keys()} for i in range(len(texts))]
-        # Only a text that fills max_length may have been cut: tokenize just those again, uncut, to know.
+        # Only a text that (nearly: head_tail keeps one token spare) fills max_length may have been cut: tokenize
+        # just those again, uncut, to know.
         truncated = [
-            len(f["input_ids"]) >= self.max_length
+            len(f["input_ids"]) >= self.max_length - 1
             and len(self.tokenizer(text, verbose=False)["input_ids"]) > self.max_length
             for text, f in zip(texts, features, strict=True)
         ]
