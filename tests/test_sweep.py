@@ -33,6 +33,14 @@ def test_commas_inside_brackets_do_not_split():
     )
 
 
+def test_long_run_names_are_cut_and_stay_unique():
+    """Names past the file-system limit (255 bytes) are cut and end in a hash of the full name."""
+    long = {f"training.field_{i}": "x" * 20 for i in range(12)}
+    other = {**long, "training.field_11": "y" * 20}
+    name, other_name = sweep.run_name(long), sweep.run_name(other)
+    assert len(name) == sweep.MAX_NAME and name.startswith("field_0-xxxx") and name != other_name
+
+
 @pytest.mark.parametrize(
     "specs,message",
     [
@@ -169,3 +177,14 @@ def test_frozen_features_baseline_on_a_tiny_model(tmp_path, tiny_bert_dir, toy_d
     assert metrics["eval_samples"] == 128 and metrics["train_examples"] == 512
     assert 0.5 < metrics["eval_accuracy"] <= 1.0 and metrics["peak_memory_mb"] > 0
     assert json.loads((tmp_path / "features" / "metrics.json").read_text())["eval_macro_f1"] == metrics["eval_macro_f1"]
+
+
+@pytest.mark.parametrize("name", ["rank", "regimes", "quant", "peft_methods", "seed_comparisons"])
+def test_every_study_plans_valid_runs(name, tmp_path):
+    """Each study's arms are valid overrides of its recipe (checked before any run trains), with usable names."""
+    from lora_train.experiments.studies import STUDIES
+
+    study = STUDIES[name]
+    runs = sweep.plan(study.arms(study.seeds), tmp_path)
+    sweep.validate_runs(study.recipe, sweep.unique(runs))
+    assert runs and all(len(run.name) <= sweep.MAX_NAME for run in runs)

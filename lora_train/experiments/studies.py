@@ -661,6 +661,77 @@ def methods_table(arms: Sequence[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Study 5: the seed notebooks' settings, at full size
+
+
+IMDB_SEED_001 = [
+    "data.task=imdb",
+    "data.path=stanfordnlp/imdb",
+    "data.config_name=plain_text",
+    "data.eval_split=test",
+    "data.max_length=256",
+    "data.max_train_samples=500",
+    "peft.r=4",
+    "peft.alpha=32",
+    "peft.target_modules=[query,value]",
+    "training.num_epochs=3",
+    "training.per_device_train_batch_size=8",  # 2 x 8 = the global batch of 16 at 256 tokens (memory)
+    "training.gradient_accumulation_steps=2",
+    "training.per_device_eval_batch_size=32",
+]
+"""Seed 001's IMDb setting: LoRA r=4, alpha=32 on query and value, 500 training reviews (3 epochs, 96 steps),
+scored on the whole 25,000-review test split."""
+
+SEED_ARMS: dict[str, tuple[str, str, list[str]]] = {
+    "emotion/frozen_features": ("frozen features + LogReg", "about 63% macro-F1", []),
+    "emotion/full": ("full fine-tuning", "about 92%", ["peft.method=full", "training.learning_rate=1e-4"]),
+    "emotion/lora_qkv_r32": ("LoRA r=32 q,k,v", "about 92%", ["peft.method=lora"]),
+    "emotion/lora_qkv_r32_pooler": ("LoRA r=32 q,k,v + pooler", "", ["peft.method=lora", HEAD_POOLER]),
+    "imdb/lora_r4_qv": ("LoRA r=4, alpha=32, q,v; 500 reviews", "(no figure quoted)", IMDB_SEED_001),
+}
+"""Arm -> (label, the seed's published figure as the issue quotes it, overrides of the emotion recipe)."""
+
+
+def seed_comparison_arms(seeds: int) -> list[tuple[str, list[str]]]:
+    """The trained arms of SEED_ARMS per seed (the frozen features are an extra run: deterministic, one)."""
+    return [
+        (arm, [*overrides, f"training.seed={seed}"])
+        for seed in range(seeds)
+        for arm, (_, _, overrides) in SEED_ARMS.items()
+        if arm != "emotion/frozen_features"
+    ]
+
+
+def seed_comparison_extra(root: Path) -> None:
+    """The frozen-features baseline on all emotion training rows, scored on the test split."""
+    regimes_extra(STUDIES["seed_comparisons"], root)
+
+
+def analyse_seed_comparisons(study: Study, rows: list[dict[str, Any]], out: Path, figures: Path) -> str:
+    """Study 5: one row per setting, beside the figure the seed notebook published."""
+    features = sweep.read_result(sweep.Run({}, out / FEATURES_RUN, "emotion/frozen_features"))
+    rows = ([features] if features else []) + rows
+    for row in rows:  # the share of the model trained (the training loop writes it; the LogReg has none)
+        row["trainable_percent"] = json.loads((out / row["run"] / "metrics.json").read_text()).get("trainable_percent")
+    sweep.write_table(rows, out / "results.csv", out / "results.md")
+    lines = [
+        "| setting | published (seed) | seeds | test accuracy (%) | test macro-F1 (%) | trainable params |"
+        " trainable % | train s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in sweep.aggregate(rows, "training.seed", [*sweep.RESULT_COLUMNS, "trainable_percent"]):
+        label, published, _ = SEED_ARMS[row["arm"]]
+        share = row.get("trainable_percent")
+        lines.append(
+            f"| {label} | {published} | {row['n']} | {_mean_std(row, 'eval_accuracy', single='')} |"
+            f" {_mean_std(row, 'eval_macro_f1', single='')} | {row['trainable_params']:,.0f} |"
+            f" {'' if share is None else f'{share:.3f}'} | {_mean_std(row, 'train_seconds', 1, '.0f', '')} |"
+            f" {row['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # The linear toy (no training loop; seconds)
 
 
@@ -703,6 +774,14 @@ STUDIES: dict[str, Study] = {
     "quant": Study("quant", "recipes/studies/sst2_minilm_quant.yaml", quant_arms, analyse_quant, seeds=3),
     "peft_methods": Study(
         "peft_methods", "recipes/studies/peft_methods_minilm.yaml", peft_method_arms, analyse_peft_methods, seeds=3
+    ),
+    "seed_comparisons": Study(
+        "seed_comparisons",
+        "recipes/studies/seed_comparisons_minilm.yaml",
+        seed_comparison_arms,
+        analyse_seed_comparisons,
+        seeds=3,
+        extra_runs=seed_comparison_extra,
     ),
 }
 
@@ -764,7 +843,8 @@ def study_main(argv: Optional[Sequence[str]] = None) -> int:
         choices=[*STUDIES, "toy"],
         help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
         " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); peft_methods: Study 4 (every PEFT method on"
-        " SST-2 and emotion); toy: the linear SVD-bound toy",
+        " SST-2 and emotion); seed_comparisons: Study 5 (the seed notebooks' emotion and IMDb settings at full"
+        " size, on the test splits); toy: the linear SVD-bound toy",
     )
     parser.add_argument("--out", default="runs/studies", help="Root of the study directories (default runs/studies)")
     parser.add_argument("--figures", default="docs/figures", help="Where the PNG plots go (default docs/figures)")

@@ -15,6 +15,7 @@ into ``<root>/<name>``, where the name spells out the run's overrides. A run who
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import json
 import logging
@@ -163,7 +164,14 @@ def run_name(overrides: dict[str, str]) -> str:
         short = key if fields.count(short) > 1 else short
         clean = re.sub(r"[^A-Za-z0-9.+-]+", "-", value).strip("-") or "none"
         parts.append(f"{short}-{clean}")
-    return "_".join(parts) or "base"
+    name = "_".join(parts) or "base"
+    if len(name) > MAX_NAME:  # file systems stop at 255 bytes: keep the start readable, a hash keeps it unique
+        name = name[: MAX_NAME - 9] + "_" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return name
+
+
+MAX_NAME = 150
+"""Longest run directory name; longer ones end in a hash of the full name."""
 
 
 def plan(
