@@ -309,3 +309,14 @@ def test_command_line_refuses_adapters_of_different_bases(runs, capsys):
     err = capsys.readouterr().err
     assert "one server holds one base model" in err and "tiny_bert" in err and "pooled_bert" in err
     assert build_parser().parse_args(["run"]).host == "127.0.0.1"  # loopback unless asked
+
+
+def test_load_test_table_names_the_causes_of_errors():
+    from lora_train.serving.bench import SetupResult, markdown_table
+
+    ok = SetupResult("unbatched", 1, 100, 0, {}, 10.0, 50.0, 90.0, 1.0, 600.0, 610.0)
+    failing = SetupResult("batched", 1, 90, 3, {"503 queue full": 2, "422 blank text": 1}, 9.0, 60, 99, 4.0, 650, 660)
+    table = markdown_table([ok, failing])
+    assert "| batched | 1 | 9.0 | 60 | 99 | 90 (3) |" in table
+    assert table.endswith("Errors:\n- batched: 2 x 503 queue full\n- batched: 1 x 422 blank text")
+    assert "Errors" not in markdown_table([ok])

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,6 +35,8 @@ class SetupResult:
     processes: int
     requests: int
     errors: int
+    error_causes: dict[str, int]
+    """Failed requests by status code and the server's message (the first 100 characters)."""
     requests_per_s: float
     p50_ms: float
     p99_ms: float
@@ -103,19 +106,19 @@ class ServerProcess:
 
 async def _load(
     routes: list[tuple[str, str, list[str]]], clients: int, warmup_s: float, duration_s: float
-) -> tuple[list[float], int]:
-    """Run ``clients`` concurrent clients; latencies (s) of the requests sent after the warm-up, and errors."""
+) -> tuple[list[float], Counter]:
+    """Run ``clients`` concurrent clients; latencies (s) of the requests sent after the warm-up, and the failed
+    ones counted by status and message."""
     import httpx
 
     turn = itertools.count()
     latencies: list[float] = []
-    errors = 0
+    errors: Counter = Counter()
     start = time.monotonic()
     measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
     async def client(http: httpx.AsyncClient) -> None:
-        nonlocal errors
         while time.monotonic() < stop_at:
             n = next(turn)
             url, adapter, texts = routes[n % len(routes)]
@@ -127,7 +130,7 @@ async def _load(
                 if response.status_code == 200:
                     latencies.append(time.monotonic() - sent)
                 else:
-                    errors += 1
+                    errors[f"{response.status_code} {response.text[:100]}"] += 1
 
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
         await asyncio.gather(*(client(http) for _ in range(clients)))
@@ -169,7 +172,8 @@ def run_setup(
         setup=setup,
         processes=len(servers),
         requests=len(latencies),
-        errors=errors,
+        errors=sum(errors.values()),
+        error_causes=dict(errors),
         requests_per_s=len(latencies) / duration_s,
         p50_ms=float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         p99_ms=float(np.percentile(ms, 99)) if len(ms) else float("nan"),
@@ -190,7 +194,8 @@ def markdown_table(results: list[SetupResult]) -> str:
             f"| {r.setup} | {r.processes} | {r.requests_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
             f" {r.requests} ({r.errors}) | {r.texts_per_batch:.1f} | {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |"
         )
-    return "\n".join(lines)
+    causes = [f"- {r.setup}: {count} x {cause}" for r in results for cause, count in r.error_causes.items()]
+    return "\n".join(lines + (["", "Errors:", *causes] if causes else []))
 
 
 def run_bench(
