@@ -179,3 +179,14 @@ def test_full_finetuning_with_layer_lr_decay_trains(tmp_path, tiny_bert_dir, toy
     first = history[0]  # the head's (first group's) rate is the one logged: 1e-3, decayed linearly over 8 steps
     assert first["learning_rate"] == pytest.approx(1e-3 * (8 - first["step"]) / 8)
     assert (out / "model.safetensors").exists() and metrics["global_step"] == 8
+
+
+def test_reload_check_reports_reload_plain_peft_and_merge(tmp_path, tiny_bert_dir, toy_data_dir):
+    """The study tool that re-checks finished runs (lora_train.experiments.reload_check) on a real tiny run."""
+    from lora_train.experiments.reload_check import check_run, table
+
+    out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, METHODS["ia3"])
+    row = check_run(out)
+    assert row["reloaded"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9) and row["method"] == "ia3"
+    assert row["plain_peft_max_diff"] < 1e-5 and "merged" in row
+    assert f"| run | ia3 | {metrics['eval_accuracy']:.4f} |" in table([row])
