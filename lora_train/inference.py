@@ -175,7 +175,8 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     for batch in batched(texts, batch_size):
         data = run.recipe.data
         enc = encode_texts(run.tokenizer, batch, data.max_length, data.truncation, padding=True, return_tensors="pt")
-        probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
+        with autocast_like_training(run):  # the precision the run was trained and scored in
+            probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for text, row in zip(batch, probs):
             best = int(row.argmax())
             yield {
