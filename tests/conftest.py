@@ -238,7 +238,8 @@ def reload_accuracy(run_dir: Path, texts: list[str], labels, max_length: int) ->
 
 def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     """Reload a saved adapter the way users do (AutoPeftModelForSequenceClassification; NF4 again when the
-    run was NF4, with the same skip list) in this one process and return its logits on ``texts``."""
+    run was NF4, with the same skip list; bf16 autocast when the run used it) in this one process and return its
+    logits on ``texts``."""
     import numpy as np
     import torch
     from peft import AutoPeftModelForSequenceClassification
@@ -264,8 +265,10 @@ def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     keep_4bit_training_layout(
         model
     )  # bitsandbytes would repack NF4 weights with bf16-rounded scales on AVX512-BF16 CPUs
+    # Under the run's bf16 autocast when it trained with one, as its own evaluation did (fp32 differs in the 4th digit).
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.training.mixed_precision == "bf16")
     logits = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         for i in range(0, len(texts), 128):
             enc = tokenizer(
                 texts[i : i + 128], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
