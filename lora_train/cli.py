@@ -39,9 +39,6 @@ def train_main(argv: Optional[Sequence[str]] = None) -> int:
     import json
 
     recipe, _ = parse_recipe(recipe_parser("Train a LoRA / AdaLoRA / QLoRA text classifier from a recipe."), argv)
-    from lora_train.allocator import cap_mmap_threshold
-
-    cap_mmap_threshold()  # before any tensor: peak RSS otherwise creeps with the step count on glibc
     # These import torch: only once the recipe is known to be valid.
     from lora_train.checkpoint import SAVE_FAILED_EXIT_STATUS, SaveFailedError
     from lora_train.data import DataError
