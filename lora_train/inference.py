@@ -18,7 +18,7 @@ import torch
 
 from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
-from lora_train.data import encode_texts
+from lora_train.data import encode_texts, padding_multiple
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -174,7 +174,15 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     run.model.eval()
     for batch in batched(texts, batch_size):
         data = run.recipe.data
-        enc = encode_texts(run.tokenizer, batch, data.max_length, data.truncation, padding=True, return_tensors="pt")
+        enc = encode_texts(
+            run.tokenizer,
+            batch,
+            data.max_length,
+            data.truncation,
+            padding=True,
+            pad_to_multiple_of=padding_multiple(data.max_length, run.device.type),
+            return_tensors="pt",
+        )
         with autocast_like_training(run):  # the precision the run was trained and scored in
             probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for text, row in zip(batch, probs):
@@ -287,9 +295,8 @@ def evaluate_run(
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-    from transformers import DataCollatorWithPadding
 
-    from lora_train.data import check_labels, load_splits, resolve_spec, tokenize
+    from lora_train.data import check_labels, load_splits, padding_collator, resolve_spec, tokenize
     from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
@@ -304,7 +311,9 @@ def evaluate_run(
     dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation).remove_columns("length")
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(
-        DataLoader(dataset, batch_size=batch_size, collate_fn=DataCollatorWithPadding(run.tokenizer))
+        DataLoader(
+            dataset, batch_size=batch_size, collate_fn=padding_collator(run.tokenizer, cfg.max_length, run.device.type)
+        )
     )
     with autocast_like_training(run):
         report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)

@@ -25,7 +25,7 @@ from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.build import TaskData, build_classifier, load_task_data
 from lora_train.config import Recipe, RecipeError, recipe_to_yaml
-from lora_train.data import EpochSampler, steps_per_epoch, tokenize
+from lora_train.data import EpochSampler, padding_collator, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary
 from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import (
@@ -314,8 +314,6 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
 
 def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tuple[DataLoader, DataLoader]:
     """Tokenize once; batch dynamically (length-grouped training batches); both loaders prepared by Accelerate."""
-    from transformers import DataCollatorWithPadding
-
     t = recipe.training
     with accelerator.main_process_first():
         d = recipe.data
@@ -323,7 +321,7 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
         eval_ds = tokenize(data.eval, tokenizer, data.spec, d.max_length, d.truncation)
     lengths = train_ds["length"]
     train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.device.type == "cuda" else None)
+    collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type)
     global_batch = t.per_device_train_batch_size * accelerator.num_processes
     sampler = EpochSampler(lengths, global_batch, t.seed, recipe.data.group_by_length)
     common = dict(

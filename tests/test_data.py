@@ -17,6 +17,8 @@ from lora_train.data import (
     encode_texts,
     label_names_of,
     load_splits,
+    padding_collator,
+    padding_multiple,
     resolve_spec,
     tokenize,
 )
@@ -204,6 +206,21 @@ def test_tokenize_truncates_and_collator_pads_dynamically():
     assert batch["input_ids"].shape[1] == max(sum(r["attention_mask"]) for r in rows)
     batch8 = DataCollatorWithPadding(tok, pad_to_multiple_of=8)(rows)
     assert batch8["input_ids"].shape[1] % 8 == 0
+    longest = max(sum(r["attention_mask"]) for r in rows)
+    for device, multiple in (("cpu", 8), ("cuda", 8)):
+        padded = padding_collator(tok, 16, device)(rows)["input_ids"].shape[1]
+        assert padded % multiple == 0 and longest <= padded < longest + multiple
+
+
+def test_cpu_batches_take_at_most_eight_padded_lengths():
+    # oneDNN caches bf16 kernels per input shape: a bounded set of lengths bounds its memory (docs/results.md).
+    for max_length in (16, 64, 100, 128, 256, 512, 4096):
+        multiple = padding_multiple(max_length, "cpu")
+        lengths = {-(-n // multiple) * multiple for n in range(1, max_length + 1)}
+        assert multiple % 8 == 0 and len(lengths) <= 8, (max_length, multiple, sorted(lengths))
+        assert max(lengths) < max_length + multiple
+    assert padding_multiple(64, "cpu") == 8 and padding_multiple(256, "cpu") == 32
+    assert padding_multiple(256, "cuda") == 8
 
 
 def _head_tail_check(tok, max_length: int) -> None:
