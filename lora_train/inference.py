@@ -172,15 +172,16 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     """Classify ``texts`` in batches, streaming results in input order:
     ``{"text", "label", "probability", "probabilities"}``."""
     run.model.eval()
+    data = run.recipe.data
+    multiple = padding_multiple(data.max_length, run.device.type)
     for batch in batched(texts, batch_size):
-        data = run.recipe.data
         enc = encode_texts(
             run.tokenizer,
             batch,
             data.max_length,
             data.truncation,
             padding=True,
-            pad_to_multiple_of=padding_multiple(data.max_length, run.device.type),
+            pad_to_multiple_of=multiple,
             return_tensors="pt",
         )
         with autocast_like_training(run):  # the precision the run was trained and scored in

@@ -30,6 +30,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
+    for name in ("multiple", "batch_size", "steps"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0")
 
     import torch
     from peft import LoraConfig, get_peft_model
