@@ -48,6 +48,11 @@ class ModelConfig:
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = _f(
         "sdpa", "Attention kernel; null lets transformers choose."
     )
+    attention_dropout: Optional[float] = _f(
+        None,
+        "Dropout on the attention probabilities while training, in [0, 1); null keeps the checkpoint's (BERT: 0.1)."
+        " 0 lets sdpa use its fused kernel on CPUs too, which keeps no length x length probabilities for backward.",
+    )
 
 
 @dataclass
@@ -550,6 +555,8 @@ def validate(recipe: Recipe) -> list[str]:
             p.append(msg)
 
     need(bool(m.name_or_path), "model.name_or_path must name a Hub id or a local directory")
+    if m.attention_dropout is not None:
+        need(0 <= m.attention_dropout < 1, f"model.attention_dropout = {m.attention_dropout} must be in [0, 1)")
     need(pe.r > 0, f"peft.r = {pe.r} must be a positive integer")
     need(pe.alpha > 0, f"peft.alpha = {pe.alpha} must be > 0")
     need(0 <= pe.dropout < 1, f"peft.dropout = {pe.dropout} must be in [0, 1)")

@@ -123,13 +123,34 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
             label2id={name: i for i, name in enumerate(label_names)},
         )
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels
         )
     except (OSError, ValueError) as err:
         raise RecipeError(
             [f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]
         ) from None
+    if m.attention_dropout is not None:
+        setattr(config, attention_dropout_field(config, m.name_or_path), m.attention_dropout)
+    return config
+
+
+# What architectures call their attention-probability dropout: BERT family, Llama/DistilBERT family, GPT-2 family.
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def attention_dropout_field(config, name_or_path: str) -> str:
+    """The config attribute holding ``config``'s attention dropout, or a ``RecipeError`` naming what was looked for."""
+    for name in ATTENTION_DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), (int, float)):
+            return name
+    raise RecipeError(
+        [
+            f"model.attention_dropout is set, but {name_or_path!r} ({config.model_type}) has none of the config"
+            f" fields {', '.join(ATTENTION_DROPOUT_FIELDS)}; remove model.attention_dropout (null keeps the"
+            " checkpoint's)"
+        ]
+    )
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -119,3 +119,32 @@ def test_decoder_without_pad_token_gets_one(tiny_llama_dir):
     # The classifier reads the last real token, not a pad: padding must not change a text's logits.
     assert padded.shape == (2, 2) and torch.allclose(padded, alone, atol=1e-5), (padded, alone)
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # and the two texts are told apart at all
+
+
+def _attention_dropout_recipe(model_dir, value):
+    return build_recipe({"model": {"name_or_path": str(model_dir), "attention_dropout": value}})
+
+
+def test_attention_dropout_reaches_bert_and_llama_attention(tiny_bert_dir, tiny_llama_dir):
+    bert_recipe = _attention_dropout_recipe(tiny_bert_dir, 0.25)
+    bert, _ = load_base_model(bert_recipe, load_model_config(bert_recipe, ["neg", "pos"]))
+    probs = [m.dropout.p for name, m in bert.named_modules() if name.endswith("attention.self")]
+    assert probs and set(probs) == {0.25}
+    llama_config = load_model_config(_attention_dropout_recipe(tiny_llama_dir, 0.0), ["neg", "pos"])
+    assert llama_config.attention_dropout == 0.0
+    kept = load_model_config(_attention_dropout_recipe(tiny_bert_dir, None))
+    assert kept.attention_probs_dropout_prob == 0.1  # null keeps the checkpoint's
+
+
+def test_attention_dropout_on_a_model_without_one_is_refused(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32).save_pretrained(tmp_path)
+    with pytest.raises(RecipeError, match="model.attention_dropout is set.*attention_probs_dropout_prob"):
+        load_model_config(_attention_dropout_recipe(tmp_path, 0.0))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_attention_dropout_out_of_range_is_refused(value):
+    with pytest.raises(RecipeError, match=r"model.attention_dropout = .* must be in \[0, 1\)"):
+        build_recipe({"model": {"attention_dropout": value}})
