@@ -320,3 +320,17 @@ def test_load_test_table_names_the_causes_of_errors():
     assert "| batched | 1 | 9.0 | 60 | 99 | 90 (3) |" in table
     assert table.endswith("Errors:\n- batched: 2 x 503 queue full\n- batched: 1 x 422 blank text")
     assert "Errors" not in markdown_table([ok])
+
+
+def test_forward_costs_time_each_adapter_alone_and_batched(runs):
+    from lora_train.serving.bench import forward_cost_table, forward_costs
+
+    names = ["sentiment", "three"]
+    rows = forward_costs([str(runs[n]) for n in names], names, texts_per_adapter=8, batch_size=4, repeats=1)
+    assert [r["adapter"] for r in rows] == names
+    for r in rows:
+        assert r["ms_per_text_alone"] > 0 and r["ms_per_text_batched"] > 0 and r["mean_tokens"] > 1
+        assert r["bound"] == pytest.approx(r["ms_per_text_alone"] / r["ms_per_text_batched"])
+    table = forward_cost_table(rows, batch_size=4).splitlines()
+    assert "4 per forward" in table[0] and len(table) == 2 + len(names)
+    assert table[3].startswith(f"| three | {rows[1]['threads']} | {rows[1]['mean_tokens']:.0f} |")

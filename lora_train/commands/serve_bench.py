@@ -4,7 +4,8 @@ per adapter (see docs/serving.md).
     python scripts/serve_bench.py runs/cpu/sst2_lora runs/cpu/emotion_lora runs/cpu/imdb_lora --clients 32 --duration 60
 
 Each setup's servers run alone, one after the other, on 127.0.0.1 ports chosen here. Prints a Markdown table;
---out also writes the figures as JSON.
+--out also writes the figures as JSON. --forward-costs times the model worker alone instead (no HTTP): a text per
+forward against 16 per forward, the bound on what micro-batching can gain on this machine.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
     parser.add_argument("--texts-per-adapter", type=int, default=500, help="validation texts each adapter is sent")
     parser.add_argument("--server-threads", type=int, help="--threads of every server process (default: torch's)")
+    parser.add_argument(
+        "--forward-costs",
+        action="store_true",
+        help="instead of the HTTP setups, time the model worker alone: ms per text when each text is its own forward"
+        " and when 16 share one (the bound on what batching can gain here)",
+    )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     if min(args.clients, args.duration, args.texts_per_adapter) <= 0 or args.warmup < 0:
@@ -40,6 +47,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [name or default_name(source, Path(source)) for name, source in pairs]
     if len(set(names)) != len(names):
         parser.error(f"adapter names {names} repeat; name them with NAME=SOURCE")
+    if args.forward_costs:
+        import torch
+
+        from lora_train.serving.bench import forward_cost_table, forward_costs
+
+        if args.server_threads:
+            torch.set_num_threads(args.server_threads)
+        rows = forward_costs([source for _, source in pairs], names, batch_size=16)
+        print(forward_cost_table(rows, batch_size=16))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=1))
+        return 0
     results = run_bench(
         [source for _, source in pairs],
         names,

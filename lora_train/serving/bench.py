@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -217,6 +217,69 @@ def run_bench(
         results.append(run_setup(setup, adapters, names, texts, clients, warmup_s, duration_s, server_args))
         log(f"  {results[-1]}")
     return results
+
+
+def _best_seconds(registry, calls: list, repeats: int) -> float:
+    """The fastest of ``repeats`` passes over ``calls`` (each a ``registry.classify`` argument), in seconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for call in calls:
+            registry.classify(call)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def forward_costs(
+    adapters: Sequence[str], names: Sequence[str], texts_per_adapter: int = 64, batch_size: int = 16, repeats: int = 3
+) -> list[dict[str, Any]]:
+    """The model worker alone, no HTTP: milliseconds per text when each text is its own forward and when
+    ``batch_size`` texts of one adapter share a forward (best of ``repeats``). Their ratio bounds what
+    micro-batching can gain on this machine, since HTTP, JSON and tokenization cost the same in both setups.
+    """
+    import torch
+
+    from lora_train.serving.registry import AdapterRegistry, read_adapter
+
+    registry = AdapterRegistry()
+    for name, source in zip(names, adapters, strict=True):
+        registry.attach(read_adapter(source, name))
+    rows = []
+    for name, source in zip(names, adapters, strict=True):
+        features, _ = registry.get(name).encode(validation_texts(source, texts_per_adapter))
+        alone = [[(name, [f])] for f in features]
+        batched = [[(name, features[i : i + batch_size])] for i in range(0, len(features), batch_size)]
+
+        registry.classify(batched[0])  # warm-up: first-call allocations and kernel selection
+        one = _best_seconds(registry, alone, repeats) * 1000 / len(features)
+        many = _best_seconds(registry, batched, repeats) * 1000 / len(features)
+        tokens = sum(len(f["input_ids"]) for f in features) / len(features)
+        rows.append(
+            dict(
+                adapter=name,
+                threads=torch.get_num_threads(),
+                mean_tokens=tokens,
+                ms_per_text_alone=one,
+                ms_per_text_batched=many,
+                bound=one / many,
+            )
+        )
+    return rows
+
+
+def forward_cost_table(rows: list[dict[str, Any]], batch_size: int) -> str:
+    """:func:`forward_costs` as Markdown."""
+    lines = [
+        f"| adapter | torch threads | tokens per text | ms per text, alone | ms per text, {batch_size} per forward"
+        " | bound on the batching speed-up |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['adapter']} | {r['threads']} | {r['mean_tokens']:.0f} | {r['ms_per_text_alone']:.1f} |"
+            f" {r['ms_per_text_batched']:.1f} | {r['bound']:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def summary(results: list[SetupResult]) -> Optional[str]:
