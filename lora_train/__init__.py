@@ -1,6 +1,7 @@
 """lora_train: recipe-driven LoRA / AdaLoRA / QLoRA fine-tuning of text classifiers with Accelerate."""
 
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
@@ -16,3 +17,7 @@ class _DropOptionalKernelNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
+
+# peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
+# run; the attribute is peft's to rename, nothing in a recipe changes it.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -125,25 +124,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence the 'newly initialized classifier weights' warning: the adapter brings the trained head."""
-    from transformers.utils import logging as hf_logging
-
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-
-
 def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
     """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``."""
     from lora_train.build import build_classifier
 
-    with _quiet_transformers():
-        return build_classifier(recipe, label_names, tokenizer, device)
+    return build_classifier(recipe, label_names, tokenizer, device)
 
 
 def load_run(source: str, device: Optional[str] = None, revision: Optional[str] = None) -> LoadedRun:

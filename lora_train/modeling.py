@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -260,7 +261,10 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
 
         if not is_deepspeed_zero3_enabled():  # ZeRO-3 refuses a device_map; bitsandbytes then uses the current device
             kwargs["device_map"] = device_map or {"": "cpu"}
-    model, info = AutoModelForSequenceClassification.from_pretrained(m.name_or_path, output_loading_info=True, **kwargs)
+    with without_load_report():  # what matters in it (weights missing outside the head) is logged below
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            m.name_or_path, output_loading_info=True, **kwargs
+        )
     if qconfig is not None:
         keep_4bit_training_layout(model)  # training, evaluation and reloading all use one 4-bit layout
     if model.config.pad_token_id is None:
@@ -269,7 +273,45 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
     new_heads = [h for h in head_modules(model) if h in missing] or [
         h for h in head_modules(model) if h in ("classifier", "score")
     ]
+    log_unexpected_loading(info, new_heads)
     return model, new_heads
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' "LOAD REPORT" table: for a base checkpoint it only says the new head is new."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+@contextmanager
+def without_load_report() -> Iterator[None]:
+    """transformers' load report dropped while loading; its other messages still show."""
+    emitter = logging.getLogger("transformers.modeling_utils")
+    report_filter = _DropLoadReport()
+    emitter.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        emitter.removeFilter(report_filter)
+
+
+def log_unexpected_loading(info: dict, new_heads: list[str]) -> None:
+    """Warn about checkpoint weights that were missing outside the new classification head; a base checkpoint
+    never has the head, so that part is expected and not reported. Unused checkpoint weights (a decoder's
+    ``lm_head``, a pretraining head) are normal for a classifier and logged at debug level only."""
+    stray = [key for key in info["missing_keys"] if not set(key.split(".")) & set(new_heads)]
+    if stray:
+        logger.warning(
+            "%d weights were not in the checkpoint and start random (besides the new head %s): %s",
+            len(stray),
+            ", ".join(new_heads),
+            ", ".join(sorted(stray)[:8]) + (" ..." if len(stray) > 8 else ""),
+        )
+    if info["unexpected_keys"]:
+        logger.debug(
+            "checkpoint weights a sequence classifier does not use: %s", ", ".join(sorted(info["unexpected_keys"]))
+        )
 
 
 def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):

@@ -148,3 +148,17 @@ def test_attention_dropout_on_a_model_without_one_is_refused(tmp_path):
 def test_attention_dropout_out_of_range_is_refused(value):
     with pytest.raises(RecipeError, match=r"model.attention_dropout = .* must be in \[0, 1\)"):
         build_recipe({"model": {"attention_dropout": value}})
+
+
+def test_loading_reports_only_weights_missing_outside_the_new_head(caplog):
+    from lora_train.modeling import log_unexpected_loading
+
+    head_only = {"missing_keys": ["classifier.weight", "classifier.bias"], "unexpected_keys": ["lm_head.weight"]}
+    with caplog.at_level("WARNING", logger="lora_train.modeling"):
+        log_unexpected_loading(head_only, ["classifier"])
+        assert caplog.records == []
+        stray = {"missing_keys": ["classifier.weight", "bert.encoder.layer.0.attention.self.query.weight"]}
+        log_unexpected_loading({**stray, "unexpected_keys": []}, ["classifier"])
+    [record] = caplog.records
+    assert "1 weights were not in the checkpoint" in record.getMessage()
+    assert "bert.encoder.layer.0.attention.self.query.weight" in record.getMessage()
