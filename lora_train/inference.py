@@ -256,14 +256,19 @@ def _field(record: Any, column: str, path: str, line: int) -> str:
 
 
 def autocast_like_training(run: LoadedRun) -> "torch.autocast":
-    """The autocast the run trained and evaluated under, so evaluation reproduces metrics.json (at bf16 speed).
+    """The autocast the run trained and evaluated under, so evaluation reproduces metrics.json (at bf16 speed)."""
+    return training_autocast(run.recipe, run.device)
+
+
+def training_autocast(recipe: Recipe, device: torch.device) -> "torch.autocast":
+    """The autocast ``recipe`` trained under, on ``device``.
 
     torch.autocast directly, not a second Accelerator: Accelerate's state keeps the first mixed precision of the
     process. CPUs have no fp16 autocast, so an fp16 run evaluates in fp32 there, as training would have.
     """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.recipe.training.mixed_precision)
-    enabled = dtype is not None and not (run.device.type == "cpu" and dtype == torch.float16)
-    return torch.autocast(device_type=run.device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.training.mixed_precision)
+    enabled = dtype is not None and not (device.type == "cpu" and dtype == torch.float16)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
 
 
 def evaluate_run(

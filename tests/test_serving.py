@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lora_train.config import build_recipe
+from lora_train.data import padding_multiple
 from lora_train.inference import load_run, predict
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
@@ -26,7 +27,7 @@ from lora_train.serving.registry import AdapterRegistry, ServingError, length_bu
 from lora_train.serving.server import build_parser
 from lora_train.serving.server import main as serve_main
 from lora_train.train import train
-from tests.conftest import save_tiny_bert, tiny_recipe
+from tests.conftest import reset_accelerator_state, save_tiny_bert, tiny_recipe
 
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
 LONG_TEXT = " ".join(["the movie was very good and the plot quite fun"] * 8)  # > 32 tokens: cut at max_length 32
@@ -46,6 +47,7 @@ def train_tiny(root: Path, name: str, model_dir: Path, data_dir: Path, labels=("
         base.setdefault(section, {}).update(values)
     recipe = tiny_recipe(model_dir, data_dir, out, **base)
     recipe["data"]["label_names"] = list(labels)
+    reset_accelerator_state()  # each run creates its Accelerator with its own mixed precision
     train(build_recipe(recipe))
     return out
 
@@ -61,6 +63,7 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
         "three": train_tiny(root, "three", pooled_bert_dir, toy_data_dir, labels=("neg", "mixed", "pos")),
         "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
         "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
+        "bf16": train_tiny(root, "bf16", pooled_bert_dir, toy_data_dir, training={"mixed_precision": "bf16"}),
     }
 
 
@@ -334,3 +337,27 @@ def test_forward_costs_time_each_adapter_alone_and_batched(runs):
     table = forward_cost_table(rows, batch_size=4).splitlines()
     assert "4 per forward" in table[0] and len(table) == 2 + len(names)
     assert table[3].startswith(f"| three | {rows[1]['threads']} | {rows[1]['mean_tokens']:.0f} |")
+
+
+def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(runs):
+    """A bf16-trained adapter is served under bf16 autocast, as predict and eval score it; batches are padded to
+    the CPU padding multiple, so a long-running server compiles few oneDNN kernels."""
+    registry = AdapterRegistry("cpu")
+    adapter = read_adapter(str(runs["bf16"]))
+    registry.attach(adapter)
+    assert adapter.recipe.training.mixed_precision == "bf16"
+    widths: list[int] = []
+    registry.model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    texts = TEXTS + [LONG_TEXT]
+    [served] = registry.classify([("bf16", adapter.encode(texts)[0])])
+    expected = predict(load_run(str(runs["bf16"]), device="cpu"), texts)
+    torch.testing.assert_close(
+        served, torch.tensor([list(r["probabilities"].values()) for r in expected]), atol=4e-3, rtol=0
+    )
+    assert widths and all(w % padding_multiple(adapter.max_length, "cpu") == 0 for w in widths)
+
+    adapter.recipe.training.mixed_precision = "no"  # the same adapter in float32 gives other probabilities
+    [float32] = registry.classify([("bf16", adapter.encode(texts)[0])])
+    assert (float32 - served).abs().max() > 1e-5

@@ -24,8 +24,15 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe
-from lora_train.data import encode_texts
-from lora_train.inference import RunError, is_adapter_run, load_base_for_run, read_run, resolve_run
+from lora_train.data import encode_texts, padding_multiple
+from lora_train.inference import (
+    RunError,
+    is_adapter_run,
+    load_base_for_run,
+    read_run,
+    resolve_run,
+    training_autocast,
+)
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
@@ -328,21 +335,29 @@ class AdapterRegistry:
             if adapter is None:
                 results[index] = ServingError(404, f"adapter {name!r} was unloaded before this request ran")
                 continue
-            key = ("mixed", len(adapter.label_names)) if adapter.mixable else ("alone", name)
+            # Each adapter runs in the precision it was trained and evaluated in (bf16 autocast for the CPU
+            # recipes), so it serves the probabilities scripts/predict.py gives; only equal ones share a forward.
+            precision = adapter.recipe.training.mixed_precision
+            key = ("mixed", len(adapter.label_names), precision) if adapter.mixable else ("alone", name, precision)
             groups.setdefault(key, []).extend((index, text) for text in range(len(features)))
         rows: dict[tuple[int, int], torch.Tensor] = {}
-        for (mode, _), texts in groups.items():
+        for (mode, *_), texts in groups.items():
             lengths = [len(requests[i][1][t]["input_ids"]) for i, t in texts]
             for bucket in length_buckets(lengths):
                 chosen = [texts[k] for k in bucket]
                 names = [requests[i][0] for i, _ in chosen]
                 features = [requests[i][1][t] for i, t in chosen]
-                batch = adapters[names[0]].tokenizer.pad(features, return_tensors="pt").to(self.device)
-                if mode == "mixed":
-                    logits = self.model(**batch, adapter_names=names).logits
-                else:
-                    self.model.set_adapter(names[0])
-                    logits = self.model(**batch).logits
+                first = adapters[names[0]]
+                # Few distinct lengths: oneDNN caches bf16 kernels per shape (lora_train.data.padding_multiple).
+                multiple = padding_multiple(max(adapters[n].max_length for n in set(names)), self.device.type)
+                batch = first.tokenizer.pad(features, pad_to_multiple_of=multiple, return_tensors="pt")
+                batch = batch.to(self.device)
+                with training_autocast(first.recipe, self.device):
+                    if mode == "mixed":
+                        logits = self.model(**batch, adapter_names=names).logits
+                    else:
+                        self.model.set_adapter(names[0])
+                        logits = self.model(**batch).logits
                 rows.update(zip(chosen, torch.softmax(logits.float(), dim=-1).cpu(), strict=True))
         for index, (_, features) in enumerate(requests):
             if results[index] is None:
