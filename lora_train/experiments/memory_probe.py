@@ -3,6 +3,7 @@
 
     python -m lora_train.experiments.memory_probe --precision bf16 --lengths random --steps 60
     python -m lora_train.experiments.memory_probe --precision bf16 --lengths random --multiple 32 --steps 80
+    python -m lora_train.experiments.memory_probe --lengths fixed --attention-dropout 0 --steps 30
 
 Measured figures: docs/results.md ("Memory: where the IMDb recipe's gigabytes went"). Linux with glibc only.
 """
@@ -29,10 +30,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--multiple", type=int, default=1, help="round each batch's length up to a multiple of this")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument(
+        "--attention-dropout",
+        type=float,
+        help="dropout on the attention probabilities (default: the checkpoint's, 0.1); 0: sdpa's fused kernel",
+    )
     args = parser.parse_args(argv)
     for name in ("multiple", "batch_size", "steps"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
+    if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
+        parser.error("--attention-dropout must be in [0, 1)")
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -40,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     libc = ctypes.CDLL("libc.so.6")
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    overrides = {} if args.attention_dropout is None else {"attention_probs_dropout_prob": args.attention_dropout}
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, **overrides)
     lora = LoraConfig(
         r=16,
         lora_alpha=32,
