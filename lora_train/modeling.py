@@ -132,7 +132,16 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
             [f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]
         ) from None
     if m.attention_dropout is not None:
-        setattr(config, attention_dropout_field(config, m.name_or_path), m.attention_dropout)
+        field = attention_dropout_field(config)
+        if field is None:
+            raise RecipeError(
+                [
+                    f"model.attention_dropout is set, but {m.name_or_path!r} ({config.model_type}) has none of the"
+                    f" config fields {', '.join(ATTENTION_DROPOUT_FIELDS)}; remove model.attention_dropout (null"
+                    " keeps the checkpoint's)"
+                ]
+            )
+        setattr(config, field, m.attention_dropout)
     return config
 
 
@@ -140,18 +149,10 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
 ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
 
 
-def attention_dropout_field(config, name_or_path: str) -> str:
-    """The config attribute holding ``config``'s attention dropout, or a ``RecipeError`` naming what was looked for."""
-    for name in ATTENTION_DROPOUT_FIELDS:
-        if isinstance(getattr(config, name, None), (int, float)):
-            return name
-    raise RecipeError(
-        [
-            f"model.attention_dropout is set, but {name_or_path!r} ({config.model_type}) has none of the config"
-            f" fields {', '.join(ATTENTION_DROPOUT_FIELDS)}; remove model.attention_dropout (null keeps the"
-            " checkpoint's)"
-        ]
-    )
+def attention_dropout_field(config) -> Optional[str]:
+    """The config attribute holding ``config``'s attention dropout (one of ATTENTION_DROPOUT_FIELDS), or None."""
+    present = (name for name in ATTENTION_DROPOUT_FIELDS if isinstance(getattr(config, name, None), (int, float)))
+    return next(present, None)
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -44,12 +44,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from lora_train.modeling import ATTENTION_DROPOUT_FIELDS, attention_dropout_field
 
     libc = ctypes.CDLL("libc.so.6")
     torch.manual_seed(0)
-    overrides = {} if args.attention_dropout is None else {"attention_probs_dropout_prob": args.attention_dropout}
-    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2, **overrides)
+    config = AutoConfig.from_pretrained(args.model, num_labels=2)
+    if args.attention_dropout is not None:
+        field = attention_dropout_field(config)
+        if field is None:
+            parser.error(f"--attention-dropout: {args.model} has none of the fields {ATTENTION_DROPOUT_FIELDS}")
+        setattr(config, field, args.attention_dropout)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, config=config)
     lora = LoraConfig(
         r=16,
         lora_alpha=32,
