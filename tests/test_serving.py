@@ -361,3 +361,18 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
     adapter.recipe.training.mixed_precision = "no"  # the same adapter in float32 gives other probabilities
     [float32] = registry.classify([("bf16", adapter.encode(texts)[0])])
     assert (float32 - served).abs().max() > 1e-5
+
+
+def test_concurrent_encodes_keep_the_adapters_truncation(runs):
+    """HTTP handlers tokenize in a thread pool; a fast tokenizer's truncation settings are shared state, so without
+    the adapter's tokenizer lock a text could come back uncut and fail its whole batch."""
+    adapter = read_adapter(str(runs["sentiment"]))
+    very_long = " ".join([LONG_TEXT] * 10)
+
+    def longest(i: int) -> int:
+        features, truncated = adapter.encode([very_long, TEXTS[i % len(TEXTS)]])
+        assert truncated == [True, False]
+        return max(len(f["input_ids"]) for f in features)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert max(pool.map(longest, range(400))) <= adapter.max_length
