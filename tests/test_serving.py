@@ -145,6 +145,7 @@ def test_requests_for_different_adapters_share_batches(server, reference):
     after = httpx.get(f"{server}/healthz").json()
     assert after["requests"] - before["requests"] == 24
     assert after["batches"] - before["batches"] < 24  # some requests shared a forward
+    assert after["busy_s"] > before["busy_s"]  # the worker's time in batches is counted
 
 
 def test_mixed_and_per_adapter_forwards_agree(runs, reference):
@@ -317,10 +318,11 @@ def test_command_line_refuses_adapters_of_different_bases(runs, capsys):
 def test_load_test_table_names_the_causes_of_errors():
     from lora_train.serving.bench import SetupResult, markdown_table
 
-    ok = SetupResult("unbatched", 1, 100, 0, {}, 10.0, 50.0, 90.0, 1.0, 600.0, 610.0)
-    failing = SetupResult("batched", 1, 90, 3, {"503 queue full": 2, "422 blank text": 1}, 9.0, 60, 99, 4.0, 650, 660)
+    ok = SetupResult("unbatched", 1, 100, 0, {}, 10.0, 50.0, 90.0, 1.0, 0.8, 80.0, 600.0, 610.0)
+    causes = {"503 queue full": 2, "422 blank text": 1}
+    failing = SetupResult("batched", 1, 90, 3, causes, 9.0, 60, 99, 4.0, 0.55, 61.25, 650, 660)
     table = markdown_table([ok, failing])
-    assert "| batched | 1 | 9.0 | 60 | 99 | 90 (3) |" in table
+    assert "| batched | 1 | 9.0 | 60 | 99 | 90 (3) | 4.0 | 61.2 | 55% | 650 | 660 |" in table
     assert table.endswith("Errors:\n- batched: 2 x 503 queue full\n- batched: 1 x 422 blank text")
     assert "Errors" not in markdown_table([ok])
 
@@ -358,9 +360,30 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
     )
     assert widths and all(w % padding_multiple(adapter.max_length, "cpu") == 0 for w in widths)
 
-    adapter.recipe.training.mixed_precision = "no"  # the same adapter in float32 gives other probabilities
-    [float32] = registry.classify([("bf16", adapter.encode(texts)[0])])
-    assert (float32 - served).abs().max() > 1e-5
+    # The base's weights are stored in bf16 once, not cast at every forward; so the server holds one precision.
+    assert registry.model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == (
+        torch.bfloat16
+    )
+    with pytest.raises(ServingError, match="autocast no.*autocast bf16") as refused:
+        registry.check_can_attach(read_adapter(str(runs["sentiment"])))
+    assert refused.value.status == 409
+
+
+def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_logits(runs):
+    """Autocast casts float32 weights at every forward; storing the frozen base weights in its dtype once must give
+    bit-identical outputs, and leave the adapter's own layers (LoRA, head) as they were."""
+    from lora_train.inference import store_frozen_linears_in
+
+    run = load_run(str(runs["bf16"]), device="cpu")
+    batch = run.tokenizer(TEXTS + [LONG_TEXT], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = run.model(**batch).logits
+        assert store_frozen_linears_in(run.model, torch.bfloat16) > 0
+        after = run.model(**batch).logits
+    assert torch.equal(before, after)
+    dtypes = {name: p.dtype for name, p in run.model.named_parameters()}
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "modules_to_save" in n)
+    assert any(d == torch.bfloat16 for n, d in dtypes.items() if n.endswith("base_layer.weight"))
 
 
 def test_concurrent_encodes_keep_the_adapters_truncation(runs):

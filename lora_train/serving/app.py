@@ -138,6 +138,7 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
             "batches": stats.batches,
             "requests": stats.requests,
             "texts": stats.texts,
+            "busy_s": round(stats.busy_s, 3),
             "batching": batcher.batching,
         }
         return JSONResponse(body, status_code=200 if batcher.alive else 503)

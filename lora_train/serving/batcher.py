@@ -40,11 +40,13 @@ class Task:
 
 @dataclass
 class BatchStats:
-    """Counters for /healthz: how many batches the worker ran and how many requests and texts they held."""
+    """Counters for /healthz: how many batches the worker ran, how many requests and texts they held, and the
+    seconds it spent running them (against wall time: how busy the model is)."""
 
     batches: int = 0
     requests: int = 0
     texts: int = 0
+    busy_s: float = 0.0
 
 
 class MicroBatcher:
@@ -144,11 +146,13 @@ class MicroBatcher:
         return batch
 
     def _run_jobs(self, batch: list[Job]) -> None:
+        start = time.perf_counter()
         try:
             results = self._run_batch([(job.adapter, job.features) for job in batch])
         except Exception as err:  # noqa: BLE001 - the requests get a 500 with the reason; the worker keeps serving
             log.exception("batch of %d requests failed", len(batch))
             results = [ServingError(500, f"inference failed: {type(err).__name__}: {err}")] * len(batch)
+        self.stats.busy_s += time.perf_counter() - start
         self.stats.batches += 1
         self.stats.requests += len(batch)
         self.stats.texts += sum(len(job.features) for job in batch)

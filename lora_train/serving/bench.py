@@ -41,6 +41,10 @@ class SetupResult:
     p50_ms: float
     p99_ms: float
     texts_per_batch: float
+    worker_busy: float
+    """Share of the load's wall time (warm-up included) the model worker spent in batches, mean over processes:
+    near 1 the model is the bottleneck, well below 1 HTTP, tokenization or the clients are."""
+    ms_per_batch: float
     rss_mb: float
     peak_rss_mb: float
 
@@ -178,6 +182,8 @@ def run_setup(
         p50_ms=float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         p99_ms=float(np.percentile(ms, 99)) if len(ms) else float("nan"),
         texts_per_batch=sum(h["texts"] for h in health) / max(1, sum(h["batches"] for h in health)),
+        worker_busy=sum(h["busy_s"] for h in health) / len(health) / (warmup_s + duration_s),
+        ms_per_batch=1000 * sum(h["busy_s"] for h in health) / max(1, sum(h["batches"] for h in health)),
         rss_mb=sum(m[0] for m in memory),
         peak_rss_mb=sum(m[1] for m in memory),
     )
@@ -185,14 +191,15 @@ def run_setup(
 
 def markdown_table(results: list[SetupResult]) -> str:
     lines = [
-        "| setup | processes | requests/s | p50 ms | p99 ms | requests (errors) | texts per batch | RSS MB"
-        " | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setup | processes | requests/s | p50 ms | p99 ms | requests (errors) | texts per batch | ms per batch"
+        " | model busy | RSS MB | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.setup} | {r.processes} | {r.requests_per_s:.1f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} |"
-            f" {r.requests} ({r.errors}) | {r.texts_per_batch:.1f} | {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |"
+            f" {r.requests} ({r.errors}) | {r.texts_per_batch:.1f} | {r.ms_per_batch:.1f} | {r.worker_busy:.0%} |"
+            f" {r.rss_mb:.0f} | {r.peak_rss_mb:.0f} |"
         )
     causes = [f"- {r.setup}: {count} x {cause}" for r in results for cause, count in r.error_causes.items()]
     return "\n".join(lines + (["", "Errors:", *causes] if causes else []))

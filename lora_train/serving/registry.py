@@ -27,10 +27,12 @@ from lora_train.config import Recipe
 from lora_train.data import encode_texts, padding_multiple
 from lora_train.inference import (
     RunError,
+    autocast_dtype,
     is_adapter_run,
     load_base_for_run,
     read_run,
     resolve_run,
+    store_frozen_linears_in,
     training_autocast,
 )
 
@@ -65,12 +67,14 @@ class ServingError(Exception):
 
 @dataclass(frozen=True)
 class BaseModelId:
-    """What must be equal for two adapters to share one loaded base model."""
+    """What must be equal for two adapters to share one loaded base model: the checkpoint, how it is loaded, and
+    the autocast its adapters were trained (and so are served) under, since the base's weights are stored in it."""
 
     name_or_path: str
     revision: str
     dtype: str
     quantization: str
+    autocast: str
 
     @classmethod
     def of(cls, recipe: Recipe) -> "BaseModelId":
@@ -83,10 +87,14 @@ class BaseModelId:
                 f" quant_storage_dtype={q.quant_storage_dtype}, skip_modules={q.skip_modules})"
             )
         )
-        return cls(recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype, quant)
+        autocast = recipe.training.mixed_precision
+        return cls(recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype, quant, autocast)
 
     def __str__(self) -> str:
-        return f"{self.name_or_path}@{self.revision} (dtype {self.dtype}, quantization {self.quantization})"
+        return (
+            f"{self.name_or_path}@{self.revision} (dtype {self.dtype}, quantization {self.quantization},"
+            f" autocast {self.autocast})"
+        )
 
 
 @dataclass
@@ -252,6 +260,9 @@ class AdapterRegistry:
                 base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
                 self.model = PeftModel.from_pretrained(base, adapter.directory, adapter_name=adapter.name)
                 self.base, self.peft_type = adapter.base, adapter.peft_type
+                dtype = autocast_dtype(adapter.recipe, self.device)
+                if dtype is not None:  # every adapter of this server runs under it (BaseModelId)
+                    store_frozen_linears_in(self.model, dtype)
             else:
                 self._fit_heads(adapter)
                 self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
@@ -340,10 +351,7 @@ class AdapterRegistry:
             if adapter is None:
                 results[index] = ServingError(404, f"adapter {name!r} was unloaded before this request ran")
                 continue
-            # Each adapter runs in the precision it was trained and evaluated in (bf16 autocast for the CPU
-            # recipes), so it serves the probabilities scripts/predict.py gives; only equal ones share a forward.
-            precision = adapter.recipe.training.mixed_precision
-            key = ("mixed", len(adapter.label_names), precision) if adapter.mixable else ("alone", name, precision)
+            key = ("mixed", len(adapter.label_names)) if adapter.mixable else ("alone", name)
             groups.setdefault(key, []).extend((index, text) for text in range(len(features)))
         rows: dict[tuple[int, int], torch.Tensor] = {}
         for (mode, *_), texts in groups.items():
@@ -358,6 +366,8 @@ class AdapterRegistry:
                 with first.tokenizer_lock:
                     batch = first.tokenizer.pad(features, pad_to_multiple_of=multiple, return_tensors="pt")
                 batch = batch.to(self.device)
+                # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
+                # server), so the server gives the probabilities scripts/predict.py gives.
                 with training_autocast(first.recipe, self.device):
                     if mode == "mixed":
                         logits = self.model(**batch, adapter_names=names).logits
