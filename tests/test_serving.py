@@ -7,7 +7,9 @@ batch), one adapter of another base, and a head-only run (a full model, not an a
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 import socket
 import threading
 import time
@@ -64,6 +66,10 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
         "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
         "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
         "bf16": train_tiny(root, "bf16", pooled_bert_dir, toy_data_dir, training={"mixed_precision": "bf16"}),
+        # BERT's pooler trained with the head, as the CPU recipes do
+        "pooled": train_tiny(
+            root, "pooled", pooled_bert_dir, toy_data_dir, peft={"modules_to_save": ["pooler", "classifier"]}
+        ),
     }
 
 
@@ -71,7 +77,7 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
 def reference(runs) -> dict[str, torch.Tensor]:
     """Each adapter's probabilities on TEXTS + [LONG_TEXT], from lora_train.inference alone (one model per run)."""
     expected = {}
-    for name in ("sentiment", "sentiment_b", "three"):
+    for name in ("sentiment", "sentiment_b", "three", "pooled"):
         rows = predict(load_run(str(runs[name]), device="cpu"), TEXTS + [LONG_TEXT])
         expected[name] = torch.tensor([list(row["probabilities"].values()) for row in rows])
     return expected
@@ -149,31 +155,46 @@ def test_requests_for_different_adapters_share_batches(server, reference):
 
 
 def test_mixed_and_per_adapter_forwards_agree(runs, reference):
-    """peft's mixed-adapter batch (2- and 3-class heads grouped by shape) equals one forward per adapter."""
+    """peft's mixed-adapter batch (2- and 3-class heads grouped by shape) equals one forward per adapter, also for an
+    adapter that trained BERT's pooler (served with its head narrowed to ``pooler.dense``, so it mixes too)."""
     registry = AdapterRegistry("cpu")
-    adapters = [read_adapter(str(runs[name])) for name in ("sentiment", "three", "sentiment_b")]
+    adapters = [read_adapter(str(runs[name])) for name in ("pooled", "sentiment", "three", "sentiment_b")]
     for adapter in adapters:
         registry.attach(adapter)
-    assert all(adapter.mixable for adapter in adapters)
+    assert all(adapter.mix_key for adapter in adapters)
+    assert "pooler.dense" in registry.model.peft_config["pooled"].modules_to_save
     requests = [(a.name, a.encode(TEXTS)[0]) for a in adapters] * 2
     mixed = registry.classify(requests)
     for adapter in adapters:
-        adapter.mixable = False
+        adapter.mix_key = None
     alone = registry.classify(requests)
     for (name, _), got, single in zip(requests, mixed, alone, strict=True):
         torch.testing.assert_close(got, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
         torch.testing.assert_close(single, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
 
 
-def test_length_buckets_bound_padding():
-    lengths = [25, 128, 20, 30, 128, 8, 40, 11, 16, 23]
-    buckets = length_buckets(lengths)
-    assert sorted(i for bucket in buckets for i in bucket) == list(range(len(lengths)))
-    for bucket in buckets:
-        longest, real = max(lengths[i] for i in bucket), sum(lengths[i] for i in bucket)
-        assert len(bucket) * longest <= 1.5 * real
-    assert [1, 4] in buckets  # the two 128-token texts share a forward, without the short ones
-    assert length_buckets([30] * 8) == [list(range(8))]
+def test_length_buckets_split_where_padding_costs_more_than_a_forward():
+    def cost(buckets, lengths, per_forward):
+        return sum(per_forward + len(b) * max(lengths[i] for i in b) for b in buckets)
+
+    sentences_and_reviews = [25, 256, 20, 30, 256, 8, 40, 11, 16, 23]
+    assert [sorted(b) for b in length_buckets(sentences_and_reviews, 128)] == [[0, 2, 3, 5, 6, 7, 8, 9], [1, 4]]
+    assert length_buckets([30] * 8, 128) == [list(range(8))]
+    assert len(length_buckets(sentences_and_reviews, 10**6)) == 1  # forwards dearer than any padding
+    assert length_buckets([], 128) == []
+    rng = random.Random(0)
+    for _ in range(200):  # the least cost over every split of the sorted lengths into runs
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 8))]
+        per_forward = rng.choice([0, 16, 128, 1024])
+        buckets = length_buckets(lengths, per_forward)
+        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        splits = (
+            [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))]
+            for k in range(len(order))
+            for cuts in itertools.combinations(range(1, len(order)), k)
+        )
+        assert cost(buckets, lengths, per_forward) == min(cost(s, lengths, per_forward) for s in splits)
 
 
 def test_list_health_ready_schema_and_page(server, runs):

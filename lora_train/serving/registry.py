@@ -2,9 +2,10 @@
 
 Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from_pretrained`` for the first,
 ``load_adapter`` for the others), with its own classification head (peft keeps one copy of each
-``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters whose heads
-have the same shape run as one mixed batch (``model(..., adapter_names=[...])``); adapters that cannot be mixed
-(AdaLoRA, or a head module peft cannot mix such as BERT's pooler) run as one sub-batch each.
+``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters with the same
+heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
+held as its ``dense`` layer so that it mixes, see :func:`narrow_heads`); others (AdaLoRA, heads peft cannot mix)
+run as one sub-batch each. The base's frozen weights are stored in the adapters' autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
 (:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
@@ -40,8 +41,11 @@ ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
 MIXABLE_HEADS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 """Head (``modules_to_save``) module types peft can run with several adapters in one batch."""
-PADDING_SLACK = 1.5
-"""A forward's padded token count may be at most this many times its texts' real token count."""
+FORWARD_COST_TOKENS = {"cpu": 128, "cuda": 4096}
+"""What one more forward costs, in padded tokens (see :func:`length_buckets`). CPU: measured with the CPU recipes'
+MiniLM adapters on 1 torch thread, a forward of 1 x 8 tokens took 17 ms and each further token about 0.11 ms
+(docs/serving.md). GPU: a forward's fixed cost (kernel launches, Python) outweighs its tokens until the GPU is
+busy; not measured here."""
 METRIC_KEYS = (
     "eval_accuracy",
     "eval_macro_f1",
@@ -109,8 +113,10 @@ class Adapter:
     tokenizer: Any
     metrics: dict[str, Any]
     peft_type: str
-    mixable: bool = False
-    """Set on attach: whether this adapter can share a mixed-adapter batch."""
+    heads: tuple[str, ...] = ()
+    """Set on attach: paths of the head wrappers (``modules_to_save``) that hold this adapter's copies."""
+    mix_key: Optional[tuple] = None
+    """Set on attach: adapters with equal keys share mixed-adapter forwards; None if this one cannot mix."""
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """A fast tokenizer keeps its truncation and padding settings in shared state that every call rewrites, so two
     threads encoding at once can get each other's settings (a 256-token IMDb adapter encoded reviews of 799 tokens
@@ -199,12 +205,14 @@ def read_adapter(source: str, name: Optional[str] = None) -> Adapter:
 class AdapterRegistry:
     """The loaded base model and its attached adapters (see the module docstring for the threading rule)."""
 
-    def __init__(self, device: Optional[str] = None):
+    def __init__(self, device: Optional[str] = None, forward_cost_tokens: Optional[int] = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.forward_cost_tokens = forward_cost_tokens or FORWARD_COST_TOKENS.get(self.device.type, 4096)
         self.model: Optional[nn.Module] = None
         self.base: Optional[BaseModelId] = None
         self.peft_type: Optional[str] = None
         self._adapters: dict[str, Adapter] = {}
+        self._head_wrappers: dict[str, nn.Module] = {}
         self._unloading: set[str] = set()
         self._lock = threading.Lock()  # guards the two collections above: HTTP handlers read them from other threads
 
@@ -252,19 +260,25 @@ class AdapterRegistry:
 
     def attach(self, adapter: Adapter) -> None:
         """Add ``adapter`` to the model, loading the base model first if this is the first adapter."""
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         self.check_can_attach(adapter)
         try:
+            config = PeftConfig.from_pretrained(adapter.directory)
             if self.model is None:
                 base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
-                self.model = PeftModel.from_pretrained(base, adapter.directory, adapter_name=adapter.name)
+                config.modules_to_save = narrow_heads(base, config.modules_to_save)
+                self.model = PeftModel.from_pretrained(
+                    base, adapter.directory, adapter_name=adapter.name, config=config
+                )
                 self.base, self.peft_type = adapter.base, adapter.peft_type
                 dtype = autocast_dtype(adapter.recipe, self.device)
                 if dtype is not None:  # every adapter of this server runs under it (BaseModelId)
                     store_frozen_linears_in(self.model, dtype)
             else:
+                config.modules_to_save = narrow_heads(self.model.get_base_model(), config.modules_to_save)
                 self._fit_heads(adapter)
+                self.model.add_adapter(adapter.name, config)  # with the narrowed heads; load_adapter then fills it
                 self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
         except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
             if self.model is not None and adapter.name in self.model.peft_config:
@@ -273,9 +287,14 @@ class AdapterRegistry:
                 400, f"cannot load adapter {adapter.name!r} from {adapter.source}: {type(err).__name__}: {err}"
             ) from None
         self.model.eval()
-        adapter.mixable = adapter.peft_type == "LORA" and all(
-            isinstance(wrapper.original_module, MIXABLE_HEADS) for wrapper in self._heads(adapter.name)
+        self._head_wrappers = self._heads()
+        heads = self._heads(adapter.name)
+        adapter.heads = tuple(sorted(heads))
+        mixable = adapter.peft_type == "LORA" and all(
+            isinstance(wrapper.original_module, MIXABLE_HEADS) for wrapper in heads.values()
         )
+        # Rows that share a forward need copies of the same heads (see _route_heads), giving as many classes.
+        adapter.mix_key = (len(adapter.label_names), adapter.heads) if mixable else None
         with self._lock:
             self._adapters[adapter.name] = adapter
 
@@ -293,17 +312,31 @@ class AdapterRegistry:
     def detach(self, name: str) -> None:
         """Remove adapter ``name`` (its LoRA weights and head copies) from the model."""
         self.model.delete_adapter(name)
+        self._head_wrappers = self._heads()
         with self._lock:
             del self._adapters[name]
             self._unloading.discard(name)
 
-    def _heads(self, adapter_name: str) -> list[nn.Module]:
-        """The ``modules_to_save`` wrappers holding a head copy for ``adapter_name``."""
+    def _heads(self, adapter_name: Optional[str] = None) -> dict[str, nn.Module]:
+        """The ``modules_to_save`` wrappers (holding a head copy for ``adapter_name`` if given), by module path."""
         from peft.utils import ModulesToSaveWrapper
 
-        return [
-            m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper) and adapter_name in m.modules_to_save
-        ]
+        return {
+            path: m
+            for path, m in self.model.named_modules()
+            if isinstance(m, ModulesToSaveWrapper) and (adapter_name is None or adapter_name in m.modules_to_save)
+        }
+
+    def _route_heads(self, heads: tuple[str, ...]) -> None:
+        """Switch on exactly the head wrappers in ``heads`` for the next forward.
+
+        A switched-on peft head wrapper sends each row of a mixed batch to its adapter's copy (and fails for an
+        adapter without one); a switched-off one gives every row the base module. The rows of one forward have
+        copies of the same heads (``mix_key``), so each row gets the heads it would get alone: an adapter that
+        trained BERT's pooler its pooler, one that did not the base model's.
+        """
+        for path, wrapper in self._head_wrappers.items():
+            wrapper.enable_adapters(path in heads)
 
     def _fit_heads(self, adapter: Adapter) -> None:
         """Give ``adapter`` head copies shaped like its saved head (e.g. 6 classes where the base has 2).
@@ -337,7 +370,7 @@ class AdapterRegistry:
     def classify(self, requests: list[tuple[str, list[dict[str, list[int]]]]]) -> list[Any]:
         """Class probabilities for each request ``(adapter name, token features)``, in order.
 
-        Texts of mixable adapters whose heads give the same number of classes share forwards with
+        Texts of mixable adapters with the same heads and number of classes share forwards with
         ``adapter_names``; the others run per adapter. Within a group, texts of very different lengths go to
         separate forwards (see :func:`length_buckets`). A request whose adapter is gone gets a
         :class:`ServingError` in place of its probabilities.
@@ -351,12 +384,12 @@ class AdapterRegistry:
             if adapter is None:
                 results[index] = ServingError(404, f"adapter {name!r} was unloaded before this request ran")
                 continue
-            key = ("mixed", len(adapter.label_names)) if adapter.mixable else ("alone", name)
+            key = ("mixed", adapter.mix_key) if adapter.mix_key else ("alone", name)
             groups.setdefault(key, []).extend((index, text) for text in range(len(features)))
         rows: dict[tuple[int, int], torch.Tensor] = {}
         for (mode, *_), texts in groups.items():
             lengths = [len(requests[i][1][t]["input_ids"]) for i, t in texts]
-            for bucket in length_buckets(lengths):
+            for bucket in length_buckets(lengths, self.forward_cost_tokens):
                 chosen = [texts[k] for k in bucket]
                 names = [requests[i][0] for i, _ in chosen]
                 features = [requests[i][1][t] for i, t in chosen]
@@ -369,10 +402,12 @@ class AdapterRegistry:
                 # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
                 # server), so the server gives the probabilities scripts/predict.py gives.
                 with training_autocast(first.recipe, self.device):
-                    if mode == "mixed":
+                    if mode == "mixed" and len(set(names)) > 1:  # one adapter runs faster without adapter_names
+                        self._route_heads(first.heads)
                         logits = self.model(**batch, adapter_names=names).logits
                     else:
                         self.model.set_adapter(names[0])
+                        self._route_heads(first.heads)
                         logits = self.model(**batch).logits
                 rows.update(zip(chosen, torch.softmax(logits.float(), dim=-1).cpu(), strict=True))
         for index, (_, features) in enumerate(requests):
@@ -381,22 +416,59 @@ class AdapterRegistry:
         return results
 
 
-def length_buckets(lengths: list[int], slack: float = PADDING_SLACK) -> list[list[int]]:
-    """Indices of ``lengths`` in forwards such that padding adds at most ``slack``x the real tokens to each.
+def narrow_heads(model: nn.Module, modules_to_save: Optional[list[str]]) -> Optional[list[str]]:
+    """``modules_to_save`` with each entry that names a module holding all its weights in one mixable layer
+    narrowed to that layer: BERT's ``pooler`` (a Linear ``dense`` and a tanh) becomes ``pooler.dense``.
 
-    A batch is padded to its longest text; on a CPU a forward costs about its padded token count, so one SST-2
-    sentence of 20 tokens beside an IMDb review of 128 would cost like a review. Texts are sorted by length and a
-    new forward starts where padding would exceed the bound; texts of similar lengths stay in one forward.
+    peft runs a head for several adapters in one batch only when the wrapped module is a single layer
+    (:data:`MIXABLE_HEADS`), and the CPU recipes train the pooler with the classifier. The saved tensors are named
+    the same either way (``base_model.model.bert.pooler.dense.weight``), and a tanh has no weights, so the adapter
+    computes the same; only the wrapper moves down one level.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    if not modules_to_save:
+        return modules_to_save
+    single_layer = (ModulesToSaveWrapper, *MIXABLE_HEADS)
+
+    def has_weights(module: nn.Module, recurse: bool = True) -> bool:
+        return next(module.parameters(recurse=recurse), None) is not None
+
+    narrowed = []
+    for entry in modules_to_save:
+        matches = [m for n, m in model.named_modules() if n == entry or n.endswith(f".{entry}")]
+        holders = {name: child for m in matches for name, child in m.named_children() if has_weights(child)}
+        if (
+            matches
+            and len(holders) == 1
+            and not any(isinstance(m, single_layer) or has_weights(m, recurse=False) for m in matches)
+            and all(isinstance(child, single_layer) for child in holders.values())
+        ):
+            entry = f"{entry}.{next(iter(holders))}"
+        narrowed.append(entry)
+    return narrowed
+
+
+def length_buckets(lengths: list[int], forward_cost_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` split into forwards of the least estimated cost, the sum over forwards of
+    ``forward_cost_tokens`` + texts x longest text.
+
+    A batch is padded to its longest text, so a 20-token SST-2 sentence beside a 256-token IMDb review costs like
+    a second review; but every forward also has a fixed cost. Texts are sorted by length and split where the
+    padding saved is worth more than one more forward (the best split into runs of the sorted lengths, by dynamic
+    programming over the at most ``max_batch_texts`` texts).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    buckets: list[list[int]] = []
-    tokens = 0
-    for index in order:
-        length = lengths[index]
-        if buckets and (len(buckets[-1]) + 1) * length <= slack * (tokens + length):
-            buckets[-1].append(index)
-            tokens += length
-        else:
-            buckets.append([index])
-            tokens = length
-    return buckets
+    best = [0.0] + [float("inf")] * len(order)  # best[k]: least cost of the k shortest texts
+    cut = [0] * (len(order) + 1)  # where the last forward of that best split starts
+    for end in range(1, len(order) + 1):
+        longest = lengths[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + forward_cost_tokens + (end - start) * longest
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    buckets, end = [], len(order)
+    while end:
+        buckets.append(order[cut[end] : end])
+        end = cut[end]
+    return buckets[::-1]

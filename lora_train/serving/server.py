@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to share its forward"
     )
     parser.add_argument("--no-batching", action="store_true", help="one request per forward (for comparison)")
+    parser.add_argument(
+        "--forward-cost-tokens",
+        type=int,
+        help="padding tokens one more forward is worth: a batch is split by text length where that saves more"
+        " (default: 128 on CPU, 4096 on GPU)",
+    )
     parser.add_argument("--max-texts", type=int, default=64, help="most texts per request (more: 413)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
     parser.add_argument("--max-queued-texts", type=int, default=4096, help="queue bound (more: 503)")
@@ -98,6 +104,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "port",
         "threads",
         "max_batch_texts",
+        "forward_cost_tokens",
         "max_texts",
         "max_body_bytes",
         "max_queued_texts",
@@ -119,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    registry = AdapterRegistry(args.device)
+    registry = AdapterRegistry(args.device, args.forward_cost_tokens)
     try:
         for adapter in read_all(args.adapters):
             registry.attach(adapter)  # before the worker starts, so this thread may change the model
