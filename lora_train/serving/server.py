@@ -18,8 +18,8 @@ DESCRIPTION = """Serve trained adapters over HTTP: many adapters over one base m
     python scripts/serve.py sentiment=user/sst2-minilm-lora runs/cpu/emotion_lora --port 8080
 
 Each ADAPTER is a run directory (or its best/), a Hub repo id, or NAME=SOURCE to choose the adapter's name
-(default: the directory's or repo's name). All must share one base model and quantization. The page is at
-http://HOST:PORT/, the API schema at /openapi.json; see docs/serving.md.
+(default: the directory's or repo's name). All must share one base model, quantization and training autocast.
+The page is at http://HOST:PORT/, the API schema at /openapi.json; see docs/serving.md.
 """
 
 
