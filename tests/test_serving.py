@@ -325,6 +325,8 @@ def test_malformed_json_and_bad_loads_get_clear_errors(server, runs, tmp_path):
     taken = load(runs["sentiment_b"], "three")
     assert taken.status_code == 409 and "an adapter named 'three' is already loaded" in taken.text
     assert load(runs["sentiment_b"], "bad.name").status_code == 422
+    module_name = load(runs["sentiment_b"], "classifier")
+    assert module_name.status_code == 422 and "is also the name of a module of the base model" in module_name.text
     assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
     assert classify(server, "sentiment", TEXTS).status_code == 200  # still serving
 

@@ -213,6 +213,7 @@ class AdapterRegistry:
         self.peft_type: Optional[str] = None
         self._adapters: dict[str, Adapter] = {}
         self._head_wrappers: dict[str, nn.Module] = {}
+        self._module_names: set[str] = set()  # the base model's module names, which adapter names must avoid
         self._unloading: set[str] = set()
         self._lock = threading.Lock()  # guards the two collections above: HTTP handlers read them from other threads
 
@@ -237,7 +238,15 @@ class AdapterRegistry:
         return sorted(set(self._adapters) - self._unloading)
 
     def check_can_attach(self, adapter: Adapter) -> None:
-        """Refuse a name already taken, or an adapter of another base model, quantization or PEFT type."""
+        """Refuse a name already taken or naming a module, or an adapter of another base model, quantization,
+        autocast or PEFT type."""
+        if adapter.name in self._module_names:
+            # peft keys each adapter's layers by its name inside the modules, and matches modules by name
+            raise ServingError(
+                422,
+                f"adapter name {adapter.name!r} is also the name of a module of the base model; peft keeps adapters"
+                " by name inside its modules, so choose another name (NAME=SOURCE)",
+            )
         with self._lock:
             if adapter.name in self._adapters:
                 raise ServingError(
@@ -267,6 +276,8 @@ class AdapterRegistry:
             config = PeftConfig.from_pretrained(adapter.directory)
             if self.model is None:
                 base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
+                self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
+                self.check_can_attach(adapter)
                 config.modules_to_save = narrow_heads(base, config.modules_to_save)
                 self.model = PeftModel.from_pretrained(
                     base, adapter.directory, adapter_name=adapter.name, config=config
@@ -283,6 +294,8 @@ class AdapterRegistry:
         except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
             if self.model is not None and adapter.name in self.model.peft_config:
                 self.model.delete_adapter(adapter.name)
+            if isinstance(err, ServingError):
+                raise
             raise ServingError(
                 400, f"cannot load adapter {adapter.name!r} from {adapter.source}: {type(err).__name__}: {err}"
             ) from None
