@@ -274,6 +274,7 @@ class AdapterRegistry:
         self.check_can_attach(adapter)
         try:
             config = PeftConfig.from_pretrained(adapter.directory)
+            config.inference_mode = True  # as load_adapter would set it: served adapters are frozen
             if self.model is None:
                 base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
                 self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
