@@ -173,6 +173,22 @@ def test_mixed_and_per_adapter_forwards_agree(runs, reference):
         torch.testing.assert_close(single, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
 
 
+def test_adalora_adapters_are_served_one_forward_each(tmp_path, pooled_bert_dir, toy_data_dir):
+    """peft cannot mix AdaLoRA adapters: each runs alone (set_adapter) and gives its own run's probabilities."""
+    registry = AdapterRegistry("cpu")
+    runs = {}
+    for name, seed in (("ada_a", 1), ("ada_b", 2)):
+        runs[name] = train_tiny(
+            tmp_path, name, pooled_bert_dir, toy_data_dir, peft={"method": "adalora"}, training={"seed": seed}
+        )
+        registry.attach(read_adapter(str(runs[name])))
+    assert [registry.get(name).mix_key for name in runs] == [None, None]
+    requests = [(name, registry.get(name).encode(TEXTS)[0]) for name in runs] * 2
+    for (name, _), served in zip(requests, registry.classify(requests), strict=True):
+        alone = predict(load_run(str(runs[name]), device="cpu"), TEXTS)
+        torch.testing.assert_close(served, torch.tensor([list(r["probabilities"].values()) for r in alone]))
+
+
 def test_length_buckets_split_where_padding_costs_more_than_a_forward():
     def cost(buckets, lengths, per_forward):
         return sum(per_forward + len(b) * max(lengths[i] for i in b) for b in buckets)
