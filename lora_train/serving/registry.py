@@ -302,7 +302,7 @@ class AdapterRegistry:
             ) from None
         self.model.eval()
         self._head_wrappers = self._heads()
-        heads = self._heads(adapter.name)
+        heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
         mixable = adapter.peft_type == "LORA" and all(
             isinstance(wrapper.original_module, MIXABLE_HEADS) for wrapper in heads.values()
@@ -331,15 +331,11 @@ class AdapterRegistry:
             del self._adapters[name]
             self._unloading.discard(name)
 
-    def _heads(self, adapter_name: Optional[str] = None) -> dict[str, nn.Module]:
-        """The ``modules_to_save`` wrappers (holding a head copy for ``adapter_name`` if given), by module path."""
+    def _heads(self) -> dict[str, nn.Module]:
+        """The model's ``modules_to_save`` wrappers (each holds one head copy per adapter), by module path."""
         from peft.utils import ModulesToSaveWrapper
 
-        return {
-            path: m
-            for path, m in self.model.named_modules()
-            if isinstance(m, ModulesToSaveWrapper) and (adapter_name is None or adapter_name in m.modules_to_save)
-        }
+        return {path: m for path, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
 
     def _route_heads(self, heads: tuple[str, ...]) -> None:
         """Switch on exactly the head wrappers in ``heads`` for the next forward.
@@ -358,14 +354,11 @@ class AdapterRegistry:
         peft copies the base model's head for each adapter and then loads the saved weights into the copy,
         which fails when the adapter has another number of labels. A copy put in place first is used as is.
         """
-        from peft.utils import ModulesToSaveWrapper
         from safetensors import safe_open
 
         with safe_open(adapter.directory / "adapter_model.safetensors", "pt") as saved:
             shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}
-        for path, wrapper in self.model.named_modules():
-            if not isinstance(wrapper, ModulesToSaveWrapper):
-                continue
+        for path, wrapper in self._head_wrappers.items():
             head = copy.deepcopy(wrapper.original_module)
             resized = False
             for param_name, param in list(head.named_parameters()):
