@@ -60,10 +60,10 @@ def run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.
 
 PULL = """
 import json, sys, torch
+from lora_train.inference import load_run, predict  # first, so bitsandbytes asks the Hub for no kernel (see below)
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
-from lora_train.inference import load_run, predict
 
 repo, texts = sys.argv[1], json.loads(sys.argv[2])
 model = AutoPeftModelForSequenceClassification.from_pretrained(repo, id2label={0: "neg", 1: "pos"}).eval()
@@ -184,3 +184,25 @@ def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, tiny_bert_dir,
         pusher_for(recipe)  # conftest runs the suite offline
     with pytest.raises(RecipeError, match="output.push_checkpoints is true but output.push_to_hub is false"):
         build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run", output={"push_checkpoints": True}))
+
+
+def test_importing_lora_train_keeps_bitsandbytes_from_fetching_a_hub_kernel(hub, tmp_path):
+    """peft imports bitsandbytes for every run, and on CPUs with AVX512-BF16 bitsandbytes' CPU backend asks the Hub
+    for a compiled kernel (kernels-community/quantization-bitsandbytes) when the ``kernels`` package is installed, as
+    transformers >= 5.25 does. After ``import lora_train`` nothing reaches the Hub (lora_train/__init__.py). The bare
+    ``import peft`` is the control: it does ask, on the CPUs where bitsandbytes looks for the kernel at all."""
+    guarded = run(["-c", "import lora_train, peft"], hub_env(hub, tmp_path / "guarded"))
+    assert guarded.returncode == 0, guarded.stderr[-3000:]
+    assert hub.log == [] and "kernels-community" not in guarded.stderr
+
+    bare = run(
+        [
+            "-c",
+            "import importlib.util, peft; from bitsandbytes.functional import has_avx512bf16;"
+            "print(has_avx512bf16() and importlib.util.find_spec('kernels') is not None)",
+        ],
+        hub_env(hub, tmp_path / "bare"),
+    )
+    assert bare.returncode == 0, bare.stderr[-3000:]
+    if bare.stdout.split()[-1] == "True":
+        assert any("kernels-community" in path for _, path, _ in hub.log), hub.log
