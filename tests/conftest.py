@@ -28,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if HAS_SHARED or HAS_HUB_DATA:
     os.environ["HF_HUB_CACHE"] = str(HF_HUB)
 
+import lora_train  # noqa: E402,F401 - before any test module imports peft: bitsandbytes then fetches no Hub kernel
+
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "fun", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak", "ugly", "terrible"]
 FILLER = ["the", "movie", "film", "was", "a", "plot", "and", "actors", "story", "very", "quite", "it", "this", "is"]
