@@ -172,6 +172,8 @@ def run_setup(
         for server in servers:
             server.stop()
     ms = np.asarray(latencies) * 1000
+    batches = max(1, sum(h["batches"] for h in health))
+    busy_s = sum(h["busy_s"] for h in health)
     return SetupResult(
         setup=setup,
         processes=len(servers),
@@ -181,9 +183,9 @@ def run_setup(
         requests_per_s=len(latencies) / duration_s,
         p50_ms=float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         p99_ms=float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-        texts_per_batch=sum(h["texts"] for h in health) / max(1, sum(h["batches"] for h in health)),
-        worker_busy=sum(h["busy_s"] for h in health) / len(health) / (warmup_s + duration_s),
-        ms_per_batch=1000 * sum(h["busy_s"] for h in health) / max(1, sum(h["batches"] for h in health)),
+        texts_per_batch=sum(h["texts"] for h in health) / batches,
+        worker_busy=busy_s / len(health) / (warmup_s + duration_s),
+        ms_per_batch=1000 * busy_s / batches,
         rss_mb=sum(m[0] for m in memory),
         peak_rss_mb=sum(m[1] for m in memory),
     )
