@@ -408,13 +408,12 @@ class AdapterRegistry:
                 batch = batch.to(self.device)
                 # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
                 # server), so the server gives the probabilities scripts/predict.py gives.
+                self._route_heads(first.heads)
                 with training_autocast(first.recipe, self.device):
                     if mode == "mixed" and len(set(names)) > 1:  # one adapter runs faster without adapter_names
-                        self._route_heads(first.heads)
                         logits = self.model(**batch, adapter_names=names).logits
                     else:
-                        self.model.set_adapter(names[0])
-                        self._route_heads(first.heads)
+                        self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
                         logits = self.model(**batch).logits
                 rows.update(zip(chosen, torch.softmax(logits.float(), dim=-1).cpu(), strict=True))
         for index, (_, features) in enumerate(requests):
