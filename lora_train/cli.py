@@ -32,28 +32,3 @@ def parse_recipe(
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return recipe, args
-
-
-def train_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``lora-train RECIPE [overrides]``: the same as ``scripts/train.py``."""
-    import json
-
-    recipe, _ = parse_recipe(recipe_parser("Train a LoRA / AdaLoRA / QLoRA text classifier from a recipe."), argv)
-    # These import torch: only once the recipe is known to be valid.
-    from lora_train.checkpoint import SAVE_FAILED_EXIT_STATUS, SaveFailedError
-    from lora_train.data import DataError
-    from lora_train.train import TrainingError, train
-
-    try:
-        metrics = train(recipe)
-    except SaveFailedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return SAVE_FAILED_EXIT_STATUS
-    except (RecipeError, DataError, TrainingError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingError) else 2
-    from accelerate import PartialState
-
-    if not metrics.get("interrupted") and PartialState().is_main_process:  # one report, not one per process
-        print(json.dumps({k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}, indent=1))
-    return 0

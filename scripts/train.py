@@ -8,7 +8,7 @@ Run `python scripts/train.py --help` for every recipe field.
 
 import sys
 
-from lora_train.cli import train_main
+from lora_train.commands.train import main
 
 if __name__ == "__main__":
-    sys.exit(train_main())
+    sys.exit(main())

@@ -28,7 +28,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if HAS_SHARED or HAS_HUB_DATA:
     os.environ["HF_HUB_CACHE"] = str(HF_HUB)
 
-import lora_train  # noqa: E402,F401 - before any test module imports peft: bitsandbytes then fetches no Hub kernel
+from lora_train.startup import prepare_process  # noqa: E402
+
+prepare_process()  # as every program does, before any test module imports peft: bitsandbytes fetches no Hub kernel
 
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice", "fun", "brilliant"]
 NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak", "ugly", "terrible"]

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from lora_train.config import build_recipe
-from lora_train.distributed import (
+from lora_lab.compat_table import (
     CONFIG_DIR,
     CONFIG_ORDER,
     RUN_HERE,
     TABLE_COLUMNS,
     compatibility_table,
-    configure_deepspeed,
     launch_env,
     launch_from_config,
-    launch_problems,
     table_rows,
 )
+from lora_train.config import build_recipe
+from lora_train.distributed import configure_deepspeed, launch_problems
 from tests.conftest import ROOT
 
 EXPECTED = {  # file -> (engine, processes, ZeRO stage, FSDP version)
@@ -134,7 +133,7 @@ def test_refusals_under_the_shipped_configs_name_what_works():
 
 def test_docs_table_is_the_generated_one():
     docs = (ROOT / "docs" / "distributed.md").read_text()
-    assert compatibility_table() in docs, "regenerate with: python -m lora_train.distributed"
+    assert compatibility_table() in docs, "regenerate with: python -m lora_lab.compat_table"
 
 
 def test_launch_env_matches_what_accelerate_launch_sets():

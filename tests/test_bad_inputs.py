@@ -1,7 +1,7 @@
 """The catalogue of bad inputs: each one fails before any heavy work, with a message naming the field, file,
 row or line, what is wrong and what is valid, and exit status 2.
 
-Every case runs a real command-line entry point (``lora_train.cli.train_main``, or ``main`` of scripts/predict.py,
+Every case runs a real command-line entry point (``lora_train.commands.train.main``, or ``main`` of scripts/predict.py,
 eval.py, merge_adapter.py) on a model directory that has a config and a tokenizer but a corrupt weights file (the
 run of the predict / eval / merge cases names that model as its base): a case that got as far as loading weights
 would fail with a different message (``test_the_corrupt_model_fails_only_at_weight_loading`` shows which), so
@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from lora_train.cli import train_main
+from lora_train.commands.train import main as train_main
 from lora_train.config import build_recipe
 from lora_train.train import train
 from tests.conftest import ROOT, script, tiny_recipe, write_recipe
@@ -683,7 +683,7 @@ def corrupt_run(finished_run, corrupt_model_dir, tmp_path_factory) -> Path:
 def run_entry(case: Case, argv: list[str], capsys) -> tuple[int, str]:
     """Run the case's entry point on ``argv``: exit status and standard error."""
     if case.subprocess_setup:
-        program = f"{case.subprocess_setup}\nfrom lora_train.cli import train_main\nsys.exit(train_main(sys.argv[1:]))"
+        program = f"{case.subprocess_setup}\nfrom lora_train.commands.train import main\nsys.exit(main(sys.argv[1:]))"
         done = subprocess.run(
             [sys.executable, "-c", program, *argv],
             cwd=ROOT,

@@ -8,8 +8,7 @@ import json
 import pandas as pd
 import pytest
 
-from lora_train.config import build_recipe
-from lora_train.experiments.benchmark import (
+from lora_lab.benchmark import (
     CONTENDERS,
     MEMORY_VARIANTS,
     Settings,
@@ -19,6 +18,7 @@ from lora_train.experiments.benchmark import (
     run_memory,
     weight_memory,
 )
+from lora_train.config import build_recipe
 from lora_train.train import train
 from tests.conftest import reload_accuracy, tiny_recipe
 

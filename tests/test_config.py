@@ -142,7 +142,7 @@ def test_help_lists_every_field_with_its_default():
 def test_cli_fails_fast_on_a_typo_without_importing_torch():
     """The recipe is checked before torch and transformers are imported (the error costs milliseconds)."""
     code = (
-        "import sys; from lora_train.cli import train_main\n"
+        "import sys; from lora_train.commands.train import main as train_main\n"
         "try:\n    train_main(['recipes/cpu/sst2_lora.yaml', 'training.lerning_rate=1'])\n"
         "except SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n"
     )

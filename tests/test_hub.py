@@ -60,7 +60,9 @@ def run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess.
 
 PULL = """
 import json, sys, torch
-from lora_train.inference import load_run, predict  # first, so bitsandbytes asks the Hub for no kernel (see below)
+from lora_train.startup import block_hub_kernels
+block_hub_kernels()  # before peft, so bitsandbytes asks the Hub for no kernel (see below)
+from lora_train.inference import load_run, predict
 from huggingface_hub import ModelCard
 from peft import AutoPeftModelForSequenceClassification
 from transformers import AutoTokenizer
@@ -186,12 +188,16 @@ def test_push_to_hub_offline_is_refused_before_any_work(tmp_path, tiny_bert_dir,
         build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run", output={"push_checkpoints": True}))
 
 
-def test_importing_lora_train_keeps_bitsandbytes_from_fetching_a_hub_kernel(hub, tmp_path):
+def test_the_kernel_guard_keeps_bitsandbytes_from_fetching_a_hub_kernel(hub, tmp_path):
     """peft imports bitsandbytes for every run, and on CPUs with AVX512-BF16 bitsandbytes' CPU backend asks the Hub
     for a compiled kernel (kernels-community/quantization-bitsandbytes) when the ``kernels`` package is installed, as
-    transformers >= 5.25 does. After ``import lora_train`` nothing reaches the Hub (lora_train/__init__.py). The bare
+    transformers >= 5.25 does. After ``block_hub_kernels()`` (lora_train/startup.py, the first call of every program)
+    nothing reaches the Hub. The bare
     ``import peft`` is the control: it does ask, on the CPUs where bitsandbytes looks for the kernel at all."""
-    guarded = run(["-c", "import lora_train, peft"], hub_env(hub, tmp_path / "guarded"))
+    guarded = run(
+        ["-c", "from lora_train.startup import block_hub_kernels; block_hub_kernels(); import peft"],
+        hub_env(hub, tmp_path / "guarded"),
+    )
     assert guarded.returncode == 0, guarded.stderr[-3000:]
     assert hub.log == [] and "kernels-community" not in guarded.stderr
 

@@ -8,6 +8,7 @@ import configparser
 import importlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -52,12 +53,32 @@ def test_every_script_is_a_console_script_with_the_same_entry_point():
     assert len(targets) == len(scripts), "a console script without a scripts/ file (or the reverse)"
 
 
-def test_core_package_does_not_import_the_experiments():
-    for path in sorted((ROOT / "lora_train").glob("*.py")):
+def test_core_package_does_not_import_the_lab():
+    for path in sorted((ROOT / "lora_train").rglob("*.py")):
         tree = ast.parse(path.read_text())
         modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
         modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-        assert not [m for m in modules if m.startswith("lora_train.experiments")], path.name
+        assert not [m for m in modules if m.split(".")[0] == "lora_lab"], path.relative_to(ROOT)
+
+
+def test_importing_the_library_changes_nothing_in_the_process():
+    """``import lora_train`` (and its modules a library user imports) installs no import hook, log filter or warnings
+    filter; the programs do that explicitly (lora_train.startup.prepare_process)."""
+    code = (
+        "import logging, sys, warnings\n"
+        "state = lambda: (list(sys.meta_path), list(warnings.filters),"
+        " logging.getLogger('bitsandbytes.backends.cpu.ops').filters[:])\n"
+        "before = state()\n"
+        "import lora_train, lora_train.config, lora_train.startup\n"
+        "after = state()\n"
+        "assert before == after, (before, after)\n"
+        "lora_train.startup.prepare_process()\n"
+        "assert len(sys.meta_path) == len(before[0]) + 1\n"
+        "lora_train.startup.prepare_process()  # idempotent\n"
+        "assert len(sys.meta_path) == len(before[0]) + 1\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed by the [dev] extra")

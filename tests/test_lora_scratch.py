@@ -1,4 +1,4 @@
-"""The from-scratch LoRA layer (lora_train/experiments/lora_scratch.py) against peft's own LoRA layer
+"""The from-scratch LoRA layer (lora_lab/lora_scratch.py) against peft's own LoRA layer
 at the same weights."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lora_train.experiments.lora_scratch import LoraLinear
+from lora_lab.lora_scratch import LoraLinear
 
 
 def peft_layer(base: nn.Linear, dropout: float = 0.0) -> nn.Module:

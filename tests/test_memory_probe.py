@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lora_train.experiments.memory_probe import main
+from lora_lab.memory_probe import main
 
 
 @pytest.mark.parametrize(

@@ -182,8 +182,8 @@ def test_full_finetuning_with_layer_lr_decay_trains(tmp_path, tiny_bert_dir, toy
 
 
 def test_reload_check_reports_reload_plain_peft_and_merge(tmp_path, tiny_bert_dir, toy_data_dir):
-    """The study tool that re-checks finished runs (lora_train.experiments.reload_check) on a real tiny run."""
-    from lora_train.experiments.reload_check import check_run, table
+    """The study tool that re-checks finished runs (lora_lab.reload_check) on a real tiny run."""
+    from lora_lab.reload_check import check_run, table
 
     out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, METHODS["ia3"])
     row = check_run(out)

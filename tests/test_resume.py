@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lora_train import checkpoint as ckpt
-from lora_train.cli import train_main
+from lora_train.commands.train import main as train_main
 from lora_train.config import RecipeError, build_recipe
 from lora_train.data import EpochSampler
 from lora_train.train import TrainingError, train

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from lora_train.cli import train_main
+from lora_train.commands.train import main as train_main
 from lora_train.run_lock import LOCK_FILE
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 from tests.test_resume import Run

@@ -355,7 +355,7 @@ def test_command_line_refuses_adapters_of_different_bases(runs, capsys):
 
 
 def test_load_test_table_names_the_causes_of_errors():
-    from lora_train.serving.bench import SetupResult, markdown_table
+    from lora_lab.serve_bench import SetupResult, markdown_table
 
     ok = SetupResult("unbatched", 1, 100, 0, {}, 10.0, 50.0, 90.0, 1.0, 0.8, 80.0, 600.0, 610.0)
     causes = {"503 queue full": 2, "422 blank text": 1}
@@ -367,7 +367,7 @@ def test_load_test_table_names_the_causes_of_errors():
 
 
 def test_forward_costs_time_each_adapter_alone_and_batched(runs):
-    from lora_train.serving.bench import forward_cost_table, forward_costs
+    from lora_lab.serve_bench import forward_cost_table, forward_costs
 
     names = ["sentiment", "three"]
     rows = forward_costs([str(runs[n]) for n in names], names, texts_per_adapter=8, batch_size=4, repeats=1)

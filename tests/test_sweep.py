@@ -7,9 +7,10 @@ import json
 
 import pytest
 
+from lora_lab import sweep
+from lora_lab.commands import sweep as sweep_command
+from lora_lab.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
 from lora_train.config import RecipeError
-from lora_train.experiments import sweep
-from lora_train.experiments.studies import comparison_table, frozen_features, over_seeds, pareto_front, rank_arms
 from tests.conftest import tiny_recipe, write_recipe
 
 
@@ -139,7 +140,7 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir
         "--aggregate-over",
         "peft.target_modules",
     ]
-    assert sweep.sweep_main(argv) == 1
+    assert sweep_command.main(argv) == 1
     assert "not found" in (out / "logs" / "target_modules-nonexistent.log").read_text()
     assert not (out / "target_modules-nonexistent" / "metrics.json").exists()
     for r in (2, 4):
@@ -166,7 +167,7 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir
     assert [(row["peft.r"], row["n"]) for row in summary] == [("2", "1"), ("4", "1")]
 
     stamp = (out / "r-2_alpha-4" / "metrics.json").stat().st_mtime_ns
-    assert sweep.sweep_main(argv[:3] + argv[5:]) == 0  # the same grid without the failing arm: all skipped
+    assert sweep_command.main(argv[:3] + argv[5:]) == 0  # the same grid without the failing arm: all skipped
     assert (out / "r-2_alpha-4" / "metrics.json").stat().st_mtime_ns == stamp
 
 
@@ -182,7 +183,7 @@ def test_frozen_features_baseline_on_a_tiny_model(tmp_path, tiny_bert_dir, toy_d
 @pytest.mark.parametrize("name", ["rank", "regimes", "quant", "peft_methods", "seed_comparisons"])
 def test_every_study_plans_valid_runs(name, tmp_path):
     """Each study's arms are valid overrides of its recipe (checked before any run trains), with usable names."""
-    from lora_train.experiments.studies import STUDIES
+    from lora_lab.studies import STUDIES
 
     study = STUDIES[name]
     runs = sweep.plan(study.arms(study.seeds), tmp_path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_train.experiments.toy import make_problem, plot_toy, run_toy, svd_bound, whitened_inputs
+from lora_lab.toy import make_problem, plot_toy, run_toy, svd_bound, whitened_inputs
 
 
 def test_bound_is_the_tail_of_the_spectrum_of_the_delta():

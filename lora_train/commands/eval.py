@@ -16,8 +16,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.startup import prepare_process
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="run output directory (or its best/ subdirectory), or Hub repo id user/name")
     parser.add_argument(

@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.startup import prepare_process
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="output directory of a finished training run")
     parser.add_argument("repo_id", help="Hub repo to push to, user/name (created when missing)")

@@ -3,7 +3,7 @@
 - :mod:`~lora_train.serving.registry`: the base model loaded once and the adapters attached to it (peft multi-adapter).
 - :mod:`~lora_train.serving.batcher`: the micro-batcher; every model call runs in its one worker thread.
 - :mod:`~lora_train.serving.app`: the FastAPI application (HTTP API, OpenAPI schema, the page at ``/``).
-- :mod:`~lora_train.serving.bench`: the load test behind ``scripts/serve_bench.py``.
+- :mod:`~lora_lab.serve_bench`: the load test behind ``scripts/serve_bench.py``.
 
 See docs/serving.md.
 """

@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 from lora_train.serving.registry import ADAPTER_NAME, Adapter, ServingError
+from lora_train.startup import prepare_process
 
 log = logging.getLogger("lora_train.serving")
 
@@ -99,6 +100,7 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     args = build_parser().parse_args(argv)
     for flag in (
         "port",

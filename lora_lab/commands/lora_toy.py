@@ -7,10 +7,12 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from lora_train.experiments.toy import plot_toy, run_toy
+from lora_lab.toy import plot_toy, run_toy
+from lora_train.startup import prepare_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", default="1,2,4,8,16,32", help="Comma-separated LoRA ranks")
     parser.add_argument("--dim", type=int, default=64, help="The layer is dim x dim")

@@ -1,6 +1,6 @@
 """The LoRA studies, one command each: ``python scripts/study.py {rank,regimes,quant,peft_methods,toy}``.
 
-Each study is a list of sweep arms over one recipe (see :mod:`lora_train.experiments.sweep`; finished runs are
+Each study is a list of sweep arms over one recipe (see :mod:`lora_lab.sweep`; finished runs are
 skipped, so a command resumes) followed by an analysis that writes its tables (CSV + Markdown) and plots
 into the study's directory, copies the plots to ``--figures``, and writes ``report.md`` for docs/results.md.
 """
@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from lora_train.experiments import sweep
+from lora_lab import sweep
 from lora_train.machine import machine_info
 from lora_train.plots import finish_plot, pyplot
 
-logger = logging.getLogger("lora_train.experiments.studies")
+logger = logging.getLogger("lora_lab.studies")
 
 RANKS = (1, 2, 4, 8, 16, 32)
 
@@ -348,7 +348,7 @@ def regimes_extra(study: Study, root: Path) -> None:
     if (run.out_dir / "metrics.json").exists():
         return
     code = (
-        "from pathlib import Path; from lora_train.experiments.studies import frozen_features;"
+        "from pathlib import Path; from lora_lab.studies import frozen_features;"
         f" frozen_features({study.recipe!r}, Path({str(run.out_dir)!r}))"
     )
     logger.info("%s: extracting features and fitting the logistic regression", FEATURES_RUN)
@@ -737,7 +737,7 @@ def analyse_seed_comparisons(study: Study, rows: list[dict[str, Any]], out: Path
 
 def toy_study(out: Path, figures: Path) -> str:
     """Learned LoRA error vs the SVD bound for r = 1..32 on a 64 x 64 layer; table + plot."""
-    from lora_train.experiments.toy import plot_toy, run_toy
+    from lora_lab.toy import plot_toy, run_toy
 
     results = run_toy()
     rows = [
@@ -829,34 +829,3 @@ def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = N
     )
     (out / "report.md").write_text(report)
     return report
-
-
-def study_main(argv: Optional[Sequence[str]] = None) -> int:
-    """``scripts/study.py NAME``: run or resume one study and write its tables, plots and report."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        description="Run one LoRA study end to end (resumable): its runs, tables and plots."
-    )
-    parser.add_argument(
-        "study",
-        choices=[*STUDIES, "toy"],
-        help="rank: Study 1 (SST-2 rank sweep); regimes: Study 2 (emotion: frozen features, full, LoRA);"
-        " quant: Study 3 (LoRA vs QLoRA vs AdaLoRA); peft_methods: Study 4 (every PEFT method on"
-        " SST-2 and emotion); seed_comparisons: Study 5 (the seed notebooks' emotion and IMDb settings at full"
-        " size, on the test splits); toy: the linear SVD-bound toy",
-    )
-    parser.add_argument("--out", default="runs/studies", help="Root of the study directories (default runs/studies)")
-    parser.add_argument("--figures", default="docs/figures", help="Where the PNG plots go (default docs/figures)")
-    parser.add_argument("--seeds", type=int, default=None, help="Seeds per configuration (default: the study's own)")
-    parser.add_argument("--analyse-only", action="store_true", help="Only rebuild tables and plots from finished runs")
-    args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    from lora_train.config import RecipeError
-
-    try:
-        print(run_study(args.study, Path(args.out), Path(args.figures), args.seeds, args.analyse_only))
-    except RecipeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0

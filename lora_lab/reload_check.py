@@ -1,6 +1,6 @@
 """Reload, re-score and merge finished runs: does what a run saved give back what training measured?
 
-    python -m lora_train.experiments.reload_check runs/studies/peft_methods --seed 0
+    python -m lora_lab.reload_check runs/studies/peft_methods --seed 0
 
 For each run directory (one holding ``metrics.json``): reload it with ``lora_train.inference.load_run`` and score
 it on the recipe's evaluation set again; for an adapter, also load it with plain peft
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+
+from lora_train.startup import prepare_process
 
 TEXTS = ["a gripping, beautifully acted film", "i feel so alone and sad today", "dull and far too long", "wow!"]
 
@@ -71,6 +73,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="a directory of run directories (e.g. runs/studies/peft_methods)")
     parser.add_argument("--seed", type=int, default=None, help="only the runs of this training seed")

@@ -16,9 +16,12 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.startup import prepare_process
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from lora_train.serving.bench import SETUPS
+    prepare_process()
+    from lora_lab.serve_bench import SETUPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="run directory, Hub repo id, or NAME=SOURCE")
@@ -39,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if min(args.clients, args.duration, args.texts_per_adapter) <= 0 or args.warmup < 0:
         parser.error("--clients, --duration and --texts-per-adapter must be > 0, --warmup >= 0")
 
-    from lora_train.serving.bench import markdown_table, run_bench, summary
+    from lora_lab.serve_bench import markdown_table, run_bench, summary
     from lora_train.serving.registry import default_name
     from lora_train.serving.server import split_name
 
@@ -50,7 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.forward_costs:
         import torch
 
-        from lora_train.serving.bench import forward_cost_table, forward_costs
+        from lora_lab.serve_bench import forward_cost_table, forward_costs
 
         if args.server_threads:
             torch.set_num_threads(args.server_threads)

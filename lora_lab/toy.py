@@ -7,7 +7,7 @@ gradient descent (Adam) on the regression loss ``mean ||x W*^T - x W^T||^2`` ove
 is the SVD truncation bound (Eckart-Young): ``min ||Delta - M||_F^2 over rank(M) <= r = sum_{i>r} sigma_i^2``.
 
 The same LoRA layer, as a module with dropout, merge and unmerge:
-:class:`lora_train.experiments.lora_scratch.LoraLinear` (checked against peft's layer by tests/test_lora_scratch.py).
+:class:`lora_lab.lora_scratch.LoraLinear` (checked against peft's layer by tests/test_lora_scratch.py).
 """
 
 from __future__ import annotations

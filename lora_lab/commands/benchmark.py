@@ -17,11 +17,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_lab.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
 from lora_train.cli import parse_recipe, recipe_parser
-from lora_train.experiments.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
+from lora_train.startup import prepare_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = recipe_parser(__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", default="runs/benchmark", help="Directory for results.json, results.md and per-run logs."

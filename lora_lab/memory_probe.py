@@ -1,9 +1,9 @@
 """Where a CPU training run's memory goes: a bare LoRA loop on MiniLM that reports RSS before and after
 ``malloc_trim`` (live memory vs freed heap) as the batches' sequence lengths vary or not.
 
-    python -m lora_train.experiments.memory_probe --precision bf16 --lengths random --steps 60
-    python -m lora_train.experiments.memory_probe --precision bf16 --lengths random --multiple 32 --steps 80
-    python -m lora_train.experiments.memory_probe --lengths fixed --attention-dropout 0 --steps 30
+    python -m lora_lab.memory_probe --precision bf16 --lengths random --steps 60
+    python -m lora_lab.memory_probe --precision bf16 --lengths random --multiple 32 --steps 80
+    python -m lora_lab.memory_probe --lengths fixed --attention-dropout 0 --steps 30
 
 Measured figures: docs/results.md ("Memory: where the IMDb recipe's gigabytes went"). Linux with glibc only.
 """
@@ -15,6 +15,8 @@ import ctypes
 import time
 from typing import Optional, Sequence
 
+from lora_train.startup import prepare_process
+
 
 def _status_mb(field: str) -> int:
     """``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process, in MB."""
@@ -23,6 +25,7 @@ def _status_mb(field: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")

@@ -124,7 +124,7 @@ def run_job(job: dict[str, Any], work_dir: Path, threads: int) -> dict[str, Any]
     }
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, "-m", "lora_train.experiments.benchmark", str(job_path), str(result_path)],
+            [sys.executable, "-m", "lora_lab.benchmark", str(job_path), str(result_path)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,7 +14,7 @@ A frozen pretrained layer computes ``y = W x + b``. LoRA learns a low-rank chang
 
 :class:`LoraLinear` gives the same outputs, gradients and merged weight as ``peft.tuners.lora.Linear`` at the same
 weights (tests/test_lora_scratch.py checks it); the training loop of this project uses peft's. The linear toy
-(``python scripts/study.py toy``, :mod:`lora_train.experiments.toy`) shows what rank r can and cannot represent.
+(``python scripts/study.py toy``, :mod:`lora_lab.toy`) shows what rank r can and cannot represent.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Measures, on the real llama2c stories260K weights and on a randomly initialised ~1.1B-parameter Llama-shaped
 classifier built from a config (TinyLlama's shape; nothing is downloaded), with LoRA r=16 on q/k/v/o + the score
 head and bf16 autocast: peak GPU memory, samples/s, tokens/s and MFU, each with gradient checkpointing on and off.
-Writes gpu_check.json and gpu_check.md (a Markdown table) into --out. See lora_train/experiments/gpu_check.py.
+Writes gpu_check.json and gpu_check.md (a Markdown table) into --out. See lora_lab/gpu_check.py.
 Expected time on one H100/H200-class GPU: about 1-3 minutes (8 cases, 13 steps each, plus writing and loading the
 1.1B model twice per base); budget 8 minutes.
 
@@ -28,10 +28,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from lora_train.experiments.gpu_check import LLAMA2C, Settings, run
+from lora_lab.gpu_check import LLAMA2C, Settings, run
+from lora_train.startup import prepare_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    prepare_process()
     defaults = Settings()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=defaults.out, help="Directory for gpu_check.json and gpu_check.md.")

@@ -1,0 +1,83 @@
+"""What a lora_train program sets up for its process before it imports peft: nothing happens at ``import lora_train``.
+
+Every entry point (``lora_train.commands``, ``lora_lab.commands``) calls :func:`prepare_process` first. A library user
+who imports peft or bitsandbytes in their own program and wants the same protection calls
+:func:`block_hub_kernels` once, before that import.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import logging
+import sys
+import warnings
+
+
+class _ExecWithoutHubKernels(importlib.abc.Loader):
+    """Runs a module's code while ``import kernels`` fails, then puts ``kernels`` back as it was."""
+
+    def __init__(self, loader: importlib.abc.Loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        missing = object()
+        saved = sys.modules.get("kernels", missing)
+        sys.modules["kernels"] = None  # type: ignore[assignment]  # None in sys.modules makes the import fail
+        try:
+            self.loader.exec_module(module)
+        finally:
+            if saved is missing:
+                del sys.modules["kernels"]
+            else:
+                sys.modules["kernels"] = saved
+
+
+class _BitsandbytesWithoutHubKernels(importlib.abc.MetaPathFinder):
+    """Keep bitsandbytes' CPU backend from fetching a compiled kernel from the Hugging Face Hub.
+
+    On CPUs with AVX512-BF16, importing ``bitsandbytes.backends.cpu.ops`` calls ``kernels.get_kernel(
+    "kernels-community/quantization-bitsandbytes")``: a Hub request at ``import peft`` (peft imports bitsandbytes for
+    every run, quantized or not), then a binary downloaded and run in-process. That is remote code whatever the
+    recipe's ``trust_remote_code`` says, so while that one module runs ``kernels`` is unimportable and bitsandbytes
+    keeps the CPU kernels it ships (the ones every figure in docs/ was measured with). transformers >= 5.25 installs
+    ``kernels``; without it bitsandbytes takes the same path."""
+
+    MODULE = "bitsandbytes.backends.cpu.ops"
+
+    def find_spec(self, name, path, target=None):
+        if name != self.MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ExecWithoutHubKernels(spec.loader)
+        return spec
+
+
+class _DropOptionalKernelNotice(logging.Filter):
+    """Drop bitsandbytes' warning that it could not load the Hub kernel above. It asks for nothing a run here needs
+    (training and evaluation keep the plain 4-bit layout, see ``modeling.keep_4bit_training_layout``). Every other
+    bitsandbytes message still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def block_hub_kernels() -> None:
+    """Make bitsandbytes keep the CPU kernels it ships instead of downloading one from the Hub (idempotent).
+
+    Must run before bitsandbytes is first imported (directly, or through ``import peft``)."""
+    if not any(isinstance(finder, _BitsandbytesWithoutHubKernels) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BitsandbytesWithoutHubKernels())
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelNotice())
+
+
+def prepare_process() -> None:
+    """Called first by every program: the Hub kernel guard, and one upstream deprecation warning silenced."""
+    block_hub_kernels()
+    # peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
+    # run; the attribute is peft's to rename, nothing in a recipe changes it.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
