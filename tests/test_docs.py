@@ -18,7 +18,7 @@ def named_paths() -> dict[str, list[str]]:
     """Every path the pages name, with the pages that name it."""
     named: dict[str, list[str]] = {}
     for page in PAGES:
-        for path in NAMED_PATH.findall(page.read_text()):
+        for path in dict.fromkeys(NAMED_PATH.findall(page.read_text())):  # each path once per page, in order
             if not re.search(r"/[A-Z_]+\.\w+$", path):  # NAME.yaml, RECIPE.yaml: placeholders
                 named.setdefault(path, []).append(page.relative_to(ROOT).as_posix())
     return named
