@@ -317,15 +317,18 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
 
 def fp16_on_gpus_without_bf16(recipe: Recipe, native_bf16: bool) -> tuple[Recipe, Optional[str]]:
     """The recipe this device trains, and a note when it differs: a bf16 recipe on a GPU without native bfloat16
-    (before Ampere: T4, V100) trains in fp16 (autocast, and the 4-bit compute and bfloat16 weights with it), which
-    those GPUs run at full speed; bf16 would run there emulated, many times slower. recipe.yaml saves what ran."""
+    (before Ampere: T4, V100) trains in fp16, which those GPUs run at full speed; bf16 would run there emulated, many
+    times slower. recipe.yaml saves what ran.
+
+    With a 4-bit base the 4-bit compute and the bfloat16 weights become float16 too: peft's kbit preparation keeps
+    every trained parameter in float32 there. Without one, bfloat16 weights stay: trained parameters in float16 would
+    stop fp16's gradient scaler ("Attempting to unscale FP16 gradients"), and autocast runs the matmuls in fp16."""
     if native_bf16 or recipe.training.mixed_precision != "bf16":
         return recipe, None
     switched = ["training.mixed_precision=fp16"]
-    if recipe.model.dtype == "bfloat16":
-        switched.append("model.dtype=float16")
     q = recipe.quantization
     if q.is_4bit:
+        switched += ["model.dtype=float16"] if recipe.model.dtype == "bfloat16" else []
         switched += [
             f"quantization.{name}=float16"
             for name in ("compute_dtype", "quant_storage_dtype")

@@ -457,10 +457,10 @@ def test_bf16_recipes_train_in_fp16_on_gpus_without_native_bf16():
     assert "no native bfloat16" in note and "training.mixed_precision=fp16 model.dtype=float16" in note
     assert fp16.to_dict()["peft"] == qlora.to_dict()["peft"] and fp16.data == qlora.data  # nothing else changes
     assert fp16_on_gpus_without_bf16(qlora, native_bf16=True) == (qlora, None)  # Ampere and later, CPUs
-    fp32_weights = build_recipe(tiny_raw(training={"mixed_precision": "bf16"}))
-    fp16, note = fp16_on_gpus_without_bf16(fp32_weights, native_bf16=False)
-    assert fp16.training.mixed_precision == "fp16" and fp16.model.dtype == fp32_weights.model.dtype
-    assert "compute_dtype" not in note  # no 4-bit weights: nothing computes in quantization.compute_dtype
+    bf16_weights = build_recipe(tiny_raw(model={"dtype": "bfloat16"}, training={"mixed_precision": "bf16"}))
+    fp16, note = fp16_on_gpus_without_bf16(bf16_weights, native_bf16=False)
+    assert fp16.training.mixed_precision == "fp16" and fp16.model.dtype == "bfloat16"  # trained params stay bf16
+    assert "model.dtype" not in note and "compute_dtype" not in note  # no 4-bit weights: nothing else changes
     no_autocast = build_recipe(tiny_raw(training={"mixed_precision": "no"}))
     assert fp16_on_gpus_without_bf16(no_autocast, native_bf16=False) == (no_autocast, None)
     assert native_bf16()  # this host has no CUDA device: CPUs run bf16 autocast natively
