@@ -317,8 +317,8 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
 
 def fp16_on_gpus_without_bf16(recipe: Recipe, native_bf16: bool) -> tuple[Recipe, Optional[str]]:
     """The recipe this device trains, and a note when it differs: a bf16 recipe on a GPU without native bfloat16
-    (before Ampere: T4, V100) trains in fp16, which those GPUs run at full speed; bf16 would run there emulated, many
-    times slower. recipe.yaml saves what ran.
+    (before Ampere: T4, V100) trains in fp16, which those GPUs run at full speed; bf16 would run there emulated,
+    slowly. recipe.yaml saves what ran.
 
     With a 4-bit base the 4-bit compute and the bfloat16 weights become float16 too: peft's kbit preparation keeps
     every trained parameter in float32 there. Without one, bfloat16 weights stay: trained parameters in float16 would
