@@ -35,6 +35,10 @@ fi
 DIR=${1:-$(mktemp -d "${TMPDIR:-/tmp}/lora-train-slurm.XXXXXX")}
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)
+if [[ $DIR =~ [[:space:]] ]]; then
+  echo "start.sh: '$DIR' contains white space, which slurm.conf cannot hold; choose another directory" >&2
+  exit 2
+fi
 if [[ -n $(ls -A "$DIR") ]]; then
   echo "start.sh: $DIR is not empty (a cluster may be running there: examples/slurm/local/stop.sh $DIR)" >&2
   exit 2
@@ -44,7 +48,14 @@ mkdir -m 700 "$DIR/state" "$DIR/spool"
 mkdir -m 755 "$DIR/log"
 
 # If anything below fails, stop whatever was started.
-trap 'status=$?; if ((status)); then echo "start.sh: failed; logs in $DIR/log" >&2; "$HERE/stop.sh" "$DIR" >&2 || true; fi' EXIT
+on_exit() {
+  local status=$?
+  ((status)) || return 0
+  echo "start.sh: failed (exit $status); the last lines of the logs in $DIR/log:" >&2
+  tail -n 5 "$DIR"/log/*.log >&2 2>/dev/null || true
+  "$HERE/stop.sh" "$DIR" >&2 || true
+}
+trap on_exit EXIT
 
 read -r CTLD_PORT SLURMD_PORT_FIRST < <(python3 - "$NODES" <<'EOF'
 import socket, sys
@@ -85,6 +96,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
 MpiDefault=none
+MailProg=/bin/true
 # No slurmdbd: no accounting database (sacct needs one); finished jobs are kept in slurmctld for MinJobAge seconds
 # (scontrol show job) and appended to the job completion log.
 AccountingStorageType=accounting_storage/none
@@ -125,7 +137,6 @@ until [[ $(sinfo -h -N -t idle -o %N 2>/dev/null | sort -u | wc -l) -eq $NODES ]
   if ((SECONDS > deadline)); then
     echo "start.sh: the node(s) did not become idle in ${TIMEOUT}s:" >&2
     sinfo -N -l >&2 || true
-    tail -n 20 "$DIR"/log/*.log >&2 || true
     exit 1
   fi
   sleep 0.5

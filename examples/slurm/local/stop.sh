@@ -8,6 +8,7 @@ set -uo pipefail
 DIR=${1:-${SLURM_CONF:+$(dirname "$SLURM_CONF")}}
 [[ -n $DIR && -d $DIR ]] || { echo "usage: stop.sh DIR (the directory start.sh printed)" >&2; exit 2; }
 DIR=$(cd "$DIR" && pwd)
+[[ -f $DIR/slurm.conf ]] || { echo "stop.sh: $DIR has no slurm.conf: not a directory start.sh made" >&2; exit 2; }
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-30}
 export SLURM_CONF=$DIR/slurm.conf
 
