@@ -773,10 +773,17 @@ def _last_good(checkpoints_root: Path) -> str:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next optimizer step."""
+    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next optimizer step.
+
+    Launchers forward the signal they receive (torchrun's agent, srun, accelerate launch), and Slurm signals every
+    process of a step, so one request often arrives twice within milliseconds: a repeat within
+    ``DUPLICATE_WINDOW_S`` is the same request. A later second signal stops at once, without a checkpoint."""
+
+    DUPLICATE_WINDOW_S = 2.0
 
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -791,15 +798,19 @@ class _StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
-        if self.signal_name is not None:  # a second signal: stop now, as if we had not caught it
-            self.uninstall()
+        if self.signal_name is not None:
+            if time.monotonic() - self._first_at < self.DUPLICATE_WINDOW_S:
+                return  # the launcher forwarding the same request
+            self.uninstall()  # a second request: stop now, as if we had not caught it
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
+        self._first_at = time.monotonic()
         logger.warning(
-            "%s received: saving a checkpoint and stopping after this optimizer step (send it again to stop"
-            " at once, without a checkpoint)",
+            "%s received: saving a checkpoint and stopping after this optimizer step (send it again after %.0f s"
+            " to stop at once, without a checkpoint)",
             self.signal_name,
+            self.DUPLICATE_WINDOW_S,
         )
 
     def agreed(self, accelerator) -> bool:
