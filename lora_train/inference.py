@@ -59,14 +59,12 @@ def resolve_run(source: str, revision: Optional[str] = None, repair: bool = True
     elif REPO_ID.match(source):
         from huggingface_hub import snapshot_download
 
-        from lora_train.hub import offline_hint
+        from lora_train.hub import lookup_error
 
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
-        except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with advice
-            raise RunError(
-                f"cannot download Hub repo '{source}': {type(err).__name__}: {err}. {offline_hint()}"
-            ) from None
+        except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with what is missing
+            raise RunError(lookup_error(f"Hub repo '{source}'", source, err, revision)) from None
     else:
         raise RunError(f"'{source}' is neither an existing run directory nor a Hub repo id of the form user/name")
     missing = [name for name in ("recipe.yaml", "labels.json") if not (directory / name).is_file()]
