@@ -263,16 +263,8 @@ class AdapterRegistry:
         return sorted(set(self._adapters) - self._unloading)
 
     def check_can_attach(self, adapter: Adapter) -> None:
-        """Refuse a name already taken or naming a module, or an adapter of another base model, quantization,
-        autocast or PEFT type."""
-        if self.max_positions is not None and adapter.max_length > self.max_positions:
-            # Its texts would be encoded past the model's positions and fail every forward they share.
-            raise ServingError(
-                422,
-                f"adapter {adapter.name!r} encodes texts to data.max_length = {adapter.max_length} tokens, but the"
-                f" base model has {self.max_positions} positions; retrain or edit its recipe.yaml with"
-                f" data.max_length <= {self.max_positions}",
-            )
+        """Refuse a name already taken or naming a module, an adapter of another base model, quantization,
+        autocast or PEFT type, or one whose max_length exceeds the base model's positions."""
         if adapter.name in self._module_names:
             # peft keys each adapter's layers by its name inside the modules, and matches modules by name
             raise ServingError(
@@ -299,6 +291,14 @@ class AdapterRegistry:
                     f"adapter {adapter.name!r} is a {adapter.peft_type} adapter, but this server"
                     f" holds {self.peft_type} adapters; peft keeps one adapter type per model",
                 )
+        if self.max_positions is not None and adapter.max_length > self.max_positions:
+            # Its texts would be encoded past the model's positions and fail every forward they share.
+            raise ServingError(
+                422,
+                f"adapter {adapter.name!r} encodes texts to data.max_length = {adapter.max_length} tokens, but the"
+                f" base model has {self.max_positions} positions; retrain or edit its recipe.yaml with"
+                f" data.max_length <= {self.max_positions}",
+            )
 
     def attach(self, adapter: Adapter) -> None:
         """Add ``adapter`` to the model, loading the base model first if this is the first adapter."""
