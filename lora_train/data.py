@@ -149,9 +149,12 @@ def _local_files(directory: Path) -> dict[str, str]:
     return files
 
 
-def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None) -> TaskData:
+def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, for_training: bool = True) -> TaskData:
     """Load and check the train and eval splits, map string labels to class ids, carve a validation split out of
-    train when the data has none (``carve``: the rows a run already carved), then take the subsets."""
+    train when the data has none (``carve``: the rows a run already carved), then take the subsets.
+
+    ``for_training`` warns about classes without training examples (evaluation only reads train for the carve).
+    """
     dd, origin = _load_raw(spec)
     train = dd[spec.train_split]
     spec = dataclasses.replace(spec, text_column=spec.text_column or find_text_column(train, spec))
@@ -171,7 +174,8 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None) 
     check_labels(train, spec, len(label_names), spec.train_split)
     if evaluation is not None:
         check_eval_labels(evaluation, spec, label_names)
-    _warn_untrained_classes(train, spec, label_names, "training split")
+    if for_training:
+        _warn_untrained_classes(train, spec, label_names, "training split")
     carved = evaluation is None
     if carved:
         carve = _checked_carve(carve, train, spec) or carve_rows(train, spec, cfg.validation_fraction)
@@ -189,7 +193,7 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None) 
         )
     train = _subset_covering_classes(train, cfg.max_train_samples, spec.label_column)
     evaluation = _subset(evaluation, cfg.max_eval_samples)
-    if cfg.max_train_samples is not None:
+    if for_training and cfg.max_train_samples is not None:
         _warn_untrained_classes(train, spec, label_names, f"{len(train)}-row training subset (max_train_samples)")
     for name, split in (("train", train), ("eval", evaluation)):
         if len(split) == 0:
@@ -217,7 +221,7 @@ def _load_raw(spec: DataSpec) -> tuple["datasets.DatasetDict", dict[str, str]]:
         formats = {Path(f).suffix.replace(".jsonl", ".json") for f in files.values()}
         if len(formats) != 1:
             raise DataError(f"data.path '{local}' mixes file types {sorted(formats)}; use one format")
-        if local.is_file() and spec.eval_split_given:
+        if local.is_file() and spec.eval_split_given and spec.eval_split != spec.train_split:
             raise DataError(
                 f"data.path '{local}' is one file, the training split, but data.eval_split = '{spec.eval_split}'"
                 " names another: leave data.eval_split null to carve data.validation_fraction out of the file, or"

@@ -341,8 +341,9 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1 and confusion matrix of ``run`` on a split of its task.
 
-    ``split=None`` evaluates exactly the recipe's evaluation set (so the figures reproduce ``metrics.json``);
-    another split name is loaded from the same data (``data_path`` replaces the recipe's ``data.path``).
+    ``split=None`` evaluates exactly the recipe's evaluation set, also the rows a run carved out of train
+    (``data_split.json``), so the figures reproduce ``metrics.json``; another split name is loaded from the same data.
+    ``data_path`` replaces the recipe's ``data.path``; when it is one file, all of its rows are evaluated.
     The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`).
     """
     from accelerate import Accelerator
@@ -356,12 +357,15 @@ def evaluate_run(
     cfg = dataclasses.replace(cfg, path=data_path or cfg.path, label_names=run.label_names, max_train_samples=None)
     carve_file = run.directory / CARVE_FILE
     carve = Carve.read(carve_file) if carve_file.is_file() and data_path is None else None
-    if split is not None and split != resolve_spec(cfg).eval_split:
+    if data_path is not None and Path(data_path).is_file():  # one file: all of it is evaluated
+        name = split or Path(data_path).stem
+        cfg = dataclasses.replace(cfg, train_split=name, eval_split=name, max_eval_samples=max_samples)
+    elif split is not None and split != resolve_spec(cfg).eval_split:
         cfg = dataclasses.replace(cfg, eval_split=split, max_eval_samples=max_samples)
         carve = None
     elif max_samples is not None:
         cfg = dataclasses.replace(cfg, max_eval_samples=max_samples)
-    data = load_splits(resolve_spec(cfg), cfg, carve)
+    data = load_splits(resolve_spec(cfg), cfg, carve, for_training=False)
     spec, raw = data.spec, data.eval
     dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation).remove_columns("length")
     accelerator = Accelerator(cpu=run.device.type == "cpu")

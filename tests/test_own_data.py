@@ -17,7 +17,7 @@ import pytest
 from lora_train.config import DataConfig, build_recipe
 from lora_train.data import CARVE_FILE, Carve, DataError, load_splits, resolve_spec, tokenize
 from lora_train.train import train
-from tests.conftest import make_sentiment_rows, script, tiny_recipe
+from tests.conftest import HF_HUB, make_sentiment_rows, needs_shared, reset_accelerator_state, script, tiny_recipe
 
 NAMES = {0: "negative", 1: "positive"}
 
@@ -226,3 +226,80 @@ def test_a_thousand_class_run_has_every_class(tmp_path, tiny_bert_dir):
     id2label = json.loads((out / "labels.json").read_text())["id2label"]
     assert len(id2label) == 1000 and id2label["999"] == "LABEL_999"
     assert len(metrics["per_class"]) == 1000 and metrics["eval_samples"] == 300
+
+
+def test_resume_evaluates_the_rows_carved_at_the_start(tmp_path, tiny_bert_dir):
+    path = write(reviews(200), tmp_path / "reviews.csv")
+    out = tmp_path / "run"
+    raw = tiny_recipe(tiny_bert_dir, path, out, training={"max_steps": 2, "save_steps": 2})
+    raw["data"].update(text_column=None, label_names=None)
+    train(build_recipe(raw))
+    first = json.loads((out / CARVE_FILE).read_text())
+    reset_accelerator_state()
+    raw["training"].update(max_steps=3, resume_from_checkpoint="latest")
+    raw["data"].update(validation_fraction=0.3)  # not a resume key: the saved carve wins over it
+    metrics = train(build_recipe(raw))
+    assert metrics["resumed_from_step"] == 2 and metrics["eval_samples"] == 20
+    assert json.loads((out / CARVE_FILE).read_text()) == first
+
+
+@needs_shared
+def test_own_csv_recipe_trains_from_a_fresh_clone_and_predicts_names(tmp_path):
+    """The README quickstart on examples/own_data: the recipe as committed, from a copy of the project with only the
+    Hub cache beside it, then predict by label name."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_fresh_clone import copy_of_the_project
+
+    project = tmp_path / "lora_train"
+    copy_of_the_project(project)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(HF_HUB), "PYTHONPATH": str(project)}
+    env["HF_DATASETS_CACHE"] = str(tmp_path / "datasets-cache")
+    command = [sys.executable, "scripts/train.py", "recipes/cpu/own_csv_lora.yaml"]
+    proc = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "carved 10% of 'train' out as validation (stratified by label, seed 0): train 360 rows, validation 40" in (
+        proc.stderr
+    )
+    run = project / "runs" / "own_csv_lora"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["eval_samples"] == 40 and metrics["eval_accuracy"] >= 0.8  # 205 / 400 negative: chance is ~0.51
+    texts = ["Arrived broken, a waste of money.", "Works great, highly recommend."]
+    proc = subprocess.run(
+        [sys.executable, "scripts/predict.py", "runs/own_csv_lora", *texts],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["negative", "positive"]
+
+
+def test_a_text_pair_run_trains_evaluates_and_predicts_pairs_from_a_file(tmp_path, tiny_bert_dir, capsys):
+    from lora_train.inference import evaluate_run, load_run
+
+    rng = random.Random(0)
+    words = ["good", "bad", "fine", "awful"]
+    rows = [{"premise": f"the film was {a}", "hypothesis": f"it was {b}"} for a in words for b in words]
+    frame = pd.DataFrame(
+        [r | {"label": "same" if r["premise"][13:] == r["hypothesis"][7:] else "other"} for r in rows * 8]
+    )
+    frame = frame.sample(frac=1, random_state=rng.randint(0, 99)).reset_index(drop=True)
+    out = tmp_path / "run"
+    raw = tiny_recipe(tiny_bert_dir, write(frame, tmp_path / "pairs.jsonl"), out, training={"max_steps": 2})
+    raw["data"].update(text_column="premise", text_pair_column="hypothesis", label_names=None)
+    metrics = train(build_recipe(raw))
+    assert metrics["label_names"] == ["other", "same"]
+    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    predict = script("predict")
+    frame.head(3).to_csv(tmp_path / "in.csv", index=False)
+    assert predict.main([str(out), "--file", str(tmp_path / "in.csv")]) == 0
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [line[2:] for line in lines] == frame.head(3)[["premise", "hypothesis"]].values.tolist()
+    assert {line[0] for line in lines} <= {"other", "same"}
+    assert predict.main([str(out), "a single text"]) == 2
+    assert "classifies text pairs (data.text_pair_column = 'hypothesis')" in capsys.readouterr().err
