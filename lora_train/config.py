@@ -636,7 +636,7 @@ def validate(recipe: Recipe) -> list[str]:
     if d.label_names is not None:
         repeated = sorted({n for n in d.label_names if d.label_names.count(n) > 1})
         need(not repeated, f"data.label_names repeats {repeated}: each class needs one name")
-        need(len(d.label_names) > 0, "data.label_names is empty: list the class names, or null to read them")
+        need(len(d.label_names) > 1, "data.label_names needs two or more class names (or null to read them)")
     need(d.max_length > 0, f"data.max_length = {d.max_length} must be > 0")
     need(0 < d.validation_fraction < 1, f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)")
     for name in ("max_train_samples", "max_eval_samples"):

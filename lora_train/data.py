@@ -168,6 +168,11 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, 
                 f" has a '{spec.eval_split}' split; evaluate that split with --split {spec.eval_split}, or train anew"
             )
     label_names = class_names(train, evaluation, spec)
+    if len(label_names) < 2:
+        raise DataError(
+            f"split '{spec.train_split}' holds a single class {label_names} in column '{spec.label_column}': a"
+            " classifier needs at least two. Check data.label_column, or add examples of the other classes"
+        )
     train = _as_class_ids(train, spec.label_column, label_names)
     if evaluation is not None:
         evaluation = _as_class_ids(evaluation, spec.label_column, label_names)
@@ -191,7 +196,16 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, 
             len(evaluation),
             CARVE_FILE,
         )
+    whole = len(train)
     train = _subset_covering_classes(train, cfg.max_train_samples, spec.label_column)
+    if len(train) < whole:
+        logger.info(
+            "training subset (data.max_train_samples): %d of %d rows, holding %d of the %d classes",
+            len(train),
+            whole,
+            len(set(label_ids(train, spec.label_column).tolist())),
+            len(label_names),
+        )
     evaluation = _subset(evaluation, cfg.max_eval_samples)
     if for_training and cfg.max_train_samples is not None:
         _warn_untrained_classes(train, spec, label_names, f"{len(train)}-row training subset (max_train_samples)")

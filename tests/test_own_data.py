@@ -101,7 +101,7 @@ def test_an_eval_class_that_no_training_row_has_is_refused(tmp_path):
         load(tmp_path)
 
 
-def test_the_text_column_is_found_when_unambiguous_and_else_the_choices_are_listed(tmp_path):
+def test_the_text_column_is_found_when_unambiguous_and_else_the_choices_are_listed_as_are_single_classes(tmp_path):
     frame = reviews(60)
     data = load(write(frame.rename(columns={"text": "body"}), tmp_path / "a.csv"))
     assert data.spec.text_column == "body"  # the only string column besides the label
@@ -110,6 +110,9 @@ def test_the_text_column_is_found_when_unambiguous_and_else_the_choices_are_list
     ambiguous = frame.rename(columns={"text": "body"}).assign(title="a title")
     with pytest.raises(DataError, match=r"several text columns \['body', 'title'\] and data.text_column is null"):
         load(write(ambiguous, tmp_path / "c.csv"))
+    one_class = frame.assign(label="positive")
+    with pytest.raises(DataError, match=r"holds a single class \['positive'\] in column 'label'"):
+        load(write(one_class, tmp_path / "one.csv"))
     numbers = pd.DataFrame({"x": range(20), "label": ["a", "b"] * 10})
     with pytest.raises(DataError, match=r"no text column: none of its columns \['x', 'label'\] holds strings"):
         load(write(numbers, tmp_path / "d.csv"))
