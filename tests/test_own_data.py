@@ -165,7 +165,7 @@ def test_a_saved_carve_is_reused_and_a_changed_file_is_noticed(tmp_path):
     cfg = DataConfig(task=None, path=str(path), validation_fraction=0.3)  # a saved carve wins over a new fraction
     again = load_splits(resolve_spec(cfg), cfg, Carve.read(saved))
     assert again.eval["text"] == first.eval["text"] and again.train["text"] == first.train["text"]
-    write(reviews(200).assign(label="positive"), path)
+    write(reviews(200, seed=9), path)  # other rows, as many
     with pytest.raises(DataError, match=r"data of 'train' changed since the run carved its validation split"):
         load_splits(resolve_spec(cfg), cfg, Carve.read(saved))
     saved.write_text('{"fraction": 0.1')
