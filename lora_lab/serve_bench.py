@@ -64,9 +64,8 @@ def validation_texts(source: str, limit: int) -> list[str]:
 
     recipe, _ = read_run(resolve_run(source))
     cfg = dataclasses.replace(recipe.data, max_train_samples=1, max_eval_samples=limit)
-    spec = resolve_spec(cfg)
-    _, evaluation = load_splits(spec, cfg)
-    return list(evaluation[spec.text_column])
+    data = load_splits(resolve_spec(cfg), cfg)
+    return list(data.eval[data.spec.text_column])
 
 
 class ServerProcess:

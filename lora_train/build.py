@@ -1,6 +1,6 @@
 """The one setup path from a recipe to data and a model: training, inference, benchmarks and studies all use it.
 
-recipe -> data spec -> splits -> label names            :func:`load_task_data`
+recipe -> data spec -> splits + label names            :func:`load_task_data`
 label names + tokenizer -> model config (+ pad token)
   -> base model (NF4 when asked) -> PEFT regime         :func:`build_classifier`
 """
@@ -8,40 +8,23 @@ label names + tokenizer -> model config (+ pad token)
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from lora_train.config import Recipe
-from lora_train.data import DataSpec, check_labels, label_names_of, load_splits, resolve_spec
+from lora_train.data import Carve, TaskData, load_splits, resolve_spec
 from lora_train.modeling import apply_regime, load_base_model, load_model_config
 
 
-@dataclass
-class TaskData:
-    """The raw training and evaluation splits of a recipe's task, checked, with the class names."""
-
-    spec: DataSpec
-    train: Any  # datasets.Dataset
-    eval: Any
-    label_names: list[str]
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.label_names)
-
-
-def load_task_data(recipe: Recipe, loading_context: Callable[[], AbstractContextManager] = nullcontext) -> TaskData:
-    """Resolve the task, load both splits (inside ``loading_context``, e.g. main-process-first) and check labels."""
-    spec = resolve_spec(recipe.data)
+def load_task_data(
+    recipe: Recipe, loading_context: Callable[[], AbstractContextManager] = nullcontext, carve: Optional[Carve] = None
+) -> TaskData:
+    """Resolve the task and load both splits (inside ``loading_context``, e.g. main-process-first), checked, with the
+    class names; ``carve``: the validation rows a resumed run carved out of train."""
     with loading_context():
-        train_raw, eval_raw = load_splits(spec, recipe.data)
-    label_names = label_names_of(train_raw, spec)
-    check_labels(train_raw, spec, len(label_names), "train")
-    check_labels(eval_raw, spec, len(label_names), "eval")
-    return TaskData(spec, train_raw, eval_raw, label_names)
+        return load_splits(resolve_spec(recipe.data), recipe.data, carve)
 
 
 def build_classifier(

@@ -140,19 +140,40 @@ class DataConfig:
     task: Optional[str] = _f("sst2", "Built-in task (sst2, imdb, emotion), or null for a generic dataset.")
     path: Optional[str] = _f(
         None,
-        "Where the data lives: a Hub dataset id (e.g. nyu-mll/glue; read through the Hub cache, so HF_HUB_OFFLINE"
-        " works), or a local directory of {split}.parquet|csv|json|jsonl files. null = the task's Hub dataset.",
+        "Where the data lives: one .csv, .tsv, .json, .jsonl or .parquet file (the training split), a local directory"
+        " of {split}.csv|tsv|json|jsonl|parquet files, or a Hub dataset id (e.g. nyu-mll/glue; read through the Hub"
+        " cache, so HF_HUB_OFFLINE works). null = the task's Hub dataset.",
     )
     config_name: Optional[str] = _f(
         None, "Hub dataset config (e.g. sst2 of nyu-mll/glue); null = the task's, or the dataset's default."
     )
-    text_column: Optional[str] = _f(None, "Text column; null = the task's.")
-    label_column: Optional[str] = _f(None, "Integer label column; null = the task's ('label').")
-    label_names: Optional[list[str]] = _f(None, "Class names for a generic dataset; null = read from the data.")
-    train_split: Optional[str] = _f(None, "Training split; null = the task's.")
-    eval_split: Optional[str] = _f(None, "Split evaluated during and after training; null = the task's.")
+    text_column: Optional[str] = _f(
+        None,
+        "Text column; null = the task's, else found in the data: its one string column besides the label, or the"
+        " one named text, sentence, review or content.",
+    )
+    text_pair_column: Optional[str] = _f(
+        None, "Second text column for sentence-pair tasks (NLI, paraphrase), given to the tokenizer as the pair."
+    )
+    label_column: Optional[str] = _f(
+        None, "Label column: class names (strings) or integer class ids; null = the task's, else 'label'."
+    )
+    label_names: Optional[list[str]] = _f(
+        None,
+        "Class names in class-id order; string labels are mapped to their position here (a label not listed is an"
+        " error). null = the task's, else from the whole training split: its string labels sorted, its ClassLabel"
+        " names, or LABEL_0..LABEL_max.",
+    )
+    train_split: Optional[str] = _f(None, "Training split; null = the task's, else 'train'.")
+    eval_split: Optional[str] = _f(
+        None,
+        "Split evaluated during and after training; null = the task's, else 'validation', carved out of train"
+        " (data.validation_fraction) when the data has no such split.",
+    )
     validation_fraction: float = _f(
-        0.1, "When the data has no evaluation split (IMDb), carve this fraction out of train, stratified."
+        0.1,
+        "When the data has no evaluation split (one file, IMDb), carve this fraction out of train: stratified by"
+        " label, seeded, every class kept in train; the rows are saved with the run (data_split.json).",
     )
     max_length: int = _f(128, "Truncate inputs to this many tokens.")
     truncation: Literal["right", "head_tail"] = _f(
@@ -160,7 +181,11 @@ class DataConfig:
         "How a longer text is cut: 'right' keeps its start; 'head_tail' keeps its first quarter and last three"
         " quarters of the budget (better on long reviews: Sun et al. 2019). Prediction and serving cut the same way.",
     )
-    max_train_samples: Optional[int] = _f(None, "Use a fixed random subset of this many training rows.")
+    max_train_samples: Optional[int] = _f(
+        None,
+        "Use a fixed random subset of this many training rows (holding every class it has room for); the classes"
+        " still come from the whole split.",
+    )
     max_eval_samples: Optional[int] = _f(None, "Use a fixed random subset of this many evaluation rows.")
     group_by_length: bool = _f(True, "Batch examples of similar length (less padding, same epoch contents).")
     num_workers: int = _f(0, "DataLoader worker processes.")
@@ -600,8 +625,19 @@ def validate(recipe: Recipe) -> list[str]:
             f" valid: {', '.join(TASKS)}, or null with data.path"
         )
     if d.task is None:
-        need(d.path is not None, "data.task is null, so data.path must name a Hub dataset id or a local directory")
-        need(d.text_column is not None, "data.task is null, so data.text_column must be set")
+        need(d.path is not None, "data.task is null, so data.path must name a data file or directory, or a Hub id")
+    need(
+        d.text_pair_column is None or d.text_pair_column != d.text_column,
+        f"data.text_pair_column = {d.text_pair_column!r} is also data.text_column: the pair needs a second column",
+    )
+    need(
+        d.text_pair_column is None or d.truncation == "right",
+        "data.truncation = 'head_tail' cuts single texts: with data.text_pair_column use 'right'",
+    )
+    if d.label_names is not None:
+        repeated = sorted({n for n in d.label_names if d.label_names.count(n) > 1})
+        need(not repeated, f"data.label_names repeats {repeated}: each class needs one name")
+        need(len(d.label_names) > 1, "data.label_names needs two or more class names (or null to read them)")
     need(d.max_length > 0, f"data.max_length = {d.max_length} must be > 0")
     need(0 < d.validation_fraction < 1, f"data.validation_fraction = {d.validation_fraction} must be in (0, 1)")
     for name in ("max_train_samples", "max_eval_samples"):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import logging
 import math
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
@@ -19,10 +23,24 @@ if TYPE_CHECKING:  # annotations only: datasets, pyarrow and numpy load when dat
     import numpy as np
     import pyarrow
 
-DATA_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+DATA_FORMATS = {
+    ".parquet": ("parquet", {}),
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+}
+"""Data file suffixes and the ``datasets`` builder (with its options) that reads each."""
+DATA_SUFFIXES = "/".join(s.lstrip(".") for s in DATA_FORMATS)
 SUBSET_SEED = 0
-"""Subsets (max_train_samples, max_eval_samples) and the IMDb validation carve-out use this fixed seed, so
-that runs with different training seeds see the same examples."""
+"""Subsets (max_train_samples, max_eval_samples) and the carved validation split use this fixed seed, so that runs
+with different training seeds see the same examples."""
+TEXT_COLUMN_NAMES = ("text", "sentence", "review", "content")
+"""Column names taken as the text column when data.text_column is null and the data has several string columns."""
+CARVE_FILE = "data_split.json"
+"""Saved with a run whose validation split was carved out of train: which rows, so eval and resume use them."""
+
+logger = logging.getLogger("lora_train")
 
 
 class DataError(ValueError):
@@ -34,14 +52,22 @@ class DataSpec:
     """Resolved description of where the data is and which columns hold what."""
 
     source: str
-    """Local directory, or Hub dataset id."""
+    """Local directory or file, or Hub dataset id."""
     config_name: Optional[str]
-    text_column: str
+    text_column: Optional[str]
+    """None until :func:`load_splits` finds it in the data (the recipe and the task left it open)."""
+    text_pair_column: Optional[str]
     label_column: str
     train_split: str
     eval_split: str
-    carve_eval_from_train: bool
+    eval_split_given: bool
+    """The recipe named the eval split, so it must exist; otherwise a missing one is carved out of train."""
     label_names: Optional[list[str]]
+
+    @property
+    def text_columns(self) -> list[str]:
+        """The text column, then the pair's second text column when there is one."""
+        return [c for c in (self.text_column, self.text_pair_column) if c]
 
 
 def resolve_spec(cfg: DataConfig) -> DataSpec:
@@ -51,53 +77,177 @@ def resolve_spec(cfg: DataConfig) -> DataSpec:
     assert source is not None  # validate() guarantees it
     if not Path(source).expanduser().exists():
         source = canonical_dataset_id(source)
-    label_names = cfg.label_names or (list(task.label_names) if task else None)
-    eval_split = cfg.eval_split or (task.eval_split if task else "validation")
-    carve = bool(task and not task.has_eval_split and cfg.eval_split is None)
     return DataSpec(
         source=source,
         config_name=cfg.config_name or (task.hub_config if task and source == task.hub_id else None),
-        text_column=cfg.text_column or (task.text_column if task else "text"),
+        text_column=cfg.text_column or (task.text_column if task else None),
+        text_pair_column=cfg.text_pair_column,
         label_column=cfg.label_column or (task.label_column if task else "label"),
         train_split=cfg.train_split or (task.train_split if task else "train"),
-        eval_split=eval_split,
-        carve_eval_from_train=carve,
-        label_names=label_names,
+        eval_split=cfg.eval_split or (task.eval_split if task else "validation"),
+        eval_split_given=cfg.eval_split is not None,
+        label_names=cfg.label_names or (list(task.label_names) if task else None),
     )
+
+
+@dataclass
+class Carve:
+    """A validation split carved out of the training split: which rows, out of which data."""
+
+    fraction: float
+    seed: int
+    train_rows: int
+    """Rows of the whole training split it was carved from."""
+    fingerprint: str
+    """sha256 of that split's text and label values: a changed data file is noticed, not silently re-carved."""
+    eval_rows: list[int]
+    """Row numbers (from 0, in the training split's order) that became the validation split, ascending."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def read(cls, path: Path) -> "Carve":
+        try:
+            return cls(**json.loads(read_text_file(path, "carve file")))
+        except (ValueError, TypeError) as err:
+            raise DataError(
+                f"'{path}' is corrupt ({err}); it lists the validation rows carved out of train. Delete it to"
+                " carve again (the same rows, if the data is unchanged)"
+            ) from None
+
+
+@dataclass
+class TaskData:
+    """The training and evaluation splits, checked, labels as class ids 0..K-1, with the class names.
+
+    Unpacks as ``train, eval``.
+    """
+
+    spec: DataSpec
+    """With the text column found."""
+    train: "datasets.Dataset"
+    eval: "datasets.Dataset"
+    label_names: list[str]
+    """From the recipe, the task, or the whole training split (before any subset)."""
+    carve: Optional[Carve] = None
+    """Set when the validation split was carved out of train."""
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+    def __iter__(self) -> Iterator["datasets.Dataset"]:
+        return iter((self.train, self.eval))
 
 
 def _local_files(directory: Path) -> dict[str, str]:
     files: dict[str, str] = {}
     for path in sorted(directory.iterdir()):
-        if path.suffix in DATA_EXTENSIONS and path.stem not in files:
+        if path.suffix in DATA_FORMATS and path.stem not in files:
             files[path.stem] = str(path)
     return files
 
 
-def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "datasets.Dataset"]:
-    """Load the train and eval splits (carving eval out of train when the data has none)."""
+def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, for_training: bool = True) -> TaskData:
+    """Load and check the train and eval splits, map string labels to class ids, carve a validation split out of
+    train when the data has none (``carve``: the rows a run already carved), then take the subsets.
+
+    ``for_training`` warns about classes without training examples (evaluation only reads train for the carve).
+    """
+    dd, origin = _load_raw(spec)
+    train = dd[spec.train_split]
+    spec = dataclasses.replace(spec, text_column=spec.text_column or find_text_column(train, spec))
+    _check_columns(train, spec, spec.train_split, origin[spec.train_split])
+    evaluation = dd[spec.eval_split] if spec.eval_split in dd else None
+    if evaluation is not None:
+        _check_columns(evaluation, spec, spec.eval_split, origin[spec.eval_split])
+        if carve is not None:
+            raise DataError(
+                f"the run carved its validation rows out of '{spec.train_split}' ({CARVE_FILE}), but the data now"
+                f" has a '{spec.eval_split}' split; evaluate that split with --split {spec.eval_split}, or train anew"
+            )
+    label_names = class_names(train, evaluation, spec)
+    if len(label_names) < 2:
+        raise DataError(
+            f"split '{spec.train_split}' holds a single class {label_names} in column '{spec.label_column}': a"
+            " classifier needs at least two. Check data.label_column, or add examples of the other classes"
+        )
+    train = _as_class_ids(train, spec.label_column, label_names)
+    if evaluation is not None:
+        evaluation = _as_class_ids(evaluation, spec.label_column, label_names)
+    check_labels(train, spec, len(label_names), spec.train_split)
+    if evaluation is not None:
+        check_eval_labels(evaluation, spec, label_names)
+    if for_training:
+        _warn_untrained_classes(train, spec, label_names, "training split")
+    carved = evaluation is None
+    if carved:
+        carve = _checked_carve(carve, train, spec) or carve_rows(train, spec, cfg.validation_fraction)
+        train, evaluation = _apply_carve(train, carve)
+        logger.info(
+            "no '%s' split in the data: carved %.0f%% of '%s' out as validation (stratified by label, seed %d):"
+            " train %d rows, validation %d rows; the rows are saved with the run (%s)",
+            spec.eval_split,
+            100 * carve.fraction,
+            spec.train_split,
+            carve.seed,
+            len(train),
+            len(evaluation),
+            CARVE_FILE,
+        )
+    whole = len(train)
+    train = _subset_covering_classes(train, cfg.max_train_samples, spec.label_column)
+    if len(train) < whole:
+        logger.info(
+            "training subset (data.max_train_samples): %d of %d rows, holding %d of the %d classes",
+            len(train),
+            whole,
+            len(set(label_ids(train, spec.label_column).tolist())),
+            len(label_names),
+        )
+    evaluation = _subset(evaluation, cfg.max_eval_samples)
+    if for_training and cfg.max_train_samples is not None:
+        _warn_untrained_classes(train, spec, label_names, f"{len(train)}-row training subset (max_train_samples)")
+    for name, split in (("train", train), ("eval", evaluation)):
+        if len(split) == 0:
+            raise DataError(f"the {name} split is empty; check data.{name}_split and data.max_{name}_samples")
+    return TaskData(spec, train, evaluation, label_names, carve if carved else None)
+
+
+def _load_raw(spec: DataSpec) -> tuple["datasets.DatasetDict", dict[str, str]]:
+    """The splits the run needs (train, and eval when the data has it or the recipe names it), and the file or
+    dataset each came from."""
     import datasets
 
     local = Path(spec.source).expanduser()
     origin = {split: spec.source for split in (spec.train_split, spec.eval_split)}
     if local.exists():
-        if local.is_file() and local.suffix not in DATA_EXTENSIONS:
+        if local.is_file() and local.suffix not in DATA_FORMATS:
             raise DataError(
-                f"data.path '{local}' is a {local.suffix or 'suffix-less'} file; give a directory of"
-                " {split}.parquet|csv|json|jsonl files, or one .parquet, .csv, .json or .jsonl file"
+                f"data.path '{local}' is a {local.suffix or 'suffix-less'} file; give one .csv, .tsv, .json, .jsonl"
+                f" or .parquet file (the training split), or a directory of {{split}}.{DATA_SUFFIXES.replace('/', '|')}"
+                " files"
             )
         files = _local_files(local) if local.is_dir() else {spec.train_split: str(local)}
         if not files:
-            raise DataError(f"data.path '{local}' holds no {'/'.join(DATA_EXTENSIONS)} files named after their split")
-        builders = {DATA_EXTENSIONS[Path(f).suffix] for f in files.values()}
-        if len(builders) != 1:
-            raise DataError(f"data.path '{local}' mixes file types {sorted(builders)}; use one format")
-        wanted = [spec.train_split] + ([] if spec.carve_eval_from_train else [spec.eval_split])
+            raise DataError(f"data.path '{local}' holds no {DATA_SUFFIXES} files named after their split")
+        formats = {Path(f).suffix.replace(".jsonl", ".json") for f in files.values()}
+        if len(formats) != 1:
+            raise DataError(f"data.path '{local}' mixes file types {sorted(formats)}; use one format")
+        if local.is_file() and spec.eval_split_given and spec.eval_split != spec.train_split:
+            raise DataError(
+                f"data.path '{local}' is one file, the training split, but data.eval_split = '{spec.eval_split}'"
+                " names another: leave data.eval_split null to carve data.validation_fraction out of the file, or"
+                f" give a directory holding {spec.train_split} and {spec.eval_split} files"
+            )
+        wanted = [spec.train_split] + ([spec.eval_split] if spec.eval_split in files or spec.eval_split_given else [])
         missing = [s for s in wanted if s not in files]
         if missing:
             raise DataError(
                 f"data.path '{local}' has no file for split(s) {missing}; found {sorted(files)}."
-                " Set data.train_split / data.eval_split to one of those."
+                " Set data.train_split / data.eval_split to one of those, or give one file as data.path (the"
+                " training split; a validation split is then carved out of it)"
             )
         empty = [f"{s} ({files[s]})" for s in wanted if not _readable_rows(Path(files[s]))]
         if empty:
@@ -105,45 +255,31 @@ def load_splits(spec: DataSpec, cfg: DataConfig) -> tuple["datasets.Dataset", "d
                 f"data.path '{local}': split(s) {', '.join(empty)} hold no rows; every split used needs examples"
             )
         origin.update((s, files[s]) for s in wanted)
+        builder, options = DATA_FORMATS[Path(files[spec.train_split]).suffix]
         try:
-            dd = datasets.load_dataset(builders.pop(), data_files={s: files[s] for s in wanted})
+            dd = datasets.load_dataset(builder, data_files={s: files[s] for s in wanted}, **options)
         except Exception as err:  # noqa: BLE001 - parser errors of pandas / pyarrow, of many types
             cause = err.__cause__ or err
             raise DataError(
                 f"cannot read the data files {[files[s] for s in wanted]}: {type(cause).__name__}: {cause}."
                 " Check that each file is complete and well-formed"
             ) from None
-    elif _looks_local(spec.source):
+        return dd, origin
+    if _looks_local(spec.source):
         raise DataError(
-            f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local directory"
-            " of {split}.parquet|csv|json|jsonl files, or a Hub dataset id such as user/name"
+            f"data.path '{spec.source}' does not exist (resolved to '{local.resolve()}'). Give a local .csv, .tsv,"
+            f" .json, .jsonl or .parquet file, a directory of {{split}}.{DATA_SUFFIXES.replace('/', '|')} files, or"
+            " a Hub dataset id such as user/name"
         )
-    else:
-        dd = load_hub_dataset(spec.source, spec.config_name)
-        missing = [
-            s
-            for s in (spec.train_split, spec.eval_split)
-            if s not in dd and not (s == spec.eval_split and spec.carve_eval_from_train)
-        ]
-        if missing:
-            raise DataError(f"dataset '{spec.source}' has no split(s) {missing}; it has {list(dd)}")
-    train = dd[spec.train_split]
-    _check_columns(train, spec, spec.train_split, origin[spec.train_split])
-    if spec.carve_eval_from_train:
-        train = _as_class_label(train, spec.label_column)
-        parts = train.train_test_split(
-            test_size=cfg.validation_fraction, seed=SUBSET_SEED, stratify_by_column=spec.label_column
-        )
-        train, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = dd[spec.eval_split]
-        _check_columns(evaluation, spec, spec.eval_split, origin[spec.eval_split])
-    train = _subset(train, cfg.max_train_samples)
-    evaluation = _subset(evaluation, cfg.max_eval_samples)
-    for name, split in (("train", train), ("eval", evaluation)):
-        if len(split) == 0:
-            raise DataError(f"the {name} split is empty; check data.{name}_split and data.max_{name}_samples")
-    return train, evaluation
+    dd = load_hub_dataset(spec.source, spec.config_name)
+    missing = [
+        s
+        for s in (spec.train_split, spec.eval_split)
+        if s not in dd and (s != spec.eval_split or spec.eval_split_given)
+    ]
+    if missing:
+        raise DataError(f"dataset '{spec.source}' has no split(s) {missing}; it has {list(dd)}")
+    return dd, origin
 
 
 def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.DatasetDict":
@@ -156,7 +292,7 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
     import datasets
     from huggingface_hub import snapshot_download
 
-    from lora_train.hub import offline_hint
+    from lora_train.hub import lookup_error
 
     try:
         card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))
@@ -168,9 +304,8 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
         raise
     except Exception as err:  # noqa: BLE001 - offline cache miss, 404, auth, network: re-raised with advice
         raise DataError(
-            f"cannot load dataset '{dataset_id}': {type(err).__name__}: {str(err).rstrip('.')}."
-            f" {offline_hint()} Or set data.path to a local directory of {{split}}.parquet|csv|json|jsonl"
-            " files."
+            f"{lookup_error(f'dataset {dataset_id!r}', dataset_id, err, repo_type='dataset')}."
+            " Or set data.path to a local file or a directory of {split}.parquet|csv|json|jsonl files."
         ) from None
     return datasets.load_dataset(snapshot, config_name)
 
@@ -214,7 +349,7 @@ def config_file_patterns(readme: Path, dataset_id: str, config_name: Optional[st
 
 def _looks_local(source: str) -> bool:
     """A path rather than a Hub id (``name`` or ``user/name``)."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or Path(source).suffix in DATA_FORMATS
 
 
 def _readable_rows(path: Path) -> bool:
@@ -244,41 +379,59 @@ def _readable_rows(path: Path) -> bool:
                     " every line must be one JSON object"
                 ) from None
     lines = [line for line in text.splitlines() if line.strip() not in ("", "[", "]", "[]")]
-    return len(lines) > (1 if path.suffix == ".csv" else 0)  # a CSV header alone is no data
+    return len(lines) > (1 if path.suffix in (".csv", ".tsv") else 0)  # a CSV header alone is no data
 
 
-def _as_class_label(ds: "datasets.Dataset", column: str) -> "datasets.Dataset":
-    import datasets
+def _is_text(values: "pyarrow.ChunkedArray") -> bool:
+    import pyarrow as pa
 
-    if isinstance(ds.features[column], datasets.ClassLabel):
-        return ds
-    return ds.class_encode_column(column)
+    return pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
 
 
-def _subset(ds: "datasets.Dataset", n: Optional[int]) -> "datasets.Dataset":
-    if n is None or n >= len(ds):
-        return ds
-    return ds.shuffle(seed=SUBSET_SEED).select(range(n)).flatten_indices()
+def find_text_column(ds: "datasets.Dataset", spec: DataSpec) -> str:
+    """The text column when the recipe leaves it open: the one string column besides the label (and pair) column,
+    else the one named text, sentence, review or content; otherwise an error lists the string columns."""
+    taken = {spec.label_column, spec.text_pair_column}
+    strings = [c for c in ds.column_names if c not in taken and _is_text(ds.data.column(c))]
+    named = [c for c in strings if c.lower() in TEXT_COLUMN_NAMES]
+    if len(strings) == 1 or len(named) == 1:
+        return strings[0] if len(strings) == 1 else named[0]
+    if not strings:
+        raise DataError(
+            f"split '{spec.train_split}' has no text column: none of its columns {ds.column_names} holds strings"
+            f"{' (besides the label column)' if spec.label_column in ds.column_names else ''}. Set data.text_column"
+        )
+    raise DataError(
+        f"split '{spec.train_split}' has several text columns {strings} and data.text_column is null: set"
+        f" data.text_column to the one to classify (and data.text_pair_column to a second one for sentence pairs)"
+    )
 
 
 def _check_columns(ds: "datasets.Dataset", spec: DataSpec, split: str, origin: str) -> None:
-    """The text and label columns exist, hold texts and integer class ids, and no row lacks either."""
-    for role, column in (("text", spec.text_column), ("label", spec.label_column)):
+    """The text (and pair) and label columns exist, hold texts and class ids or names, and no row lacks either."""
+    roles = [("text", c) for c in spec.text_columns] + [("label", spec.label_column)]
+    for role, column in roles:
         if column not in ds.column_names:
+            field_name = "text_pair_column" if column == spec.text_pair_column else f"{role}_column"
             raise DataError(
                 f"split '{split}' has no {role} column '{column}'; its columns are {ds.column_names}."
-                f" Set data.{role}_column to one of them."
+                f" Set data.{field_name} to one of them."
             )
-    for role, column in (("text", spec.text_column), ("label", spec.label_column)):
-        values = ds.data.column(column)
-        empty = _null_rows(values)
+    for role, column in roles:
+        empty = _null_rows(ds.data.column(column))
         if len(empty):
             shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
             raise DataError(
                 f"split '{split}': {role} column '{column}' is empty (null or NaN) in {len(empty)} row(s):"
                 f" rows {shown} of {origin} (counting from 0); drop or fill those rows"
             )
-    _check_text_type(ds.data.column(spec.text_column), spec, split)
+    for column in spec.text_columns:
+        values = ds.data.column(column)
+        if not _is_text(values):
+            raise DataError(
+                f"split '{split}': text column '{column}' holds {values.type} values, not text."
+                " Set data.text_column to the column that holds the texts"
+            )
     _check_label_type(ds.data.column(spec.label_column), spec, split)
 
 
@@ -290,35 +443,14 @@ def _null_rows(values: "pyarrow.ChunkedArray") -> "np.ndarray":
     return np.flatnonzero(pc.is_null(values, nan_is_null=True).to_numpy(zero_copy_only=False))
 
 
-def _check_text_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str) -> None:
-    import pyarrow as pa
-
-    if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
-        raise DataError(
-            f"split '{split}': text column '{spec.text_column}' holds {values.type} values, not text."
-            " Set data.text_column to the column that holds the texts"
-        )
-
-
 def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str) -> None:
-    """Labels must be integer class ids: strings, floats and anything else are refused with the way to fix them."""
+    """Labels are integer class ids or class names (strings); floats and anything else are refused with the fix."""
     import numpy as np
     import pyarrow as pa
 
     column = spec.label_column
-    if pa.types.is_integer(values.type):
+    if pa.types.is_integer(values.type) or _is_text(values):
         return
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        names = spec.label_names
-        order = (
-            f"map them to 0..{len(names) - 1} in the order of data.label_names {names}"
-            if names
-            else "map them to 0..K-1 and list the class names in that order in data.label_names"
-        )
-        raise DataError(
-            f"split '{split}': label column '{column}' holds strings (e.g. {values[0].as_py()!r}), not"
-            f" class ids; {order}"
-        )
     if pa.types.is_floating(values.type):
         numbers = values.to_numpy()
         fractional = np.flatnonzero(numbers != np.round(numbers))
@@ -326,29 +458,88 @@ def _check_label_type(values: "pyarrow.ChunkedArray", spec: DataSpec, split: str
         kind = "non-integer" if len(fractional) else "floating-point"
         raise DataError(
             f"split '{split}': label column '{column}' holds {kind} values (e.g. {numbers[row]} in row"
-            f" {row}); labels must be integer class ids: convert the column to integers"
+            f" {row}); labels must be class names or integer class ids: convert the column"
         )
     raise DataError(
-        f"split '{split}': label column '{column}' holds {values.type} values; labels must be integer class ids 0..K-1"
+        f"split '{split}': label column '{column}' holds {values.type} values; labels must be class names"
+        " (strings) or integer class ids 0..K-1"
     )
 
 
-def label_names_of(train: "datasets.Dataset", spec: DataSpec) -> list[str]:
-    """Class names: the recipe's / task's, else the dataset's ClassLabel, else LABEL_i up to the max label."""
+def class_names(train: "datasets.Dataset", evaluation: Optional["datasets.Dataset"], spec: DataSpec) -> list[str]:
+    """Class names, from the whole training split: the recipe's / task's; for string labels the sorted distinct
+    labels; else the dataset's ClassLabel; else LABEL_i up to the highest id.
+
+    String labels that the given names lack are refused, naming them, in either split; so are string labels
+    of the eval split that no training row has (a model without that class could never predict it).
+    """
+    import datasets
+    import pyarrow.compute as pc
+
+    column = spec.label_column
+    values = train.data.column(column)
+    if evaluation is not None and _is_text(values) != _is_text(evaluation.data.column(column)):
+        kinds = {
+            s: str(d.data.column(column).type) for s, d in ((spec.train_split, train), (spec.eval_split, evaluation))
+        }
+        raise DataError(
+            f"label column '{column}' holds {kinds[spec.train_split]} in split '{spec.train_split}' but"
+            f" {kinds[spec.eval_split]} in '{spec.eval_split}'; use class names (or ids) in both"
+        )
+    if not _is_text(values):
+        if spec.label_names:
+            return list(spec.label_names)
+        feature = train.features[column]
+        if isinstance(feature, datasets.ClassLabel):
+            return list(feature.names)
+        return [f"LABEL_{i}" for i in range(max(int(pc.max(values).as_py()), 0) + 1)]
+    found = sorted(pc.unique(values).to_pylist())
+    names = list(spec.label_names) if spec.label_names else found
+    splits = [(spec.train_split, values)] + (
+        [] if evaluation is None else [(spec.eval_split, evaluation.data.column(column))]
+    )
+    for split, labels in splits:
+        unknown = sorted(set(pc.unique(labels).to_pylist()) - set(names))
+        if not unknown:
+            continue
+        shown = ", ".join(repr(u) for u in unknown[:10]) + (
+            f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+        )
+        if spec.label_names:
+            raise DataError(
+                f"split '{split}': label(s) {shown} in column '{column}' are not in data.label_names {names};"
+                " add them there (the order gives the class ids), or fix the data"
+            )
+        raise DataError(
+            f"split '{split}': label(s) {shown} in column '{column}' occur in no row of the training split"
+            f" '{spec.train_split}', whose classes are {_shown(names)}: the model could never predict them. Add"
+            " training examples of them, or list every class in data.label_names"
+        )
+    return names
+
+
+def _shown(names: Sequence[str], limit: int = 10) -> str:
+    return str(list(names)) if len(names) <= limit else f"{list(names[:limit])} ... ({len(names)} in all)"
+
+
+def _as_class_ids(ds: "datasets.Dataset", column: str, names: list[str]) -> "datasets.Dataset":
+    """String labels mapped to their position in ``names`` (a ClassLabel column that keeps the names); integer
+    labels as they are."""
     import datasets
 
-    if spec.label_names:
-        return list(spec.label_names)
-    feature = train.features[spec.label_column]
-    if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    highest = max(train[spec.label_column])
-    return [f"LABEL_{i}" for i in range(int(highest) + 1)]
+    if not _is_text(ds.data.column(column)):
+        return ds
+    return ds.cast_column(column, datasets.ClassLabel(names=names))
+
+
+def label_ids(ds: "datasets.Dataset", column: str) -> "np.ndarray":
+    """The class ids of ``ds`` as one array (read column-wise: ``with_format("numpy")[column]`` goes row by row)."""
+    return ds.select_columns([column]).with_format("numpy")[:][column]
 
 
 def check_labels(ds: "datasets.Dataset", spec: DataSpec, num_labels: int, split: str) -> None:
     """Refuse labels outside [0, num_labels) with the offending values named."""
-    labels = torch.as_tensor(ds.with_format("numpy")[spec.label_column])
+    labels = torch.as_tensor(label_ids(ds, spec.label_column))
     bad = labels[(labels < 0) | (labels >= num_labels)].unique().tolist()
     if bad:
         raise DataError(
@@ -356,6 +547,141 @@ def check_labels(ds: "datasets.Dataset", spec: DataSpec, num_labels: int, split:
             " Hidden test labels (-1, as in GLUE) cannot be trained or evaluated on; for a generic dataset set"
             " data.label_names to cover every class."
         )
+
+
+def check_eval_labels(ds: "datasets.Dataset", spec: DataSpec, label_names: list[str]) -> None:
+    """Eval class ids must be classes of the model: ids past the last class are ones no training row has."""
+    labels = torch.as_tensor(label_ids(ds, spec.label_column))
+    unseen = labels[labels >= len(label_names)].unique().tolist()
+    if unseen and not spec.label_names and labels.min() >= 0:
+        raise DataError(
+            f"split '{spec.eval_split}' has label(s) {unseen[:10]} in column '{spec.label_column}' that no row of"
+            f" the training split '{spec.train_split}' has (its classes are 0..{len(label_names) - 1}): the"
+            " model could never predict them. Add training examples of them, or name every class in"
+            " data.label_names"
+        )
+    check_labels(ds, spec, len(label_names), spec.eval_split)
+
+
+def _warn_untrained_classes(ds: "datasets.Dataset", spec: DataSpec, label_names: list[str], what: str) -> None:
+    """Say which classes of the model have no example in ``ds``: it has them, but cannot learn them from it."""
+    import numpy as np
+
+    counts = np.bincount(label_ids(ds, spec.label_column), minlength=len(label_names))
+    absent = [label_names[i] for i in np.flatnonzero(counts == 0)]
+    if absent:
+        logger.warning(
+            "%d of the %d classes have no example in the %s: %s. The model keeps all %d classes but learns"
+            " nothing about these",
+            len(absent),
+            len(label_names),
+            what,
+            _shown(absent),
+            len(label_names),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The carved validation split and the subsets
+
+
+def data_fingerprint(ds: "datasets.Dataset", spec: DataSpec) -> str:
+    """sha256 of the text (and pair) and label values of ``ds``, in row order."""
+    digest = hashlib.sha256()
+    for column in spec.text_columns + [spec.label_column]:
+        digest.update(column.encode() + b"\x1e")
+        for value in ds.data.column(column).to_pylist():
+            digest.update(str(value).encode() + b"\x1f")
+    return digest.hexdigest()
+
+
+def carve_rows(train: "datasets.Dataset", spec: DataSpec, fraction: float, seed: int = SUBSET_SEED) -> Carve:
+    """Choose ``fraction`` of the rows of ``train`` as a validation split, stratified by label and seeded.
+
+    Each class gives its share (largest remainders, ties broken at random, fill the rounding); a class keeps at
+    least one training row, so a class with one row stays in train and the model sees every class.
+    """
+    import numpy as np
+
+    labels = label_ids(train, spec.label_column)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * fraction
+    take = np.minimum(np.floor(quota).astype(int), counts - 1)
+    room = counts - 1 - take
+    target = min(max(1, round(fraction * len(labels))), int((counts - 1).sum()))
+    order = np.lexsort((rng.random(len(classes)), -(quota - np.floor(quota))))  # largest remainder first
+    for i in order:
+        if take.sum() >= target:
+            break
+        if room[i] > 0:
+            take[i] += 1
+            room[i] -= 1
+    rows = []
+    for cls, n in zip(classes, take):
+        members = np.flatnonzero(labels == cls)
+        rows.extend(rng.permutation(members)[:n].tolist())
+    if not rows:
+        raise DataError(
+            f"cannot carve a validation split out of '{spec.train_split}' ({len(labels)} rows): every class has"
+            " a single row, which training needs. Add rows, or give a validation split (data.eval_split)"
+        )
+    return Carve(fraction, seed, len(labels), data_fingerprint(train, spec), sorted(int(r) for r in rows))
+
+
+def _checked_carve(carve: Optional[Carve], train: "datasets.Dataset", spec: DataSpec) -> Optional[Carve]:
+    """A run's saved carve, once the training split is the one it was carved from."""
+    if carve is None:
+        return None
+    if carve.train_rows != len(train) or carve.fingerprint != data_fingerprint(train, spec):
+        raise DataError(
+            f"the data of '{spec.train_split}' changed since the run carved its validation split ({CARVE_FILE}:"
+            f" {carve.train_rows} rows, sha256 {carve.fingerprint[:12]}; now {len(train)} rows, sha256"
+            f" {data_fingerprint(train, spec)[:12]}). Restore the data the run used, or train a new run"
+        )
+    return carve
+
+
+def _apply_carve(train: "datasets.Dataset", carve: Carve) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """The remaining training rows (in their order) and the carved validation rows."""
+    import numpy as np
+
+    keep = np.ones(len(train), dtype=bool)
+    keep[carve.eval_rows] = False
+    return train.select(np.flatnonzero(keep)).flatten_indices(), train.select(carve.eval_rows).flatten_indices()
+
+
+def _subset(ds: "datasets.Dataset", n: Optional[int]) -> "datasets.Dataset":
+    if n is None or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=SUBSET_SEED).select(range(n)).flatten_indices()
+
+
+def _subset_covering_classes(ds: "datasets.Dataset", n: Optional[int], column: str) -> "datasets.Dataset":
+    """A fixed random subset of ``n`` rows (as :func:`_subset`) that holds every class of ``ds`` it has room for:
+    a class the random draw missed replaces a row of the most frequent class, so a rare class is not lost."""
+    import numpy as np
+
+    if n is None or n >= len(ds):
+        return ds
+    order = np.random.default_rng(SUBSET_SEED).permutation(len(ds))  # Dataset.shuffle(seed)'s order
+    labels = label_ids(ds, column)
+    chosen = list(order[:n])
+    counts = Counter(labels[chosen].tolist())
+    firsts = {}
+    for row in order[n:]:
+        firsts.setdefault(int(labels[row]), int(row))
+    for cls, row in sorted(firsts.items(), key=lambda item: item[1]):
+        if cls in counts:
+            continue
+        common, count = counts.most_common(1)[0]
+        if count < 2:
+            break  # one row per class already
+        at = max(i for i, r in enumerate(chosen) if labels[r] == common)
+        chosen[at] = row
+        counts[common] -= 1
+        counts[cls] = 1
+    return ds.select(chosen).flatten_indices()
 
 
 # head_tail keeps this share of the token budget from the start of a long text and the rest from its end: Sun et
@@ -381,8 +707,13 @@ def head_and_tail(tokenizer, texts: list[str], max_length: int) -> list[str]:
     ]
 
 
-def encode_texts(tokenizer, texts: list[str], max_length: int, truncation: str = "right", **kwargs):
-    """Tokenize as training does: cut to ``max_length`` tokens from the right, or keeping head and tail."""
+def encode_texts(
+    tokenizer, texts: list[str], max_length: int, truncation: str = "right", pairs: Optional[list[str]] = None, **kwargs
+):
+    """Tokenize as training does: cut to ``max_length`` tokens from the right, or keeping head and tail; with
+    ``pairs``, each text and its pair as one input (the longer of the two is cut first)."""
+    if pairs is not None:
+        return tokenizer(list(texts), list(pairs), truncation=True, max_length=max_length, **kwargs)
     if truncation == "head_tail":
         texts = head_and_tail(tokenizer, list(texts), max_length)
     return tokenizer(texts, truncation=True, max_length=max_length, **kwargs)
@@ -417,7 +748,8 @@ def tokenize(
     """Tokenize once (batched and cached by ``datasets``), keeping only model inputs, ``labels`` and ``length``."""
 
     def encode(batch: dict) -> dict:
-        enc = encode_texts(tokenizer, batch[spec.text_column], max_length, truncation)
+        pairs = batch[spec.text_pair_column] if spec.text_pair_column else None
+        enc = encode_texts(tokenizer, batch[spec.text_column], max_length, truncation, pairs)
         enc["labels"] = batch[spec.label_column]
         enc["length"] = [len(ids) for ids in enc["input_ids"]]
         return enc

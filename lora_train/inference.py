@@ -155,32 +155,48 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
 
 
 @torch.no_grad()
-def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Iterator[dict[str, Any]]:
+def predict(run: LoadedRun, texts: Iterable[str | tuple[str, str]], batch_size: int = 32) -> Iterator[dict[str, Any]]:
     """Classify ``texts`` in batches, streaming results in input order:
-    ``{"text", "label", "probability", "probabilities"}``."""
+    ``{"text", "label", "probability", "probabilities"}``. A run trained on text pairs (data.text_pair_column)
+    takes ``(text, pair)`` tuples and adds ``"text_pair"``."""
     run.model.eval()
     data = run.recipe.data
     multiple = padding_multiple(data.max_length, run.device.type)
     for batch in batched(texts, batch_size):
+        firsts, pairs = _split_pairs(batch, data.text_pair_column)
         enc = encode_texts(
             run.tokenizer,
-            batch,
+            firsts,
             data.max_length,
             data.truncation,
+            pairs,
             padding=True,
             pad_to_multiple_of=multiple,
             return_tensors="pt",
         )
         with autocast_like_training(run):  # the precision the run was trained and scored in
             probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
-        for text, row in zip(batch, probs):
+        for i, row in enumerate(probs):
             best = int(row.argmax())
             yield {
-                "text": text,
+                "text": firsts[i],
+                **({"text_pair": pairs[i]} if pairs is not None else {}),
                 "label": run.label_names[best],
                 "probability": float(row[best]),
                 "probabilities": {name: float(p) for name, p in zip(run.label_names, row)},
             }
+
+
+def _split_pairs(batch: list, pair_column: Optional[str]) -> tuple[list[str], Optional[list[str]]]:
+    """The texts, and their pairs for a run trained on text pairs; a single text given to a pair run is refused."""
+    if pair_column is None:
+        return list(batch), None
+    if not all(isinstance(item, tuple) and len(item) == 2 for item in batch):
+        raise RunError(
+            f"this run classifies text pairs (data.text_pair_column = {pair_column!r}): give (text, pair) tuples,"
+            " or a .csv / .jsonl file with both fields"
+        )
+    return [a for a, _ in batch], [b for _, b in batch]
 
 
 def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -195,15 +211,21 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def read_texts(path: str, column: str = "text") -> Iterator[str]:
+def read_texts(path: str, column: str = "text", pair_column: Optional[str] = None) -> Iterator[str | tuple[str, str]]:
     """Texts from a file: ``.txt`` (one per line; ``-`` = stdin, streamed), ``.jsonl`` or ``.csv`` (the ``column``
-    field).
+    field; with ``pair_column``, ``(text, pair)`` tuples of both fields).
 
     A file is read through once now (UTF-8, a byte-order mark allowed as in training data; every JSON line; every
     record's text field), so a bad input fails, naming the line, before any model is loaded; then it is streamed.
     """
+    if path == "-" or Path(path).suffix.lower() in (".txt", ".text"):
+        if pair_column is not None:
+            raise RunError(
+                f"this run classifies text pairs (data.text_pair_column = {pair_column!r}): give a .csv or .jsonl"
+                " file with both fields"
+            )
     if path == "-":
-        return _stream_texts(path, "", column)
+        return _stream_texts(path, "", column, pair_column)
     suffix = Path(path).suffix.lower()
     if not Path(path).exists():
         raise RunError(f"input file '{path}' does not exist")
@@ -215,12 +237,12 @@ def read_texts(path: str, column: str = "text") -> Iterator[str]:
         read_text_file(Path(path), "input file")
     except ValueError as err:
         raise RunError(str(err)) from None
-    for _ in _stream_texts(path, suffix, column):
+    for _ in _stream_texts(path, suffix, column, pair_column):
         pass
-    return _stream_texts(path, suffix, column)
+    return _stream_texts(path, suffix, column, pair_column)
 
 
-def _stream_texts(path: str, suffix: str, column: str) -> Iterator[str]:
+def _stream_texts(path: str, suffix: str, column: str, pair_column: Optional[str]) -> Iterator[str | tuple[str, str]]:
     import csv
     import sys
 
@@ -228,11 +250,15 @@ def _stream_texts(path: str, suffix: str, column: str) -> Iterator[str]:
         yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
         return
     with open(path, encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as handle:
-        if suffix == ".jsonl":
-            records = ((n, _json_line(line, path, n)) for n, line in enumerate(handle, 1) if line.strip())
-            yield from (_field(record, column, path, n) for n, record in records)
-        elif suffix == ".csv":
-            yield from (_field(row, column, path, n) for n, row in enumerate(csv.DictReader(handle), 2))
+        if suffix in (".jsonl", ".csv"):
+            records = (
+                ((n, _json_line(line, path, n)) for n, line in enumerate(handle, 1) if line.strip())
+                if suffix == ".jsonl"
+                else enumerate(csv.DictReader(handle), 2)
+            )
+            for n, record in records:
+                text = _field(record, column, path, n)
+                yield (text, _field(record, pair_column, path, n)) if pair_column else text
         else:
             yield from (line.rstrip("\n") for line in handle if line.strip())
 
@@ -316,25 +342,32 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1 and confusion matrix of ``run`` on a split of its task.
 
-    ``split=None`` evaluates exactly the recipe's evaluation set (so the figures reproduce ``metrics.json``);
-    another split name is loaded from the same data (``data_path`` replaces the recipe's ``data.path``).
+    ``split=None`` evaluates exactly the recipe's evaluation set, also the rows a run carved out of train
+    (``data_split.json``), so the figures reproduce ``metrics.json``; another split name is loaded from the same data.
+    ``data_path`` replaces the recipe's ``data.path``; when it is one file, all of its rows are evaluated.
     The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`).
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from lora_train.data import check_labels, load_splits, padding_collator, resolve_spec, tokenize
+    from lora_train.data import CARVE_FILE, Carve, load_splits, padding_collator, resolve_spec, tokenize
     from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
-    cfg = dataclasses.replace(cfg, path=data_path or cfg.path, max_train_samples=1)  # train rows are not needed
-    if split is not None and split != resolve_spec(cfg).eval_split:
+    # The run's classes in the run's order (string labels map to them); the whole train split gives the carve.
+    cfg = dataclasses.replace(cfg, path=data_path or cfg.path, label_names=run.label_names, max_train_samples=None)
+    carve_file = run.directory / CARVE_FILE
+    carve = Carve.read(carve_file) if carve_file.is_file() and data_path is None else None
+    if data_path is not None and Path(data_path).is_file():  # one file: all of it is evaluated
+        name = split or Path(data_path).stem
+        cfg = dataclasses.replace(cfg, train_split=name, eval_split=name, max_eval_samples=max_samples)
+    elif split is not None and split != resolve_spec(cfg).eval_split:
         cfg = dataclasses.replace(cfg, eval_split=split, max_eval_samples=max_samples)
+        carve = None
     elif max_samples is not None:
         cfg = dataclasses.replace(cfg, max_eval_samples=max_samples)
-    spec = resolve_spec(cfg)
-    _, raw = load_splits(spec, cfg)
-    check_labels(raw, spec, len(run.label_names), spec.eval_split)
+    data = load_splits(resolve_spec(cfg), cfg, carve, for_training=False)
+    spec, raw = data.spec, data.eval
     dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation).remove_columns("length")
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(

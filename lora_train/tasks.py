@@ -20,8 +20,6 @@ class TaskSpec:
     train_split: str
     eval_split: str
     test_split: Optional[str]
-    has_eval_split: bool
-    """False when the eval split must be carved out of train (IMDb)."""
     note: str = ""
 
 
@@ -36,7 +34,6 @@ TASKS: dict[str, TaskSpec] = {
         train_split="train",
         eval_split="validation",
         test_split=None,
-        has_eval_split=True,
         note="GLUE hides the test labels (-1), so results are reported on validation.",
     ),
     "imdb": TaskSpec(
@@ -49,7 +46,6 @@ TASKS: dict[str, TaskSpec] = {
         train_split="train",
         eval_split="validation",
         test_split="test",
-        has_eval_split=False,
         note="No validation split: a stratified one is carved out of train (data.validation_fraction).",
     ),
     "emotion": TaskSpec(
@@ -62,7 +58,6 @@ TASKS: dict[str, TaskSpec] = {
         train_split="train",
         eval_split="validation",
         test_split="test",
-        has_eval_split=True,
     ),
 }
 

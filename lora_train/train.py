@@ -8,6 +8,7 @@ log, evaluate, checkpoint); :func:`finish` evaluates, saves and pushes the final
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.build import TaskData, build_classifier, load_task_data
 from lora_train.config import Recipe, RecipeError, build_recipe, recipe_to_yaml
-from lora_train.data import EpochSampler, padding_collator, steps_per_epoch, tokenize
+from lora_train.data import CARVE_FILE, Carve, EpochSampler, padding_collator, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary, native_bf16
 from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import (
@@ -87,6 +88,8 @@ class Run:
     launch: dist.Launch
     tokenizer: Any
     label_names: list[str]
+    carve: Optional[Carve]
+    """The validation rows carved out of train, when the data had no evaluation split (saved as data_split.json)."""
     train_loader: DataLoader
     eval_loader: DataLoader
     model: torch.nn.Module
@@ -224,7 +227,7 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = _run_files(run.recipe, run.label_names, metrics, state.history)
+        files = _run_files(run.recipe, run.label_names, metrics, state.history, run.carve)
         with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
             ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
         logger.info(
@@ -278,7 +281,11 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(recipe)
-    data = load_task_data(recipe, accelerator.main_process_first)  # cheap data and label checks before the model
+    saved_carve = out / CARVE_FILE
+    carve = Carve.read(saved_carve) if resume_dir is not None and saved_carve.is_file() else None
+    data = load_task_data(recipe, accelerator.main_process_first, carve)  # cheap data and label checks before the model
+    # The text column found in the data is written into the run's recipe: predict, eval and serving read it there.
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, text_column=data.spec.text_column))
     train_loader, eval_loader = make_loaders(recipe, data, tokenizer, accelerator)
     updates_per_epoch = steps_per_epoch(len(train_loader), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
@@ -306,6 +313,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
         launch,
         tokenizer,
         data.label_names,
+        data.carve,
         train_loader,
         eval_loader,
         model,
@@ -325,6 +333,8 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
         if recipe.output.overwrite_output_dir and t.resume_from_checkpoint is None:
             ckpt.clear_training_state(out)  # or 'latest' could later resume the overwritten run
         ckpt.atomic_write_text(out / "recipe.yaml", recipe_to_yaml(recipe))
+        if data.carve is not None:
+            ckpt.atomic_write_text(saved_carve, data.carve.to_json())
     if trackers:
         accelerator.init_trackers("lora_train", config=_flat_config(recipe))
     return run, state
@@ -499,7 +509,7 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         state.best_metric, state.best_step = report["accuracy"], state.global_step
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
         if run.accelerator.is_main_process:
-            files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report})
+            files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report}, carve=run.carve)
             with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
                 ckpt.atomic_directory(
                     run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights)
@@ -541,7 +551,7 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
                 "step": run.last_eval.get("step"),
                 **run.last_eval.get("report", {}),
             }
-            files = _run_files(recipe, run.label_names, card_metrics, state.history)
+            files = _run_files(recipe, run.label_names, card_metrics, state.history, run.carve)
             run.pusher.push_in_background(
                 lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files),
                 f"lora_train: adapter at step {state.global_step}",
@@ -747,9 +757,13 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
 
 
 def _run_files(
-    recipe: Recipe, label_names: list[str], metrics: dict, history: Optional[list] = None
+    recipe: Recipe,
+    label_names: list[str],
+    metrics: dict,
+    history: Optional[list] = None,
+    carve: Optional[Carve] = None,
 ) -> dict[str, str | bytes]:
-    """Files saved beside every adapter: recipe, labels, metrics, model card;
+    """Files saved beside every adapter: recipe, labels, metrics, model card, the carved validation rows;
     with a history, it and its learning curve."""
     from lora_train.card import PLOT_NAME, model_card
     from lora_train.plots import learning_curve_png
@@ -760,6 +774,8 @@ def _run_files(
         "metrics.json": json.dumps(metrics, indent=1),
         "README.md": model_card(recipe, metrics, plot=PLOT_NAME if history is not None else None),
     }
+    if carve is not None:
+        files[CARVE_FILE] = carve.to_json()
     if history is not None:
         files["history.json"] = json.dumps(history, indent=1)
         nf4 = " on an NF4 base" if recipe.quantization.is_4bit else ""

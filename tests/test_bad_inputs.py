@@ -186,29 +186,37 @@ def _rows_edited(column: str, rows: list[int], values: list, split: str = "train
 
 
 def _string_labels(ctx: Context) -> list[str]:
+    """Class names as labels, one of them missing from the recipe's data.label_names [neg, pos]."""
     names = {0: "neg", 1: "pos"}
     splits = {
         s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").assign(label=lambda f: f["label"].map(names))
         for s in ("train", "validation")
     }
+    splits["train"].at[5, "label"] = "positive"
     return [str(ctx.recipe()), f"data.path={ctx.data('string_labels', **splits)}"]
 
 
-def _string_labels_builtin_task(ctx: Context) -> list[str]:
+def _eval_class_not_in_train(ctx: Context) -> list[str]:
     names = {0: "negative", 1: "positive"}
     splits = {
-        s: pd.read_parquet(ctx.data_dir / f"{s}.parquet")
-        .rename(columns={"text": "sentence"})
-        .assign(label=lambda f: f["label"].map(names))
+        s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").assign(label=lambda f: f["label"].map(names))
         for s in ("train", "validation")
     }
-    return [
-        str(ctx.recipe()),
-        f"data.path={ctx.data('sst2_like', **splits)}",
-        "data.task=sst2",
-        "data.text_column=null",
-        "data.label_names=null",
-    ]
+    splits["validation"].at[2, "label"] = "neutral"
+    return [str(ctx.recipe()), f"data.path={ctx.data('eval_class', **splits)}", "data.label_names=null"]
+
+
+def _several_text_columns(ctx: Context) -> list[str]:
+    splits = {
+        s: pd.read_parquet(ctx.data_dir / f"{s}.parquet").rename(columns={"text": "body"}).assign(title="a title")
+        for s in ("train", "validation")
+    }
+    return [str(ctx.recipe()), f"data.path={ctx.data('two_texts', **splits)}", "data.text_column=null"]
+
+
+def _one_file_and_an_eval_split(ctx: Context) -> list[str]:
+    pd.read_parquet(ctx.data_dir / "train.parquet").to_csv(ctx.tmp / "reviews.csv", index=False)
+    return [str(ctx.recipe()), f"data.path={ctx.tmp / 'reviews.csv'}", "data.eval_split=validation"]
 
 
 def _data_files(kind: str) -> Callable[[Context], list[str]]:
@@ -408,9 +416,10 @@ CASES = {
         "dataset not found (offline)",
         _overrides("data.path=nobody/no-such-dataset"),
         [
-            "cannot load dataset 'nobody/no-such-dataset'",
+            "dataset 'nobody/no-such-dataset' cannot be loaded",
+            "the dataset repo 'nobody/no-such-dataset' is not in the Hub cache",
             "HF_HUB_OFFLINE=1 is set",
-            "set data.path to a local directory",
+            "set data.path to a local file or a directory",
         ],
     ),
     "data_dir_missing": Case(
@@ -421,7 +430,7 @@ CASES = {
     "data_path_unknown_type": Case(
         "data.path a file of another type",
         _data_path_of_unknown_type,
-        ["reviews.txt' is a .txt file", "parquet, .csv, .json or .jsonl"],
+        ["reviews.txt' is a .txt file", ".csv, .tsv, .json, .jsonl or .parquet file"],
     ),
     "csv_not_utf8": Case(
         "data: CSV file not UTF-8",
@@ -480,19 +489,29 @@ CASES = {
         ["split 'train': text column 'text' is empty (null or NaN) in 2 row(s): rows 3, 7", FIX_DATA],
     ),
     "string_labels": Case(
-        "data: string labels (generic task)",
+        "data: a string label not in data.label_names",
         _string_labels,
+        ["split 'train': label(s) 'positive' in column 'label' are not in data.label_names ['neg', 'pos']"],
+    ),
+    "eval_class_not_in_train": Case(
+        "data: an eval class no training row has",
+        _eval_class_not_in_train,
         [
-            "split 'train': label column 'label' holds strings (e.g. 'neg'), not class ids",
-            "map them to 0..1 in the order of data.label_names ['neg', 'pos']",
+            "split 'validation': label(s) 'neutral' in column 'label' occur in no row of the training split 'train'",
+            "the model could never predict them",
         ],
     ),
-    "string_labels_builtin_task": Case(
-        "data: string labels (built-in task)",
-        _string_labels_builtin_task,
+    "several_text_columns": Case(
+        "data: several text columns, none chosen",
+        _several_text_columns,
+        ["several text columns ['body', 'title'] and data.text_column is null", "set data.text_column"],
+    ),
+    "one_file_and_an_eval_split": Case(
+        "data.path one file, data.eval_split set",
+        _one_file_and_an_eval_split,
         [
-            "split 'train': label column 'label' holds strings (e.g. 'negative'), not class ids",
-            "map them to 0..1 in the order of data.label_names ['negative', 'positive']",
+            "reviews.csv' is one file, the training split, but data.eval_split = 'validation'",
+            "leave data.eval_split null",
         ],
     ),
     "float_labels": Case(
@@ -500,7 +519,7 @@ CASES = {
         _rows_edited("label", [5], [0.5]),
         [
             "split 'train': label column 'label' holds non-integer values (e.g. 0.5 in row 5)",
-            "labels must be integer class ids",
+            "labels must be class names or integer class ids",
         ],
     ),
     "nan_labels": Case(

@@ -103,10 +103,16 @@ def test_adalora_ranks_and_nf4_regimes_are_cross_checked():
         build_recipe({"peft": {"method": "full"}, "quantization": {"method": "nf4"}})
 
 
-def test_generic_dataset_needs_a_path_and_text_column():
+def test_generic_dataset_needs_a_path_and_consistent_data_fields():
     with pytest.raises(RecipeError) as info:
         build_recipe({"data": {"task": None}})
-    assert "data.path must name" in str(info.value) and "data.text_column must be set" in str(info.value)
+    assert "data.task is null, so data.path must name a data file or directory" in str(info.value)
+    build_recipe({"data": {"task": None, "path": "reviews.csv"}})  # the text column is found in the data
+    bad = {"task": None, "path": "x.csv", "text_column": "a", "text_pair_column": "a", "label_names": ["p", "q", "p"]}
+    with pytest.raises(RecipeError) as info:
+        build_recipe({"data": bad | {"truncation": "head_tail"}})
+    for text in ("pair needs a second column", "with data.text_pair_column use 'right'", "repeats ['p']"):
+        assert text in str(info.value)
 
 
 def test_malformed_yaml_reports_its_line(tmp_path):

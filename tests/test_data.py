@@ -12,10 +12,8 @@ from lora_train.config import DataConfig
 from lora_train.data import (
     DataError,
     EpochSampler,
-    check_labels,
     config_file_patterns,
     encode_texts,
-    label_names_of,
     load_splits,
     padding_collator,
     padding_multiple,
@@ -29,7 +27,7 @@ from tests.conftest import DATA, MINILM, needs_hub_data, needs_shared
 def test_registry_describes_the_three_tasks():
     assert set(TASKS) == {"sst2", "imdb", "emotion"}
     assert TASKS["emotion"].label_names == ("sadness", "joy", "love", "anger", "fear", "surprise")
-    assert not TASKS["imdb"].has_eval_split and TASKS["sst2"].eval_split == "validation"
+    assert TASKS["imdb"].eval_split == TASKS["sst2"].eval_split == "validation"
 
 
 def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
@@ -49,7 +47,7 @@ def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
         assert (spec.source, spec.config_name) == (canonical, config)
     local = resolve_spec(DataConfig(task="sst2", path="/data/sst2", eval_split="test"))
     assert local.source == "/data/sst2" and local.config_name is None and local.eval_split == "test"
-    assert resolve_spec(DataConfig(task="imdb")).carve_eval_from_train
+    assert not resolve_spec(DataConfig(task="imdb")).eval_split_given  # IMDb has no validation split: carved
 
 
 @needs_shared
@@ -57,11 +55,10 @@ def test_spec_fills_nulls_from_the_task_and_keeps_overrides():
 def test_shared_layout_loads_as_is(task, train_n, eval_n, classes):
     cfg = DataConfig(task=task, path=str(DATA / task))
     spec = resolve_spec(cfg)
-    train, evaluation = load_splits(spec, cfg)
+    data = load_splits(spec, cfg)
+    train, evaluation = data
     assert (len(train), len(evaluation)) == (train_n, eval_n)
-    names = label_names_of(train, spec)
-    assert len(names) == classes
-    check_labels(train, spec, classes, "train")
+    assert len(data.label_names) == classes and data.carve is None
 
 
 @needs_hub_data
@@ -78,17 +75,17 @@ def test_hub_ids_load_offline_from_the_hub_cache(task, path, config, train_n, ev
     generic = {} if task else {"eval_split": "test", "text_column": "text"}
     cfg = DataConfig(task=task, path=path, config_name=config, **generic)
     spec = resolve_spec(cfg)
-    train, evaluation = load_splits(spec, cfg)
-    assert (len(train), len(evaluation)) == (train_n, eval_n)
-    assert label_names_of(train, spec) == names
+    data = load_splits(spec, cfg)
+    assert (len(data.train), len(data.eval)) == (train_n, eval_n)
+    assert data.label_names == names
 
 
 def test_hub_dataset_missing_offline_says_what_to_do():
     cfg = DataConfig(task=None, path="lora-train-tests/no-such-dataset", text_column="text")
     with pytest.raises(
         DataError,
-        match=r"cannot load dataset 'lora-train-tests/no-such-dataset'.*"
-        r"HF_HUB_OFFLINE=1 is set.*set HF_HUB_CACHE to a cache that holds it\. Or set data.path to a local",
+        match=r"dataset 'lora-train-tests/no-such-dataset' cannot be loaded: the dataset repo .* is not in the Hub"
+        r" cache .*HF_HUB_OFFLINE=1 is set, so only the Hub cache is read\. Or set data.path to a local file",
     ):
         load_splits(resolve_spec(cfg), cfg)
 
@@ -130,10 +127,8 @@ def test_imdb_validation_is_carved_stratified_and_deterministic():
 @needs_shared
 def test_hidden_test_labels_are_refused_with_advice():
     cfg = DataConfig(task="sst2", path=str(DATA / "sst2"), eval_split="test")
-    spec = resolve_spec(cfg)
-    _, test = load_splits(spec, cfg)
-    with pytest.raises(DataError, match=r"label\(s\) \[-1\] outside \[0, 2\).*Hidden test labels"):
-        check_labels(test, spec, 2, "test")
+    with pytest.raises(DataError, match=r"split 'test' has label\(s\) \[-1\] outside \[0, 2\).*Hidden test labels"):
+        load_splits(resolve_spec(cfg), cfg)
 
 
 def test_generic_csv_with_missing_column_names_the_columns(tmp_path):
@@ -150,14 +145,12 @@ def test_generic_data_without_label_names_counts_classes(tmp_path):
     )
     pd.DataFrame({"text": ["e"], "label": [1]}).to_json(tmp_path / "validation.jsonl", orient="records", lines=True)
     cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
-    spec = resolve_spec(cfg)
-    train, _ = load_splits(spec, cfg)
-    assert label_names_of(train, spec) == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    assert load_splits(resolve_spec(cfg), cfg).label_names == ["LABEL_0", "LABEL_1", "LABEL_2"]
 
 
-def test_missing_split_file_lists_what_exists(tmp_path):
+def test_missing_split_file_the_recipe_names_lists_what_exists(tmp_path):
     pd.DataFrame({"text": ["a"], "label": [0]}).to_parquet(tmp_path / "train.parquet")
-    cfg = DataConfig(task=None, path=str(tmp_path), text_column="text")
+    cfg = DataConfig(task=None, path=str(tmp_path), text_column="text", eval_split="validation")
     with pytest.raises(DataError, match=r"no file for split\(s\) \['validation'\]; found \['train'\]"):
         load_splits(resolve_spec(cfg), cfg)
 

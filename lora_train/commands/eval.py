@@ -3,6 +3,7 @@
     python scripts/eval.py runs/cpu/sst2_lora                     # the recipe's evaluation set
     python scripts/eval.py runs/emotion_lora --split test         # another split of the same data
     python scripts/eval.py user/sst2-minilm-lora --data-path nyu-mll/glue
+    python scripts/eval.py runs/own_csv_lora --data-path new_reviews.csv  # every row of one file
 
 Writes eval_<split>.json (accuracy, macro-F1, per-class precision / recall / F1, confusion matrix)
 and confusion_matrix_<split>.png. The base model is loaded in the quantization the run trained with.
@@ -27,7 +28,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--split", help="split to evaluate (default: the recipe's evaluation split, exactly as in training)"
     )
     parser.add_argument(
-        "--data-path", help="directory of {split}.parquet files or Hub dataset id (default: the recipe's data.path)"
+        "--data-path",
+        help="data file, directory of {split}.csv|tsv|json|jsonl|parquet files, or Hub dataset id (default: the"
+        " recipe's data.path)",
     )
     parser.add_argument("--max-samples", type=int, help="evaluate a fixed random subset of this many rows")
     parser.add_argument("--batch-size", type=int, default=64)

@@ -5,8 +5,9 @@
     cat texts.txt | python scripts/predict.py user/sst2-minilm-lora
 
 Texts come from the arguments, a file (.txt one per line, .jsonl or .csv with a text field) or
-stdin, and are classified in batches. Each line of output is `label<TAB>probability<TAB>text`, or a
-JSON object with --json. The base model is loaded in the quantization the run trained with.
+stdin, and are classified in batches. Each line of output is `label<TAB>probability<TAB>text`
+(then `<TAB>pair` for a run trained on text pairs), or a JSON object with --json. The base model
+is loaded in the quantization the run trained with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("texts", nargs="*", help="texts to classify (none: read --file or stdin)")
     parser.add_argument("--file", help="input file: .txt (one text per line), .jsonl or .csv; '-' for stdin")
     parser.add_argument(
-        "--text-column", help="field of .jsonl / .csv records holding the text (default: the task's text column)"
+        "--text-column", help="field of .jsonl / .csv records holding the text (default: the run's text column)"
+    )
+    parser.add_argument(
+        "--text-pair-column",
+        help="field holding the second text, for a run trained on text pairs (default: the run's pair column)",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument(
@@ -50,10 +55,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         directory = resolve_run(args.run)  # a Hub repo is downloaded once, here
         texts, total = args.texts, len(args.texts)
+        data = read_run(directory)[0].data
+        if data.text_pair_column and texts:
+            raise RunError(
+                f"{args.run} classifies text pairs (data.text_pair_column = {data.text_pair_column!r}): give --file,"
+                " a .csv or .jsonl file with both fields"
+            )
         if not texts:
-            column = args.text_column or resolve_spec(read_run(directory)[0].data).text_column
-            texts = read_texts(args.file or "-", column)
-            total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column))
+            column = args.text_column or resolve_spec(data).text_column or "text"
+            pair = args.text_pair_column or data.text_pair_column
+            texts = read_texts(args.file or "-", column, pair)
+            total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column, pair))
         run = load_run(str(directory), device=args.device)
         # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
         rows = tqdm(
@@ -64,11 +76,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             disable=total is None or total <= args.batch_size,
         )
         for row in rows:
-            line = (
-                json.dumps(row, ensure_ascii=False)
-                if args.json
-                else f"{row['label']}\t{row['probability']:.4f}\t{row['text']}"
+            fields = [row["label"], f"{row['probability']:.4f}", row["text"]] + (
+                [row["text_pair"]] if "text_pair" in row else []
             )
+            line = json.dumps(row, ensure_ascii=False) if args.json else "\t".join(fields)
             rows.write(line, file=sys.stdout)
             sys.stdout.flush()
     except (RunError, RecipeError) as err:

@@ -211,6 +211,12 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
             f"'{source}' holds a full or head-only model (no adapter_config.json), not an adapter:"
             " only LoRA / AdaLoRA / QLoRA runs share one base model",
         )
+    if recipe.data.text_pair_column:
+        raise ServingError(
+            400,
+            f"'{source}' classifies text pairs (data.text_pair_column = {recipe.data.text_pair_column!r}); the"
+            " server takes one text per request: classify pairs with scripts/predict.py --file",
+        )
     config = json.loads((directory / "adapter_config.json").read_text())
     metrics_file = directory / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
