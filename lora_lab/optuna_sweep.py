@@ -12,7 +12,7 @@ While the child trains, the worker reads the ``history.json`` the loop rewrites 
 each evaluation to the trial, and, when the pruner says so, stops the child with SIGTERM (it checkpoints and
 exits), writes ``pruned.json`` into the run directory and ends the trial as PRUNED. It also records a heartbeat:
 a worker killed mid-trial leaves a RUNNING trial whose heartbeat stops, which another worker fails after the
-grace period and retries (``RetryFailedTrialCallback``) in the same run directory. Re-running the command
+grace period and retries (``RetryHeartbeatStaleTrialCallback``) in the same run directory. Re-running the command
 resumes: finished trials are kept, failed runs are queued again, a run directory that already holds
 ``metrics.json`` is recorded without training.
 """
@@ -172,7 +172,7 @@ def resolve_ties(values: dict[str, str], tied: dict[str, tuple[float, str]], ord
 def open_study(settings: Settings, direction: str):
     """Create or load the study (retrying briefly: workers started together race to create the tables)."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     url = settings.storage_url
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
@@ -187,7 +187,7 @@ def open_study(settings: Settings, direction: str):
                 engine_kwargs=kwargs,
                 heartbeat_interval=settings.heartbeat_interval,
                 grace_period=settings.grace_period,
-                heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=3),
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
             study = optuna.create_study(
                 storage=storage,
@@ -315,7 +315,7 @@ def duplicate_of(study, trial) -> Optional[int]:
 def search_budget_left(study, trials: int) -> bool:
     """Whether the search has run fewer than ``trials`` trials (a trial failed by heartbeat and retried counts once)."""
     every = _trials(study)
-    retried = {t.system_attrs.get("failed_trial") for t in every}
+    retried = {number for t in every for number in t.system_attrs.get("retry_history", ())}
     return sum(1 for t in every if t.number not in retried) < trials
 
 

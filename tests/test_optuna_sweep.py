@@ -251,11 +251,12 @@ def test_postgres_killed_worker_trial_is_retried_by_the_other(tmp_path, tiny_ber
     recipe = quick_recipe(tmp_path, tiny_bert_dir, toy_data_dir, rows=512)
     out = tmp_path / "sweep"
     axes = ("peft.r=1,2", "peft.alpha=2*peft.r")
+    storage = optuna.storages.RDBStorage(postgres_url)  # one connection pool for all the polling below
     victim = worker(recipe, out, postgres_url, *axes, log=tmp_path / "victim.log")
 
     def victim_training():
         try:
-            study = optuna.load_study(study_name="sweep", storage=postgres_url)
+            study = optuna.load_study(study_name="sweep", storage=storage)
         except KeyError:
             return None
         for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):

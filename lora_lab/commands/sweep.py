@@ -115,7 +115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="Print the runs (or the search space) without training")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
-    logging.getLogger("optuna").setLevel(logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     arms = {"main": args.axes} if args.axes else {}
     arms.update({f"grid{i}": shlex.split(g) for i, g in enumerate(args.grid, 1)})
