@@ -189,7 +189,8 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] = _f(
         "no",
         "Autocast dtype. bf16 also runs on CPUs (1.8x the fp32 step rate on this project's AVX512-BF16 CPU);"
-        " fp16 is GPU only.",
+        " fp16 is GPU only. On a GPU without native bf16 (before Ampere: T4, V100) bf16 trains as fp16, with a"
+        " warning.",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
     torch_compile: bool = _f(False, "Compile the model with torch.compile.")
@@ -665,7 +666,7 @@ def fields_help() -> str:
 
 
 def fields_markdown() -> str:
-    """The recipe reference as Markdown tables (the README embeds this; a test keeps them equal)."""
+    """The recipe reference as Markdown tables (docs/recipe_reference.md; a test keeps them equal)."""
     out = []
     for section, cls in SECTIONS.items():
         out += [f"**{section}**: {cls.__doc__}", "", "| field | default | type | meaning |", "|---|---|---|---|"]

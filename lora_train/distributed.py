@@ -51,7 +51,6 @@ class Launch:
     gradient_accumulation_steps: int
     deepspeed_config: dict = field(default_factory=dict)
     fsdp_version: Optional[int] = None
-    bf16_supported: bool = True
     requested: tuple[str, ...] = ()
     """Engines the environment asks for (ACCELERATE_USE_DEEPSPEED / ACCELERATE_USE_FSDP,
     set by ``accelerate launch``)."""
@@ -102,7 +101,6 @@ class Launch:
             gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
             deepspeed_config=plugin.deepspeed_config if plugin is not None else {},
             fsdp_version=getattr(fsdp, "fsdp_version", None),
-            bf16_supported=accelerator.device.type != "cuda" or torch.cuda.is_bf16_supported(),
             requested=tuple(
                 e
                 for e, var in (("deepspeed", "ACCELERATE_USE_DEEPSPEED"), ("fsdp", "ACCELERATE_USE_FSDP"))
@@ -222,11 +220,6 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
         p.append(
             "training.mixed_precision = 'fp16' on CPU: Accelerate silently runs fp32 there (no fp16 autocast"
             " on CPU). Use training.mixed_precision=no, or bf16 (CPU autocast)"
-        )
-    if t.mixed_precision == "bf16" and not launch.bf16_supported:
-        p.append(
-            "training.mixed_precision = 'bf16' but this GPU has no bfloat16 support: use training.mixed_precision=fp16"
-            " (and quantization.compute_dtype=float16 for QLoRA)"
         )
     if launch.launcher_mixed_precision not in (None, "no", t.mixed_precision):
         p.append(

@@ -25,6 +25,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def native_bf16() -> bool:
+    """Whether this process's device computes bfloat16 at full speed: CPUs (bf16 autocast), ROCm GPUs, and NVIDIA GPUs
+    from Ampere on (compute capability 8.0). ``torch.cuda.is_bf16_supported()`` also says yes on older GPUs (T4, V100),
+    which only emulate it, slowly; Accelerate then accepts bf16 too."""
+    import torch
+
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available():
+        return True
+    if torch.version.hip:
+        return True
+    device = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()  # the GPU this process will use
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
     """CPU, cores, GPU, torch threads, load average and library versions: where a figure comes from."""
     import peft

@@ -24,9 +24,9 @@ from lora_train import checkpoint as ckpt
 from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.build import TaskData, build_classifier, load_task_data
-from lora_train.config import Recipe, RecipeError, recipe_to_yaml
+from lora_train.config import Recipe, RecipeError, build_recipe, recipe_to_yaml
 from lora_train.data import EpochSampler, padding_collator, steps_per_epoch, tokenize
-from lora_train.machine import hardware_summary
+from lora_train.machine import hardware_summary, native_bf16
 from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import (
     ParamCount,
@@ -232,6 +232,7 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
 def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
     ``out`` is the output directory :func:`check_output_dir` accepted."""
+    recipe, precision_note = fp16_on_gpus_without_bf16(recipe, native_bf16())
     t = recipe.training
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
@@ -254,6 +255,8 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     launch = dist.check_launch(recipe, accelerator)  # silent duplication, unsupported recipe x launch combinations
     dist.configure_deepspeed(recipe, launch)
     setup_logging(accelerator.is_main_process)
+    if precision_note:
+        logger.warning("%s", precision_note)
     if accelerator.is_main_process:
         ckpt.restore_interrupted_replace(out / "best")  # a kill while the last run replaced best/
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
@@ -310,6 +313,33 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     if trackers:
         accelerator.init_trackers("lora_train", config=_flat_config(recipe))
     return run, state
+
+
+def fp16_on_gpus_without_bf16(recipe: Recipe, native_bf16: bool) -> tuple[Recipe, Optional[str]]:
+    """The recipe this device trains, and a note when it differs: a bf16 recipe on a GPU without native bfloat16
+    (before Ampere: T4, V100) trains in fp16, which those GPUs run at full speed; bf16 would run there emulated,
+    slowly. recipe.yaml saves what ran.
+
+    With a 4-bit base the 4-bit compute and the bfloat16 weights become float16 too: peft's kbit preparation keeps
+    every trained parameter in float32 there. Without one, bfloat16 weights stay: trained parameters in float16 would
+    stop fp16's gradient scaler ("Attempting to unscale FP16 gradients"), and autocast runs the matmuls in fp16."""
+    if native_bf16 or recipe.training.mixed_precision != "bf16":
+        return recipe, None
+    switched = ["training.mixed_precision=fp16"]
+    q = recipe.quantization
+    if q.is_4bit:
+        switched += ["model.dtype=float16"] if recipe.model.dtype == "bfloat16" else []
+        switched += [
+            f"quantization.{name}=float16"
+            for name in ("compute_dtype", "quant_storage_dtype")
+            if getattr(q, name) == "bfloat16"
+        ]
+    note = (
+        "this GPU has no native bfloat16 (NVIDIA before Ampere, e.g. T4 or V100: it would emulate bf16, slowly), so"
+        f" this run trains in fp16: {' '.join(switched)} (saved in recipe.yaml). fp16 has a narrower range; a"
+        " non-finite loss stops the run and names the step"
+    )
+    return build_recipe(recipe.to_dict(), switched), note
 
 
 def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tuple[DataLoader, DataLoader]:
@@ -745,10 +775,17 @@ def _last_good(checkpoints_root: Path) -> str:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next optimizer step."""
+    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next optimizer step.
+
+    Launchers forward the signal they receive (torchrun's agent, srun, accelerate launch), and Slurm signals every
+    process of a step, so one request often arrives twice within milliseconds: a repeat within
+    ``DUPLICATE_WINDOW_S`` is the same request. A later second signal stops at once, without a checkpoint."""
+
+    DUPLICATE_WINDOW_S = 2.0
 
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -763,15 +800,19 @@ class _StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
-        if self.signal_name is not None:  # a second signal: stop now, as if we had not caught it
-            self.uninstall()
+        if self.signal_name is not None:
+            if time.monotonic() - self._first_at < self.DUPLICATE_WINDOW_S:
+                return  # the launcher forwarding the same request
+            self.uninstall()  # a second request: stop now, as if we had not caught it
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
+        self._first_at = time.monotonic()
         logger.warning(
-            "%s received: saving a checkpoint and stopping after this optimizer step (send it again to stop"
-            " at once, without a checkpoint)",
+            "%s received: saving a checkpoint and stopping after this optimizer step (send it again after %.0f s"
+            " to stop at once, without a checkpoint)",
             self.signal_name,
+            self.DUPLICATE_WINDOW_S,
         )
 
     def agreed(self, accelerator) -> bool:

@@ -28,8 +28,9 @@ from safetensors.torch import load_file
 from lora_train import checkpoint as ckpt
 from lora_train.config import RecipeError, build_recipe
 from lora_train.distributed import CPU_LAUNCH, ENGINE_FORMAT, Launch, check_resume_launch, launch_problems
+from lora_train.machine import native_bf16
 from lora_train.run_lock import LOCK_FILE
-from lora_train.train import train
+from lora_train.train import fp16_on_gpus_without_bf16, train
 from tests.conftest import ROOT, reload_logits, tiny_recipe, write_recipe
 
 STEP_LOSS_TOL = 1e-5
@@ -429,10 +430,6 @@ CPU_DDP = Launch(engine="ddp", num_processes=2, device_type="cpu", gradient_accu
 def test_mixed_precision_refusals():
     assert any("silently runs fp32" in p for p in problems(CPU_DDP, training={"mixed_precision": "fp16"}))
     assert problems(CPU_DDP, training={"mixed_precision": "bf16"}) == []  # CPU autocast works
-    old_gpu = Launch(
-        engine="ddp", num_processes=2, device_type="cuda", gradient_accumulation_steps=1, bf16_supported=False
-    )
-    assert any("no bfloat16 support" in p for p in problems(old_gpu, training={"mixed_precision": "bf16"}))
     from_config = Launch(
         engine="ddp",
         num_processes=2,
@@ -442,6 +439,31 @@ def test_mixed_precision_refusals():
     )
     [message] = problems(from_config)
     assert "mixed_precision='bf16'" in message and "training.mixed_precision='no'" in message
+
+
+def test_bf16_recipes_train_in_fp16_on_gpus_without_native_bf16():
+    """The decision is a pure function of the recipe and the device's capability, so it runs on CPU; the GPU side
+    (compute capability < 8 -> False) is lora_train.machine.native_bf16."""
+    qlora = build_recipe(
+        tiny_raw(
+            model={"dtype": "bfloat16"},
+            quantization={"method": "nf4", "compute_dtype": "bfloat16", "quant_storage_dtype": "bfloat16"},
+            training={"mixed_precision": "bf16"},
+        )
+    )
+    fp16, note = fp16_on_gpus_without_bf16(qlora, native_bf16=False)
+    assert (fp16.training.mixed_precision, fp16.model.dtype) == ("fp16", "float16")
+    assert (fp16.quantization.compute_dtype, fp16.quantization.quant_storage_dtype) == ("float16", "float16")
+    assert "no native bfloat16" in note and "training.mixed_precision=fp16 model.dtype=float16" in note
+    assert fp16.to_dict()["peft"] == qlora.to_dict()["peft"] and fp16.data == qlora.data  # nothing else changes
+    assert fp16_on_gpus_without_bf16(qlora, native_bf16=True) == (qlora, None)  # Ampere and later, CPUs
+    bf16_weights = build_recipe(tiny_raw(model={"dtype": "bfloat16"}, training={"mixed_precision": "bf16"}))
+    fp16, note = fp16_on_gpus_without_bf16(bf16_weights, native_bf16=False)
+    assert fp16.training.mixed_precision == "fp16" and fp16.model.dtype == "bfloat16"  # trained params stay bf16
+    assert "model.dtype" not in note and "compute_dtype" not in note  # no 4-bit weights: nothing else changes
+    no_autocast = build_recipe(tiny_raw(training={"mixed_precision": "no"}))
+    assert fp16_on_gpus_without_bf16(no_autocast, native_bf16=False) == (no_autocast, None)
+    assert native_bf16()  # this host has no CUDA device: CPUs run bf16 autocast natively
 
 
 def test_accumulation_from_the_launcher_is_refused():

@@ -337,11 +337,18 @@ def test_file_size_limit_during_a_save_names_both_checkpoints_exits_3_and_resume
     assert_same_run(reference_run, tmp_path / "run")
 
 
-def test_sigterm_saves_a_checkpoint_exits_0_and_resume_is_exact(tmp_path, tiny_bert_dir, toy_data_dir, reference_run):
+@pytest.mark.parametrize("deliveries", [1, 2], ids=["once", "twice-as-a-launcher-forwards-it"])
+def test_sigterm_saves_a_checkpoint_exits_0_and_resume_is_exact(
+    tmp_path, tiny_bert_dir, toy_data_dir, reference_run, deliveries
+):
+    """Under Slurm + torchrun a worker gets the same SIGTERM twice (from Slurm and from its agent): still one
+    checkpoint and a clean exit, not the 'second signal stops at once' path."""
     recipe = process_recipe(tmp_path, "run", tiny_bert_dir, toy_data_dir)
     run = Run(recipe)
     run.wait_for("the step-12 checkpoint", complete(run.out, 12))
-    run.proc.send_signal(signal.SIGTERM)
+    for _ in range(deliveries):
+        run.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
     assert run.finish() == 0, run.log[-3000:]
     log = run.log
     assert "SIGTERM received" in log and "stopped by SIGTERM at step" in log
