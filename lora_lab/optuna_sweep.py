@@ -208,6 +208,19 @@ def open_study(settings: Settings, direction: str):
             [f"cannot open the study storage {safe_url(url)}: {type(last_error).__name__}: {last_error}"],
             "sweep storage",
         )
+    identity = {"recipe": Path(settings.recipe).name, "out": settings.out.resolve().name}
+    owner = study.user_attrs.get("sweep")
+    if owner is None:
+        study.set_user_attr("sweep", identity)
+    elif owner != identity:  # its queue holds another sweep's runs: this worker would train them with this recipe
+        raise RecipeError(
+            [
+                f"study '{settings.name}' in {safe_url(url)} belongs to the sweep of recipe {owner['recipe']} into a"
+                f" directory named {owner['out']}; this is {identity['recipe']} into {identity['out']}."
+                " Give this sweep its own --study-name"
+            ],
+            "sweep storage",
+        )
     if study.direction.name.lower() != direction:
         raise RecipeError(
             [

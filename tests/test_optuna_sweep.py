@@ -187,6 +187,19 @@ def test_storage_passwords_are_never_shown():
     assert osw.safe_url("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
 
 
+def test_a_study_name_taken_by_another_sweep_or_direction_is_refused(tmp_path):
+    """A worker never takes another sweep's queued runs (they would train with its recipe) nor flips the direction."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = osw.Settings("recipes/cpu/sst2_lora.yaml", tmp_path / "a", storage=storage, study_name="s")
+    osw.open_study(first, "maximize")
+    other = osw.Settings("recipes/cpu/imdb_lora.yaml", tmp_path / "a", storage=storage, study_name="s")
+    with pytest.raises(RecipeError, match="belongs to the sweep of recipe sst2_lora.yaml"):
+        osw.open_study(other, "maximize")
+    with pytest.raises(RecipeError, match="created to maximize"):
+        osw.open_study(first, "minimize")
+    assert osw.open_study(first, "maximize").user_attrs["sweep"] == {"recipe": "sst2_lora.yaml", "out": "a"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Real training processes
 
