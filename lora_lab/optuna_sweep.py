@@ -165,6 +165,26 @@ def resolve_ties(values: dict[str, str], tied: dict[str, tuple[float, str]], ord
     return {k: out[k] for k in order}
 
 
+def validate_space(recipe: str, space, tied, order: Sequence[str], extra: Sequence[str], out: Path) -> None:
+    """Build the recipe at both ends of every distribution now, so a bad field or range stops the search before
+    any trial (rather than failing every trial it samples)."""
+    from optuna.distributions import CategoricalDistribution
+
+    problems = []
+    for end in (0, -1):
+        values = {
+            key: format_value(d.choices[end] if isinstance(d, CategoricalDistribution) else (d.low, d.high)[end])
+            for key, d in space.items()
+        }
+        overrides = resolve_ties(values, tied, order)
+        try:
+            load_recipe(recipe, [*extra, *(f"{k}={v}" for k, v in overrides.items()), f"output.output_dir={out}/x"])
+        except RecipeError as err:
+            problems.extend(p for p in err.problems if p not in problems)
+    if problems:
+        raise RecipeError(problems, f"search space of {recipe}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The study
 

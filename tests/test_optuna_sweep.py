@@ -173,12 +173,21 @@ def test_tie_to_a_non_numeric_choice_is_refused():
         (["peft.r=4,8", "--trials", "3"], "--trials is for searches"),
         (["peft.r=choice(4,8)", "--trials", "2", "--grid", "peft.r=1"], "--grid arms are for grids only"),
         (["peft.r=4", "--heartbeat-interval", "10", "--grace-period", "5"], "must be longer"),
+        (["peft.r=4", "--heartbeat-interval", "0"], "must be >= 1"),
     ],
 )
 def test_bad_sweep_options_are_refused_before_any_work(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         sweep_command.main(["recipes/cpu/sst2_lora.yaml", *argv, "--out", str(tmp_path / "s")])
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_search_over_a_bad_field_or_range_is_refused_before_any_trial(tmp_path, capsys):
+    argv = ["recipes/cpu/sst2_lora.yaml", "peft.rank=choice(4,8)", "peft.dropout=uniform(0.5,1.5)", "--trials", "2"]
+    assert sweep_command.main([*argv, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "peft.rank" in err and "peft.dropout = 1.5" in err
     assert not (tmp_path / "s").exists()
 
 

@@ -130,6 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("a search (uniform/loguniform/int/choice axes) needs --trials N, N >= 1")
     if not searching and args.trials is not None:
         parser.error("--trials is for searches: a grid runs each of its runs once (use choice(...) to search)")
+    if args.heartbeat_interval < 1 or args.pruner_startup_trials < 0:
+        parser.error("--heartbeat-interval must be >= 1 and --pruner-startup-trials >= 0")
     if args.grace_period <= args.heartbeat_interval:
         parser.error("--grace-period must be longer than --heartbeat-interval")
     root = Path(args.out)
@@ -152,10 +154,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if searching:
             runs = []
             space, tied = osw.parse_space(args.axes)
+            order = [s.split("=", 1)[0].strip() for s in args.axes]
+            osw.validate_space(args.recipe, space, tied, order, args.fixed, root)
             if args.dry_run:
                 print("\n".join(f"{k}: {d}" for k, d in space.items()))
                 return 0
-            search = (space, tied, [s.split("=", 1)[0].strip() for s in args.axes])
+            search = (space, tied, order)
         else:
             runs = unique(plan(arms, root, args.fixed))
             validate_runs(args.recipe, runs)
