@@ -190,7 +190,8 @@ def validate_space(recipe: str, space, tied, order: Sequence[str], extra: Sequen
 
 
 def open_study(settings: Settings, direction: str):
-    """Create or load the study (retrying briefly: workers started together race to create the tables)."""
+    """Create or load the study (retrying briefly: workers started together race to create the tables); return it
+    and whether this worker created it (the creator queues a grid, the others wait for its queue)."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -209,14 +210,19 @@ def open_study(settings: Settings, direction: str):
                 grace_period=settings.grace_period,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             )
-            study = optuna.create_study(
-                storage=storage,
-                study_name=settings.name,
-                direction=direction,
-                sampler=make_sampler(settings),
-                pruner=make_pruner(settings),
-                load_if_exists=True,
-            )
+            try:
+                study = optuna.create_study(
+                    storage=storage,
+                    study_name=settings.name,
+                    direction=direction,
+                    sampler=make_sampler(settings),
+                    pruner=make_pruner(settings),
+                )
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                sampler, pruner = make_sampler(settings), make_pruner(settings)
+                study = optuna.load_study(study_name=settings.name, storage=storage, sampler=sampler, pruner=pruner)
+                created = False
             break
         except ImportError as err:
             raise RecipeError([f"--storage {safe_url(url)} needs a database driver: {err}"], "sweep storage") from None
@@ -249,7 +255,7 @@ def open_study(settings: Settings, direction: str):
             ],
             "sweep storage",
         )
-    return study
+    return study, created
 
 
 def safe_url(url: str) -> str:
@@ -496,14 +502,32 @@ def _suggest(trial, key: str, distribution):
     return trial.suggest_float(key, distribution.low, distribution.high, log=distribution.log)
 
 
-def work(settings: Settings, study, runs: Sequence[sweep.Run] = (), search: Optional[tuple] = None) -> dict[str, int]:
+QUEUE_WAIT_S = 120
+"""How long a worker that did not create a grid's study waits for the creator to queue the grid."""
+
+
+def work(
+    settings: Settings,
+    study,
+    runs: Sequence[sweep.Run] = (),
+    search: Optional[tuple] = None,
+    created: bool = True,
+) -> dict[str, int]:
     """Claim and train trials until the grid (``runs``) or the search budget is done and no other worker's trial is
-    still running (it may yet fail by heartbeat and come back to the queue); return the count of each outcome."""
+    still running (it may yet fail by heartbeat and come back to the queue); return the count of each outcome.
+
+    A grid is queued by the worker that ``created`` the study; workers started beside it wait for its ``queued``
+    mark, so the queue holds each run once (later invocations queue only the runs with no live or finished trial).
+    """
     from optuna.trial import TrialState
 
     counts = {"complete": 0, "pruned": 0, "failed": 0, "duplicate": 0}
     if runs:
+        deadline = time.monotonic() + QUEUE_WAIT_S
+        while not created and not study.user_attrs.get("queued") and time.monotonic() < deadline:
+            time.sleep(settings.poll_s)
         queue_grid(study, runs, settings.metric)
+        study.set_user_attr("queued", True)
     while True:
         running = stale_and_running(study)
         trial = claim_waiting(study)

@@ -253,8 +253,8 @@ def run_sweep(
     root = runs[0].out_dir.parent if runs else Path(".")
     settings = settings or optuna_sweep.Settings(str(recipe_path), root, extra=list(runs[0].extra) if runs else [])
     direction = optuna_sweep.METRICS[settings.metric]
-    study = optuna_sweep.open_study(settings, direction)
-    optuna_sweep.work(settings, study, runs)
+    study, created = optuna_sweep.open_study(settings, direction)
+    optuna_sweep.work(settings, study, runs, created=created)
     states = optuna_sweep.run_states(study)
     return [run for run in runs if states.get(run.name) == "failed"]
 

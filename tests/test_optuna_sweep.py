@@ -200,13 +200,14 @@ def test_a_study_name_taken_by_another_sweep_or_direction_is_refused(tmp_path):
     """A worker never takes another sweep's queued runs (they would train with its recipe) nor flips the direction."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     first = osw.Settings("recipes/cpu/sst2_lora.yaml", tmp_path / "a", storage=storage, study_name="s")
-    osw.open_study(first, "maximize")
+    assert osw.open_study(first, "maximize")[1]  # created
     other = osw.Settings("recipes/cpu/imdb_lora.yaml", tmp_path / "a", storage=storage, study_name="s")
     with pytest.raises(RecipeError, match="belongs to the sweep of recipe sst2_lora.yaml"):
         osw.open_study(other, "maximize")
     with pytest.raises(RecipeError, match="created to maximize"):
         osw.open_study(first, "minimize")
-    assert osw.open_study(first, "maximize").user_attrs["sweep"] == {"recipe": "sst2_lora.yaml", "out": "a"}
+    study, created = osw.open_study(first, "maximize")
+    assert not created and study.user_attrs["sweep"] == {"recipe": "sst2_lora.yaml", "out": "a"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,10 +250,9 @@ def test_postgres_two_workers_share_a_grid_each_run_trains_once(tmp_path, tiny_b
     assert codes == [0, 0], [(tmp_path / f"w{i}.log").read_text()[-3000:] for i in range(2)]
     runs = trials_by_run(postgres_url, "sweep")
     assert sorted(runs) == ["r-1_alpha-2", "r-2_alpha-4", "r-4_alpha-8"]
-    for run, trials in runs.items():
-        done = [t for t in trials if t.state.name == "COMPLETE"]
-        assert len(done) == 1 and trainings(out, run) == 1, (run, trials)
-        assert done[0].value == json.loads((out / run / "metrics.json").read_text())["eval_accuracy"]
+    for run, trials in runs.items():  # one trial per run: the worker that created the study queued the grid once
+        assert [t.state.name for t in trials] == ["COMPLETE"] and trainings(out, run) == 1, (run, trials)
+        assert trials[0].value == json.loads((out / run / "metrics.json").read_text())["eval_accuracy"]
     assert len({t.user_attrs["worker"] for trials in runs.values() for t in trials}) == 2  # both workers trained
 
 

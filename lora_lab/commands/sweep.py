@@ -167,8 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print("\n".join(" ".join(run.override_list()) for run in runs))
                 return 0
             search = None
-        study = osw.open_study(settings, osw.METRICS[args.metric])
-        counts = osw.work(settings, study, runs, search)
+        study, created = osw.open_study(settings, osw.METRICS[args.metric])
+        counts = osw.work(settings, study, runs, search, created)
     except RecipeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
