@@ -34,5 +34,5 @@ echo "| workers (1 thread each) | runs complete | wall time (s) | speed-up |"
 echo "|---|---|---|---|"
 printf '| 1 | %s | %.0f | 1.00 |\n' "$(complete "$OUT/one")" "$one"
 printf '| 2 | %s | %.0f | %.2f |\n' "$(complete "$OUT/two")" "$two" "$(echo "$one / $two" | bc -l)"
-echo "CPU: $(lscpu | grep 'Model name' | sed 's/.*: *//'), $(nproc) cores; load average before/after: see uptime"
+echo "CPU: $(lscpu | grep 'Model name' | sed 's/.*: *//'), $(nproc --all) cores; load average at the end:"
 uptime
