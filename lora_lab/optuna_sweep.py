@@ -656,7 +656,8 @@ def plot_metric_vs_rank(settings: Settings, rows: Sequence[dict[str, Any]]) -> P
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
     lines: dict[str, list[tuple[float, float]]] = {}
-    skip = {"run", "state", "peft.r", "peft.alpha", *sweep.RESULT_COLUMNS, "pruned_at_step"}
+    skip = {"run", "state", "peft.r", "peft.alpha", *sweep.RESULT_COLUMNS, "pruned_at_step", settings.metric}
+    skip |= {key for key in rows[0] if len({str(row.get(key)) for row in rows}) == 1}  # the same in every run
     for row in rows:
         label = ", ".join(f"{k}={v}" for k, v in row.items() if k not in skip and v not in (None, "")) or "LoRA"
         lines.setdefault(label, []).append((float(row["peft.r"]), float(row[settings.metric])))
