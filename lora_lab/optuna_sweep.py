@@ -267,7 +267,9 @@ def make_sampler(settings: Settings):
     import optuna
 
     if settings.sampler == "tpe":  # constant liar: workers running side by side do not all sample the same region
-        return optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True)
+        # Random trials before TPE models the results: Optuna's 10, or a third of a smaller budget (at least 2).
+        startup = max(2, min(10, (settings.trials or 30) // 3))
+        return optuna.samplers.TPESampler(seed=settings.seed, constant_liar=True, n_startup_trials=startup)
     return getattr(optuna.samplers, SAMPLERS[settings.sampler])(seed=settings.seed)
 
 
