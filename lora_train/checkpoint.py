@@ -100,6 +100,32 @@ def restore_interrupted_replace(final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def restore_moved_aside_run(final: Path) -> bool:
+    """Rename back a run directory (a ``best/``) that a kill between :func:`atomic_directory`'s two renames left
+    moved aside as ``.NAME.old-PID``, when ``final`` is missing; True if one was restored.
+
+    The read side of :func:`restore_interrupted_replace` (eval, predict, merge opening ``RUN`` or ``RUN/best``): it
+    deletes nothing and renames only a copy that is itself a run (``recipe.yaml`` and ``labels.json``), so pointed
+    at any other folder it changes nothing there.
+    """
+    if final.exists() or final.is_symlink() or not final.parent.is_dir():
+        return False
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.old-\d+$")
+    copies = [
+        p
+        for p in final.parent.iterdir()
+        if pattern.match(p.name)
+        and not p.is_symlink()
+        and p.is_dir()
+        and all((p / name).is_file() for name in ("recipe.yaml", "labels.json"))
+    ]
+    if not copies:
+        return False
+    os.replace(max(copies, key=lambda p: p.stat().st_mtime), final)
+    _fsync(final.parent)
+    return True
+
+
 def atomic_directory(final: Path, write) -> Path:
     """Call ``write(tmp_dir)``, flush it to disk, then move ``tmp_dir`` to ``final``, replacing any older ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -8,16 +8,73 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 logger = logging.getLogger(__name__)
 
 PUSHED_SUFFIXES = (".safetensors", ".json", ".md", ".yaml", ".txt", ".model", ".png", ".jinja")
 """Top-level files of a run that are pushed; subdirectories (checkpoints/, best/, tracker logs) never are."""
+
+
+def cache_problem(
+    repo_id: str, revision: Optional[str] = None, repo_type: str = "model", filename: Optional[str] = None
+) -> Optional[str]:
+    """What the Hub cache lacks for ``repo_id`` at ``revision`` (and ``filename``): the repo, the revision or the
+    file, and where it looked; None when it is all there (or ``repo_id`` is not a Hub id)."""
+    from huggingface_hub import constants
+
+    if not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", repo_id) or Path(repo_id).exists():
+        return None
+    cache = Path(constants.HF_HUB_CACHE)
+    prefix = f"{repo_type}s--"
+    folder = cache / f"{prefix}{repo_id.replace('/', '--')}"
+    if not folder.is_dir():
+        cached = (
+            sorted(p.name[len(prefix) :].replace("--", "/", 1) for p in cache.glob(f"{prefix}*") if p.is_dir())
+            if cache.is_dir()
+            else []
+        )
+        held = f"it holds the {repo_type}s {', '.join(cached)}" if cached else f"it holds no {repo_type}s"
+        return f"the {repo_type} repo '{repo_id}' is not in the Hub cache {cache} ({held})"
+    revision = revision or "main"
+    refs = {p.name: p.read_text().strip() for p in (folder / "refs").glob("*") if p.is_file()}
+    snapshots = sorted(p.name for p in (folder / "snapshots").glob("*") if p.is_dir())
+    commit = refs.get(revision, revision)
+    if commit not in snapshots:
+        held = [f"{name} ({commit[:12]})" for name, commit in sorted(refs.items())] + [
+            s[:12] for s in snapshots if s not in refs.values()
+        ]
+        return (
+            f"revision '{revision}' of '{repo_id}' is not in the Hub cache {folder} (cached revisions:"
+            f" {', '.join(held) or 'none'}); use one of those (model.revision) or download that revision"
+        )
+    if filename is not None and not (folder / "snapshots" / commit / filename).exists():
+        snapshot = folder / "snapshots" / commit
+        return f"'{repo_id}' at revision '{revision}' has no file {filename} in the Hub cache {snapshot}"
+    return None
+
+
+def lookup_error(
+    what: str,
+    repo_id: str,
+    err: BaseException,
+    revision: Optional[str] = None,
+    repo_type: str = "model",
+    filename: Optional[str] = None,
+) -> str:
+    """Why ``repo_id`` could not be loaded: offline, what the cache lacks (repo, revision or file) in place of the
+    Hub libraries' "couldn't connect"; online, their error and what the cache holds."""
+    problem = cache_problem(repo_id, revision, repo_type, filename)
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if problem and offline:
+        return f"{what} cannot be loaded: {problem}. HF_HUB_OFFLINE=1 is set, so only the Hub cache is read"
+    reason = f"{type(err).__name__}: {str(err).strip().rstrip('.')}"
+    return f"{what} cannot be loaded: {reason}. {problem + '. ' if problem else ''}{offline_hint()}"
 
 
 def offline_hint() -> str:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
+from lora_train.checkpoint import restore_moved_aside_run, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
 from lora_train.data import encode_texts, padding_multiple
 
@@ -45,25 +45,26 @@ class LoadedRun:
         return next(self.model.parameters()).device
 
 
-def resolve_run(source: str, revision: Optional[str] = None) -> Path:
-    """A local run directory as it is; a Hub repo id (``user/name``) downloaded into the Hub cache."""
+def resolve_run(source: str, revision: Optional[str] = None, repair: bool = True) -> Path:
+    """A local run directory as it is; a Hub repo id (``user/name``) downloaded into the Hub cache.
+
+    With ``repair``, a ``best/`` that a killed run left moved aside is renamed back first (only a copy that is
+    itself a run; nothing is deleted). The server passes ``repair=False``: it writes nowhere.
+    """
     path = Path(source).expanduser()
-    if path.parent.is_dir():  # a run killed while replacing its best/ (or the run's own directory) left it aside
-        restore_interrupted_replace(path)
-        restore_interrupted_replace(path / "best")
+    if repair:
+        restore_moved_aside_run(path if path.name == "best" else path / "best")
     if path.exists():
         directory = path
     elif REPO_ID.match(source):
         from huggingface_hub import snapshot_download
 
-        from lora_train.hub import offline_hint
+        from lora_train.hub import lookup_error
 
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
-        except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with advice
-            raise RunError(
-                f"cannot download Hub repo '{source}': {type(err).__name__}: {err}. {offline_hint()}"
-            ) from None
+        except Exception as err:  # noqa: BLE001 - offline, 404, auth...: re-raised with what is missing
+            raise RunError(lookup_error(f"Hub repo '{source}'", source, err, revision)) from None
     else:
         raise RunError(f"'{source}' is neither an existing run directory nor a Hub repo id of the form user/name")
     missing = [name for name in ("recipe.yaml", "labels.json") if not (directory / name).is_file()]

@@ -37,12 +37,13 @@ def merge_adapter(
     from peft import PeftModel
 
     out = Path(output_dir)
+    directory = resolve_run(source)
+    check_output_outside_run(out, directory)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RunError(f"output directory '{out}' is not empty; choose another one or allow overwriting")
     problem = writable_directory_problem(out)
     if problem:
         raise RunError(f"output directory '{out}' {problem}; give a new or empty directory you can write to")
-    directory = resolve_run(source)
     if not is_adapter_run(directory):
         raise RunError(
             f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
@@ -87,6 +88,19 @@ def merge_adapter(
     }
     (out / "merge.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def check_output_outside_run(out: Path, directory: Path) -> None:
+    """Refuse an output directory that is the run (or its best/), or inside it, before anything is loaded or
+    written: the merged weights, config and tokenizer would be written over the run's own files."""
+    run = directory.parent if directory.name == "best" and (directory.parent / "recipe.yaml").is_file() else directory
+    resolved = out.expanduser().resolve()
+    if resolved.is_relative_to(run.resolve()):
+        raise RunError(
+            f"output directory '{out}' is the run '{run}' or inside it: the merged model.safetensors, config.json"
+            " and tokenizer would be written among the run's files. Give a directory outside the run, e.g."
+            f" {run.name}_merged"
+        )
 
 
 def _unwrap_trained_heads(adapter) -> None:

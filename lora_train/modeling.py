@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe, RecipeError
-from lora_train.hub import offline_hint
+from lora_train.hub import lookup_error
 
 logger = logging.getLogger(__name__)
 
@@ -128,9 +128,10 @@ def load_model_config(recipe: Recipe, label_names: Optional[list[str]] = None):
             m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code, **labels
         )
     except (OSError, ValueError) as err:
-        raise RecipeError(
-            [f"model.name_or_path = {m.name_or_path!r} cannot be loaded: {err}. {offline_hint()}"]
-        ) from None
+        what = f"model.name_or_path = {m.name_or_path!r}" + (
+            f" (revision {m.revision!r})" if m.revision not in (None, "main") else ""
+        )
+        raise RecipeError([lookup_error(what, m.name_or_path, err, m.revision, filename="config.json")]) from None
     if m.attention_dropout is not None:
         field = attention_dropout_field(config)
         if field is None:

@@ -317,6 +317,46 @@ def test_merge_refuses_non_empty_output(lora_run, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
 
 
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``directory`` with its size and modification time."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns) for p in directory.rglob("*")}
+
+
+def test_merge_refuses_an_output_in_the_run_before_loading(lora_run, tmp_path, capsys):
+    """Before: merge_adapter.py RUN RUN --overwrite wrote model.safetensors and config.json into the run, rewrote its
+    tokenizer_config.json, then failed with shutil.SameFileError. Now refused before anything is loaded or written."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    before = snapshot(run)
+    for source, out in (
+        (run, run),
+        (run, run / "best"),
+        (run, run / "merged"),
+        (run / "best", run),
+        (run / "best", run / "best"),
+        (run / "best", run / "best" / "x" / ".."),
+    ):
+        assert script("merge_adapter").main([str(source), str(out), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "is the run" in err and "Give a directory outside the run" in err and "Traceback" not in err, err
+    assert snapshot(run) == before
+
+
+def test_eval_names_an_unusable_output_directory_before_evaluating(lora_run, tmp_path, capsys):
+    """Before: eval.py on a read-only run evaluated everything, then failed with a traceback writing RUN/eval.
+    (As root, permission bits do not stop a write; RUN/eval being a file takes the same path.)"""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run, ignore=shutil.ignore_patterns("checkpoints", "eval"))
+    (run / "eval").write_text("not a directory")
+    assert script("eval").main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"the default output directory '{run / 'eval'}' is a file, not a directory" in err
+    assert "--output-dir DIR" in err and "Traceback" not in err
+    assert script("eval").main([str(tmp_path / "nothing_here")]) == 2  # not a run: named before any mkdir
+    assert "neither an existing run directory" in capsys.readouterr().err
+    assert not (tmp_path / "nothing_here").exists()
+
+
 def test_eval_predict_merge_name_a_damaged_adapter_file(lora_run, tmp_path, capsys):
     """A truncated or garbled adapter is named before any model is loaded, by all three scripts."""
     run = tmp_path / "run"

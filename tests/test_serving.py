@@ -7,14 +7,18 @@ batch), one adapter of another base, and a head-only run (a full model, not an a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import random
+import shutil
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import httpx
 import pytest
@@ -23,6 +27,7 @@ import torch
 from lora_train.config import build_recipe
 from lora_train.data import padding_multiple
 from lora_train.inference import load_run, predict
+from lora_train.serving.access import Access
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
@@ -34,6 +39,8 @@ from tests.conftest import reset_accelerator_state, save_tiny_bert, tiny_recipe
 TEXTS = ["the film was superb and fun", "a dull boring plot", "quite good actors", "this story is awful", "nice"]
 LONG_TEXT = " ".join(["the movie was very good and the plot quite fun"] * 8)  # > 32 tokens: cut at max_length 32
 MAX_TEXTS = 8
+TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -89,18 +96,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(runs):
-    """The real app under uvicorn on 127.0.0.1 (a free port), serving sentiment and three; yields its URL."""
+@contextlib.contextmanager
+def serving(registry: AdapterRegistry, access: Access, limits: Optional[Limits] = None, max_wait_s: float = 0.05):
+    """The real app under uvicorn on 127.0.0.1 (a free port) over ``registry``; yields its URL."""
     import uvicorn
 
-    registry = AdapterRegistry("cpu")
-    for name in ("sentiment", "three"):
-        registry.attach(read_adapter(str(runs[name])))
     # A long wait makes requests sent together share a batch even on a loaded CI machine.
-    batcher = MicroBatcher(registry.classify, max_batch_texts=64, max_wait_s=0.05)
+    batcher = MicroBatcher(registry.classify, max_batch_texts=64, max_wait_s=max_wait_s)
     batcher.start()
-    app = create_app(registry, batcher, Limits(max_texts=MAX_TEXTS, max_body_bytes=4096))
+    app = create_app(registry, batcher, limits or Limits(), access)
     port = free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", limit_concurrency=64)
     uv = uvicorn.Server(config)
@@ -110,10 +114,23 @@ def server(runs):
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    uv.should_exit = True
-    thread.join(timeout=10)
-    batcher.stop()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        batcher.stop()
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    """Serving sentiment and three, loads on with the admin token, from the runs' directory (the adapter root)."""
+    registry = AdapterRegistry("cpu")
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    access = Access(admin_token=TOKEN, adapter_root=runs["sentiment"].parent)
+    with serving(registry, access, Limits(max_texts=MAX_TEXTS, max_body_bytes=4096)) as url:
+        yield url
 
 
 def classify(url: str, adapter: str, texts: list) -> httpx.Response:
@@ -234,18 +251,18 @@ def test_list_health_ready_schema_and_page(server, runs):
 
 def test_hot_load_and_unload(server, runs, reference):
     response = httpx.post(
-        f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "late"}, timeout=60
+        f"{server}/v1/adapters", json={"source": "sentiment_b", "name": "late"}, headers=ADMIN, timeout=60
     )
     assert response.status_code == 201, response.text
-    assert response.json()["name"] == "late"
+    assert response.json()["name"] == "late" and response.json()["source"] == "sentiment_b"
     torch.testing.assert_close(
         probabilities(classify(server, "late", TEXTS)), reference["sentiment_b"][: len(TEXTS)], atol=1e-5, rtol=0
     )
     assert "late" in httpx.get(f"{server}/readyz").json()["adapters"]
-    assert httpx.delete(f"{server}/v1/adapters/late", timeout=60).json() == {"unloaded": "late"}
+    assert httpx.delete(f"{server}/v1/adapters/late", headers=ADMIN, timeout=60).json() == {"unloaded": "late"}
     gone = classify(server, "late", TEXTS)
     assert gone.status_code == 404 and "'late' is not loaded" in gone.json()["detail"]
-    assert httpx.delete(f"{server}/v1/adapters/late").status_code == 404
+    assert httpx.delete(f"{server}/v1/adapters/late", headers=ADMIN).status_code == 404
     torch.testing.assert_close(
         probabilities(classify(server, "sentiment", TEXTS)), reference["sentiment"][: len(TEXTS)], atol=1e-5, rtol=0
     )
@@ -254,14 +271,14 @@ def test_hot_load_and_unload(server, runs, reference):
 def test_unload_while_requests_are_in_flight(server, runs, reference):
     assert (
         httpx.post(
-            f"{server}/v1/adapters", json={"source": str(runs["sentiment_b"]), "name": "busy"}, timeout=60
+            f"{server}/v1/adapters", json={"source": "sentiment_b", "name": "busy"}, headers=ADMIN, timeout=60
         ).status_code
         == 201
     )
     with ThreadPoolExecutor(max_workers=17) as pool:
         requests = [pool.submit(classify, server, "busy", TEXTS) for _ in range(16)]
         time.sleep(0.02)
-        unload = pool.submit(httpx.delete, f"{server}/v1/adapters/busy", timeout=60)
+        unload = pool.submit(httpx.delete, f"{server}/v1/adapters/busy", headers=ADMIN, timeout=60)
         statuses = []
         for future in requests:
             response = future.result()
@@ -325,23 +342,26 @@ def test_malformed_json_and_bad_loads_get_clear_errors(server, runs, tmp_path):
     assert bad_json.status_code == 422 and "JSON decode error" in bad_json.text
 
     def load(source, name=None):
-        return httpx.post(f"{server}/v1/adapters", json={"source": str(source), "name": name}, timeout=60)
+        return httpx.post(f"{server}/v1/adapters", json={"source": source, "name": name}, headers=ADMIN, timeout=60)
 
-    not_a_run = load(tmp_path)
+    root = runs["sentiment"].parent
+    (root / "not_a_run").mkdir(exist_ok=True)
+    not_a_run = load("not_a_run")
     assert (
         not_a_run.status_code == 400
-        and "is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
+        and "'not_a_run' is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
     )
-    head_only = load(runs["head_only"])
+    head_only = load("head_only")
     assert head_only.status_code == 400 and "not an adapter" in head_only.json()["detail"]
-    missing = load(tmp_path / "nowhere")
-    assert missing.status_code == 400 and "neither an existing run directory nor a Hub repo id" in missing.text
-    other = load(runs["other_base"]).json()["detail"]
+    missing = load("nowhere")
+    assert missing.status_code == 400 and "must be a run directory under the server's adapter root" in missing.text
+    other = load("other_base").json()["detail"]
     assert "was trained on" in other and "tiny_bert" in other and "pooled_bert" in other  # names both bases
-    taken = load(runs["sentiment_b"], "three")
+    assert str(root) not in other and str(tmp_path.parent.parent) not in other  # no server paths
+    taken = load("sentiment_b", "three")
     assert taken.status_code == 409 and "an adapter named 'three' is already loaded" in taken.text
-    assert load(runs["sentiment_b"], "bad.name").status_code == 422
-    module_name = load(runs["sentiment_b"], "classifier")
+    assert load("sentiment_b", "bad.name").status_code == 422
+    module_name = load("sentiment_b", "classifier")
     assert module_name.status_code == 422 and "is also the name of a module of the base model" in module_name.text
     assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
     assert classify(server, "sentiment", TEXTS).status_code == 200  # still serving
@@ -438,3 +458,209 @@ def test_concurrent_encodes_keep_the_adapters_truncation(runs):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         assert max(pool.map(longest, range(400))) <= adapter.max_length
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe to expose: every route is safe for any caller that reaches the port (docs/serving.md, Security model)
+
+
+def plant_leftovers(directory: Path) -> dict[Path, str]:
+    """Folders named like the leftovers of an interrupted replace, beside and inside ``directory``, with a file
+    each; returns what they hold so a test can check that they survive."""
+    planted = {}
+    for folder in (
+        directory.parent / f".{directory.name}.old-123",
+        directory.parent / ".photos.old-1",
+        directory / ".best.old-7",
+        directory / ".x.old-1",
+    ):
+        folder.mkdir(parents=True)
+        (folder / "keep.txt").write_text(str(folder))
+        planted[folder / "keep.txt"] = str(folder)
+    return planted
+
+
+def test_a_refused_source_leaves_the_filesystem_as_it_was(server, runs, tmp_path):
+    """Before: POST /v1/adapters {"source": ".../data"} deleted the sibling .data.old-123/ and renamed
+    .photos.old-1 to photos while answering 400. Now nothing is renamed or deleted, by the route or the reader."""
+    data = tmp_path / "some" / "data"
+    data.mkdir(parents=True)
+    planted = plant_leftovers(data)
+    inside_root = runs["sentiment"].parent / "data_like"
+    inside_root.mkdir()
+    planted |= plant_leftovers(inside_root)
+    before = sorted(str(p) for p in tmp_path.rglob("*")) + sorted(str(p) for p in inside_root.parent.rglob("*"))
+    for source in (str(data), str(data / "best"), str(tmp_path / "some" / "photos"), "data_like", "data_like/best"):
+        response = httpx.post(f"{server}/v1/adapters", json={"source": source}, headers=ADMIN, timeout=60)
+        assert response.status_code == 400, response.text
+        with pytest.raises(ServingError):
+            read_adapter(source if source.startswith("/") else str(inside_root.parent / source))
+    after = sorted(str(p) for p in tmp_path.rglob("*")) + sorted(str(p) for p in inside_root.parent.rglob("*"))
+    assert after == before
+    assert {path: path.read_text() for path in planted} == planted
+
+
+def test_hot_load_and_unload_need_the_admin_token(server, runs):
+    body = {"source": "sentiment_b", "name": "intruder"}
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"}, {"Authorization": TOKEN}):
+        refused = httpx.post(f"{server}/v1/adapters", json=body, headers=headers, timeout=60)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "Authorization: Bearer TOKEN" in refused.json()["detail"]
+        assert httpx.delete(f"{server}/v1/adapters/three", headers=headers).status_code == 401
+    assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
+
+
+def test_hot_load_and_unload_are_off_without_a_token(runs):
+    registry = AdapterRegistry("cpu")
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    with serving(registry, Access()) as url:
+        off = httpx.post(f"{url}/v1/adapters", json={"source": str(runs["sentiment_b"])}, headers=ADMIN)
+        assert off.status_code == 403 and "--admin-token-file" in off.json()["detail"]
+        assert httpx.delete(f"{url}/v1/adapters/three", headers=ADMIN).status_code == 403
+        assert registry.names() == ["sentiment", "three"]
+        assert classify(url, "three", TEXTS).status_code == 200
+
+
+def test_hot_load_reads_only_under_the_adapter_root(server, runs, tmp_path):
+    root = runs["sentiment"].parent
+    outside = tmp_path / "outside_run"
+    shutil.copytree(runs["sentiment_b"], outside)  # a real run, but outside the root
+    (root / "escape").symlink_to(tmp_path)  # a link out of the root
+    (root / "link_inside").symlink_to(root / "sentiment_b")  # a link that stays inside: fine
+    refusals = set()
+    for source in (
+        str(outside),  # exists, absolute
+        str(tmp_path / "missing"),  # does not exist
+        str(runs["sentiment_b"]),  # absolute, even though it is under the root
+        "../" + runs["sentiment_b"].name,
+        "sentiment_b/../sentiment_b",
+        "escape/outside_run",
+        "~/x",
+        "user/some-repo",  # a Hub id: the Hub is off
+        ".",
+    ):
+        response = httpx.post(f"{server}/v1/adapters", json={"source": source}, headers=ADMIN, timeout=60)
+        assert response.status_code == 400, (source, response.text)
+        refusals.add(response.json()["detail"])
+    # One message whether the path exists or not; it says what is allowed.
+    assert len(refusals) == 1, refusals
+    assert "under the server's adapter root" in refusals.pop()
+    inside = httpx.post(
+        f"{server}/v1/adapters", json={"source": "link_inside", "name": "linked"}, headers=ADMIN, timeout=60
+    )
+    assert inside.status_code == 201, inside.text
+    assert httpx.delete(f"{server}/v1/adapters/linked", headers=ADMIN).status_code == 200
+
+
+def test_the_host_header_must_be_an_allowed_name(server):
+    """DNS rebinding: a page elsewhere that reaches 127.0.0.1 sends its own host name."""
+    port = server.rsplit(":", 1)[1]
+    for host in ("attacker.example", f"attacker.example:{port}", "127.0.0.1.attacker.example", ""):
+        listing = httpx.get(f"{server}/v1/adapters", headers={"Host": host})
+        assert listing.status_code == 400 and "Host header not allowed" in listing.text
+        unload = httpx.delete(f"{server}/v1/adapters/three", headers={"Host": host, **ADMIN})
+        assert unload.status_code == 400
+        assert httpx.get(server, headers={"Host": host}).status_code == 400  # the page too
+    for host in (f"127.0.0.1:{port}", "localhost", f"LOCALHOST:{port}", f"[::1]:{port}"):
+        assert httpx.get(f"{server}/v1/adapters", headers={"Host": host}).status_code == 200, host
+    assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
+
+
+def test_the_listing_shows_no_server_paths(server, runs):
+    listing = httpx.get(f"{server}/v1/adapters").text
+    assert str(runs["sentiment"].parent.parent.parent) not in listing  # pytest's base temp, above every path used
+    assert [a["source"] for a in json.loads(listing)] == ["sentiment", "three"]
+
+
+def test_an_adapter_with_more_positions_than_the_model_is_refused_at_load(server, runs):
+    """Before: an adapter whose recipe said max_length: 100000 loaded (201), and its long text failed the forwards
+    it shared with other clients' requests."""
+    root = runs["sentiment"].parent
+    shutil.copytree(runs["sentiment_b"], root / "too_long")
+    recipe = root / "too_long" / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace("max_length: 32", "max_length: 100000"))
+    assert "max_length: 100000" in recipe.read_text()
+    response = httpx.post(f"{server}/v1/adapters", json={"source": "too_long"}, headers=ADMIN, timeout=60)
+    assert response.status_code == 422, response.text
+    assert "data.max_length = 100000" in response.text and "64 positions" in response.text
+    assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
+
+
+def test_a_request_that_fails_its_batch_fails_alone(runs, reference):
+    """Three requests share a forward; one carries more tokens than the model has positions (what an adapter with
+    too large a max_length produced). Only that one gets the 500; the others get their own probabilities."""
+    registry = AdapterRegistry("cpu")
+    adapters = {name: read_adapter(str(runs[name])) for name in ("sentiment", "three", "sentiment_b")}
+    for adapter in adapters.values():
+        registry.attach(adapter)
+    good = {name: adapters[name].encode(TEXTS[:2])[0] for name in ("three", "sentiment_b")}
+    first, *words, last = adapters["sentiment"].encode(["nice"])[0][0]["input_ids"]
+    ids = [first, *words * 200, last]
+    too_long = [{"input_ids": ids, "token_type_ids": [0] * len(ids), "attention_mask": [1] * len(ids)}]
+    assert len(ids) > registry.max_positions
+    batcher = MicroBatcher(registry.classify, max_batch_texts=64, max_wait_s=1.0)
+    futures = [batcher.submit("sentiment", too_long), *(batcher.submit(name, good[name]) for name in good)]
+    batcher.start()  # all three queued first: they share one batch
+    try:
+        with pytest.raises(ServingError, match="inference failed") as failed:
+            futures[0].result(timeout=60)
+        assert failed.value.status == 500
+        for name, future in zip(good, futures[1:], strict=True):
+            torch.testing.assert_close(future.result(timeout=60), reference[name][:2], atol=1e-5, rtol=0)
+    finally:
+        batcher.stop()
+    assert (batcher.stats.batches, batcher.stats.requests) == (1, 3)  # they did share the batch
+
+
+def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
+    lone = httpx.post(
+        f"{server}/v1/classify",
+        content=b'{"adapter": "sentiment", "texts": ["fine", "\\ud800"]}',
+        headers={"content-type": "application/json"},
+    )
+    assert lone.status_code == 422 and "lone surrogate" in lone.text and "'\\\\ud800'" in lone.text
+    source = httpx.post(
+        f"{server}/v1/adapters",
+        content=b'{"source": "/tmp/\\ud800"}',
+        headers={"content-type": "application/json", **ADMIN},
+    )
+    assert source.status_code == 422 and "unicode" in source.text.lower()
+    assert classify(server, "sentiment", TEXTS).status_code == 200
+
+
+def test_command_line_says_what_a_valid_adapter_name_is(runs, capsys):
+    """Before: '<b>x</b>=RUN' became one path and the error said it was neither a run directory nor a Hub id."""
+    assert serve_main([f"<b>x</b>={runs['sentiment']}", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "adapter name '<b>x</b>' is not valid: use 1 to 64 letters, digits, '_' or '-'" in err
+    assert "neither an existing run directory" not in err
+
+
+def test_command_line_access_options(tmp_path, monkeypatch, capsys):
+    from lora_train.serving.access import ADMIN_TOKEN_ENV
+    from lora_train.serving.server import access_for
+
+    parser = build_parser()
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert access_for(parser.parse_args(["run"])).admin_token is None  # off by default
+    short = tmp_path / "short"
+    short.write_text("abc\n")
+    with pytest.raises(ServingError, match="16 or more characters"):
+        access_for(parser.parse_args(["run", "--admin-token-file", str(short)]))
+    with pytest.raises(ServingError, match="which are off without an admin token"):
+        access_for(parser.parse_args(["run", "--adapter-root", str(tmp_path)]))
+    good = tmp_path / "token"
+    good.write_text(TOKEN + "\n")
+    access = access_for(
+        parser.parse_args(
+            ["run", "--admin-token-file", str(good), "--adapter-root", str(tmp_path), "--host", "::1"]
+            + ["--allowed-host", "serve.example"]
+        )
+    )
+    assert access.admin_token == TOKEN and access.adapter_root == tmp_path and not access.allow_hub
+    assert access.allowed_hosts == {"localhost", "127.0.0.1", "[::1]", "serve.example"}
+    assert TOKEN not in repr(access)
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    assert access_for(parser.parse_args(["run", "--allow-hub"])).admin_token == TOKEN
+    assert os.environ[ADMIN_TOKEN_ENV] == TOKEN

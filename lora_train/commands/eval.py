@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_train.checkpoint import writable_directory_problem
     from lora_train.config import RecipeError
     from lora_train.data import DataError
-    from lora_train.inference import RunError, evaluate_run, load_run
+    from lora_train.inference import RunError, evaluate_run, load_run, resolve_run
     from lora_train.plots import confusion_matrix_png
 
     local = Path(args.run).exists()
@@ -54,9 +54,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else (Path(args.run) / "eval" if local else Path("runs/eval") / args.run.replace("/", "--"))
     )
     try:
-        problem = args.output_dir and writable_directory_problem(out)  # before the work, not after it
+        resolve_run(args.run)  # a path that is not a run is named before any directory is made for its results
+        problem = writable_directory_problem(out)  # before the work (minutes on IMDb), not after it
         if problem:
-            raise RunError(f"--output-dir '{out}' {problem}; give a directory you can write to")
+            where = f"--output-dir '{out}'" if args.output_dir else f"the default output directory '{out}'"
+            raise RunError(f"{where} {problem}; give a directory you can write to with --output-dir DIR")
         run = load_run(args.run, device=args.device)
         report = evaluate_run(run, args.split, args.data_path, args.max_samples, args.batch_size)
     except (RunError, RecipeError, DataError) as err:

@@ -18,10 +18,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # These import torch: only once the recipe is known to be valid.
     from lora_train.checkpoint import SAVE_FAILED_EXIT_STATUS, SaveFailedError
     from lora_train.data import DataError
-    from lora_train.train import TrainingError, train
+    from lora_train.train import TrainingError, TrainingInterrupted, train
 
     try:
         metrics = train(recipe)
+    except TrainingInterrupted:  # logged, checkpoint saved: a clean stop (a scheduler may requeue the job)
+        return 0
     except SaveFailedError as err:
         print(f"error: {err}", file=sys.stderr)
         return SAVE_FAILED_EXIT_STATUS
@@ -30,6 +32,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1 if isinstance(err, TrainingError) else 2
     from accelerate import PartialState
 
-    if not metrics.get("interrupted") and PartialState().is_main_process:  # one report, not one per process
+    if PartialState().is_main_process:  # one report, not one per process
         print(json.dumps({k: v for k, v in metrics.items() if k not in ("per_class", "confusion_matrix")}, indent=1))
     return 0

@@ -1,8 +1,11 @@
 """The HTTP API (FastAPI): classify, list / load / unload adapters, health and readiness, the page at ``/``.
 
-Errors are JSON ``{"detail": ...}`` with these statuses: 400 a source that is not a usable adapter, 404 an unknown
-adapter, 409 a name already taken or an adapter of another base model, 413 too many texts or too large a body,
-422 a malformed body (bad JSON, wrong types, an empty list, an empty or blank text), 503 queue full or not ready.
+Errors are JSON ``{"detail": ...}`` with these statuses: 400 a source that is not a usable adapter or a Host
+header that is not allowed, 401 a load or unload without the admin token, 403 loading and unloading off, 404 an
+unknown adapter, 409 a name already taken or an adapter of another base model, 413 too many texts or too large a
+body, 422 a malformed body (bad JSON, wrong types, an empty list, an empty or blank text, text that is not valid
+Unicode), 500 a forward that failed (only the requests that make it fail get it), 503 queue full or not ready.
+Who may call what: :mod:`lora_train.serving.access`.
 The interactive ``/docs`` page is off (it loads scripts from a CDN); the schema is at ``/openapi.json``.
 """
 
@@ -13,10 +16,12 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
 from starlette.concurrency import run_in_threadpool
 
+from lora_train.serving.access import Access, AdminGate, HostCheck, hide_root, hot_load_source
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.page import PAGE
 from lora_train.serving.registry import AdapterRegistry, ServingError, read_adapter
@@ -30,18 +35,30 @@ class Limits:
     max_body_bytes: int = 1 << 20
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's "\\ud800" decodes to a lone surrogate, which no tokenizer takes
+        raise ValueError(
+            f"not valid Unicode: a lone surrogate {text[err.start]!a} at character {err.start}"
+            " (send UTF-8 text; in JSON, an \\ud8xx escape needs its \\udcxx pair)"
+        ) from None
+    return text
+
+
 def _not_blank(text: str) -> str:
     if not text.strip():
         raise ValueError("text must not be empty or whitespace only")
     return text
 
 
-Text = Annotated[StrictStr, AfterValidator(_not_blank)]
+Str = Annotated[StrictStr, AfterValidator(_unicode)]
+Text = Annotated[StrictStr, AfterValidator(_unicode), AfterValidator(_not_blank)]
 
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    adapter: StrictStr = Field(description="name of a loaded adapter (see GET /v1/adapters)")
+    adapter: Str = Field(description="name of a loaded adapter (see GET /v1/adapters)")
     texts: list[Text] = Field(min_length=1, description="texts to classify; each non-blank")
 
 
@@ -70,15 +87,20 @@ class AdapterInfo(BaseModel):
 
 class LoadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    source: StrictStr = Field(min_length=1, description="run directory on the server, or Hub repo id user/name")
-    name: Optional[StrictStr] = Field(None, description="adapter name (default: the run directory's name)")
+    source: Str = Field(
+        min_length=1,
+        description="run directory under the server's adapter root, relative to it; or Hub repo id user/name"
+        " (where the server allows the Hub)",
+    )
+    name: Optional[Str] = Field(None, description="adapter name (default: the run directory's name)")
 
 
 class Error(BaseModel):
     detail: Any
 
 
-ERRORS = {status: {"model": Error} for status in (400, 404, 409, 413, 422, 503)}
+ERRORS = {status: {"model": Error} for status in (400, 404, 409, 413, 422, 500, 503)}
+ADMIN_ERRORS = {status: {"model": Error} for status in (400, 401, 403, 404, 409, 413, 422, 500, 503)}
 
 
 class BodyLimit:
@@ -112,19 +134,36 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
-def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits = Limits()) -> FastAPI:
-    """The FastAPI application over a registry whose adapters are attached and a started batcher."""
+def create_app(
+    registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits = Limits(), access: Optional[Access] = None
+) -> FastAPI:
+    """The FastAPI application over a registry whose adapters are attached and a started batcher; ``access``
+    says who may load and unload adapters, from where, and which Host names are answered (default: nobody,
+    nowhere, loopback names)."""
+    access = access or Access()
     app = FastAPI(
         title="lora_train adapter server",
         docs_url=None,
         redoc_url=None,
         description="Many LoRA classifiers over one base model, micro-batched. See docs/serving.md.",
     )
+    # The last added runs first: Host, then the admin token, then the body size.
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(AdminGate, token=access.admin_token)
+    app.add_middleware(HostCheck, allowed_hosts=access.allowed_hosts)
 
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, err: ServingError) -> JSONResponse:
         return JSONResponse({"detail": err.message}, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer echoes each bad value, which can be a 1 MB text or a lone surrogate that cannot be
+        # written as UTF-8 (a 500); where and what is enough.
+        problems = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in err.errors()
+        ]
+        return JSONResponse({"detail": problems}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -161,16 +200,25 @@ def create_app(registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits 
         "/v1/adapters",
         response_model=AdapterInfo,
         status_code=201,
-        responses=ERRORS,
-        summary="Load an adapter from a run directory or Hub repo, while serving",
+        responses=ADMIN_ERRORS,
+        summary="Load an adapter from a run directory under the adapter root or a Hub repo, while serving"
+        " (admin token)",
     )
     async def load_adapter(request: LoadRequest) -> dict[str, Any]:
-        adapter = await run_in_threadpool(read_adapter, request.source, request.name)
-        registry.check_can_attach(adapter)  # fail fast; checked again on the worker, where it counts
-        await asyncio.wrap_future(batcher.call(lambda: registry.attach(adapter)))
+        try:
+            source, shown = hot_load_source(request.source, access)
+            adapter = await run_in_threadpool(read_adapter, source, request.name, shown)
+            registry.check_can_attach(adapter)  # fail fast; checked again on the worker, where it counts
+            await asyncio.wrap_future(batcher.call(lambda: registry.attach(adapter)))
+        except ServingError as err:
+            raise ServingError(err.status, hide_root(err.message, access)) from None
         return adapter.describe()
 
-    @app.delete("/v1/adapters/{name}", responses=ERRORS, summary="Unload an adapter; its queued requests finish first")
+    @app.delete(
+        "/v1/adapters/{name}",
+        responses=ADMIN_ERRORS,
+        summary="Unload an adapter; its queued requests finish first (admin token)",
+    )
     async def unload_adapter(name: str) -> dict[str, str]:
         registry.mark_unloading(name)
         await asyncio.wrap_future(batcher.call(lambda: registry.detach(name)))

@@ -2,7 +2,8 @@
 
 Requests are tokenized by the HTTP handlers (outside the worker) and queued here. The worker takes the first
 queued request, then waits at most ``max_wait_s`` for more, up to ``max_batch_texts`` texts, and runs them
-as one batch (whatever their adapters). Model changes (attach, detach) are queued as tasks in the same FIFO,
+as one batch (whatever their adapters); when that batch fails, each request runs again alone, so one request
+cannot fail the others. Model changes (attach, detach) are queued as tasks in the same FIFO,
 so requests queued before an unload finish before it, and those after it never see a half-changed model.
 """
 
@@ -150,8 +151,16 @@ class MicroBatcher:
         try:
             results = self._run_batch([(job.adapter, job.features) for job in batch])
         except Exception as err:  # noqa: BLE001 - the requests get a 500 with the reason; the worker keeps serving
-            log.exception("batch of %d requests failed", len(batch))
-            results = [ServingError(500, f"inference failed: {type(err).__name__}: {err}")] * len(batch)
+            if len(batch) == 1:
+                log.exception("request failed")
+                results = [ServingError(500, f"inference failed: {type(err).__name__}: {err}")]
+            else:
+                # One request can fail a shared forward (a text the model cannot take): run each alone, so only
+                # the requests that fail by themselves get the error.
+                log.warning(
+                    "batch of %d requests failed (%s: %s); running them one by one", len(batch), type(err).__name__, err
+                )
+                results = [self._run_alone(job) for job in batch]
         self.stats.busy_s += time.perf_counter() - start
         self.stats.batches += 1
         self.stats.requests += len(batch)
@@ -161,6 +170,13 @@ class MicroBatcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+
+    def _run_alone(self, job: Job) -> Any:
+        try:
+            return self._run_batch([(job.adapter, job.features)])[0]
+        except Exception as err:  # noqa: BLE001 - this request's own failure
+            log.exception("request for adapter %r failed", job.adapter)
+            return ServingError(500, f"inference failed: {type(err).__name__}: {err}")
 
     @staticmethod
     def _run_task(task: Task) -> None:

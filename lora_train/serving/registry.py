@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -95,9 +96,10 @@ class BaseModelId:
         return cls(recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype, quant, autocast)
 
     def __str__(self) -> str:
+        # A local base model is shown by its directory's name: the listing and errors show no server paths.
+        shown = Path(self.name_or_path).name if Path(self.name_or_path).is_absolute() else self.name_or_path
         return (
-            f"{self.name_or_path}@{self.revision} (dtype {self.dtype}, quantization {self.quantization},"
-            f" autocast {self.autocast})"
+            f"{shown}@{self.revision} (dtype {self.dtype}, quantization {self.quantization}, autocast {self.autocast})"
         )
 
 
@@ -107,6 +109,8 @@ class Adapter:
 
     name: str
     source: str
+    """As the listing shows it: a Hub repo id, or a path relative to the adapter root or the working directory
+    (an absolute path given on the command line is shown by its last parts)."""
     directory: Path
     recipe: Recipe
     label_names: list[str]
@@ -158,6 +162,16 @@ class Adapter:
         return features, truncated
 
 
+def check_adapter_name(name: str) -> None:
+    """Refuse a name that is not :data:`ADAPTER_NAME`, saying what a valid one is."""
+    if not ADAPTER_NAME.match(name):
+        raise ServingError(
+            422,
+            f"adapter name {name!r} is not valid: use 1 to 64 letters, digits, '_' or '-',"
+            " starting with a letter or digit",
+        )
+
+
 def default_name(source: str, directory: Path) -> str:
     """A name for an adapter nobody named: its run directory's (or Hub repo's) name, made a valid adapter name."""
     path = Path(source.rstrip("/"))
@@ -166,18 +180,28 @@ def default_name(source: str, directory: Path) -> str:
     return name or "adapter"
 
 
-def read_adapter(source: str, name: Optional[str] = None) -> Adapter:
-    """Read a run directory or Hub repo as an adapter to attach; refuse anything that is not a trained adapter."""
+def shown_source(source: str) -> str:
+    """``source`` as the listing may show it: relative paths and Hub ids as given, an absolute path (or one with
+    ``..`` or ``~``) by its run directory's name (``NAME`` or ``NAME/best``)."""
+    path = Path(source)
+    if not path.is_absolute() and ".." not in path.parts and not source.startswith("~"):
+        return source
+    path = Path(os.path.normpath(path.expanduser()))
+    return f"{path.parent.name}/best" if path.name == "best" else path.name
+
+
+def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] = None) -> Adapter:
+    """Read a run directory or Hub repo as an adapter to attach; refuse anything that is not a trained adapter.
+
+    Reads only: a run left with its ``best/`` moved aside is not repaired here (``resolve_run(repair=False)``).
+    ``shown`` is the source as the listing shows it (default: :func:`shown_source`).
+    """
     from transformers import AutoTokenizer
 
-    if name is not None and not ADAPTER_NAME.match(name):
-        raise ServingError(
-            422,
-            f"adapter name {name!r} is not valid: use 1 to 64 letters, digits, '_' or '-',"
-            " starting with a letter or digit",
-        )
+    if name is not None:
+        check_adapter_name(name)
     try:
-        directory = resolve_run(source)
+        directory = resolve_run(source, repair=False)
         recipe, label_names = read_run(directory)
     except RunError as err:
         raise ServingError(400, str(err)) from None
@@ -192,7 +216,7 @@ def read_adapter(source: str, name: Optional[str] = None) -> Adapter:
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Adapter(
         name=name or default_name(source, directory),
-        source=source,
+        source=shown if shown is not None else shown_source(source),
         directory=directory,
         recipe=recipe,
         label_names=label_names,
@@ -214,6 +238,7 @@ class AdapterRegistry:
         self._adapters: dict[str, Adapter] = {}
         self._head_wrappers: dict[str, nn.Module] = {}
         self._module_names: set[str] = set()  # the base model's module names, which adapter names must avoid
+        self.max_positions: Optional[int] = None  # the base model's position limit, which max_length must respect
         self._unloading: set[str] = set()
         self._lock = threading.Lock()  # guards the two collections above: HTTP handlers read them from other threads
 
@@ -238,8 +263,8 @@ class AdapterRegistry:
         return sorted(set(self._adapters) - self._unloading)
 
     def check_can_attach(self, adapter: Adapter) -> None:
-        """Refuse a name already taken or naming a module, or an adapter of another base model, quantization,
-        autocast or PEFT type."""
+        """Refuse a name already taken or naming a module, an adapter of another base model, quantization,
+        autocast or PEFT type, or one whose max_length exceeds the base model's positions."""
         if adapter.name in self._module_names:
             # peft keys each adapter's layers by its name inside the modules, and matches modules by name
             raise ServingError(
@@ -266,6 +291,14 @@ class AdapterRegistry:
                     f"adapter {adapter.name!r} is a {adapter.peft_type} adapter, but this server"
                     f" holds {self.peft_type} adapters; peft keeps one adapter type per model",
                 )
+        if self.max_positions is not None and adapter.max_length > self.max_positions:
+            # Its texts would be encoded past the model's positions and fail every forward they share.
+            raise ServingError(
+                422,
+                f"adapter {adapter.name!r} encodes texts to data.max_length = {adapter.max_length} tokens, but the"
+                f" base model has {self.max_positions} positions; retrain or edit its recipe.yaml with"
+                f" data.max_length <= {self.max_positions}",
+            )
 
     def attach(self, adapter: Adapter) -> None:
         """Add ``adapter`` to the model, loading the base model first if this is the first adapter."""
@@ -278,6 +311,9 @@ class AdapterRegistry:
             if self.model is None:
                 base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
                 self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
+                self.max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(
+                    base.config, "n_positions", None
+                )
                 self.check_can_attach(adapter)
                 config.modules_to_save = narrow_heads(base, config.modules_to_save)
                 self.model = PeftModel.from_pretrained(

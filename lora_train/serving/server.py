@@ -6,10 +6,14 @@ import argparse
 import ipaddress
 import logging
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Sequence
 
-from lora_train.serving.registry import ADAPTER_NAME, Adapter, ServingError
+from lora_train.serving.registry import Adapter, ServingError, check_adapter_name
 from lora_train.startup import prepare_process
+
+if TYPE_CHECKING:
+    from lora_train.serving.access import Access
 
 log = logging.getLogger("lora_train.serving")
 
@@ -21,6 +25,12 @@ DESCRIPTION = """Serve trained adapters over HTTP: many adapters over one base m
 Each ADAPTER is a run directory (or its best/), a Hub repo id, or NAME=SOURCE to choose the adapter's name
 (default: the directory's or repo's name). All must share one base model, quantization and training autocast.
 The page is at http://HOST:PORT/, the API schema at /openapi.json; see docs/serving.md.
+
+Loading and unloading adapters while serving (POST / DELETE /v1/adapters) is off unless an admin token is given
+(--admin-token-file, or $LORA_SERVE_ADMIN_TOKEN); loads then read only under --adapter-root, and the Hub only with
+--allow-hub:
+
+    python scripts/serve.py runs/cpu/sst2_lora --admin-token-file ~/.serve-token --adapter-root runs/cpu
 """
 
 
@@ -33,6 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to bind (default 127.0.0.1: this machine only; anything else is exposed)",
     )
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header name the server answers to, besides localhost, 127.0.0.1, [::1] and --host (repeat it;"
+        " '*' for any, only behind a gateway that checks Host); others get 400",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        metavar="FILE",
+        help="file holding the bearer token that POST / DELETE /v1/adapters need (or set $LORA_SERVE_ADMIN_TOKEN);"
+        " without one, loading and unloading while serving is off",
+    )
+    parser.add_argument(
+        "--adapter-root",
+        metavar="DIR",
+        help="the directory hot loads may read: a load names a run under it, relative to it (default: none)",
+    )
+    parser.add_argument(
+        "--allow-hub", action="store_true", help="hot loads may download Hub repos (user/name); default: off"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     parser.add_argument(
         "--threads",
@@ -60,9 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def split_name(spec: str) -> tuple[Optional[str], str]:
-    """``NAME=SOURCE`` -> (NAME, SOURCE); a plain source -> (None, source)."""
+    """``NAME=SOURCE`` -> (NAME, SOURCE); a plain source (or an existing path with '=' in it) -> (None, source).
+    An invalid NAME is refused, saying what a valid one is."""
     name, sep, source = spec.partition("=")
-    return (name, source) if sep and ADAPTER_NAME.match(name) else (None, spec)
+    if not sep or Path(spec).exists():
+        return None, spec
+    try:
+        check_adapter_name(name)
+    except ServingError as err:
+        raise ServingError(err.status, f"{err.message} (NAME=SOURCE; a path with '=' in it must exist)") from None
+    return name, source
 
 
 def read_all(specs: Sequence[str]) -> list[Adapter]:
@@ -99,6 +138,29 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
     return adapters
 
 
+def access_for(args: argparse.Namespace) -> "Access":
+    """The operator's access choices from the command line (and $LORA_SERVE_ADMIN_TOKEN), checked."""
+    from lora_train.serving.access import LOOPBACK_HOSTS, Access, normal_host, read_admin_token
+
+    token = read_admin_token(args.admin_token_file)
+    root = Path(args.adapter_root).expanduser() if args.adapter_root else None
+    if root is not None and not root.is_dir():
+        raise ServingError(400, f"--adapter-root '{args.adapter_root}' is not a directory")
+    if token is None and (root is not None or args.allow_hub):
+        raise ServingError(
+            400,
+            "--adapter-root and --allow-hub apply to loads while serving, which are off without an admin token:"
+            " add --admin-token-file FILE (or set $LORA_SERVE_ADMIN_TOKEN)",
+        )
+    if token is not None and root is None and not args.allow_hub:
+        log.warning("admin token given without --adapter-root or --allow-hub: adapters can be unloaded, not loaded")
+    wildcard = args.host in ("0.0.0.0", "::", "")
+    hosts = {*LOOPBACK_HOSTS, *(normal_host(h) for h in args.allowed_host)}
+    if not wildcard:
+        hosts.add(normal_host(args.host))
+    return Access(admin_token=token, adapter_root=root, allow_hub=args.allow_hub, allowed_hosts=frozenset(hosts))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     prepare_process()
     args = build_parser().parse_args(argv)
@@ -118,6 +180,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
+    try:
+        access = access_for(args)
+    except ServingError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 2
     import uvicorn
 
     from lora_train.serving.app import Limits, create_app
@@ -146,8 +213,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     batcher.start()
     if not _is_loopback(args.host):
-        log.warning("binding %s: the server is reachable from other machines; it has no authentication", args.host)
-    app = create_app(registry, batcher, Limits(max_texts=args.max_texts, max_body_bytes=args.max_body_bytes))
+        log.warning(
+            "binding %s: the server is reachable from other machines; classification needs no authentication",
+            args.host,
+        )
+    log.info(
+        "answering Host %s; loading and unloading adapters %s",
+        ", ".join(sorted(access.allowed_hosts)),
+        "off"
+        if access.admin_token is None
+        else f"on with the admin token (from {access.adapter_root or 'no directory'}"
+        + (", and the Hub)" if access.allow_hub else ")"),
+    )
+    limits = Limits(max_texts=args.max_texts, max_body_bytes=args.max_body_bytes)
+    app = create_app(registry, batcher, limits, access)
     try:
         uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.limit_concurrency, access_log=False)
     finally:
