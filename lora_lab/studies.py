@@ -810,7 +810,7 @@ def run_study(name: str, out_root: Path, figures: Path, seeds: Optional[int] = N
             sweep.validate_runs(study.recipe, sweep.unique(runs))
             if study.extra_runs:
                 study.extra_runs(out)
-            failed = sweep.run_sweep(study.recipe, runs, out / "logs")
+            failed = sweep.run_sweep(study.recipe, runs)
             if failed:
                 logger.warning("%d run(s) failed: %s", len(failed), ", ".join(r.name for r in failed))
         rows = sweep.collect(runs)

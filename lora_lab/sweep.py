@@ -7,9 +7,10 @@ that run, e.g. ``peft.alpha=2*peft.r`` keeps alpha / r = 2 across ``peft.r=1,2,4
 are the Cartesian product of its free axes; several grids (arms) are simply concatenated.
 
 Each run trains in a fresh Python process (clean peak-memory figures, one crash does not end the sweep)
-into ``<root>/<name>``, where the name spells out the run's overrides. A run whose directory already holds
-``metrics.json`` is skipped, so re-running a sweep resumes it; a run killed half-way restarts from scratch
-(keeping its timings clean). Every run's recipe is built and validated before the first one starts.
+into ``<root>/<name>``, where the name spells out the run's overrides, as one trial of an Optuna study
+(:mod:`lora_lab.optuna_sweep`: several workers can share it). Finished runs are not trained again, so
+re-running a sweep resumes it; a run killed half-way restarts from scratch (keeping its timings clean).
+Every run's recipe is built and validated before the first one starts.
 """
 
 from __future__ import annotations
@@ -21,14 +22,15 @@ import json
 import logging
 import math
 import re
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from lora_train.config import RecipeError, load_recipe
+
+if TYPE_CHECKING:
+    from lora_lab.optuna_sweep import Settings
 
 logger = logging.getLogger("lora_lab.sweep")
 
@@ -58,6 +60,8 @@ class Run:
     out_dir: Path
     arm: str = ""
     extra: list[str] = field(default_factory=list)
+    free: tuple[str, ...] = ()
+    """The keys of its list axes (the others are tied to them): the parameters of its Optuna trial."""
 
     @property
     def name(self) -> str:
@@ -127,7 +131,7 @@ def parse_axes(specs: Sequence[str]) -> tuple[dict[str, list[str]], dict[str, tu
     return free, tied
 
 
-def _format_number(value: float) -> str:
+def format_number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
@@ -146,7 +150,7 @@ def expand_grid(specs: Sequence[str]) -> list[dict[str, str]]:
                     [f"grid axis '{key}' = {coef}*{ref} needs numeric values of {ref}, got '{values[ref]}'"],
                     "sweep grid",
                 ) from None
-            values[key] = _format_number(coef * base)
+            values[key] = format_number(coef * base)
         runs.append({k: values[k] for k in order})
     return runs
 
@@ -185,7 +189,11 @@ def plan(
     arm): it appears in both arms' lists, shares one directory and is trained once.
     """
     pairs = arms.items() if isinstance(arms, dict) else arms
-    return [Run(o, root / run_name(o), arm, list(extra)) for arm, specs in pairs for o in expand_grid(specs)]
+    return [
+        Run(o, root / run_name(o), arm, list(extra), tuple(parse_axes(specs)[0]))
+        for arm, specs in pairs
+        for o in expand_grid(specs)
+    ]
 
 
 def unique(runs: Iterable[Run]) -> list[Run]:
@@ -223,46 +231,32 @@ def train_command(recipe_path: str | Path, run: Run) -> list[str]:
     return [sys.executable, "-c", TRAIN_ENTRY, str(recipe_path), *overrides]
 
 
-def execute(command: list[str], run: Run, log_dir: Path) -> int:
-    """Run ``command`` for ``run``, log to ``log_dir/<name>.log`` and record the wall time beside the metrics."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log_dir / f"{run.name}.log", "w") as log:
-        code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if code == 0 and (run.out_dir / "metrics.json").exists():
-        info = {
-            "arm": run.arm,
-            "overrides": run.overrides,
-            "extra": run.extra,
-            "wall_seconds": wall,
-            "command": command,
-        }
-        (run.out_dir / "sweep_run.json").write_text(json.dumps(info, indent=1))
-    return code
-
-
 def run_sweep(
-    recipe_path: str | Path, runs: Sequence[Run], log_dir: Optional[Path] = None, dry_run: bool = False
+    recipe_path: str | Path,
+    runs: Sequence[Run],
+    dry_run: bool = False,
+    settings: Optional[Settings] = None,
 ) -> list[Run]:
-    """Train every run that has no ``metrics.json`` yet, one after another; return the runs that failed."""
+    """Train every run of the grid that the study has not finished, as one worker of an Optuna study (an SQLite
+    file in the runs' root unless ``settings`` names a storage); return the runs that failed.
+
+    See :mod:`lora_lab.optuna_sweep`: other workers running the same grid share the trials, none runs twice.
+    """
+    from lora_lab import optuna_sweep
+
     runs = unique(runs)
     validate_runs(recipe_path, runs)
-    failed = []
-    for i, run in enumerate(runs, 1):
-        if (run.out_dir / "metrics.json").exists():
-            logger.info("[%d/%d] %s: done already, skipped", i, len(runs), run.name)
-            continue
-        command = train_command(recipe_path, run)
-        if dry_run:
-            print(" ".join(command[3:]))
-            continue
-        logger.info("[%d/%d] %s: training", i, len(runs), run.name)
-        code = execute(command, run, log_dir or run.out_dir.parent / "logs")
-        if code != 0:
-            logger.warning("[%d/%d] %s failed with exit code %d (see its log)", i, len(runs), run.name, code)
-            failed.append(run)
-    return failed
+    if dry_run:
+        for run in runs:
+            print(" ".join(run.override_list()))
+        return []
+    root = runs[0].out_dir.parent if runs else Path(".")
+    settings = settings or optuna_sweep.Settings(str(recipe_path), root, extra=list(runs[0].extra) if runs else [])
+    direction = optuna_sweep.METRICS[settings.metric]
+    study, created = optuna_sweep.open_study(settings, direction)
+    optuna_sweep.work(settings, study, runs, created=created)
+    states = optuna_sweep.run_states(study)
+    return [run for run in runs if states.get(run.name) == "failed"]
 
 
 # ---------------------------------------------------------------------------------------------

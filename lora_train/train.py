@@ -505,6 +505,8 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         report["macro_f1"],
     )
     run.last_eval.update(step=state.global_step, report=report)
+    if run.accelerator.is_main_process:  # kept current, so a watcher (e.g. a sweep's pruner) sees every evaluation
+        ckpt.atomic_write_text(run.out / "history.json", json.dumps(state.history, indent=1))
     if state.best_metric is None or report["accuracy"] > state.best_metric:
         state.best_metric, state.best_step = report["accuracy"], state.global_step
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards

@@ -22,7 +22,7 @@ import pytest
 
 from lora_train.config import build_recipe
 from lora_train.train import train
-from tests import test_distributed
+from tests import test_distributed, test_optuna_sweep
 from tests.conftest import ROOT, write_recipe
 from tests.test_distributed import (
     EVAL_ROWS,
@@ -38,6 +38,7 @@ from tests.test_distributed import (
 
 # The tiny BERT without dropout and the 256/127-row data of the 2-process tests, as fixtures of this module too.
 bert_no_dropout, uneven_data = test_distributed.bert_no_dropout, test_distributed.uneven_data
+postgres_url = test_optuna_sweep.postgres_url  # the PostgreSQL server of the sweep tests
 
 LOCAL = ROOT / "examples" / "slurm" / "local"
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch")
@@ -154,3 +155,43 @@ def test_multi_node_sbatch_on_two_slurm_nodes_trains_like_one_process(
     assert_one_checkpoint_and_adapter(out)
     assert metrics["eval_samples"] == EVAL_ROWS
     assert metrics["eval_accuracy"] == one_process_eval(out, uneven_data)["accuracy"]
+
+
+def test_sweep_array_one_worker_per_task_shares_one_postgres_study(
+    tmp_path, cluster, tiny_bert_dir, toy_data_dir, postgres_url
+):
+    """examples/slurm/sweep_array.sbatch as a 2-task array (one task per node): both tasks are workers of one Optuna
+    study in a PostgreSQL server; the 3 runs of the grid each train exactly once, and both workers train."""
+    from tests.test_optuna_sweep import quick_recipe, trainings, trials_by_run
+
+    recipe = quick_recipe(tmp_path, tiny_bert_dir, toy_data_dir)
+    out = tmp_path / "sweep"
+    env = {
+        **os.environ,
+        **OFFLINE,
+        "SLURM_CONF": str(cluster / "slurm.conf"),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "SWEEP_STORAGE": postgres_url,
+    }
+    submit = subprocess.run(
+        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.out"]
+        + ["examples/slurm/sweep_array.sbatch", str(recipe), "peft.r=1,2,4", "peft.alpha=2*peft.r", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    for task in (0, 1):
+        log = tmp_path / f"task-{task}.out"
+        fields = wait_for_job(f"{job}_{task}", env, log)
+        assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), tail(log)
+        assert f"array task {task} of job {job}" in log.read_text()
+    runs = trials_by_run(postgres_url, "sweep")
+    assert sorted(runs) == ["r-1_alpha-2", "r-2_alpha-4", "r-4_alpha-8"]
+    for run, trials in runs.items():
+        assert [t.state.name for t in trials] == ["COMPLETE"] and trainings(out, run) == 1, (run, trials)
+    assert len({t.user_attrs["worker"] for trials in runs.values() for t in trials}) == 2

@@ -152,6 +152,12 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir
         assert (out / "logs" / f"{run_dir.name}.log").exists()
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
+    assert [(row["run"], row["state"]) for row in rows] == [
+        ("r-2_alpha-4", "complete"),
+        ("r-4_alpha-8", "complete"),
+        ("target_modules-nonexistent", "failed"),
+    ]
+    rows = rows[:2]
     assert [(row["peft.r"], row["peft.alpha"]) for row in rows] == [("2", "4"), ("4", "8")]
     assert int(rows[1]["trainable_params"]) - int(rows[0]["trainable_params"]) == 2 * 2 * (
         2 * 64 * 2
@@ -162,7 +168,7 @@ def test_tiny_grid_end_to_end_then_resumes(tmp_path, tiny_bert_dir, toy_data_dir
         rates = [h["samples_per_s"] for h in history if "samples_per_s" in h]
         assert float(row["eval_accuracy"]) == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
         assert float(row["train_samples_per_s"]) == pytest.approx(sum(rates) / len(rates))
-    assert "| arm | peft.r | peft.alpha | eval_accuracy |" in (out / "results.md").read_text()
+    assert "| run | state | arm | peft.r | peft.alpha | eval_accuracy |" in (out / "results.md").read_text()
     summary = list(csv.DictReader(open(out / "summary.csv")))
     assert [(row["peft.r"], row["n"]) for row in summary] == [("2", "1"), ("4", "1")]
 
