@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -18,7 +19,7 @@ from torch import nn
 
 from lora_train.checkpoint import restore_interrupted_replace, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
-from lora_train.data import encode_texts, padding_multiple
+from lora_train.data import encode_texts, padding_collator
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -145,6 +146,9 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
 
         base = load_base_for_run(recipe, label_names, tokenizer, target)
         model = PeftModel.from_pretrained(base, directory)
+        dtype = autocast_dtype(recipe, target)
+        if dtype is not None:  # the server's fast path: frozen weights stored in the autocast dtype, same outputs
+            store_frozen_linears_in(model, dtype)
     else:
         m = recipe.model
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -159,17 +163,10 @@ def predict(run: LoadedRun, texts: Iterable[str], batch_size: int = 32) -> Itera
     ``{"text", "label", "probability", "probabilities"}``."""
     run.model.eval()
     data = run.recipe.data
-    multiple = padding_multiple(data.max_length, run.device.type)
+    collate = padding_collator(run.tokenizer, data.max_length, run.device.type, run.recipe.training.mixed_precision)
     for batch in batched(texts, batch_size):
-        enc = encode_texts(
-            run.tokenizer,
-            batch,
-            data.max_length,
-            data.truncation,
-            padding=True,
-            pad_to_multiple_of=multiple,
-            return_tensors="pt",
-        )
+        enc = encode_texts(run.tokenizer, batch, data.max_length, data.truncation)
+        enc = collate([{key: enc[key][i] for key in enc.keys()} for i in range(len(batch))])
         with autocast_like_training(run):  # the precision the run was trained and scored in
             probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for text, row in zip(batch, probs):
@@ -322,7 +319,7 @@ def evaluate_run(
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from lora_train.data import check_labels, load_splits, padding_collator, resolve_spec, tokenize
+    from lora_train.data import check_labels, load_splits, resolve_spec, tokenize
     from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
@@ -338,16 +335,24 @@ def evaluate_run(
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(
         DataLoader(
-            dataset, batch_size=batch_size, collate_fn=padding_collator(run.tokenizer, cfg.max_length, run.device.type)
+            dataset,
+            batch_size=batch_size,
+            collate_fn=padding_collator(
+                run.tokenizer, cfg.max_length, run.device.type, run.recipe.training.mixed_precision
+            ),
         )
     )
+    start = time.perf_counter()
     with autocast_like_training(run):
         report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
+    seconds = time.perf_counter() - start
     run.model.eval()
     return {
         "source": run.source,
         "split": spec.eval_split,
         "data": spec.source,
         **report,
+        "seconds": seconds,
+        "texts_per_s": report["num_samples"] / seconds,
         "label_names": run.label_names,
     }

@@ -321,7 +321,7 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
         eval_ds = tokenize(data.eval, tokenizer, data.spec, d.max_length, d.truncation)
     lengths = train_ds["length"]
     train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
-    collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type)
+    collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type, t.mixed_precision)
     global_batch = t.per_device_train_batch_size * accelerator.num_processes
     sampler = EpochSampler(lengths, global_batch, t.seed, recipe.data.group_by_length)
     common = dict(
@@ -381,6 +381,7 @@ class LogWindow:
         self.micro_losses: list[torch.Tensor] = []
         self.samples = torch.zeros((), device=device)
         self.tokens = torch.zeros((), device=device)
+        self.padded_tokens = torch.zeros((), device=device)
         self.samples_this_process = torch.zeros(1, device=device)  # reported per process: shows every rank trained
         self.start = self.train_start = time.perf_counter()
 
@@ -389,6 +390,7 @@ class LogWindow:
         self.samples += batch["labels"].numel()
         self.samples_this_process += batch["labels"].numel()
         self.tokens += batch["attention_mask"].sum()
+        self.padded_tokens += batch["attention_mask"].numel()
 
     def end_step(self, step: int) -> None:
         self.pending.append((step, torch.stack(self.micro_losses).mean()))
@@ -409,7 +411,8 @@ class LogWindow:
                     f"loss became {value} at optimizer step {step}; stopping. {_last_good(run.checkpoints_root)}"
                 )
         elapsed = time.perf_counter() - self.start
-        samples, tokens = accelerator.reduce(torch.stack([self.samples, self.tokens]), reduction="sum").tolist()
+        totals = torch.stack([self.samples, self.tokens, self.padded_tokens])
+        samples, tokens, padded = accelerator.reduce(totals, reduction="sum").tolist()
         entry = {
             "step": self.pending[-1][0],
             "loss": sum(losses) / len(losses),
@@ -419,6 +422,8 @@ class LogWindow:
             "window_s": elapsed,
             "window_samples": int(samples),
             "window_tokens": int(tokens),
+            "window_padded_tokens": int(padded),
+            "padding_share": 1 - tokens / padded if padded else 0.0,
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "step_losses": losses,
         }
@@ -427,6 +432,7 @@ class LogWindow:
         self.pending.clear()
         self.samples.zero_()
         self.tokens.zero_()
+        self.padded_tokens.zero_()
         self.restart()
         return entry
 
@@ -535,9 +541,9 @@ def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[s
 
 
 def _progress_bar(run: Run, state: LoopState):
-    from tqdm.auto import tqdm
+    from lora_train.progress import progress_bar
 
-    return tqdm(
+    return progress_bar(
         total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train"
     )
 

@@ -31,12 +31,14 @@ def assert_summary_adds_up(report: dict, reference: str) -> None:
         assert run["samples_per_s"] == pytest.approx(run["samples"] / run["seconds"])
         assert run["tokens_per_s"] == pytest.approx(run["tokens"] / run["seconds"])
         assert run["step_time_ms"] == pytest.approx(1000 * run["seconds"] / run["steps"])
+        assert 0 <= run["padding_share"] < 1 and run["process_s"] > run["seconds"]
     summary = report["summary"]
     for name, row in summary.items():
         mine = sorted(r["samples_per_s"] for r in report["runs"] if r["contender"] == name)
         assert row["runs"] == len(mine) and row["samples_per_s_range"] == [mine[0], mine[-1]]
         assert row["samples_per_s"] == pytest.approx((mine[(len(mine) - 1) // 2] + mine[len(mine) // 2]) / 2)
         assert row["speedup"] == pytest.approx(summary[reference]["samples_per_s"] / row["samples_per_s"])
+        assert row["process_speedup"] == pytest.approx(row["process_s"] / summary[reference]["process_s"])
 
 
 def test_interleaved_order_rotates_and_runs_everyone_each_repeat():
@@ -70,6 +72,11 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
     # Padding to max_length does not change the count of real (non-pad) tokens, and they are fewer than 32 per sample.
     for run in runs.values():
         assert 4 * 16 * 3 < run["tokens"] < 4 * 16 * 32
+    # ... but their padding: the tutorial pads every text to 32 tokens, dynamic padding to the batch's longest.
+    assert runs["trainer_max_length"]["padding_share"] == pytest.approx(
+        1 - runs["trainer_max_length"]["tokens"] / (64 * 32)
+    )
+    assert runs["trainer_dynamic"]["padding_share"] < runs["trainer_max_length"]["padding_share"]
     summary = report["summary"]
     assert_summary_adds_up(report, "ours")
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())

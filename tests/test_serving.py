@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from lora_train.config import build_recipe
-from lora_train.data import padding_multiple
+from lora_train.data import padding_lengths
 from lora_train.inference import load_run, predict
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
@@ -382,7 +382,7 @@ def test_forward_costs_time_each_adapter_alone_and_batched(runs):
 
 def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(runs):
     """A bf16-trained adapter is served under bf16 autocast, as predict and eval score it; batches are padded to
-    the CPU padding multiple, so a long-running server compiles few oneDNN kernels."""
+    the bf16 CPU padding lengths, so a long-running server compiles few oneDNN kernels."""
     registry = AdapterRegistry("cpu")
     adapter = read_adapter(str(runs["bf16"]))
     registry.attach(adapter)
@@ -397,7 +397,7 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
     torch.testing.assert_close(
         served, torch.tensor([list(r["probabilities"].values()) for r in expected]), atol=4e-3, rtol=0
     )
-    assert widths and all(w % padding_multiple(adapter.max_length, "cpu") == 0 for w in widths)
+    assert widths and all(w in padding_lengths(adapter.max_length) for w in widths)
 
     # The base's weights are stored in bf16 once, not cast at every forward; so the server holds one precision.
     assert registry.model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == (

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe
-from lora_train.data import encode_texts, padding_multiple
+from lora_train.data import encode_texts, padded_length
 from lora_train.inference import (
     RunError,
     autocast_dtype,
@@ -401,10 +401,15 @@ class AdapterRegistry:
                 names = [requests[i][0] for i, _ in chosen]
                 features = [requests[i][1][t] for i, t in chosen]
                 first = adapters[names[0]]
-                # Few distinct lengths: oneDNN caches bf16 kernels per shape (lora_train.data.padding_multiple).
-                multiple = padding_multiple(max(adapters[n].max_length for n in set(names)), self.device.type)
+                # Few distinct lengths under bf16: oneDNN caches its kernels per shape (lora_train.data).
+                length = padded_length(
+                    max(len(f["input_ids"]) for f in features),
+                    max(adapters[n].max_length for n in set(names)),
+                    self.device.type,
+                    autocast_dtype(first.recipe, self.device) == torch.bfloat16,
+                )
                 with first.tokenizer_lock:
-                    batch = first.tokenizer.pad(features, pad_to_multiple_of=multiple, return_tensors="pt")
+                    batch = first.tokenizer.pad(features, padding="max_length", max_length=length, return_tensors="pt")
                 batch = batch.to(self.device)
                 # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
                 # server), so the server gives the probabilities scripts/predict.py gives.
