@@ -5,7 +5,7 @@ Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from
 ``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters with the same
 heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
 held as its ``dense`` layer so that it mixes, see :func:`narrow_heads`); others (AdaLoRA, heads peft cannot mix)
-run as one sub-batch each. The base's frozen weights are stored in the adapters' autocast dtype.
+run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters' autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
 (:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
@@ -284,9 +284,6 @@ class AdapterRegistry:
                     base, adapter.directory, adapter_name=adapter.name, config=config
                 )
                 self.base, self.peft_type = adapter.base, adapter.peft_type
-                dtype = autocast_dtype(adapter.recipe, self.device)
-                if dtype is not None:  # every adapter of this server runs under it (BaseModelId)
-                    store_frozen_linears_in(self.model, dtype)
             else:
                 config.modules_to_save = narrow_heads(self.model.get_base_model(), config.modules_to_save)
                 self._fit_heads(adapter)
@@ -301,6 +298,9 @@ class AdapterRegistry:
                 400, f"cannot load adapter {adapter.name!r} from {adapter.source}: {type(err).__name__}: {err}"
             ) from None
         self.model.eval()
+        dtype = autocast_dtype(adapter.recipe, self.device)
+        if dtype is not None:  # every adapter of this server runs under it (BaseModelId): the base's and the new
+            store_frozen_linears_in(self.model, dtype, adapters_too=True)  # adapter's weights, stored in it once
         self._head_wrappers = self._heads()
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
