@@ -7,6 +7,9 @@ Contenders (:data:`CONTENDERS`):
   (``data.max_length`` tokens), random batches.
 - ``trainer_dynamic``: a well-configured ``Trainer``: dynamic padding (``DataCollatorWithPadding``) and
   ``train_sampling_strategy="group_by_length"``.
+- ``ours_compiled``: our loop with ``training.torch_compile=true`` (not run unless asked): its steady state is the
+  samples/s (steps mode: after the warm-up steps, which include the compilations), its start-up cost shows in the
+  whole process's seconds.
 
 All three build the same model with :mod:`lora_train.modeling` (same checkpoint, dtype, attention kernel, LoRA
 config), use the same training subset, batch size, learning-rate schedule, clipping and seed.
@@ -42,8 +45,11 @@ from lora_train.config import Recipe, build_recipe
 from lora_train.machine import machine_info
 
 CONTENDERS = ("ours", "trainer_max_length", "trainer_dynamic")
+OPTIONAL_CONTENDERS = ("ours_compiled",)
+"""Run only when named (``--contenders``)."""
 CONTENDER_LABELS = {
     "ours": "lora_train loop",
+    "ours_compiled": "lora_train loop, training.torch_compile=true",
     "trainer_max_length": "Trainer + PEFT, padding=max_length (tutorial)",
     "trainer_dynamic": "Trainer + PEFT, dynamic padding + group_by_length",
 }
@@ -441,7 +447,7 @@ def bench_ours(job: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     windows = [h for h in history if "window_s" in h and h["step"] > first]
     seconds = sum(h["window_s"] for h in windows)
     steps = metrics["global_step"] - first
-    return _result(
+    return {"startup_seconds": metrics["startup_seconds"]} | _result(
         samples=sum(h["window_samples"] for h in windows),
         tokens=sum(h["window_tokens"] for h in windows),
         padded_tokens=sum(h["window_padded_tokens"] for h in windows),
@@ -712,7 +718,9 @@ def worker_main(job_path: str, result_path: str) -> None:
             result = bench_weights(job)
         elif job["name"] in LEVERS:
             result = bench_lever(job, *LEVERS[job["name"]])
-        elif job["name"] == "ours":
+        elif job["name"] in ("ours", "ours_compiled"):
+            if job["name"] == "ours_compiled":
+                job["recipe"] = build_recipe(job["recipe"], ["training.torch_compile=true"]).to_dict()
             result = bench_ours(job, Path(tmp) / "run")
         else:
             result = bench_trainer(

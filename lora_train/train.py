@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from lora_train.optim import param_groups
 from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
+_IMPORTED = time.perf_counter()
 
 
 class TrainingError(RuntimeError):
@@ -82,6 +84,8 @@ class Run:
     pusher: Optional[hub.HubPusher]
     last_eval: dict[str, Any] = field(default_factory=dict)
     """``{"step", "report"}`` of the newest evaluation (the model card of a pushed checkpoint quotes it)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Where the seconds before the first step went (:func:`process_seconds` at each phase's end)."""
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -169,6 +173,8 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
+            if not run.startup.get("first_step_s"):
+                run.startup["first_step_s"] = process_seconds()  # torch.compile compiles in the first steps
             window.end_step(state.global_step)
             progress.update(1)
 
@@ -218,6 +224,11 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
             metrics["eval_macro_f1"],
             run.out,
         )
+        logger.info(
+            "seconds since the process started: %s; final evaluation and save done at %.1f",
+            ", ".join(f"{k[:-2]} {v:.1f}" for k, v in run.startup.items()),
+            process_seconds(),
+        )
     accelerator.wait_for_everyone()
     if run.pusher is not None:
         _push_final(run.pusher, run.out, state.global_step)
@@ -233,6 +244,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
     ``out`` is the output directory :func:`check_output_dir` accepted."""
     t = recipe.training
+    startup = {"imports_s": process_seconds()}  # the interpreter, imports and recipe checks before setup
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
     saved = json.loads((resume_dir / "state.json").read_text()) if resume_dir is not None else None
@@ -259,9 +271,11 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
 
+    startup["accelerate_s"] = process_seconds()
     tokenizer = load_tokenizer(recipe)
     data = load_task_data(recipe, accelerator.main_process_first)  # cheap data and label checks before the model
     train_loader, eval_loader = make_loaders(recipe, data, tokenizer, accelerator)
+    startup["data_s"] = process_seconds()
     updates_per_epoch = steps_per_epoch(len(train_loader), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
 
@@ -281,6 +295,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.torch_compile:
         model = torch.compile(model)
+    startup["model_s"] = process_seconds()
     run = Run(
         recipe,
         out,
@@ -297,6 +312,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
         updates_per_epoch,
         params,
         pusher,
+        startup=startup,
     )
     _log_plan(run, data)
     state = restore(run, resume_dir, saved) if resume_dir is not None else LoopState()
@@ -537,7 +553,18 @@ def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[s
         "label_names": run.label_names,
         "hardware": hardware_summary(accelerator.device, accelerator.num_processes),
         "resumed_from_step": session.first_step,
+        "startup_seconds": run.startup,
     }
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere since this module was imported)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
 
 def _progress_bar(run: Run, state: LoopState):

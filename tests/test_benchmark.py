@@ -67,6 +67,11 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
         assert run["steps"] == 4 and run["samples"] == 4 * 16  # the same 4 steps of 16 samples were timed
         assert run["torch_threads"] == 1
         assert run["peak_memory_mb"] > 300  # MB: a process with torch and transformers loaded, not bytes or GB
+    # Our loop says where its seconds before the first step went (seconds since the process started, per phase).
+    marks = runs["ours"]["startup_seconds"]
+    assert list(marks) == ["imports_s", "accelerate_s", "data_s", "model_s", "first_step_s"]
+    assert 0 < marks["imports_s"] <= marks["data_s"] <= marks["model_s"] <= marks["first_step_s"]
+    assert marks["first_step_s"] < runs["ours"]["process_s"]
     # All three train the same LoRA model.
     assert len({(r["trainable_params"], r["total_params"]) for r in runs.values()}) == 1
     # Padding to max_length does not change the count of real (non-pad) tokens, and they are fewer than 32 per sample.
