@@ -162,6 +162,15 @@ def run_benchmark(
     unknown = set(contenders) - set(LABELS)
     if unknown:
         raise ValueError(f"unknown contender(s) {sorted(unknown)}; valid: {', '.join(LABELS)}")
+    bound = run_job(
+        {"kind": "bound", "name": "compute bound", "recipe": recipe.to_dict(), "threads": settings.threads},
+        out_dir / "runs" / "bound",
+        settings.threads,
+    )
+    log(
+        f"compute bound: {bound['peak_gflops']:.0f} GFLOP/s ({bound['dtype']} matmul, {settings.threads} threads),"
+        f" {bound['flops_per_token'] / 1e6:.0f} MFLOP per padded training token"
+    )
     runs = []
     for repeat, name in interleaved_order(list(contenders), settings.repeats):
         seed = recipe.training.seed + (repeat if settings.seed_per_repeat else 0)
@@ -176,6 +185,7 @@ def run_benchmark(
         }
         result = run_job(job, out_dir / "runs" / f"{repeat}-{name}", settings.threads)
         result.update(contender=name, repeat=repeat, seed=seed)
+        result["bound_fraction"] = bound_fraction(result, bound)
         runs.append(result)
         log(
             f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
@@ -188,6 +198,7 @@ def run_benchmark(
         "settings": settings.__dict__,
         "recipe": recipe.to_dict(),
         "machine": machine_info(settings.threads),
+        "compute_bound": bound,
         "runs": runs,
         "reference": reference,
         "summary": summarize(runs, list(contenders), reference),
@@ -257,6 +268,7 @@ def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str 
         "tokens_per_s",
         "step_time_ms",
         "padding_share",
+        "bound_fraction",
         "process_s",
         "peak_memory_mb",
         "eval_accuracy",
@@ -325,10 +337,11 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         + _header(report)
         + [
             "",
-            "| contender | samples/s (min-max) | non-pad tokens/s | ms/step | padding share | whole process s |"
+            "| contender | samples/s (min-max) | non-pad tokens/s | ms/step | padding share | of compute bound |"
+            " whole process s |"
             " peak memory MB | trainable params | accuracy |"
             f" {LABELS[report['reference']].split(' (')[0]} is x faster (samples/s, whole process) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     )
     for name, row in report["summary"].items():
@@ -341,7 +354,8 @@ def throughput_markdown(report: dict[str, Any]) -> str:
             speed += f", {row['process_speedup']:.2f}"
         lines.append(
             f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
-            f" {row['step_time_ms']:.1f} | {row['padding_share']:.1%} | {row['process_s']:.1f} |"
+            f" {row['step_time_ms']:.1f} | {row['padding_share']:.1%} | {row['bound_fraction']:.0%} |"
+            f" {row['process_s']:.1f} |"
             f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
             f" {acc} | {speed} |"
         )
@@ -618,6 +632,7 @@ def _result(
     return {
         "samples_per_s": samples / seconds,
         "tokens_per_s": tokens / seconds,
+        "padded_tokens": padded_tokens,
         "padding_share": 1 - tokens / padded_tokens if padded_tokens else 0.0,
         "step_time_ms": 1000 * seconds / steps,
         "seconds": seconds,
@@ -630,6 +645,44 @@ def _result(
         "total_params": total,
         "device": device,
     }
+
+
+def compute_bound(job: dict[str, Any], size: int = 1024, repeats: int = 10) -> dict[str, Any]:
+    """What the hardware allows: the best matmul rate at the run's thread count and compute dtype (bf16 under bf16
+    autocast, else float32) on ``size`` x ``size`` matrices, and the FLOPs a training step spends per padded token
+    by this estimate: 2 per base Linear weight forward and 2 backward (the input gradient; the frozen weights get
+    none), LoRA, attention scores and elementwise work left out (a few percent at these lengths)."""
+    import torch
+
+    from lora_train.modeling import head_modules, load_model_config, meta_model
+
+    recipe = build_recipe(job["recipe"])
+    dtype = torch.bfloat16 if recipe.training.mixed_precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 5)
+    model = meta_model(load_model_config(recipe, ["a", "b"]))
+    heads = set(head_modules(model))
+    weights = sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not heads.intersection(name.split("."))
+    )
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_gflops": 2 * size**3 / best / 1e9,
+        "flops_per_token": 4 * weights,
+    }
+
+
+def bound_fraction(result: dict[str, Any], bound: dict[str, Any]) -> float:
+    """The share of the compute bound a run reached: its padded tokens' estimated FLOPs over the timed seconds,
+    against the peak matmul rate."""
+    return result["padded_tokens"] * bound["flops_per_token"] / result["seconds"] / (bound["peak_gflops"] * 1e9)
 
 
 def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
@@ -716,6 +769,8 @@ def worker_main(job_path: str, result_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
         if job["kind"] == "weights":
             result = bench_weights(job)
+        elif job["kind"] == "bound":
+            result = compute_bound(job)
         elif job["name"] in LEVERS:
             result = bench_lever(job, *LEVERS[job["name"]])
         elif job["name"] in ("ours", "ours_compiled"):

@@ -32,6 +32,12 @@ def assert_summary_adds_up(report: dict, reference: str) -> None:
         assert run["tokens_per_s"] == pytest.approx(run["tokens"] / run["seconds"])
         assert run["step_time_ms"] == pytest.approx(1000 * run["seconds"] / run["steps"])
         assert 0 <= run["padding_share"] < 1 and run["process_s"] > run["seconds"]
+        assert run["padding_share"] == pytest.approx(1 - run["tokens"] / run["padded_tokens"])
+        bound = report["compute_bound"]
+        assert run["bound_fraction"] == pytest.approx(
+            run["padded_tokens"] * bound["flops_per_token"] / run["seconds"] / (bound["peak_gflops"] * 1e9)
+        )
+        assert 0 < run["bound_fraction"] < 1
     summary = report["summary"]
     for name, row in summary.items():
         mine = sorted(r["samples_per_s"] for r in report["runs"] if r["contender"] == name)
@@ -84,6 +90,9 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
     assert runs["trainer_dynamic"]["padding_share"] < runs["trainer_max_length"]["padding_share"]
     summary = report["summary"]
     assert_summary_adds_up(report, "ours")
+    # The tiny BERT: 2 layers of 4 64x64 attention and 2 64x128 feed-forward Linears (tests/conftest.py), x 4 FLOPs.
+    assert report["compute_bound"]["flops_per_token"] == 4 * 2 * (4 * 64 * 64 + 2 * 64 * 128)
+    assert report["compute_bound"]["dtype"] == "float32" and report["compute_bound"]["peak_gflops"] > 1
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["summary"] == summary and saved["machine"]["threads"] == 1
     markdown = (tmp_path / "bench" / "results.md").read_text()
