@@ -7,6 +7,9 @@ Contenders (:data:`CONTENDERS`):
   (``data.max_length`` tokens), random batches.
 - ``trainer_dynamic``: a well-configured ``Trainer``: dynamic padding (``DataCollatorWithPadding``) and
   ``train_sampling_strategy="group_by_length"``.
+- ``ours_compiled``: our loop with ``training.torch_compile=true`` (not run unless asked): its steady state is the
+  samples/s (steps mode: after the warm-up steps, which include the compilations), its start-up cost shows in the
+  whole process's seconds.
 
 All three build the same model with :mod:`lora_train.modeling` (same checkpoint, dtype, attention kernel, LoRA
 config), use the same training subset, batch size, learning-rate schedule, clipping and seed.
@@ -42,8 +45,11 @@ from lora_train.config import Recipe, build_recipe
 from lora_train.machine import machine_info
 
 CONTENDERS = ("ours", "trainer_max_length", "trainer_dynamic")
+OPTIONAL_CONTENDERS = ("ours_compiled",)
+"""Run only when named (``--contenders``)."""
 CONTENDER_LABELS = {
     "ours": "lora_train loop",
+    "ours_compiled": "lora_train loop, training.torch_compile=true",
     "trainer_max_length": "Trainer + PEFT, padding=max_length (tutorial)",
     "trainer_dynamic": "Trainer + PEFT, dynamic padding + group_by_length",
 }
@@ -122,6 +128,7 @@ def run_job(job: dict[str, Any], work_dir: Path, threads: int) -> dict[str, Any]
         "MKL_NUM_THREADS": str(threads),
         "TOKENIZERS_PARALLELISM": "false",
     }
+    start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
             [sys.executable, "-m", "lora_lab.benchmark", str(job_path), str(result_path)],
@@ -132,7 +139,8 @@ def run_job(job: dict[str, Any], work_dir: Path, threads: int) -> dict[str, Any]
     if proc.returncode != 0 or not result_path.exists():
         tail = log_path.read_text()[-3000:]
         raise RuntimeError(f"benchmark job {job.get('name')} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    return json.loads(result_path.read_text())
+    # The whole process, as a user waits for it: interpreter, imports, data, model, the run, evaluation and save.
+    return {**json.loads(result_path.read_text()), "process_s": time.perf_counter() - start}
 
 
 def interleaved_order(names: list[str], repeats: int) -> list[tuple[int, str]]:
@@ -154,6 +162,15 @@ def run_benchmark(
     unknown = set(contenders) - set(LABELS)
     if unknown:
         raise ValueError(f"unknown contender(s) {sorted(unknown)}; valid: {', '.join(LABELS)}")
+    bound = run_job(
+        {"kind": "bound", "name": "compute bound", "recipe": recipe.to_dict(), "threads": settings.threads},
+        out_dir / "runs" / "bound",
+        settings.threads,
+    )
+    log(
+        f"compute bound: {bound['peak_gflops']:.0f} GFLOP/s ({bound['dtype']} matmul, {settings.threads} threads),"
+        f" {bound['flops_per_token'] / 1e6:.0f} MFLOP per padded training token"
+    )
     runs = []
     for repeat, name in interleaved_order(list(contenders), settings.repeats):
         seed = recipe.training.seed + (repeat if settings.seed_per_repeat else 0)
@@ -168,10 +185,12 @@ def run_benchmark(
         }
         result = run_job(job, out_dir / "runs" / f"{repeat}-{name}", settings.threads)
         result.update(contender=name, repeat=repeat, seed=seed)
+        result["bound_fraction"] = bound_fraction(result, bound)
         runs.append(result)
         log(
             f"[{repeat}] {name}: {result['samples_per_s']:.1f} samples/s, {result['step_time_ms']:.1f} ms/step, "
-            f"peak {result['peak_memory_mb']:.0f} MB"
+            f"padding {result['padding_share']:.1%}, process {result['process_s']:.1f} s,"
+            f" peak {result['peak_memory_mb']:.0f} MB"
             + (f", accuracy {result['eval_accuracy']:.4f}" if result.get("eval_accuracy") is not None else "")
         )
     report = {
@@ -179,6 +198,7 @@ def run_benchmark(
         "settings": settings.__dict__,
         "recipe": recipe.to_dict(),
         "machine": machine_info(settings.threads),
+        "compute_bound": bound,
         "runs": runs,
         "reference": reference,
         "summary": summarize(runs, list(contenders), reference),
@@ -243,7 +263,16 @@ def write_report(report: dict[str, Any], out_dir: Path, markdown: str) -> None:
 
 def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str = "ours") -> dict[str, Any]:
     """Medians per contender, and how many times faster ``reference`` is than each contender."""
-    keys = ("samples_per_s", "tokens_per_s", "step_time_ms", "peak_memory_mb", "eval_accuracy")
+    keys = (
+        "samples_per_s",
+        "tokens_per_s",
+        "step_time_ms",
+        "padding_share",
+        "bound_fraction",
+        "process_s",
+        "peak_memory_mb",
+        "eval_accuracy",
+    )
     summary: dict[str, Any] = {}
     for name in contenders:
         mine = [r for r in runs if r["contender"] == name]
@@ -264,6 +293,8 @@ def summarize(runs: list[dict[str, Any]], contenders: list[str], reference: str 
     if reference in summary:
         for name in contenders:
             summary[name]["speedup"] = summary[reference]["samples_per_s"] / summary[name]["samples_per_s"]
+            if summary[name]["process_s"] and summary[reference]["process_s"]:
+                summary[name]["process_speedup"] = summary[name]["process_s"] / summary[reference]["process_s"]
     return summary
 
 
@@ -306,10 +337,11 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         + _header(report)
         + [
             "",
-            "| contender | samples/s (min-max) | non-pad tokens/s | ms/step |"
+            "| contender | samples/s (min-max) | non-pad tokens/s | ms/step | padding share | of compute bound |"
+            " whole process s |"
             " peak memory MB | trainable params | accuracy |"
-            f" {LABELS[report['reference']].split(' (')[0]} is x faster |",
-            "|---|---|---|---|---|---|---|---|",
+            f" {LABELS[report['reference']].split(' (')[0]} is x faster (samples/s, whole process) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
     )
     for name, row in report["summary"].items():
@@ -318,9 +350,13 @@ def throughput_markdown(report: dict[str, Any]) -> str:
         if row.get("eval_accuracy") is not None and report["settings"].get("seed_per_repeat"):
             acc = f"{row['eval_accuracy_mean']:.4f} ± {row['eval_accuracy_std']:.4f} (mean ± std)"
         speed = f"{row['speedup']:.2f}" if "speedup" in row else "-"
+        if "process_speedup" in row:
+            speed += f", {row['process_speedup']:.2f}"
         lines.append(
             f"| {LABELS[name]} | {row['samples_per_s']:.1f} ({low:.1f}-{high:.1f}) | {row['tokens_per_s']:.0f} |"
-            f" {row['step_time_ms']:.1f} | {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
+            f" {row['step_time_ms']:.1f} | {row['padding_share']:.1%} | {row['bound_fraction']:.0%} |"
+            f" {row['process_s']:.1f} |"
+            f" {row['peak_memory_mb']:.0f} | {row['trainable_params']:,} |"
             f" {acc} | {speed} |"
         )
     return "\n".join(lines) + "\n"
@@ -425,9 +461,10 @@ def bench_ours(job: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     windows = [h for h in history if "window_s" in h and h["step"] > first]
     seconds = sum(h["window_s"] for h in windows)
     steps = metrics["global_step"] - first
-    return _result(
+    return {"startup_seconds": metrics["startup_seconds"]} | _result(
         samples=sum(h["window_samples"] for h in windows),
         tokens=sum(h["window_tokens"] for h in windows),
+        padded_tokens=sum(h["window_padded_tokens"] for h in windows),
         seconds=seconds,
         steps=steps,
         accuracy=metrics["eval_accuracy"] if job["epochs"] is not None else None,
@@ -512,11 +549,13 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
     ga = t.gradient_accumulation_steps
     batch_tokens = counter.tokens[first * ga : total_steps * ga]
     batch_samples = counter.samples[first * ga : total_steps * ga]
+    batch_padded = counter.padded[first * ga : total_steps * ga]
     accuracy = trainer.evaluate(eval_ds)["eval_accuracy"] if job["epochs"] is not None else None
     params = count_parameters(model)
     return _result(
         samples=sum(batch_samples),
         tokens=sum(batch_tokens),
+        padded_tokens=sum(batch_padded),
         seconds=timer.seconds,
         steps=total_steps - first,
         accuracy=accuracy,
@@ -533,17 +572,19 @@ def _accuracy(prediction) -> dict[str, float]:
 
 
 class _CountingCollator:
-    """Wraps a collator and records each batch's sample and non-pad token counts, in order."""
+    """Wraps a collator and records each batch's sample, non-pad token and padded token counts, in order."""
 
     def __init__(self, inner):
         self.inner = inner
         self.samples: list[int] = []
         self.tokens: list[int] = []
+        self.padded: list[int] = []
 
     def __call__(self, features):
         batch = self.inner(features)
         self.samples.append(int(batch["input_ids"].shape[0]))
         self.tokens.append(int(batch["attention_mask"].sum()))
+        self.padded.append(int(batch["attention_mask"].numel()))
         return batch
 
 
@@ -576,6 +617,7 @@ def _step_timer(start: int, stop: int):
 def _result(
     samples: float,
     tokens: float,
+    padded_tokens: float,
     seconds: float,
     steps: int,
     accuracy: Optional[float],
@@ -590,6 +632,8 @@ def _result(
     return {
         "samples_per_s": samples / seconds,
         "tokens_per_s": tokens / seconds,
+        "padded_tokens": padded_tokens,
+        "padding_share": 1 - tokens / padded_tokens if padded_tokens else 0.0,
         "step_time_ms": 1000 * seconds / steps,
         "seconds": seconds,
         "steps": steps,
@@ -601,6 +645,44 @@ def _result(
         "total_params": total,
         "device": device,
     }
+
+
+def compute_bound(job: dict[str, Any], size: int = 1024, repeats: int = 10) -> dict[str, Any]:
+    """What the hardware allows: the best matmul rate at the run's thread count and compute dtype (bf16 under bf16
+    autocast, else float32) on ``size`` x ``size`` matrices, and the FLOPs a training step spends per padded token
+    by this estimate: 2 per base Linear weight forward and 2 backward (the input gradient; the frozen weights get
+    none), LoRA, attention scores and elementwise work left out (a few percent at these lengths)."""
+    import torch
+
+    from lora_train.modeling import head_modules, load_model_config, meta_model
+
+    recipe = build_recipe(job["recipe"])
+    dtype = torch.bfloat16 if recipe.training.mixed_precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / 5)
+    model = meta_model(load_model_config(recipe, ["a", "b"]))
+    heads = set(head_modules(model))
+    weights = sum(
+        m.in_features * m.out_features
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not heads.intersection(name.split("."))
+    )
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_gflops": 2 * size**3 / best / 1e9,
+        "flops_per_token": 4 * weights,
+    }
+
+
+def bound_fraction(result: dict[str, Any], bound: dict[str, Any]) -> float:
+    """The share of the compute bound a run reached: its padded tokens' estimated FLOPs over the timed seconds,
+    against the peak matmul rate."""
+    return result["padded_tokens"] * bound["flops_per_token"] / result["seconds"] / (bound["peak_gflops"] * 1e9)
 
 
 def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
@@ -649,7 +731,7 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
     )
     model.train()
     warmup, steps = job["warmup_steps"], job["measure_steps"]
-    samples = tokens = 0
+    samples = tokens = padded = 0
     for step, batch in enumerate(loader):
         if step == warmup:
             start = time.perf_counter()
@@ -661,12 +743,14 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
         optimizer.zero_grad(set_to_none=True)
         if step >= warmup:
             samples, tokens = samples + len(batch["labels"]), tokens + int(batch["attention_mask"].sum())
+            padded += batch["attention_mask"].numel()
     else:
         raise ValueError(f"{warmup} + {steps} steps need more than one epoch of data; raise data.max_train_samples")
     params = count_parameters(model)
     return _result(
         samples=samples,
         tokens=tokens,
+        padded_tokens=padded,
         seconds=time.perf_counter() - start,
         steps=steps,
         accuracy=None,
@@ -685,9 +769,13 @@ def worker_main(job_path: str, result_path: str) -> None:
     with tempfile.TemporaryDirectory(prefix="lora_bench_") as tmp:
         if job["kind"] == "weights":
             result = bench_weights(job)
+        elif job["kind"] == "bound":
+            result = compute_bound(job)
         elif job["name"] in LEVERS:
             result = bench_lever(job, *LEVERS[job["name"]])
-        elif job["name"] == "ours":
+        elif job["name"] in ("ours", "ours_compiled"):
+            if job["name"] == "ours_compiled":
+                job["recipe"] = build_recipe(job["recipe"], ["training.torch_compile=true"]).to_dict()
             result = bench_ours(job, Path(tmp) / "run")
         else:
             result = bench_trainer(

@@ -3,6 +3,7 @@
 
     python -m lora_lab.memory_probe --precision bf16 --lengths random --steps 60
     python -m lora_lab.memory_probe --precision bf16 --lengths random --multiple 32 --steps 80
+    python -m lora_lab.memory_probe --precision bf16 --lengths random --buckets --steps 80
     python -m lora_lab.memory_probe --lengths fixed --attention-dropout 0 --steps 30
 
 Measured figures: docs/results.md ("Memory: where the IMDb recipe's gigabytes went"). Linux with glibc only.
@@ -31,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--lengths", choices=["random", "fixed"], default="random", help="random: 100 to 256 tokens")
     parser.add_argument("--multiple", type=int, default=1, help="round each batch's length up to a multiple of this")
+    parser.add_argument(
+        "--buckets", action="store_true", help="pad each batch as training does under bf16 on a CPU (length buckets)"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
@@ -49,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    from lora_train.data import padded_length
     from lora_train.modeling import ATTENTION_DROPOUT_FIELDS, attention_dropout_field
 
     libc = ctypes.CDLL("libc.so.6")
@@ -74,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for step in range(1, args.steps + 1):
         length = 256 if args.lengths == "fixed" else int(torch.randint(100, 257, ()))
         length = -(-length // args.multiple) * args.multiple
+        if args.buckets:
+            length = padded_length(length, 256, "cpu", bf16=True)
         ids = torch.randint(1000, 30000, (args.batch_size, length))
         labels = torch.randint(0, 2, (args.batch_size,))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):

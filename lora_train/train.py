@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from lora_train.optim import param_groups
 from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
 
 logger = logging.getLogger("lora_train")
+_IMPORTED = time.perf_counter()
 
 
 class TrainingError(RuntimeError):
@@ -102,6 +104,8 @@ class Run:
     pusher: Optional[hub.HubPusher]
     last_eval: dict[str, Any] = field(default_factory=dict)
     """``{"step", "report"}`` of the newest evaluation (the model card of a pushed checkpoint quotes it)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Where the seconds before the first step went (:func:`process_seconds` at each phase's end)."""
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -187,6 +191,8 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
             if not accelerator.sync_gradients:
                 continue
             state.global_step += 1
+            if not run.startup.get("first_step_s"):
+                run.startup["first_step_s"] = process_seconds()  # torch.compile compiles in the first steps
             window.end_step(state.global_step)
             progress.update(1)
 
@@ -236,6 +242,11 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
             metrics["eval_macro_f1"],
             run.out,
         )
+        logger.info(
+            "seconds since the process started: %s; final evaluation and save done at %.1f",
+            ", ".join(f"{k[:-2]} {v:.1f}" for k, v in run.startup.items()),
+            process_seconds(),
+        )
     accelerator.wait_for_everyone()
     if run.pusher is not None:
         _push_final(run.pusher, run.out, state.global_step)
@@ -252,6 +263,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     ``out`` is the output directory :func:`check_output_dir` accepted."""
     recipe, precision_note = fp16_on_gpus_without_bf16(recipe, native_bf16())
     t = recipe.training
+    startup = {"imports_s": process_seconds()}  # the interpreter, imports and recipe checks before setup
     check_model_fits(recipe, load_model_config(recipe))  # config.json only: seconds, before any weights or data
     resume_dir = ckpt.resolve_resume(t.resume_from_checkpoint, out / "checkpoints")
     saved = json.loads((resume_dir / "state.json").read_text()) if resume_dir is not None else None
@@ -280,6 +292,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     pusher = hub.pusher_for(recipe) if accelerator.is_main_process else None  # repo and token checked before any work
     set_seed(t.seed)
 
+    startup["accelerate_s"] = process_seconds()
     tokenizer = load_tokenizer(recipe)
     saved_carve = out / CARVE_FILE
     carve = Carve.read(saved_carve) if resume_dir is not None and saved_carve.is_file() else None
@@ -287,6 +300,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     # The text column found in the data is written into the run's recipe: predict, eval and serving read it there.
     recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, text_column=data.spec.text_column))
     train_loader, eval_loader = make_loaders(recipe, data, tokenizer, accelerator)
+    startup["data_s"] = process_seconds()
     updates_per_epoch = steps_per_epoch(len(train_loader), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
 
@@ -306,6 +320,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if t.torch_compile:
         model = torch.compile(model)
+    startup["model_s"] = process_seconds()
     run = Run(
         recipe,
         out,
@@ -323,6 +338,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
         updates_per_epoch,
         params,
         pusher,
+        startup=startup,
     )
     _log_plan(run, data)
     state = restore(run, resume_dir, saved) if resume_dir is not None else LoopState()
@@ -376,7 +392,7 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
         eval_ds = tokenize(data.eval, tokenizer, data.spec, d.max_length, d.truncation)
     lengths = train_ds["length"]
     train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
-    collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type)
+    collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type, t.mixed_precision)
     global_batch = t.per_device_train_batch_size * accelerator.num_processes
     sampler = EpochSampler(lengths, global_batch, t.seed, recipe.data.group_by_length)
     common = dict(
@@ -436,6 +452,7 @@ class LogWindow:
         self.micro_losses: list[torch.Tensor] = []
         self.samples = torch.zeros((), device=device)
         self.tokens = torch.zeros((), device=device)
+        self.padded_tokens = torch.zeros((), device=device)
         self.samples_this_process = torch.zeros(1, device=device)  # reported per process: shows every rank trained
         self.start = self.train_start = time.perf_counter()
 
@@ -444,6 +461,7 @@ class LogWindow:
         self.samples += batch["labels"].numel()
         self.samples_this_process += batch["labels"].numel()
         self.tokens += batch["attention_mask"].sum()
+        self.padded_tokens += batch["attention_mask"].numel()
 
     def end_step(self, step: int) -> None:
         self.pending.append((step, torch.stack(self.micro_losses).mean()))
@@ -464,7 +482,8 @@ class LogWindow:
                     f"loss became {value} at optimizer step {step}; stopping. {_last_good(run.checkpoints_root)}"
                 )
         elapsed = time.perf_counter() - self.start
-        samples, tokens = accelerator.reduce(torch.stack([self.samples, self.tokens]), reduction="sum").tolist()
+        totals = torch.stack([self.samples, self.tokens, self.padded_tokens])
+        samples, tokens, padded = accelerator.reduce(totals, reduction="sum").tolist()
         entry = {
             "step": self.pending[-1][0],
             "loss": sum(losses) / len(losses),
@@ -474,6 +493,8 @@ class LogWindow:
             "window_s": elapsed,
             "window_samples": int(samples),
             "window_tokens": int(tokens),
+            "window_padded_tokens": int(padded),
+            "padding_share": 1 - tokens / padded if padded else 0.0,
             "peak_memory_mb": peak_memory_mb(accelerator.device),
             "step_losses": losses,
         }
@@ -482,6 +503,7 @@ class LogWindow:
         self.pending.clear()
         self.samples.zero_()
         self.tokens.zero_()
+        self.padded_tokens.zero_()
         self.restart()
         return entry
 
@@ -588,13 +610,24 @@ def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[s
         "label_names": run.label_names,
         "hardware": hardware_summary(accelerator.device, accelerator.num_processes),
         "resumed_from_step": session.first_step,
+        "startup_seconds": run.startup,
     }
 
 
-def _progress_bar(run: Run, state: LoopState):
-    from tqdm.auto import tqdm
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere since this module was imported)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED
 
-    return tqdm(
+
+def _progress_bar(run: Run, state: LoopState):
+    from lora_train.progress import progress_bar
+
+    return progress_bar(
         total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train"
     )
 

@@ -31,12 +31,20 @@ def assert_summary_adds_up(report: dict, reference: str) -> None:
         assert run["samples_per_s"] == pytest.approx(run["samples"] / run["seconds"])
         assert run["tokens_per_s"] == pytest.approx(run["tokens"] / run["seconds"])
         assert run["step_time_ms"] == pytest.approx(1000 * run["seconds"] / run["steps"])
+        assert 0 <= run["padding_share"] < 1 and run["process_s"] > run["seconds"]
+        assert run["padding_share"] == pytest.approx(1 - run["tokens"] / run["padded_tokens"])
+        bound = report["compute_bound"]
+        assert run["bound_fraction"] == pytest.approx(
+            run["padded_tokens"] * bound["flops_per_token"] / run["seconds"] / (bound["peak_gflops"] * 1e9)
+        )
+        assert 0 < run["bound_fraction"] < 1
     summary = report["summary"]
     for name, row in summary.items():
         mine = sorted(r["samples_per_s"] for r in report["runs"] if r["contender"] == name)
         assert row["runs"] == len(mine) and row["samples_per_s_range"] == [mine[0], mine[-1]]
         assert row["samples_per_s"] == pytest.approx((mine[(len(mine) - 1) // 2] + mine[len(mine) // 2]) / 2)
         assert row["speedup"] == pytest.approx(summary[reference]["samples_per_s"] / row["samples_per_s"])
+        assert row["process_speedup"] == pytest.approx(row["process_s"] / summary[reference]["process_s"])
 
 
 def test_interleaved_order_rotates_and_runs_everyone_each_repeat():
@@ -65,13 +73,26 @@ def test_three_contenders_measure_the_same_steps_and_data(tmp_path, tiny_bert_di
         assert run["steps"] == 4 and run["samples"] == 4 * 16  # the same 4 steps of 16 samples were timed
         assert run["torch_threads"] == 1
         assert run["peak_memory_mb"] > 300  # MB: a process with torch and transformers loaded, not bytes or GB
+    # Our loop says where its seconds before the first step went (seconds since the process started, per phase).
+    marks = runs["ours"]["startup_seconds"]
+    assert list(marks) == ["imports_s", "accelerate_s", "data_s", "model_s", "first_step_s"]
+    assert 0 < marks["imports_s"] <= marks["data_s"] <= marks["model_s"] <= marks["first_step_s"]
+    assert marks["first_step_s"] < runs["ours"]["process_s"]
     # All three train the same LoRA model.
     assert len({(r["trainable_params"], r["total_params"]) for r in runs.values()}) == 1
     # Padding to max_length does not change the count of real (non-pad) tokens, and they are fewer than 32 per sample.
     for run in runs.values():
         assert 4 * 16 * 3 < run["tokens"] < 4 * 16 * 32
+    # ... but their padding: the tutorial pads every text to 32 tokens, dynamic padding to the batch's longest.
+    assert runs["trainer_max_length"]["padding_share"] == pytest.approx(
+        1 - runs["trainer_max_length"]["tokens"] / (64 * 32)
+    )
+    assert runs["trainer_dynamic"]["padding_share"] < runs["trainer_max_length"]["padding_share"]
     summary = report["summary"]
     assert_summary_adds_up(report, "ours")
+    # The tiny BERT: 2 layers of 4 64x64 attention and 2 64x128 feed-forward Linears (tests/conftest.py), x 4 FLOPs.
+    assert report["compute_bound"]["flops_per_token"] == 4 * 2 * (4 * 64 * 64 + 2 * 64 * 128)
+    assert report["compute_bound"]["dtype"] == "float32" and report["compute_bound"]["peak_gflops"] > 1
     saved = json.loads((tmp_path / "bench" / "results.json").read_text())
     assert saved["summary"] == summary and saved["machine"]["threads"] == 1
     markdown = (tmp_path / "bench" / "results.md").read_text()

@@ -15,8 +15,9 @@ from lora_train.data import (
     config_file_patterns,
     encode_texts,
     load_splits,
+    padded_length,
     padding_collator,
-    padding_multiple,
+    padding_lengths,
     resolve_spec,
     tokenize,
 )
@@ -200,20 +201,27 @@ def test_tokenize_truncates_and_collator_pads_dynamically():
     batch8 = DataCollatorWithPadding(tok, pad_to_multiple_of=8)(rows)
     assert batch8["input_ids"].shape[1] % 8 == 0
     longest = max(sum(r["attention_mask"]) for r in rows)
-    for device, multiple in (("cpu", 8), ("cuda", 8)):
-        padded = padding_collator(tok, 16, device)(rows)["input_ids"].shape[1]
-        assert padded % multiple == 0 and longest <= padded < longest + multiple
+    assert padding_collator(tok, 16, "cpu")(rows)["input_ids"].shape[1] == longest  # fp32 on a CPU: no rounding
+    padded = padding_collator(tok, 16, "cuda")(rows)["input_ids"].shape[1]
+    assert padded % 8 == 0 and longest <= padded < longest + 8
+    bucketed = padding_collator(tok, 16, "cpu", "bf16")(rows)
+    assert bucketed["input_ids"].shape[1] in padding_lengths(16) and bucketed["input_ids"].shape[1] >= longest
+    assert bucketed["labels"].tolist() == [r["labels"] for r in rows]
 
 
-def test_cpu_batches_take_at_most_eight_padded_lengths():
-    # oneDNN caches bf16 kernels per input shape: a bounded set of lengths bounds its memory (docs/results.md).
+def test_bf16_cpu_batches_take_few_padded_lengths_with_little_padding():
+    # oneDNN caches bf16 kernels per input shape: a bounded set of lengths bounds its memory (docs/results.md);
+    # geometric buckets keep the padding of any length under a fifth, where a multiple of max_length / 8 padded
+    # a 10-token sentence to 16 or 32 tokens.
     for max_length in (16, 64, 100, 128, 256, 512, 4096):
-        multiple = padding_multiple(max_length, "cpu")
-        lengths = {-(-n // multiple) * multiple for n in range(1, max_length + 1)}
-        assert multiple % 8 == 0 and len(lengths) <= 8, (max_length, multiple, sorted(lengths))
-        assert max(lengths) < max_length + multiple
-    assert padding_multiple(64, "cpu") == 8 and padding_multiple(256, "cpu") == 32
-    assert padding_multiple(256, "cuda") == 8
+        lengths = padding_lengths(max_length)
+        assert lengths == sorted(set(lengths)) and lengths[-1] == max_length and len(lengths) <= 40, lengths
+        padded = [padded_length(n, max_length, "cpu", bf16=True) for n in range(1, max_length + 1)]
+        assert set(padded) == set(lengths[: len(set(padded))])
+        assert all(n <= p and (p <= 8 or p <= 1.2 * n + 8) for n, p in zip(range(1, max_length + 1), padded))
+    assert len(padding_lengths(64)) == 12 and len(padding_lengths(128)) == 15 and len(padding_lengths(256)) == 18
+    assert padded_length(10, 64, "cpu", bf16=True) == 10 and padded_length(11, 64, "cpu", bf16=True) == 12
+    assert padded_length(11, 64, "cpu", bf16=False) == 11 and padded_length(11, 64, "cuda", bf16=True) == 16
 
 
 def _head_tail_check(tok, max_length: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -201,17 +202,27 @@ def test_predict_from_arguments_files_and_stdin_agree_with_the_model(lora_run, t
 
 
 def test_eval_and_predict_show_progress_with_rate_and_time_left(lora_run, tmp_path, capsys):
+    # stderr is captured here, not a terminal: the bars print a line when they start and end (and every 20 s),
+    # not one per batch or per result.
     assert script("eval").main([str(lora_run), "--batch-size", "16", "--output-dir", str(tmp_path / "eval")]) == 0
-    bars = capsys.readouterr().err.split("\r")
+    captured = capsys.readouterr()
+    bars = captured.err.splitlines()
     assert any(bar.startswith("eval:") and "/8 [" in bar and "batch/s]" in bar for bar in bars), bars[-3:]
+    assert len([bar for bar in bars if bar.startswith("eval:")]) <= 3, bars
+    assert re.search(r"accuracy [0-9.]+ .* \| [0-9.]+ texts/s", captured.out)
+    report = json.loads((tmp_path / "eval" / "eval_validation.json").read_text())
+    assert report["texts_per_s"] == pytest.approx(report["num_samples"] / report["seconds"])
 
     (tmp_path / "in.txt").write_text("\n".join(TEXTS * 20) + "\n")
     assert script("predict").main([str(lora_run), "--file", str(tmp_path / "in.txt"), "--batch-size", "8"]) == 0
     captured = capsys.readouterr()
     assert len(captured.out.splitlines()) == 100  # results alone on stdout, the bar on stderr
-    bars = captured.err.split("\r")
+    bars = captured.err.splitlines()
     assert any(bar.startswith("predict: 100%") and "100/100 [" in bar and "text/s]" in bar for bar in bars), bars[-3:]
     assert any("<" in bar and "predict:" in bar for bar in bars)  # elapsed<remaining: the time left is shown
+    mine = [bar for bar in bars if bar.startswith("predict")]
+    assert len(mine) <= 3, bars  # 13 batches, 100 results: a start line, an end line and the rate
+    assert re.fullmatch(r"predict: 100 texts in [0-9.]+ s, [0-9.]+ texts/s", mine[-1])
 
 
 def test_predict_refuses_bad_input_before_loading(lora_run, tmp_path, capsys):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lora_train.config import build_recipe
-from lora_train.data import padding_multiple
+from lora_train.data import padding_lengths
 from lora_train.inference import load_run, predict
 from lora_train.serving.access import Access
 from lora_train.serving.app import Limits, create_app
@@ -169,6 +169,22 @@ def test_requests_for_different_adapters_share_batches(server, reference):
     assert after["requests"] - before["requests"] == 24
     assert after["batches"] - before["batches"] < 24  # some requests shared a forward
     assert after["busy_s"] > before["busy_s"]  # the worker's time in batches is counted
+
+
+def test_fan_out_request_answers_every_adapter_from_one_batch(server, reference):
+    """One text, several adapters: the same probabilities as one request per adapter, from one worker batch."""
+    before = httpx.get(f"{server}/healthz").json()
+    response = httpx.post(
+        f"{server}/v1/classify", json={"adapters": ["three", "sentiment"], "texts": TEXTS[:3]}, timeout=60
+    )
+    after = httpx.get(f"{server}/healthz").json()
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["adapter"] for r in results] == ["three", "sentiment"]
+    for result in results:
+        served = torch.tensor([list(p["probabilities"].values()) for p in result["predictions"]])
+        torch.testing.assert_close(served, reference[result["adapter"]][:3], atol=1e-5, rtol=0)
+    assert (after["requests"] - before["requests"], after["batches"] - before["batches"]) == (2, 1)
 
 
 def test_mixed_and_per_adapter_forwards_agree(runs, reference):
@@ -323,7 +339,12 @@ def test_the_last_adapter_cannot_be_unloaded(runs):
         ({"adapter": "sentiment", "texts": "good"}, 422, "Input should be a valid list"),
         ({"adapter": "sentiment", "texts": [1, 2]}, 422, "Input should be a valid string"),
         ({"adapter": 3, "texts": ["good"]}, 422, "Input should be a valid string"),
-        ({"texts": ["good"]}, 422, "Field required"),
+        ({"texts": ["good"]}, 422, "give either adapter (one name) or adapters (a list of names)"),
+        ({"adapter": "three", "adapters": ["sentiment"], "texts": ["good"]}, 422, "not both or neither"),
+        ({"adapters": ["three", "three"], "texts": ["good"]}, 422, "name an adapter twice"),
+        ({"adapters": [], "texts": ["good"]}, 422, "at least 1 item"),
+        ({"adapters": ["three", "nope"], "texts": ["good"]}, 404, "adapter 'nope' is not loaded"),
+        ({"adapters": ["three", "sentiment"], "texts": ["x"] * 5}, 413, "5 texts x 2 adapters in one request"),
         ({"adapter": "sentiment", "texts": ["good"], "top_k": 2}, 422, "Extra inputs are not permitted"),
     ],
 )
@@ -402,7 +423,7 @@ def test_forward_costs_time_each_adapter_alone_and_batched(runs):
 
 def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(runs):
     """A bf16-trained adapter is served under bf16 autocast, as predict and eval score it; batches are padded to
-    the CPU padding multiple, so a long-running server compiles few oneDNN kernels."""
+    the bf16 CPU padding lengths, so a long-running server compiles few oneDNN kernels."""
     registry = AdapterRegistry("cpu")
     adapter = read_adapter(str(runs["bf16"]))
     registry.attach(adapter)
@@ -417,7 +438,7 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
     torch.testing.assert_close(
         served, torch.tensor([list(r["probabilities"].values()) for r in expected]), atol=4e-3, rtol=0
     )
-    assert widths and all(w % padding_multiple(adapter.max_length, "cpu") == 0 for w in widths)
+    assert widths and all(w in padding_lengths(adapter.max_length) for w in widths)
 
     # The base's weights are stored in bf16 once, not cast at every forward; so the server holds one precision.
     assert registry.model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == (
@@ -430,10 +451,16 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
 
 def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_logits(runs):
     """Autocast casts float32 weights at every forward; storing the frozen base weights in its dtype once must give
-    bit-identical outputs, and leave the adapter's own layers (LoRA, head) as they were."""
-    from lora_train.inference import store_frozen_linears_in
+    bit-identical outputs, and leave the adapter's own layers (LoRA, head) as they were; storing those too (the
+    server, and load_run for predict and eval) must again give bit-identical outputs."""
+    from peft import PeftModel
+
+    from lora_train.inference import load_base_for_run, store_frozen_linears_in
 
     run = load_run(str(runs["bf16"]), device="cpu")
+    assert store_frozen_linears_in(run.model, torch.bfloat16) == 0  # load_run did it already
+    base = load_base_for_run(run.recipe, run.label_names, run.tokenizer, torch.device("cpu"))
+    run.model = PeftModel.from_pretrained(base, runs["bf16"]).eval()
     batch = run.tokenizer(TEXTS + [LONG_TEXT], padding=True, truncation=True, max_length=32, return_tensors="pt")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = run.model(**batch).logits
@@ -443,6 +470,10 @@ def test_frozen_linears_stored_in_the_autocast_dtype_give_the_same_logits(runs):
     dtypes = {name: p.dtype for name, p in run.model.named_parameters()}
     assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "modules_to_save" in n)
     assert any(d == torch.bfloat16 for n, d in dtypes.items() if n.endswith("base_layer.weight"))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert store_frozen_linears_in(run.model, torch.bfloat16, adapters_too=True) > 0
+        assert torch.equal(run.model(**batch).logits, before)
+    assert {p.dtype for n, p in run.model.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
 def test_concurrent_encodes_keep_the_adapters_truncation(runs):
@@ -664,3 +695,80 @@ def test_command_line_access_options(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
     assert access_for(parser.parse_args(["run", "--allow-hub"])).admin_token == TOKEN
     assert os.environ[ADMIN_TOKEN_ENV] == TOKEN
+
+
+def test_plain_server_baseline_answers_like_predict(runs, reference):
+    """The load test's baseline (each adapter merged into its own base copy, one forward per request) serves the
+    same probabilities as predict.py, so the ratio compares servers doing the same work."""
+    from fastapi.testclient import TestClient
+
+    from lora_lab.plain_server import build_app
+
+    app = build_app([f"sentiment={runs['sentiment']}", f"three={runs['three']}"])
+    with TestClient(app) as client:
+        for name in ("sentiment", "three"):
+            response = client.post("/v1/classify", json={"adapter": name, "texts": TEXTS + [LONG_TEXT]})
+            served = torch.tensor([list(p["probabilities"].values()) for p in response.json()["predictions"]])
+            torch.testing.assert_close(served, reference[name], atol=1e-5, rtol=0)
+        assert client.post("/v1/classify", json={"adapter": "nope", "texts": ["x"]}).status_code == 404
+        assert client.get("/healthz").json()["requests"] == 2
+
+
+def test_load_test_compares_our_server_with_the_plain_one_in_one_run(runs):
+    from lora_lab.serve_bench import markdown_table, run_bench, summary
+
+    names = ["sentiment", "three"]
+    logged: list[str] = []
+    results = run_bench(
+        [str(runs[n]) for n in names],
+        names,
+        setups=("batched", "plain"),
+        clients=4,
+        warmup_s=0.5,
+        duration_s=2.0,
+        texts_per_adapter=8,
+        server_args=["--threads", "1"],
+        log=logged.append,
+        repeats=2,
+    )
+    assert [r.setup for r in results] == ["batched", "plain"]
+    # Interleaved: the second repeat starts with the other setup.
+    assert [line.split(":")[0] for line in logged if line.startswith("[")] == [
+        "[0] batched",
+        "[0] plain",
+        "[1] plain",
+        "[1] batched",
+    ]
+    for r in results:
+        assert r.requests > 0 and r.errors == 0 and r.requests_per_s > 0 and r.rss_mb > 100
+    assert results[1].texts_per_batch == 1.0 and results[1].processes == 1
+    assert "batched / plain server requests/s" in summary(results)
+    assert "| plain | 1 |" in markdown_table(results)
+
+
+def test_median_result_takes_each_figure_s_median_and_sums_the_counts():
+    from lora_lab.serve_bench import SetupResult, median_result
+
+    runs = [
+        SetupResult("plain", 1, 100, 1, {"500 x": 1}, 10.0, 50.0, 90.0, 1.0, 0.8, 80.0, 600.0, 610.0),
+        SetupResult("plain", 1, 300, 0, {}, 30.0, 40.0, 70.0, 1.0, 0.9, 70.0, 620.0, 640.0),
+        SetupResult("plain", 1, 200, 2, {"500 x": 2}, 20.0, 60.0, 80.0, 1.0, 0.7, 90.0, 610.0, 630.0),
+    ]
+    m = median_result(runs)
+    assert (m.requests, m.errors, m.error_causes) == (600, 3, {"500 x": 3})
+    assert (m.requests_per_s, m.p50_ms, m.p99_ms, m.rss_mb, m.peak_rss_mb) == (20.0, 50.0, 80.0, 610.0, 630.0)
+
+
+def test_fan_out_load_and_adapter_scaling(runs):
+    """--fan-out: one fan-out request against one request per adapter, on one real server; --scale: the same runs
+    loaded again under new names."""
+    from lora_lab.serve_bench import fan_out, fan_out_table, scaled
+
+    names = ["sentiment", "three"]
+    rows = fan_out([str(runs[n]) for n in names], names, clients=2, warmup_s=0.5, duration_s=1.5, texts_per_adapter=8)
+    assert [r["mode"] for r in rows] == ["one fan-out request", "separate requests"]
+    for r in rows:
+        assert r["adapters"] == 2 and r["fan_outs_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 and r["rss_mb"] > 100
+    assert fan_out_table(rows).count("\n") == 3
+    assert scaled(["a", "b"], ["x", "y"], 5) == (["a", "b", "a", "b", "a"], ["x_0", "y_1", "x_2", "y_3", "x_4"])
+    assert scaled(["a", "b"], ["x", "y"], 1) == (["a"], ["x"])

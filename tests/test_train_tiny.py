@@ -109,7 +109,14 @@ def test_bf16_autocast_and_gradient_checkpointing_train_the_encoder(tmp_path, ti
         history = json.loads((tmp_path / name / "history.json").read_text())
         window_losses = [h["loss"] for h in history if "loss" in h]
         assert window_losses[-1] < 0.5 * window_losses[0], (name, window_losses)
+        # Every window reports its padded share: fp32 CPU batches are padded to their longest text only, bf16
+        # ones to the next bucket length (more padding, few shapes).
+        windows = [h for h in history if "window_tokens" in h]
+        for h in windows:
+            assert h["padding_share"] == pytest.approx(1 - h["window_tokens"] / h["window_padded_tokens"])
+        runs[name + "_padding"] = sum(h["window_padded_tokens"] for h in windows)
         runs[name] = np.array(step_losses(tmp_path / name))
+    assert runs.pop("bf16_padding") > runs.pop("fp32_padding") == runs.pop("checkpointing_padding")
     np.testing.assert_allclose(runs["checkpointing"], runs["fp32"], atol=1e-5, rtol=0)
     assert np.abs(runs["bf16"] - runs["fp32"]).max() > 1e-3  # bf16 rounding shows: autocast was on
 

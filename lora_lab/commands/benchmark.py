@@ -17,7 +17,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lora_lab.benchmark import CONTENDERS, LEVERS, MEMORY_VARIANTS, Settings, run_benchmark, run_memory
+from lora_lab.benchmark import (
+    CONTENDERS,
+    LEVERS,
+    MEMORY_VARIANTS,
+    OPTIONAL_CONTENDERS,
+    Settings,
+    run_benchmark,
+    run_memory,
+)
 from lora_train.cli import parse_recipe, recipe_parser
 from lora_train.startup import prepare_process
 
@@ -44,7 +52,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--epochs", type=float, default=None, help="Time whole epochs and report accuracy instead of --steps."
     )
-    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument(
+        "--contenders",
+        nargs="+",
+        default=list(CONTENDERS),
+        choices=CONTENDERS + OPTIONAL_CONTENDERS,
+        help="default: %(default)s; ours_compiled is our loop with training.torch_compile=true",
+    )
     parser.add_argument(
         "--levers", action="store_true", help="Ablation of " + ", ".join(LEVERS) + " instead (steps only)."
     )

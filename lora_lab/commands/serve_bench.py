@@ -1,7 +1,10 @@
 """Load-test the adapter server: requests/s, p50 / p99 latency and memory, batched vs unbatched vs one process
-per adapter (see docs/serving.md).
+per adapter vs the plain server a user would write (each adapter merged into its own base copy, one forward per
+request; lora_lab/plain_server.py). See docs/serving.md.
 
     python scripts/serve_bench.py runs/cpu/sst2_lora runs/cpu/emotion_lora runs/cpu/imdb_lora --clients 32 --duration 60
+    python scripts/serve_bench.py runs/cpu/sst2_lora runs/cpu/emotion_lora --setups batched plain --repeats 3 \\
+        --server-threads 1 --duration 30
 
 Each setup's servers run alone, one after the other, on 127.0.0.1 ports chosen here. Prints a Markdown table;
 --out also writes the figures as JSON. --forward-costs times the model worker alone instead (no HTTP): a text per
@@ -29,6 +32,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--clients", type=int, default=32, help="concurrent HTTP clients")
     parser.add_argument("--duration", type=float, default=60.0, help="measured seconds per setup")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of each setup, interleaved; the table gives their medians"
+    )
     parser.add_argument("--texts-per-adapter", type=int, default=500, help="validation texts each adapter is sent")
     parser.add_argument("--server-threads", type=int, help="--threads of every server process (default: torch's)")
     parser.add_argument(
@@ -37,12 +43,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="instead of the HTTP setups, time the model worker alone: ms per text when each text is its own forward"
         " and when 16 share one (the bound on what batching can gain here)",
     )
+    parser.add_argument(
+        "--scale",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="run the setups with N adapters loaded at once, for each N (the given adapters taken in turn, as copies"
+        " under new names): memory and requests/s against the adapter count",
+    )
+    parser.add_argument(
+        "--fan-out",
+        action="store_true",
+        help="instead: one text classified by every adapter, one fan-out request against N separate requests",
+    )
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if min(args.clients, args.duration, args.texts_per_adapter) <= 0 or args.warmup < 0:
-        parser.error("--clients, --duration and --texts-per-adapter must be > 0, --warmup >= 0")
+    if min(args.clients, args.duration, args.texts_per_adapter, args.repeats) <= 0 or args.warmup < 0:
+        parser.error("--clients, --duration, --texts-per-adapter and --repeats must be > 0, --warmup >= 0")
+    if args.scale and min(args.scale) <= 0:
+        parser.error("--scale counts must be > 0")
 
-    from lora_lab.serve_bench import markdown_table, run_bench, summary
+    from lora_lab.serve_bench import markdown_table, run_bench, scaled, summary
     from lora_train.serving.registry import default_name
     from lora_train.serving.server import split_name
 
@@ -63,19 +84,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1))
         return 0
-    results = run_bench(
-        [source for _, source in pairs],
-        names,
-        args.setups,
-        args.clients,
-        args.warmup,
-        args.duration,
-        args.texts_per_adapter,
-        server_args=["--threads", str(args.server_threads)] if args.server_threads else [],
-    )
-    print(markdown_table(results))
-    print(summary(results) or "")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
+    sources = [source for _, source in pairs]
+    server_args = ["--threads", str(args.server_threads)] if args.server_threads else []
+    if args.fan_out:
+        from lora_lab.serve_bench import fan_out, fan_out_table
+
+        rows = fan_out(
+            sources, names, args.clients, args.warmup, args.duration, args.texts_per_adapter, server_args, args.repeats
+        )
+        print(fan_out_table(rows))
+        _write(args.out, rows)
+        return 0
+    everything = []
+    for count in args.scale or [None]:
+        chosen, chosen_names = scaled(sources, names, count) if count else (sources, names)
+        results = run_bench(
+            chosen,
+            chosen_names,
+            args.setups,
+            args.clients,
+            args.warmup,
+            args.duration,
+            args.texts_per_adapter,
+            server_args=server_args,
+            repeats=args.repeats,
+        )
+        if count:
+            print(f"\n{count} adapter(s) loaded:")
+        print(markdown_table(results))
+        print(summary(results) or "")
+        everything += [{"adapters": len(chosen), **dataclasses.asdict(r)} for r in results]
+    _write(args.out, everything)
     return 0
+
+
+def _write(path: Optional[Path], rows: list) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(rows, indent=1))

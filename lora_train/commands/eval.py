@@ -78,6 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(
         f"{split}: {report['num_samples']} examples | accuracy {report['accuracy']:.4f}"
         f" | macro-F1 {report['macro_f1']:.4f} | loss {report['loss']:.4f}"
+        f" | {report['texts_per_s']:.1f} texts/s"
     )
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'F1':>10}{'support':>10}")
     for name, c in report["per_class"].items():

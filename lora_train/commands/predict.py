@@ -7,7 +7,8 @@
 Texts come from the arguments, a file (.txt one per line, .jsonl or .csv with a text field) or
 stdin, and are classified in batches. Each line of output is `label<TAB>probability<TAB>text`
 (then `<TAB>pair` for a run trained on text pairs), or a JSON object with --json. The base model
-is loaded in the quantization the run trained with.
+is loaded in the quantization the run trained with. stderr shows a progress bar (a line every 20 s when it
+is not a terminal) and, at the end, texts per second.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Optional, Sequence
 
 from lora_train.startup import prepare_process
@@ -46,11 +48,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.texts and not args.file and sys.stdin.isatty():
         parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
 
-    from tqdm.auto import tqdm
-
     from lora_train.config import RecipeError
     from lora_train.data import resolve_spec
     from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
+    from lora_train.progress import progress_bar, stderr_is_terminal
 
     try:
         directory = resolve_run(args.run)  # a Hub repo is downloaded once, here
@@ -68,7 +69,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column, pair))
         run = load_run(str(directory), device=args.device)
         # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
-        rows = tqdm(
+        start, count = time.perf_counter(), 0
+        rows = progress_bar(
             predict(run, texts, args.batch_size),
             total=total,
             desc="predict",
@@ -80,8 +82,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 [row["text_pair"]] if "text_pair" in row else []
             )
             line = json.dumps(row, ensure_ascii=False) if args.json else "\t".join(fields)
-            rows.write(line, file=sys.stdout)
+            # On a terminal tqdm.write keeps the bar below the results; elsewhere (no bar redrawn) print directly.
+            if stderr_is_terminal():
+                rows.write(line, file=sys.stdout)
+            else:
+                print(line)
             sys.stdout.flush()
+            count += 1
+        rows.close()
+        seconds = time.perf_counter() - start
+        print(f"predict: {count} texts in {seconds:.1f} s, {count / seconds:.1f} texts/s", file=sys.stderr)
     except (RunError, RecipeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

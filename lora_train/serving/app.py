@@ -18,7 +18,7 @@ from typing import Annotated, Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from lora_train.serving.access import Access, AdminGate, HostCheck, hide_root, hot_load_source
@@ -58,8 +58,22 @@ Text = Annotated[StrictStr, AfterValidator(_unicode), AfterValidator(_not_blank)
 
 class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    adapter: Str = Field(description="name of a loaded adapter (see GET /v1/adapters)")
+    adapter: Optional[Str] = Field(None, description="name of a loaded adapter (see GET /v1/adapters)")
+    adapters: Optional[list[Str]] = Field(
+        None,
+        min_length=1,
+        description="instead of adapter: several adapters, each classifying every text (a fan-out request,"
+        " answered from shared forwards)",
+    )
     texts: list[Text] = Field(min_length=1, description="texts to classify; each non-blank")
+
+    @model_validator(mode="after")
+    def one_of_adapter_and_adapters(self) -> "ClassifyRequest":
+        if (self.adapter is None) == (self.adapters is None):
+            raise ValueError("give either adapter (one name) or adapters (a list of names), not both or neither")
+        if self.adapters is not None and len(set(self.adapters)) != len(self.adapters):
+            raise ValueError(f"adapters {self.adapters} name an adapter twice")
+        return self
 
 
 class Prediction(BaseModel):
@@ -72,6 +86,10 @@ class Prediction(BaseModel):
 class ClassifyResponse(BaseModel):
     adapter: str
     predictions: list[Prediction]
+
+
+class FanOutResponse(BaseModel):
+    results: list[ClassifyResponse] = Field(description="one entry per adapter, in the order of the request's")
 
 
 class AdapterInfo(BaseModel):
@@ -225,25 +243,45 @@ def create_app(
         return {"unloaded": name}
 
     @app.post(
-        "/v1/classify", response_model=ClassifyResponse, responses=ERRORS, summary="Classify texts with one adapter"
+        "/v1/classify",
+        response_model=ClassifyResponse | FanOutResponse,
+        responses=ERRORS,
+        summary="Classify texts with one adapter, or with several (adapters: [...]) in shared forwards",
     )
     async def classify(request: ClassifyRequest) -> dict[str, Any]:
-        if len(request.texts) > limits.max_texts:
-            raise ServingError(413, f"{len(request.texts)} texts in one request; at most {limits.max_texts}")
-        adapter = registry.get(request.adapter)
-        features, truncated = await run_in_threadpool(adapter.encode, request.texts)
-        probabilities = await asyncio.wrap_future(batcher.submit(adapter.name, features))
-        predictions = []
-        for row, cut in zip(probabilities.tolist(), truncated, strict=True):
-            best = max(range(len(row)), key=row.__getitem__)
-            predictions.append(
-                {
-                    "label": adapter.label_names[best],
-                    "probability": row[best],
-                    "probabilities": dict(zip(adapter.label_names, row, strict=True)),
-                    "truncated": cut,
-                }
-            )
-        return {"adapter": adapter.name, "predictions": predictions}
+        names = request.adapters or [request.adapter]
+        if len(request.texts) * len(names) > limits.max_texts:
+            fan_out = f" x {len(names)} adapters" if request.adapters else ""
+            raise ServingError(413, f"{len(request.texts)} texts{fan_out} in one request; at most {limits.max_texts}")
+        adapters = [registry.get(name) for name in names]
+        # Adapters of one base share its tokenizer: the texts are tokenized once per max_length and truncation.
+        encodings: dict[tuple, tuple] = {}
+        for adapter in adapters:
+            key = (adapter.max_length, adapter.recipe.data.truncation)
+            if key not in encodings:
+                encodings[key] = await run_in_threadpool(adapter.encode, request.texts)
+        encoded = [encodings[(a.max_length, a.recipe.data.truncation)] for a in adapters]
+        futures = batcher.submit_together([(a.name, features) for a, (features, _) in zip(adapters, encoded)])
+        results = [
+            _predictions(adapter, await asyncio.wrap_future(future), truncated)
+            for adapter, future, (_, truncated) in zip(adapters, futures, encoded, strict=True)
+        ]
+        return results[0] if request.adapter is not None else {"results": results}
 
     return app
+
+
+def _predictions(adapter, probabilities, truncated: list[bool]) -> dict[str, Any]:
+    """One adapter's answer: the label, its probability and every label's, per text."""
+    predictions = []
+    for row, cut in zip(probabilities.tolist(), truncated, strict=True):
+        best = max(range(len(row)), key=row.__getitem__)
+        predictions.append(
+            {
+                "label": adapter.label_names[best],
+                "probability": row[best],
+                "probabilities": dict(zip(adapter.label_names, row, strict=True)),
+                "truncated": cut,
+            }
+        )
+    return {"adapter": adapter.name, "predictions": predictions}

@@ -90,18 +90,25 @@ class MicroBatcher:
 
     def submit(self, adapter: str, features: list[dict[str, list[int]]]) -> Future:
         """Queue a classification; 503 when the queue already holds ``max_queued_texts`` texts."""
-        job = Job(adapter, features)
+        return self.submit_together([(adapter, features)])[0]
+
+    def submit_together(self, requests: list[tuple[str, list[dict[str, list[int]]]]]) -> list[Future]:
+        """Queue classifications ``(adapter, features)`` back to back, so that the worker takes them into one batch
+        (a fan-out request: one text, several adapters), as far as ``max_batch_texts`` allows; all or none are
+        queued (503 when the queue would hold more than ``max_queued_texts`` texts)."""
+        jobs = [Job(adapter, features) for adapter, features in requests]
+        texts = sum(len(job.features) for job in jobs)
         with self._cond:
-            if self._queued_texts + len(features) > self.max_queued_texts:
+            if self._queued_texts + texts > self.max_queued_texts:
                 raise ServingError(
                     503,
                     f"server busy: {self._queued_texts} texts already queued"
                     f" (limit {self.max_queued_texts}); retry later",
                 )
-            self._queue.append(job)
-            self._queued_texts += len(features)
+            self._queue.extend(jobs)
+            self._queued_texts += texts
             self._cond.notify()
-        return job.future
+        return [job.future for job in jobs]
 
     def call(self, run: Callable[[], Any]) -> Future:
         """Run ``run()`` on the worker after everything queued so far (for model changes)."""

@@ -5,7 +5,7 @@ Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from
 ``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters with the same
 heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
 held as its ``dense`` layer so that it mixes, see :func:`narrow_heads`); others (AdaLoRA, heads peft cannot mix)
-run as one sub-batch each. The base's frozen weights are stored in the adapters' autocast dtype.
+run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters' autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
 (:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe
-from lora_train.data import encode_texts, padding_multiple
+from lora_train.data import encode_texts, padded_length
 from lora_train.inference import (
     RunError,
     autocast_dtype,
@@ -326,9 +326,6 @@ class AdapterRegistry:
                     base, adapter.directory, adapter_name=adapter.name, config=config
                 )
                 self.base, self.peft_type = adapter.base, adapter.peft_type
-                dtype = autocast_dtype(adapter.recipe, self.device)
-                if dtype is not None:  # every adapter of this server runs under it (BaseModelId)
-                    store_frozen_linears_in(self.model, dtype)
             else:
                 config.modules_to_save = narrow_heads(self.model.get_base_model(), config.modules_to_save)
                 self._fit_heads(adapter)
@@ -343,6 +340,9 @@ class AdapterRegistry:
                 400, f"cannot load adapter {adapter.name!r} from {adapter.source}: {type(err).__name__}: {err}"
             ) from None
         self.model.eval()
+        dtype = autocast_dtype(adapter.recipe, self.device)
+        if dtype is not None:  # every adapter of this server runs under it (BaseModelId): the base's and the new
+            store_frozen_linears_in(self.model, dtype, adapters_too=True)  # adapter's weights, stored in it once
         self._head_wrappers = self._heads()
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
@@ -443,10 +443,15 @@ class AdapterRegistry:
                 names = [requests[i][0] for i, _ in chosen]
                 features = [requests[i][1][t] for i, t in chosen]
                 first = adapters[names[0]]
-                # Few distinct lengths: oneDNN caches bf16 kernels per shape (lora_train.data.padding_multiple).
-                multiple = padding_multiple(max(adapters[n].max_length for n in set(names)), self.device.type)
+                # Few distinct lengths under bf16: oneDNN caches its kernels per shape (lora_train.data).
+                length = padded_length(
+                    max(len(f["input_ids"]) for f in features),
+                    max(adapters[n].max_length for n in set(names)),
+                    self.device.type,
+                    autocast_dtype(first.recipe, self.device) == torch.bfloat16,
+                )
                 with first.tokenizer_lock:
-                    batch = first.tokenizer.pad(features, pad_to_multiple_of=multiple, return_tensors="pt")
+                    batch = first.tokenizer.pad(features, padding="max_length", max_length=length, return_tensors="pt")
                 batch = batch.to(self.device)
                 # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
                 # server), so the server gives the probabilities scripts/predict.py gives.
