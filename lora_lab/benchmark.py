@@ -403,7 +403,7 @@ def weight_memory(model) -> dict[str, int]:
     and of all parameters and buffers."""
     from torch import nn
 
-    from lora_train.modeling import head_modules
+    from lora_train.heads import head_modules
 
     heads = set(head_modules(model))
     linear = total = 0

@@ -563,6 +563,7 @@ PEFT_METHODS: dict[str, tuple[str, list[str]]] = {
             "training.learning_rate=1e-2",
         ],
     ),
+    "vera": ("VeRA r=256 (q, v)", ["peft.method=vera", "peft.r=256", "training.learning_rate=4e-3"]),
     "prompt_tuning": ("prompt tuning (20 tokens)", ["peft.method=prompt_tuning", "training.learning_rate=3e-2"]),
     "bitfit": ("BitFit (biases + head)", ["peft.method=bitfit", "training.learning_rate=2e-3"]),
     "full": ("full fine-tuning", ["peft.method=full", "training.learning_rate=1e-4"]),
@@ -573,8 +574,9 @@ PEFT_METHODS: dict[str, tuple[str, list[str]]] = {
 }
 """Arm -> (label, overrides). Learning rates: the LoRA family at Study 1's 2e-3 (PiSSA / OLoRA papers keep LoRA's
 rate); IA3 and prompt tuning train a few scaling vectors / embeddings from a neutral start and need larger steps
-(1e-2, 3e-2, the range of the IA3 and prompt-tuning papers' AdamW settings); BitFit 2e-3; full fine-tuning Study 1's
-1e-4 with and without layer-wise decay (head 1e-4 ... embeddings 1e-4 x 0.8^7 = 2.1e-5)."""
+(1e-2, 3e-2, the range of the IA3 and prompt-tuning papers' AdamW settings); VeRA 4e-3 (its paper's rate for the
+scaling vectors of RoBERTa-base on GLUE, rank 256 of the shared projections as there); BitFit 2e-3; full
+fine-tuning Study 1's 1e-4 with and without layer-wise decay (head 1e-4 ... embeddings 1e-4 x 0.8^7 = 2.1e-5)."""
 
 STUDY_DATASETS = {"sst2": [], "emotion": ["data.task=emotion", "data.path=dair-ai/emotion", "data.config_name=split"]}
 """The datasets (on top of the recipe's SST-2) each method is trained on."""
@@ -598,8 +600,9 @@ def peft_method_arms(seeds: int) -> list[tuple[str, list[str]]]:
 
 
 def saved_megabytes(run_dir: Path) -> float:
-    """Size of what a run saves to be used again: the adapter file, or the whole model for bitfit / head_only / full."""
-    files = [run_dir / "adapter_model.safetensors", run_dir / "model.safetensors"]
+    """Size of what a run saves to be used again: the adapter file, the trained tensors (bitfit / head_only), or the
+    whole model (full)."""
+    files = [run_dir / name for name in ("adapter_model.safetensors", "trained.safetensors", "model.safetensors")]
     return next(f.stat().st_size for f in files if f.exists()) / 1e6
 
 

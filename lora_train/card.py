@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from lora_train.config import Recipe, recipe_to_yaml
+from lora_train.heads import pooling_outside_lora_train
 from lora_train.tasks import TASKS
 
 PLOT_NAME = "learning_curve.png"
@@ -90,8 +91,7 @@ def _card_data(recipe: Recipe, metrics: dict[str, Any]):
         license=license_id or "other",
         license_name=None if license_id else "same-as-base-model",
         license_link=None if license_id or not _is_hub_id(base) else f"https://huggingface.co/{base}",
-        tags=["lora_train", "text-classification", recipe.peft.method]
-        + (["lora"] if recipe.peft.method == "adalora" else [])
+        tags=["lora_train", "text-classification", recipe.peft.method, *recipe.peft.spec.card_tags]
         + (["qlora", "nf4", "4-bit"] if recipe.quantization.is_4bit else []),
         model_name=f"{base.rstrip('/').split('/')[-1]}-{dataset_name}-{recipe.peft.method}",
         eval_results=results or None,
@@ -108,27 +108,7 @@ def _duration(seconds: Optional[float]) -> str:
 
 def _hyperparameters(recipe: Recipe, metrics: dict[str, Any]) -> str:
     pe, q, t, d = recipe.peft, recipe.quantization, recipe.training, recipe.data
-    rows = [("method", pe.method)]
-    if pe.method == "lora":
-        rows.append(("LoRA r / alpha / dropout", f"{pe.r} / {pe.alpha:g} / {pe.dropout:g}"))
-    elif pe.method == "adalora":
-        rows.append(
-            (
-                "AdaLoRA init_r -> target_r / alpha / dropout",
-                f"{pe.init_r} -> {pe.target_r} / {pe.alpha:g} / {pe.dropout:g}",
-            )
-        )
-    if pe.method == "lora" and (pe.use_dora or pe.use_rslora or pe.init_lora_weights is not True):
-        rows.append(("LoRA variant", f"DoRA {pe.use_dora}, rsLoRA {pe.use_rslora}, init {pe.init_lora_weights}"))
-    if pe.method in ("prompt_tuning", "prefix_tuning"):
-        rows.append(("virtual tokens", str(pe.num_virtual_tokens)))
-    if pe.method in ("lora", "adalora", "ia3"):
-        rows.append(
-            (
-                "target modules",
-                ", ".join(pe.target_modules) if isinstance(pe.target_modules, list) else pe.target_modules,
-            )
-        )
+    rows = [("method", pe.method), *pe.spec.card_rows(pe)]
     rows.append(
         (
             "base weights",
@@ -176,18 +156,31 @@ def _usage(recipe: Recipe, repo: str, label_names: list[str]) -> str:
         if nf4
         else ""
     )
+    pooling = pooling_outside_lora_train(recipe.model.pooling)
+    if pooling:
+        note += f"\nThe snippet is not exact for this model: {pooling}.\n"
     if recipe.data.truncation == "head_tail":
         note += (
             f"\nLong texts were cut to their head and tail (`data.truncation: head_tail`), not their first"
             f" {recipe.data.max_length} tokens as in the snippet: `lora_train.data.encode_texts(tokenizer, texts,"
             f" {recipe.data.max_length}, 'head_tail', padding=True, return_tensors='pt')` cuts them the same way.\n"
         )
+    load = f'{loader}.from_pretrained("{repo}"{label_kwargs}).eval()'
+    if recipe.peft.spec.saves == "trained":  # only the trained tensors: the base first, then them
+        label_kwargs = f", id2label={labels!r}, label2id={ {v: k for k, v in labels.items()}!r}" if labels else ""
+        base = recipe.model.name_or_path
+        load = (
+            f'{loader}.from_pretrained("{base}"{label_kwargs})\n'
+            "from huggingface_hub import hf_hub_download\nfrom safetensors.torch import load_file\n"
+            f'model.load_state_dict(load_file(hf_hub_download("{repo}", "trained.safetensors")), strict=False)\n'
+            "model.eval()"
+        )
     return f"""```python
 import torch
 from {module} import {loader}
 from transformers import AutoTokenizer
 
-model = {loader}.from_pretrained("{repo}"{label_kwargs}).eval()
+model = {load}
 tokenizer = AutoTokenizer.from_pretrained("{repo}")
 inputs = tokenizer(["a delightful film"], return_tensors="pt", truncation=True, max_length={recipe.data.max_length})
 with torch.no_grad():
@@ -212,30 +205,6 @@ def model_card(
     base = recipe.model.name_or_path
     repo = repo_id or (recipe.output.hub_model_id if recipe.output.push_to_hub else None) or "PATH_TO_THIS_DIRECTORY"
     label_names = metrics.get("label_names") or list(metrics.get("per_class", {}))
-    rows = "\n".join(
-        f"| {name} | {value:.4f} |"
-        for name, value in (
-            ("accuracy", _metric(metrics, "accuracy")),
-            ("macro-F1", _metric(metrics, "macro_f1")),
-            ("loss", _metric(metrics, "loss")),
-        )
-        if value is not None
-    )
-    per_class = "\n".join(
-        f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
-        for name, c in metrics.get("per_class", {}).items()
-    )
-    trainable = metrics.get("trainable_params")
-    params_line = (
-        f"- trainable parameters: {trainable:,} of {metrics['total_params']:,} ({metrics['trainable_percent']:.3f}%)"
-        if trainable
-        else "- trainable parameters: see the final run directory"
-    )
-    device = str(metrics.get("device", ""))
-    memory_kind = "peak GPU memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
-    memory = metrics.get("peak_memory_mb")
-    resumed = metrics.get("resumed_from_step")
-    session = f" (this session, resumed at step {resumed})" if resumed else ""
     dataset_id, dataset_name, dataset_config, split = _dataset(recipe)
     source = (
         f"`{dataset_id}`" + (f" / `{dataset_config}`" if dataset_config else "")
@@ -244,11 +213,10 @@ def model_card(
     )
     at_step = f", step {metrics['step']}" if "step" in metrics else ""
     base_link = f"[{base}](https://huggingface.co/{base})" if _is_hub_id(base) else f"`{base}` (a local directory)"
-    adapter_note = (
-        "Only the adapter and the classification head are stored here (adapter-only weights)."
-        if data.library_name == "peft"
-        else ""
-    )
+    adapter_note = {
+        "adapter": "Only the adapter and the classification head are stored here (adapter-only weights).",
+        "trained": "Only the tensors it trained are stored here (`trained.safetensors`); they apply to the base model.",
+    }.get(recipe.peft.spec.saves, "")
     n_examples = metrics.get("eval_samples", metrics.get("num_samples", "?"))
     return f"""---
 {data.to_yaml()}
@@ -263,13 +231,7 @@ A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 
 ## Evaluation: split `{split}` of {dataset_name}, {n_examples} examples{at_step}
 
-| metric | value |
-|---|---|
-{rows}
-
-| class | precision | recall | F1 | support |
-|---|---|---|---|---|
-{per_class}
+{_evaluation_tables(metrics)}
 
 ## Training
 
@@ -279,10 +241,7 @@ A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 |---|---|
 {_hyperparameters(recipe, metrics)}
 
-{params_line}
-- hardware: {metrics.get("hardware", device or "?")}
-- training time: {_duration(metrics.get("train_seconds_this_session"))}{session}
-- {memory_kind}: {f"{memory:,.0f} MB" if isinstance(memory, (int, float)) else "?"}
+{_training_facts(metrics)}
 
 <details><summary>Full recipe (recipe.yaml)</summary>
 
@@ -293,6 +252,46 @@ A text classifier fine-tuned from {base_link} with **{recipe.peft.method}**
 ## Usage
 
 {_usage(recipe, repo, label_names)}"""
+
+
+def _evaluation_tables(metrics: dict[str, Any]) -> str:
+    """The overall metrics table and the per-class one."""
+    overall = (
+        ("accuracy", _metric(metrics, "accuracy")),
+        ("macro-F1", _metric(metrics, "macro_f1")),
+        ("loss", _metric(metrics, "loss")),
+    )
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in overall if value is not None)
+    per_class = "\n".join(
+        f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['f1']:.4f} | {c['support']} |"
+        for name, c in metrics.get("per_class", {}).items()
+    )
+    return f"""| metric | value |
+|---|---|
+{rows}
+
+| class | precision | recall | F1 | support |
+|---|---|---|---|---|
+{per_class}"""
+
+
+def _training_facts(metrics: dict[str, Any]) -> str:
+    """Trainable parameters, hardware, time and memory, as a Markdown list."""
+    trainable = metrics.get("trainable_params")
+    params_line = (
+        f"- trainable parameters: {trainable:,} of {metrics['total_params']:,} ({metrics['trainable_percent']:.3f}%)"
+        if trainable
+        else "- trainable parameters: see the final run directory"
+    )
+    device = str(metrics.get("device", ""))
+    memory_kind = "peak GPU memory allocated" if device.startswith("cuda") else "peak resident memory of the process"
+    memory = metrics.get("peak_memory_mb")
+    resumed = metrics.get("resumed_from_step")
+    session = f" (this session, resumed at step {resumed})" if resumed else ""
+    return f"""{params_line}
+- hardware: {metrics.get("hardware", device or "?")}
+- training time: {_duration(metrics.get("train_seconds_this_session"))}{session}
+- {memory_kind}: {f"{memory:,.0f} MB" if isinstance(memory, (int, float)) else "?"}"""
 
 
 def run_card(directory: Path, repo_id: Optional[str] = None) -> str:

@@ -8,7 +8,9 @@ DeepSpeed / torch.distributed pickle and that DeepSpeed loads with ``torch.load(
 Layout of a run directory::
 
     output_dir/
-      adapter_model.safetensors, adapter_config.json   final adapter (full runs: model.safetensors, config.json)
+      adapter_model.safetensors, adapter_config.json   final adapter (full runs: model.safetensors, config.json;
+                                                       bitfit / head_only: trained.safetensors, see
+                                                       :func:`save_trained_tensors`)
       tokenizer files, recipe.yaml, metrics.json, README.md (model card)
       best/                                            adapter with the best evaluation metric
       checkpoints/step-00000120/                       resumable training state, newest `keep_last` kept
@@ -40,7 +42,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
@@ -297,29 +299,66 @@ def directory_contents(directory: Path, ignore: tuple[str, ...] = ()) -> list[st
 # The adapter (what users keep and share)
 
 
-def save_model_dir(
-    directory: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None
-) -> None:
-    """Save weights (adapter-only for PEFT models) in safetensors, the tokenizer and extra files (text or bytes).
+TRAINED_TENSORS = "trained.safetensors"
+"""The file of a run that keeps only what it trained (BitFit, head_only): parameter name -> tensor, applied to the
+base model its recipe.yaml names."""
 
-    ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
+
+def save_model_dir(
+    directory: Path,
+    model,
+    tokenizer,
+    extra_files: dict[str, str | bytes],
+    state_dict: Optional[dict] = None,
+    saves: str = "adapter",
+) -> None:
+    """Save weights in safetensors as the method keeps them (``saves``, :attr:`lora_train.methods.Method.saves`:
+    adapter-only for peft models, the trained tensors, or the whole model), the tokenizer and extra files (text or
+    bytes). ``state_dict`` is the model's gathered weights when they are sharded across processes (ZeRO-3, FSDP).
     """
-    extra = {"state_dict": state_dict} if state_dict is not None else {}
-    model.save_pretrained(directory, safe_serialization=True, **extra)
-    convert_saved_adapter(directory, model)  # PiSSA / OLoRA: as a plain LoRA of the original base
+    if saves == "trained":
+        save_trained_tensors(directory / TRAINED_TENSORS, model, state_dict)
+    else:
+        extra = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(directory, safe_serialization=True, **extra)
+        convert_saved_adapter(directory, model)  # PiSSA / OLoRA: as a plain LoRA of the original base
     tokenizer.save_pretrained(directory)
     for name, content in extra_files.items():
         path = directory / name
         path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
 
 
-def save_final(
-    output_dir: Path, model, tokenizer, extra_files: dict[str, str | bytes], state_dict: Optional[dict] = None
-) -> None:
-    """Write the final model into ``output_dir`` itself, each file replaced atomically."""
+def save_trained_tensors(path: Path, model: torch.nn.Module, state_dict: Optional[dict] = None) -> None:
+    """The parameters ``model`` trains (``requires_grad``), by name, in one safetensors file; values from
+    ``state_dict`` when given (gathered from shards)."""
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    save_file({name: source[name].detach().cpu().contiguous() for name in names}, path)
+
+
+def load_trained_tensors(path: Path, model: torch.nn.Module) -> None:
+    """Copy what :func:`save_trained_tensors` wrote into ``model`` (the base it was trained on); a name the model
+    lacks or a shape it does not have raises ``ValueError`` naming them."""
+    tensors = load_file(path)
+    params = dict(model.named_parameters())
+    wrong = [
+        f"{name} {tuple(value.shape)}" + (f" (model: {tuple(params[name].shape)})" if name in params else " (absent)")
+        for name, value in tensors.items()
+        if name not in params or params[name].shape != value.shape
+    ]
+    if wrong:
+        raise ValueError(f"{path} does not fit this base model: {', '.join(wrong[:5])}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def save_final(output_dir: Path, write: Callable[[Path], None]) -> None:
+    """Write the final model into ``output_dir`` itself (``write(directory)``, e.g. :func:`save_model_dir`), each file
+    replaced atomically."""
     staging = Path(tempfile.mkdtemp(dir=output_dir, prefix=".final.tmp-"))
     try:
-        save_model_dir(staging, model, tokenizer, extra_files, state_dict)
+        write(staging)
         # Weights last: a reader that sees the new weights also sees the new config.
         files = sorted(staging.iterdir(), key=lambda p: p.suffix == ".safetensors")
         for path in files:
@@ -546,7 +585,7 @@ def checkpoint_name(step: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# What a resume must agree on, and AdaLoRA's allocator state
+# What a resume must agree on
 
 
 RESUME_KEYS = (
@@ -577,24 +616,3 @@ def check_resume_compatible(recipe: dict[str, dict[str, Any]], saved_recipe: dic
     ]
     if diffs:
         raise RecipeError(["cannot resume from a checkpoint of a different recipe:"] + diffs, "resume")
-
-
-def adalora_state(peft_model) -> tuple[dict[str, torch.Tensor], dict]:
-    """AdaLoRA's rank allocator: importance EMAs as named tensors, and the rank pattern once the budget is final
-    (peft masks with it in the last ``tfinal`` steps, so a resume there needs it)."""
-    allocator = peft_model.base_model.rankallocator
-    tensors = {}
-    for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-        for name, value in getattr(allocator, kind).items():
-            tensors[f"{kind}::{name}"] = value
-    config = peft_model.peft_config[peft_model.base_model.trainable_adapter_name]
-    return tensors, {"rank_pattern": config.rank_pattern}
-
-
-def load_adalora_state(peft_model, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Put back what :func:`adalora_state` saved."""
-    allocator = peft_model.base_model.rankallocator
-    for key, value in tensors.items():
-        kind, name = key.split("::", 1)
-        getattr(allocator, kind)[name] = value.to(peft_model.device)
-    peft_model.peft_config[peft_model.base_model.trainable_adapter_name].rank_pattern = meta.get("rank_pattern")

@@ -23,8 +23,10 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from lora_train.methods import METHODS, Method, method_help
+
 DType = Literal["float32", "bfloat16", "float16"]
-PeftMethod = Literal["lora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "head_only", "full"]
+PeftMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the method table decides
 LoraInit = Literal["gaussian", "pissa", "olora", "loftq"]
 
 
@@ -45,6 +47,11 @@ class ModelConfig:
         "float32", "dtype the non-quantized weights are loaded in ('auto' keeps the checkpoint's)."
     )
     trust_remote_code: bool = _f(False, "Run code shipped with the checkpoint. Off unless you trust the repo.")
+    pooling: Literal["last", "mean"] = _f(
+        "last",
+        "Decoder classifiers (a 'score' head): 'last' scores the rightmost non-pad token (transformers' own);"
+        " 'mean' the mean of the attended tokens' hidden states, whatever the padding side (lora_train.heads).",
+    )
     attn_implementation: Optional[Literal["sdpa", "eager", "flash_attention_2"]] = _f(
         "sdpa", "Attention kernel; null lets transformers choose."
     )
@@ -82,11 +89,7 @@ class QuantizationConfig:
 class PeftConfig:
     """What is trained: adapters (LoRA, AdaLoRA, IA3, soft prompts) + head, biases + head, the head only, or all."""
 
-    method: PeftMethod = _f(
-        "lora",
-        "lora | adalora | ia3 | prompt_tuning | prefix_tuning (peft adapters + head), bitfit (biases + head),"
-        " head_only (frozen encoder) or full (full fine-tuning). docs/results.md compares them.",
-    )
+    method: PeftMethod = _f("lora", method_help())
     r: int = _f(8, "LoRA rank (for AdaLoRA: the rank budget per module is set by init_r / target_r).")
     alpha: float = _f(16.0, "LoRA scaling numerator: the update is scaled by alpha / r.")
     dropout: float = _f(0.1, "Dropout on the LoRA input, in [0, 1).")
@@ -128,9 +131,14 @@ class PeftConfig:
     )
 
     @property
+    def spec(self) -> Method:
+        """The method's entry in :data:`lora_train.methods.METHODS`."""
+        return METHODS[self.method]
+
+    @property
     def is_adapter(self) -> bool:
-        """True for methods saved as a peft adapter (apart from the base); bitfit, head_only and full save the model."""
-        return self.method not in ("bitfit", "head_only", "full")
+        """True for methods saved as a peft adapter (apart from the base); see :attr:`Method.saves`."""
+        return self.spec.is_adapter
 
 
 @dataclass
@@ -288,16 +296,7 @@ def _coerce(value: Any, tp: Any) -> Any:
     """Convert ``value`` to the schema type ``tp`` or raise ``TypeError``."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                continue
-        raise TypeError
+        return _coerce_union(value, args)
     if origin is Literal:
         if value in args:
             return value
@@ -308,36 +307,60 @@ def _coerce(value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise TypeError
         return [_coerce(v, args[0]) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if tp is int:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise TypeError
-    if tp is float:
-        if isinstance(value, bool):
-            raise TypeError
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise TypeError from None
-        raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. a revision that looks like a number
-        raise TypeError
+    if tp not in _SCALARS or (isinstance(value, bool) and tp is not bool):
+        raise TypeError  # YAML's true / false are never numbers or text here
+    return _SCALARS[tp](value)
+
+
+def _coerce_union(value: Any, args: tuple) -> Any:
+    """The first member type of a union (``Optional``) that ``value`` converts to."""
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg)
+        except TypeError:
+            continue
     raise TypeError
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise TypeError
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError from None
+    raise TypeError
+
+
+def _to_str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        return str(value)  # e.g. a revision that looks like a number
+    raise TypeError
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+"""Scalar schema types and their converters (each raises ``TypeError`` for a value it cannot take)."""
 
 
 def _field_types(section_cls: type) -> dict[str, Any]:
@@ -457,19 +480,29 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str = "recipe") -> Recipe:
     """Type ``raw`` (and the ``overrides``) against the schema and validate the result."""
     problems: list[str] = []
+    merged = _merged_sections(raw, overrides, problems)
+    sections = {
+        section: _typed_section(section, cls, merged.get(section, {}), problems) for section, cls in SECTIONS.items()
+    }
+    recipe = Recipe(**sections)
+    problems.extend(validate(recipe))
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+def _merged_sections(raw: dict[str, Any], overrides: list[str], problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The recipe's sections with the overrides applied (values still raw); unknown sections go to ``problems``."""
     merged: dict[str, dict[str, Any]] = {}
     for section, values in raw.items():
         if section not in SECTIONS:
             problems.append(
                 f"unknown section '{section}'{_suggest(section, list(SECTIONS))}; valid: {', '.join(SECTIONS)}"
             )
-            continue
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
+        elif values is not None and not isinstance(values, dict):
             problems.append(f"section '{section}' must be a mapping of field: value")
-            continue
-        merged[section] = dict(values)
+        else:
+            merged[section] = dict(values or {})
     for text in overrides:
         try:
             section, name, value = parse_override(text)
@@ -480,27 +513,23 @@ def build_recipe(raw: dict[str, Any], overrides: list[str] = (), source: str = "
             problems.append(f"unknown section '{section}' in override '{text}'{_suggest(section, list(SECTIONS))}")
             continue
         merged.setdefault(section, {})[name] = value
+    return merged
 
-    sections: dict[str, Any] = {}
-    for section, cls in SECTIONS.items():
-        hints = _field_types(cls)
-        values = merged.get(section, {})
-        typed: dict[str, Any] = {}
-        for name, value in values.items():
-            key = f"{section}.{name}"
-            if name not in hints:
-                problems.append(f"unknown field '{key}'{_suggest(name, list(hints))}")
-                continue
-            try:
-                typed[name] = _coerce(value, hints[name])
-            except TypeError:
-                problems.append(f"{key} = {value!r} is invalid: expected {_describe(hints[name])}")
-        sections[section] = cls(**typed)
-    recipe = Recipe(**sections)
-    problems.extend(validate(recipe))
-    if problems:
-        raise RecipeError(problems, source)
-    return recipe
+
+def _typed_section(section: str, cls: type, values: dict[str, Any], problems: list[str]) -> Any:
+    """One section's dataclass from its raw values; unknown fields and wrong types go to ``problems``."""
+    hints = _field_types(cls)
+    typed: dict[str, Any] = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        if name not in hints:
+            problems.append(f"unknown field '{key}'{_suggest(name, list(hints))}")
+            continue
+        try:
+            typed[name] = _coerce(value, hints[name])
+        except TypeError:
+            problems.append(f"{key} = {value!r} is invalid: expected {_describe(hints[name])}")
+    return cls(**typed)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -513,16 +542,11 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
-    "peft.use_dora": ("lora",),
-    "peft.use_rslora": ("lora",),
-    "peft.init_lora_weights": ("lora",),
-    "peft.feedforward_modules": ("ia3",),
-    "peft.num_virtual_tokens": ("prompt_tuning", "prefix_tuning"),
-    "peft.prompt_init_text": ("prompt_tuning",),
-    "training.layer_lr_decay": ("full",),
+    option: tuple(m.name for m in METHODS.values() if option in m.options)
+    for option in dict.fromkeys(option for m in METHODS.values() for option in m.options)
 }
-"""Method-specific options and the peft.method values they apply to: set away from its default under any other
-method, an option is an error (it would be silently ignored)."""
+"""Method-specific options (:attr:`Method.options`) and the peft.method values they apply to: set away from its
+default under any other method, an option is an error (it would be silently ignored)."""
 
 
 def _inapplicable_options(recipe: Recipe) -> list[str]:
@@ -542,44 +566,24 @@ def _inapplicable_options(recipe: Recipe) -> list[str]:
     return problems
 
 
-def _lora_variant_problems(recipe: Recipe) -> list[str]:
-    """DoRA / rsLoRA / initialisation combinations peft or this project cannot train, save or reload."""
-    pe, nf4 = recipe.peft, recipe.quantization.method == "nf4"
-    init, p = pe.init_lora_weights, []
-    if init is False:
-        p.append(
-            "peft.init_lora_weights = false starts from a random, non-zero update (peft's test setting): use true,"
-            " gaussian, pissa, olora or loftq"
-        )
-    if init == "loftq" and not nf4:
-        p.append(
-            "peft.init_lora_weights = 'loftq' corrects the error of a 4-bit base: set quantization.method=nf4 (or"
-            " use true / pissa / olora on a full-precision base)"
-        )
-    if init in ("pissa", "olora") and nf4:
-        p.append(
-            f"peft.init_lora_weights = {init!r} rewrites the base weights (base = W - BA at the start), which a"
-            " frozen NF4 base cannot hold: use quantization.method=none, or init_lora_weights=loftq for NF4"
-        )
-    if init in ("pissa", "olora", "loftq") and pe.use_dora:
-        p.append(
-            f"peft.use_dora with peft.init_lora_weights = {init!r}: the adapter is saved converted to a plain LoRA"
-            " of the original base, which has no DoRA magnitude; use one of the two"
-        )
-    return p
+class _Problems(list):
+    """Problem messages, collected by :meth:`need`."""
+
+    def need(self, cond: bool, msg: str) -> None:
+        if not cond:
+            self.append(msg)
 
 
 def validate(recipe: Recipe) -> list[str]:
     """Every value and cross-field problem of a typed recipe, as messages."""
-    from lora_train.tasks import TASKS  # local import: tasks imports nothing heavy, but keep config standalone
+    checks = (_model_and_peft_problems, _data_problems, _training_problems, _output_problems)
+    return [problem for check in checks for problem in check(recipe)]
 
-    p: list[str] = []
-    m, q, pe, d, t, o = recipe.model, recipe.quantization, recipe.peft, recipe.data, recipe.training, recipe.output
 
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
+def _model_and_peft_problems(recipe: Recipe) -> list[str]:
+    p = _Problems()
+    need = p.need
+    m, q, pe = recipe.model, recipe.quantization, recipe.peft
     need(bool(m.name_or_path), "model.name_or_path must name a Hub id or a local directory")
     if m.attention_dropout is not None:
         need(0 <= m.attention_dropout < 1, f"model.attention_dropout = {m.attention_dropout} must be in [0, 1)")
@@ -593,32 +597,29 @@ def validate(recipe: Recipe) -> list[str]:
         )
     else:
         need(len(pe.target_modules) > 0, "peft.target_modules must not be empty")
-    if pe.method == "adalora":
-        need(pe.init_r > 0, f"peft.init_r = {pe.init_r} must be > 0")
-        need(0 < pe.target_r <= pe.init_r, f"peft.target_r = {pe.target_r} must be in (0, init_r = {pe.init_r}]")
-        need(pe.deltaT > 0, f"peft.deltaT = {pe.deltaT} must be > 0")
-        need(pe.tinit >= 0 and pe.tfinal >= 0, "peft.tinit and peft.tfinal must be >= 0")
-        for name in ("beta1", "beta2"):
-            need(0 <= getattr(pe, name) < 1, f"peft.{name} = {getattr(pe, name)} must be in [0, 1)")
-        need(pe.orth_reg_weight >= 0, "peft.orth_reg_weight must be >= 0")
     if q.is_4bit:
+        nf4_methods = [name for name, spec in METHODS.items() if spec.nf4_base]
         need(
-            pe.method in ("lora", "adalora"),
+            pe.spec.nf4_base,
             "quantization.method = 'nf4' trains adapters on a frozen 4-bit base:"
-            f" peft.method must be lora or adalora, not {pe.method!r}",
+            f" peft.method must be {' or '.join(nf4_methods)}, not {pe.method!r}",
         )
     p.extend(_inapplicable_options(recipe))
-    if pe.method == "lora":
-        p.extend(_lora_variant_problems(recipe))
+    p.extend(pe.spec.problems(recipe))
     need(pe.num_virtual_tokens > 0, f"peft.num_virtual_tokens = {pe.num_virtual_tokens} must be > 0")
     need(
         pe.prompt_init_text is None or pe.prompt_init_text.strip() != "",
         "peft.prompt_init_text must be a non-empty text, or null for a random soft prompt",
     )
-    if pe.method == "ia3":
-        stray = [m for m in pe.feedforward_modules if isinstance(pe.target_modules, str) or m not in pe.target_modules]
-        need(not stray, f"peft.feedforward_modules {stray} must be a subset of peft.target_modules (a list)")
+    return p
 
+
+def _data_problems(recipe: Recipe) -> list[str]:
+    from lora_train.tasks import TASKS  # local import: tasks imports nothing heavy, but keep config standalone
+
+    p = _Problems()
+    need = p.need
+    d = recipe.data
     if d.task is not None and d.task not in TASKS:
         p.append(
             f"data.task = {d.task!r} is not a built-in task{_suggest(d.task, list(TASKS))};"
@@ -644,7 +645,13 @@ def validate(recipe: Recipe) -> list[str]:
         v = getattr(d, name)
         need(v is None or v > 0, f"data.{name} = {v} must be > 0 or null")
     need(d.num_workers >= 0, "data.num_workers must be >= 0")
+    return p
 
+
+def _training_problems(recipe: Recipe) -> list[str]:
+    p = _Problems()
+    need = p.need
+    t = recipe.training
     need(
         t.learning_rate > 0 and math.isfinite(t.learning_rate),
         f"training.learning_rate = {t.learning_rate} must be > 0",
@@ -664,7 +671,13 @@ def validate(recipe: Recipe) -> list[str]:
     need(t.max_grad_norm >= 0, "training.max_grad_norm must be >= 0 (0 = no clipping)")
     need(0 < t.layer_lr_decay <= 1, f"training.layer_lr_decay = {t.layer_lr_decay} must be in (0, 1] (1 = no decay)")
     need(t.eval_steps >= 0 and t.save_steps >= 0, "training.eval_steps and training.save_steps must be >= 0")
+    return p
 
+
+def _output_problems(recipe: Recipe) -> list[str]:
+    p = _Problems()
+    need = p.need
+    o = recipe.output
     for tracker in o.report_to:
         need(
             tracker in ("tensorboard", "wandb"),

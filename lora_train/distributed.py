@@ -197,11 +197,29 @@ def _qlora_storage_problems(recipe: Recipe, launch: Launch) -> list[str]:
 
 def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
     """Every reason this recipe cannot run under this launch, each naming what works instead."""
-    p: list[str] = []
-    q, pe, t = recipe.quantization, recipe.peft, recipe.training
-    sharded = launch.engine_owns_optimizer
+    p = _engine_request_problems(launch) + _precision_problems(recipe, launch)
+    p.extend(recipe.peft.spec.launch_problems(recipe, launch))  # the method's own limits (lora_train.methods)
+    if recipe.quantization.is_4bit and launch.engine_owns_optimizer:
+        p.extend(_qlora_storage_problems(recipe, launch))
+    if launch.engine == "deepspeed":
+        p.extend(_deepspeed_problems(recipe, launch))
+    if launch.engine == "fsdp" and launch.fsdp_version != 2:
+        p.append(
+            f"fsdp_version {launch.fsdp_version} is not supported: the loop builds its optimizer before preparing"
+            " the model, and Accelerate re-points an optimizer at the sharded parameters only for FSDP2. Set"
+            " fsdp_version: 2 (as accelerate_configs/fsdp.yaml does)"
+        )
+    if launch.shards_weights and recipe.output.push_to_hub and recipe.output.push_checkpoints:
+        p.append(
+            f"output.push_checkpoints is not supported under {launch.name} (the adapter is sharded at every"
+            " checkpoint); keep output.push_to_hub for the final adapter and set output.push_checkpoints=false"
+        )
+    return p
 
-    # The launch asked for an engine that Accelerate is not running: the run would silently be plain DDP.
+
+def _engine_request_problems(launch: Launch) -> list[str]:
+    """The launch asked for an engine that Accelerate is not running: the run would silently be plain DDP."""
+    p = []
     if "deepspeed" in launch.requested and launch.engine != "deepspeed":
         p.append(
             f"the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED=true) but Accelerate runs {launch.name}:"
@@ -214,8 +232,12 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
             f"the launch asks for FSDP (ACCELERATE_USE_FSDP=true) but Accelerate runs {launch.name}: Accelerate"
             f" enables FSDP only on GPUs. On CPU use DDP: {CPU_LAUNCH}"
         )
+    return p
 
-    # Mixed precision: the recipe decides; refuse what Accelerate would ignore or cannot run.
+
+def _precision_problems(recipe: Recipe, launch: Launch) -> list[str]:
+    """Mixed precision and accumulation: the recipe decides; refuse what Accelerate would ignore or cannot run."""
+    p, t = [], recipe.training
     if t.mixed_precision == "fp16" and launch.device_type == "cpu":
         p.append(
             "training.mixed_precision = 'fp16' on CPU: Accelerate silently runs fp32 there (no fp16 autocast"
@@ -235,63 +257,33 @@ def launch_problems(recipe: Recipe, launch: Launch) -> list[str]:
             " recipe decides"
         )
 
-    # Methods and quantization under sharding engines.
-    if pe.method == "adalora" and sharded:
-        why = (
-            "Accelerate runs DeepSpeed's optimizer step inside accelerator.backward(), so the gradients AdaLoRA's"
-            " rank allocator scores are gone by update_and_allocate()"
-            if launch.engine == "deepspeed"
-            else "FSDP shards the parameters and gradients AdaLoRA's rank allocator scores, so each process would prune"
-            " ranks from its own shard"
-        )
-        p.append(
-            f"peft.method = 'adalora' is not supported under {launch.name}: {why}. Use DDP"
-            " (accelerate_configs/multi_gpu.yaml) for AdaLoRA, or peft.method=lora"
-        )
-    if pe.method == "lora" and pe.init_lora_weights in ("pissa", "olora", "loftq") and launch.zero_stage == 3:
-        p.append(
-            f"peft.init_lora_weights = {pe.init_lora_weights!r} is not supported under {launch.name}: it"
-            " computes A and B from each whole base weight (and PiSSA / OLoRA rewrite it), but ZeRO-3 partitions"
-            " the weights across processes as the model loads. Use DDP, ZeRO-2 or FSDP (they initialise before"
-            " sharding), or init_lora_weights=true"
-        )
-    if q.is_4bit and sharded:
-        p.extend(_qlora_storage_problems(recipe, launch))
+    return p
 
-    # Engine-specific settings.
-    if launch.engine == "deepspeed":
-        ds = launch.deepspeed_config
-        for key in ("optimizer", "scheduler"):
-            if key in ds:
-                p.append(
-                    f"the DeepSpeed config defines a {key!r} section, but the recipe builds AdamW and its"
-                    f" {t.lr_scheduler} schedule: remove {key!r} from the DeepSpeed config"
-                )
-        for key, value in deepspeed_values(recipe, launch.num_processes).items():
-            if ds.get(key, "auto") not in ("auto", value):
-                p.append(
-                    f"the DeepSpeed config sets {key}={ds[key]} but the recipe gives {value}: set it to 'auto' (the"
-                    " recipe decides)"
-                )
-        if (
-            launch.zero_stage == 3
-            and ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True
-        ):
+
+def _deepspeed_problems(recipe: Recipe, launch: Launch) -> list[str]:
+    """DeepSpeed config sections and values that would override the recipe, and ZeRO-3 saving."""
+    p, t = [], recipe.training
+    ds = launch.deepspeed_config
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
             p.append(
-                "ZeRO-3 shards the adapter across processes, so saving it needs"
-                " stage3_gather_16bit_weights_on_model_save: set zero3_save_16bit_model: true in the Accelerate"
-                " config (as accelerate_configs/deepspeed_zero3.yaml does)"
+                f"the DeepSpeed config defines a {key!r} section, but the recipe builds AdamW and its"
+                f" {t.lr_scheduler} schedule: remove {key!r} from the DeepSpeed config"
             )
-    if launch.engine == "fsdp" and launch.fsdp_version != 2:
+    for key, value in deepspeed_values(recipe, launch.num_processes).items():
+        if ds.get(key, "auto") not in ("auto", value):
+            p.append(
+                f"the DeepSpeed config sets {key}={ds[key]} but the recipe gives {value}: set it to 'auto' (the"
+                " recipe decides)"
+            )
+    if (
+        launch.zero_stage == 3
+        and ds.get("zero_optimization", {}).get("stage3_gather_16bit_weights_on_model_save") is not True
+    ):
         p.append(
-            f"fsdp_version {launch.fsdp_version} is not supported: the loop builds its optimizer before preparing"
-            " the model, and Accelerate re-points an optimizer at the sharded parameters only for FSDP2. Set"
-            " fsdp_version: 2 (as accelerate_configs/fsdp.yaml does)"
-        )
-    if launch.shards_weights and recipe.output.push_to_hub and recipe.output.push_checkpoints:
-        p.append(
-            f"output.push_checkpoints is not supported under {launch.name} (the adapter is sharded at every"
-            " checkpoint); keep output.push_to_hub for the final adapter and set output.push_checkpoints=false"
+            "ZeRO-3 shards the adapter across processes, so saving it needs"
+            " stage3_gather_16bit_weights_on_model_save: set zero3_save_16bit_model: true in the Accelerate"
+            " config (as accelerate_configs/deepspeed_zero3.yaml does)"
         )
     return p
 

@@ -17,7 +17,12 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from lora_train.checkpoint import restore_moved_aside_run, safetensors_problem
+from lora_train.checkpoint import (
+    TRAINED_TENSORS,
+    load_trained_tensors,
+    restore_moved_aside_run,
+    safetensors_problem,
+)
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
 from lora_train.data import encode_texts, padding_collator
 
@@ -123,6 +128,20 @@ def is_adapter_run(directory: Path) -> bool:
     return (directory / "adapter_config.json").is_file()
 
 
+def is_trained_tensors_run(directory: Path) -> bool:
+    """True for runs that keep only the tensors they trained (BitFit, head_only), applied to the recipe's base."""
+    return (directory / TRAINED_TENSORS).is_file()
+
+
+def apply_trained_tensors(directory: Path, base: nn.Module) -> nn.Module:
+    """``base`` (the run's base model, built from its recipe) with the tensors a BitFit / head_only run trained."""
+    try:
+        load_trained_tensors(directory / TRAINED_TENSORS, base)
+    except ValueError as err:
+        raise RunError(f"{err}; was model.name_or_path in its recipe.yaml changed after training?") from None
+    return base
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -150,6 +169,8 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
         dtype = autocast_dtype(recipe, target)
         if dtype is not None:  # the server's fast path: weights stored in the autocast dtype, same outputs
             store_frozen_linears_in(model, dtype, adapters_too=True)
+    elif is_trained_tensors_run(directory):
+        model = apply_trained_tensors(directory, load_base_for_run(recipe, label_names, tokenizer, target))
     else:
         m = recipe.model
         model = AutoModelForSequenceClassification.from_pretrained(

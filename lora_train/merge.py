@@ -1,4 +1,5 @@
-"""Merge a LoRA / DoRA / AdaLoRA / IA3 adapter into its base and save a standalone safetensors classifier.
+"""Merge a LoRA / DoRA / AdaLoRA / IA3 / VeRA adapter, or a BitFit / head_only run's trained tensors, into its base
+and save a standalone safetensors classifier.
 
 Soft prompts (prompt and prefix tuning) add virtual tokens to the input rather than changing weights, so they
 have nothing to merge and are refused.
@@ -18,12 +19,20 @@ from typing import Any, Optional
 import torch
 
 from lora_train.checkpoint import writable_directory_problem
-from lora_train.inference import RunError, is_adapter_run, load_base_for_run, load_run_tokenizer, read_run, resolve_run
+from lora_train.heads import pooling_outside_lora_train
+from lora_train.inference import (
+    RunError,
+    apply_trained_tensors,
+    is_adapter_run,
+    is_trained_tensors_run,
+    load_base_for_run,
+    load_run_tokenizer,
+    read_run,
+    resolve_run,
+)
 from lora_train.modeling import DTYPES
 
 COPIED_FILES = ("recipe.yaml", "labels.json", "metrics.json")
-UNMERGEABLE = ("prompt_tuning", "prefix_tuning")
-"""Methods whose adapter is not a weight update: learned virtual tokens in the input (or attention cache)."""
 
 
 def merge_adapter(
@@ -34,8 +43,6 @@ def merge_adapter(
     ``dtype`` (float32 / bfloat16 / float16) sets the saved weights' dtype; by default the training
     dtype of the base, or the compute dtype for an NF4-trained adapter.
     """
-    from peft import PeftModel
-
     out = Path(output_dir)
     directory = resolve_run(source)
     check_output_outside_run(out, directory)
@@ -44,19 +51,15 @@ def merge_adapter(
     problem = writable_directory_problem(out)
     if problem:
         raise RunError(f"output directory '{out}' {problem}; give a new or empty directory you can write to")
-    if not is_adapter_run(directory):
-        raise RunError(
-            f"'{source}' holds a full model (peft.method full, head_only or bitfit), not an adapter: it is"
-            " already standalone"
-        )
+    if not is_adapter_run(directory) and not is_trained_tensors_run(directory):
+        raise RunError(f"'{source}' holds a full model (peft.method full), not an adapter: it is already standalone")
     recipe, label_names = read_run(directory)
-    if recipe.peft.method in UNMERGEABLE:
-        raise RunError(
-            f"'{source}' is a {recipe.peft.method} adapter: learned virtual tokens prepended to every input,"
-            " not a change of weights, so there is nothing to merge into the base. Use it as an adapter"
-            " (scripts/predict.py, lora_train.inference.load_run or peft's"
-            " AutoPeftModelForSequenceClassification)"
-        )
+    spec = recipe.peft.spec
+    if spec.merge_refusal:
+        raise RunError(f"'{source}' is a {recipe.peft.method} adapter: {spec.merge_refusal}")
+    pooling = pooling_outside_lora_train(recipe.model.pooling)
+    if pooling:
+        raise RunError(f"'{source}' cannot be merged into a standalone model: {pooling}. Use the run as it is")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise RunError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     nf4 = recipe.quantization.is_4bit
@@ -64,10 +67,7 @@ def merge_adapter(
     base = load_base_for_run(recipe, label_names, tokenizer, torch.device("cpu"))
     if nf4:  # before any forward: bitsandbytes' CPU backend repacks 4-bit weights on first use
         base = base.dequantize(dtype=DTYPES[recipe.quantization.compute_dtype])
-    adapter = PeftModel.from_pretrained(base, directory)
-    if recipe.peft.method == "ia3":
-        _unwrap_trained_heads(adapter)
-    merged = adapter.merge_and_unload()
+    merged = merge_into(base, directory, spec)
     target = DTYPES[dtype] if dtype else (DTYPES[recipe.quantization.compute_dtype] if nf4 else merged.dtype)
     merged = merged.to(target).eval()
 
@@ -103,16 +103,13 @@ def check_output_outside_run(out: Path, directory: Path) -> None:
         )
 
 
-def _unwrap_trained_heads(adapter) -> None:
-    """Put each trained head module (modules_to_save) in place of its wrapper before merging.
+def merge_into(base: torch.nn.Module, directory: Path, spec) -> torch.nn.Module:
+    """``base`` with the run's trained weights in it: the adapter merged, or the trained tensors copied in."""
+    if is_trained_tensors_run(directory):
+        return apply_trained_tensors(directory, base)
+    from peft import PeftModel
 
-    peft 0.21's IA3 unload copies ``.weight`` from every wrapper it replaces, which fails for a head module that is
-    not a single layer (BERT's pooler); the trained copy itself is what the merged model needs.
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in list(adapter.base_model.model.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = adapter.base_model.model.get_submodule(parent_name) if parent_name else adapter.base_model.model
-            setattr(parent, child, module.modules_to_save[module.active_adapters[0]])
+    adapter = PeftModel.from_pretrained(base, directory)
+    if spec.before_merge is not None:
+        spec.before_merge(adapter)
+    return adapter.merge_and_unload()

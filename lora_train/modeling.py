@@ -12,13 +12,10 @@ import torch
 from torch import nn
 
 from lora_train.config import Recipe, RecipeError
+from lora_train.heads import apply_pooling, head_linear_names, head_modules, new_heads, pooling_problem
 from lora_train.hub import lookup_error
 
 logger = logging.getLogger(__name__)
-
-HEAD_MODULE_NAMES = ("classifier", "pre_classifier", "score", "pooler", "out_proj")
-"""Names of classification-head modules across architectures (BERT: pooler + classifier, DistilBERT:
-pre_classifier + classifier, decoder LMs: score). They are trained in full and never quantized."""
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}
 
@@ -156,30 +153,6 @@ def attention_dropout_field(config) -> Optional[str]:
     return next(present, None)
 
 
-def head_modules(model: nn.Module) -> list[str]:
-    """Top-level names of the classification head modules present in ``model`` (e.g. pooler, classifier)."""
-    present = set()
-    for name, _ in model.named_modules():
-        leaf = name.split(".")[-1]
-        if leaf in HEAD_MODULE_NAMES and "attention" not in name:
-            present.add(leaf)
-    return sorted(present)
-
-
-def head_linear_names(model: nn.Module) -> list[str]:
-    """Full names of the Linear layers inside head modules (e.g. ``bert.pooler.dense``, ``classifier``).
-
-    transformers matches ``llm_int8_skip_modules`` as a prefix or suffix of full module names, so a
-    bare ``pooler`` would not keep ``bert.pooler.dense`` out of quantization; full names do.
-    """
-    heads = set(head_modules(model))
-    return sorted(
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and heads.intersection(name.split(".")) and "attention" not in name
-    )
-
-
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the Linear layers outside the head (valid ``target_modules`` entries)."""
     heads = set(head_modules(model))
@@ -195,7 +168,7 @@ def linear_module_names(model: nn.Module) -> list[str]:
 def check_target_modules(recipe: Recipe, model: nn.Module) -> None:
     """Refuse target modules the model lacks, listing the Linear names that exist."""
     targets = recipe.peft.target_modules
-    if recipe.peft.method not in ("lora", "adalora", "ia3") or targets == "all-linear":
+    if not recipe.peft.spec.uses_target_modules or targets == "all-linear":
         return
     available = linear_module_names(model)
     missing = [t for t in targets if t.split(".")[-1] not in available]
@@ -271,12 +244,9 @@ def load_base_model(recipe: Recipe, config, device_map: Optional[dict] = None) -
         keep_4bit_training_layout(model)  # training, evaluation and reloading all use one 4-bit layout
     if model.config.pad_token_id is None:
         model.config.pad_token_id = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    missing = {part for key in info["missing_keys"] for part in key.split(".")}
-    new_heads = [h for h in head_modules(model) if h in missing] or [
-        h for h in head_modules(model) if h in ("classifier", "score")
-    ]
-    log_unexpected_loading(info, new_heads)
-    return model, new_heads
+    trainable_heads = new_heads(model, info["missing_keys"])
+    log_unexpected_loading(info, trainable_heads)
+    return apply_pooling(model, m.pooling), trainable_heads
 
 
 class _DropLoadReport(logging.Filter):
@@ -318,53 +288,13 @@ def log_unexpected_loading(info: dict, new_heads: list[str]) -> None:
 
 def peft_config(recipe: Recipe, trainable_heads: list[str], total_steps: int):
     """peft's config of the recipe's method for sequence classification (the head goes to modules_to_save)."""
-    from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+    from peft import TaskType
 
     pe = recipe.peft
     # A copy: peft extends modules_to_save in place with its SEQ_CLS defaults.
     trained_heads = pe.modules_to_save if pe.modules_to_save is not None else trainable_heads
     heads = dict(task_type=TaskType.SEQ_CLS, modules_to_save=list(trained_heads))
-    if pe.method == "ia3":
-        return IA3Config(target_modules=pe.target_modules, feedforward_modules=pe.feedforward_modules, **heads)
-    if pe.method == "prompt_tuning":
-        init = (
-            dict(
-                prompt_tuning_init="TEXT",
-                prompt_tuning_init_text=pe.prompt_init_text,
-                tokenizer_name_or_path=recipe.model.name_or_path,
-            )
-            if pe.prompt_init_text
-            else {}
-        )
-        return PromptTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **init, **heads)
-    if pe.method == "prefix_tuning":
-        return PrefixTuningConfig(num_virtual_tokens=pe.num_virtual_tokens, **heads)
-    common = dict(target_modules=pe.target_modules, lora_alpha=pe.alpha, lora_dropout=pe.dropout, bias=pe.bias, **heads)
-    if pe.method == "lora":
-        # LoftQ is applied after get_peft_model (on the NF4 base, see apply_regime), from peft's default init.
-        init = True if pe.init_lora_weights == "loftq" else pe.init_lora_weights
-        return LoraConfig(r=pe.r, use_dora=pe.use_dora, use_rslora=pe.use_rslora, init_lora_weights=init, **common)
-    tinit = pe.tinit or max(1, int(0.1 * total_steps))
-    tfinal = pe.tfinal or max(1, int(0.2 * total_steps))
-    if tinit + tfinal >= total_steps:
-        raise RecipeError(
-            [
-                f"AdaLoRA needs tinit + tfinal < total optimizer steps, got {tinit} + {tfinal} >= {total_steps};"
-                " lower peft.tinit / peft.tfinal or train longer"
-            ]
-        )
-    return AdaLoraConfig(
-        init_r=pe.init_r,
-        target_r=pe.target_r,
-        tinit=tinit,
-        tfinal=tfinal,
-        deltaT=pe.deltaT,
-        beta1=pe.beta1,
-        beta2=pe.beta2,
-        orth_reg_weight=pe.orth_reg_weight,
-        total_step=total_steps,
-        **common,
-    )
+    return pe.spec.peft_config(recipe, heads, total_steps)
 
 
 def keep_4bit_training_layout(model: nn.Module) -> None:
@@ -381,17 +311,13 @@ def keep_4bit_training_layout(model: nn.Module) -> None:
 
 def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], total_steps: int) -> nn.Module:
     """Make only what the recipe trains trainable: adapters + head, the head alone, or everything."""
-    method = recipe.peft.method
-    if method == "full":
-        model.requires_grad_(True)
-        if recipe.training.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return model
-    if method in ("head_only", "bitfit"):
+    spec = recipe.peft.spec
+    if spec.peft_config is None:  # bitfit, head_only, full: the method says which parameters train
         heads = set(recipe.peft.modules_to_save or trainable_heads)
         for name, param in model.named_parameters():
-            is_bias = method == "bitfit" and name.endswith(".bias")  # BitFit (Ben Zaken et al., 2021): every bias term
-            param.requires_grad_(is_bias or bool(heads.intersection(name.split("."))))
+            param.requires_grad_(spec.trains(name) or bool(heads.intersection(name.split("."))))
+        if recipe.training.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -405,55 +331,18 @@ def apply_regime(recipe: Recipe, model: nn.Module, trainable_heads: list[str], t
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     peft_model = get_peft_model(model, peft_config(recipe, trainable_heads, total_steps))
-    if recipe.peft.method == "lora" and recipe.peft.init_lora_weights == "loftq":
-        from peft import replace_lora_weights_loftq
-
-        replace_lora_weights_loftq(peft_model)  # reads the unquantized weights from the checkpoint's safetensors
-    if recipe.peft.method == "lora" and recipe.peft.init_lora_weights in ("pissa", "olora"):
-        from lora_train.mutated_init import keep_initial_adapter
-
-        keep_initial_adapter(peft_model)
+    if spec.after_wrap is not None:
+        spec.after_wrap(recipe, peft_model)
     return peft_model
 
 
 def check_method_runs(recipe: Recipe, model: nn.Module) -> None:
-    """Refuse, before any work, a method the installed peft cannot run here (``model`` may be on the meta device)."""
-    problems = []
-    if recipe.peft.method == "prefix_tuning":
-        problems.append(prefix_tuning_problem(model))
-    if recipe.peft.init_lora_weights == "loftq" and not torch.cuda.is_available():
-        import peft
-
-        problems.append(
-            f"peft.init_lora_weights = 'loftq': peft {peft.__version__} computes LoftQ on a CUDA (or XPU)"
-            " device only (loftq_utils hard-codes it), and none is available. Train on a GPU, or use"
-            " init_lora_weights=true (plain QLoRA)"
-        )
+    """Refuse, before any work, a method the installed peft cannot run here, or a pooling the model's head does not
+    support (``model`` may be on the meta device)."""
+    problems = recipe.peft.spec.run_problems(recipe, model) + [pooling_problem(recipe.model.pooling, model)]
     problems = [p for p in problems if p]
     if problems:
         raise RecipeError(problems)
-
-
-def prefix_tuning_problem(model: nn.Module) -> Optional[str]:
-    """Why peft cannot prefix-tune ``model`` for classification, or None (peft's own check, done before any work).
-
-    peft injects the prefix as ``past_key_values`` and looks for that argument in the model's forward (or its
-    backbone's); transformers 5 renamed it ``cache``, and BERT-style encoders attend to no cache at all.
-    """
-    import inspect
-
-    import peft
-    import transformers
-
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
-    if any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone)):
-        return None
-    return (
-        f"peft.method = 'prefix_tuning' cannot run on {type(model).__name__} with peft {peft.__version__} and"
-        f" transformers {transformers.__version__}: peft passes the prefix as past_key_values, which this model's"
-        " forward does not take (transformers 5 calls it `cache`, and encoders such as BERT use no key/value"
-        " cache). Use peft.method=prompt_tuning (a soft prompt in the input) or lora / ia3"
-    )
 
 
 def count_parameters(model: nn.Module) -> ParamCount:

@@ -81,3 +81,21 @@ def prepare_process() -> None:
     # peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
     # run; the attribute is peft's to rename, nothing in a recipe changes it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+def configure_logging(is_main: bool) -> None:
+    """Readable logs on the main process; warnings only elsewhere (called once the process knows its rank)."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO if is_main else logging.WARNING,
+        force=True,
+    )
+    import datasets
+    import transformers
+
+    if not is_main:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    else:
+        transformers.utils.logging.set_verbosity_warning()

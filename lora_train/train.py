@@ -13,11 +13,10 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -26,22 +25,18 @@ from lora_train import checkpoint as ckpt
 from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.build import TaskData, build_classifier, load_task_data
-from lora_train.config import Recipe, RecipeError, build_recipe, recipe_to_yaml
+from lora_train.config import Recipe, build_recipe, recipe_to_yaml
 from lora_train.data import CARVE_FILE, Carve, EpochSampler, padding_collator, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary, native_bf16
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import (
-    ParamCount,
-    check_method_runs,
-    check_target_modules,
-    count_parameters,
-    load_model_config,
-    load_tokenizer,
-    meta_model,
-    use_fast_dropout,
-)
+from lora_train.modeling import ParamCount, count_parameters, load_model_config, load_tokenizer, use_fast_dropout
 from lora_train.optim import param_groups
-from lora_train.run_lock import LOCK_FILE, is_launch_main_process, run_lock
+from lora_train.preflight import check_model_fits, check_output_dir
+from lora_train.run_files import run_files
+from lora_train.run_lock import is_launch_main_process, run_lock
+from lora_train.savers import CheckpointSaver, checkpoint_saver
+from lora_train.startup import configure_logging
+from lora_train.stop_signal import StopFlag
 
 logger = logging.getLogger("lora_train")
 _IMPORTED = time.perf_counter()
@@ -80,7 +75,7 @@ class LoopState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """The parts of one training run, built once by :func:`setup` and read by the loop."""
 
@@ -102,6 +97,8 @@ class Run:
     updates_per_epoch: int
     params: ParamCount
     pusher: Optional[hub.HubPusher]
+    saver: CheckpointSaver
+    """Writes and restores resumable checkpoints the way this launch needs (:mod:`lora_train.savers`)."""
     last_eval: dict[str, Any] = field(default_factory=dict)
     """``{"step", "report"}`` of the newest evaluation (the model card of a pushed checkpoint quotes it)."""
     startup: dict[str, float] = field(default_factory=dict)
@@ -111,13 +108,15 @@ class Run:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    def model_writer(self, files: dict[str, str | bytes], weights: Optional[dict] = None) -> Callable[[Path], None]:
+        """``write(directory)``: the model as its method keeps it (adapter, trained tensors or all), the tokenizer and
+        ``files``; ``weights`` are the gathered ones when sharded."""
+        saves = self.recipe.peft.spec.saves
+        return lambda d: ckpt.save_model_dir(d, self.unwrapped, self.tokenizer, files, weights, saves)
+
     @property
     def checkpoints_root(self) -> Path:
         return self.out / "checkpoints"
-
-    @property
-    def is_adalora(self) -> bool:
-        return self.recipe.peft.method == "adalora"
 
     @property
     def global_batch(self) -> int:
@@ -146,7 +145,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
     # One run per directory: the main process holds its lock, and a second run into it is refused at once.
     with run_lock(out) if is_launch_main_process() else contextlib.nullcontext():
         run, state = setup(recipe, out)
-        stop = _StopFlag()
+        stop = StopFlag()
         stop.install()
         try:
             session = fit(run, state, stop)
@@ -160,21 +159,17 @@ def train(recipe: Recipe) -> dict[str, Any]:
         return finish(run, state, session)
 
 
-def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
+def fit(run: Run, state: LoopState, stop: StopFlag) -> Session:
     """The optimisation loop, from ``state`` to ``total_steps`` or a stop signal."""
     accelerator, model, t = run.accelerator, run.model, run.recipe.training
     per_process_batches, first_step = len(run.train_loader), state.global_step
     window = LogWindow(accelerator.device)
+    step_hook = run.recipe.peft.spec.step_hook  # e.g. AdaLoRA's rank allocation
     progress = _progress_bar(run, state)
     model.train()
     interrupted = False
     while state.global_step < run.total_steps and not interrupted:
-        # Accelerate's loader re-sets the sampler's epoch from its own counter at every iteration start.
-        run.train_loader.set_epoch(state.epoch)
-        loader = run.train_loader
-        if state.batches_in_epoch:
-            loader = accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
-        for batch in loader:
+        for batch in _epoch_batches(run, state):
             with accelerator.accumulate(model):
                 outputs = model(**batch)
                 accelerator.backward(outputs.loss)
@@ -184,8 +179,8 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     run.optimizer.step()
                     run.scheduler.step()
-                    if run.is_adalora:
-                        run.unwrapped.base_model.update_and_allocate(state.global_step)
+                    if step_hook is not None:
+                        step_hook(run.unwrapped, state.global_step)
                     run.optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             if not accelerator.sync_gradients:
@@ -200,25 +195,40 @@ def fit(run: Run, state: LoopState, stop: "_StopFlag") -> Session:
             if end_of_epoch:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             last = state.global_step >= run.total_steps
-            due_eval = (
-                (t.eval_steps and state.global_step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
-            )
-            due_save = (t.save_steps and state.global_step % t.save_steps == 0) or (not t.save_steps and end_of_epoch)
             interrupted = stop.agreed(accelerator)
-            if state.global_step % t.logging_steps == 0 or due_eval or due_save or last or interrupted:
-                entry = window.flush(run, state)
-                if entry:
-                    progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}")
-            if due_eval:
-                evaluate_and_keep_best(run, state)
-            if due_save or interrupted:
-                save_checkpoint(run, state)
-            if due_eval or due_save:
-                window.restart()  # samples/s of the next window: training only, not this evaluation or save
+            log_evaluate_save(run, state, window, progress, end_of_epoch, last, interrupted)
             if last or interrupted or end_of_epoch:
                 break
     progress.close()
     return Session(interrupted, first_step, time.perf_counter() - window.train_start, window.samples_this_process)
+
+
+def _epoch_batches(run: Run, state: LoopState):
+    """The rest of the current epoch's batches (all of them, or those after a resumed checkpoint's position)."""
+    # Accelerate's loader re-sets the sampler's epoch from its own counter at every iteration start.
+    run.train_loader.set_epoch(state.epoch)
+    if state.batches_in_epoch:
+        return run.accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+    return run.train_loader
+
+
+def log_evaluate_save(
+    run: Run, state: LoopState, window: "LogWindow", progress, end_of_epoch: bool, last: bool, interrupted: bool
+) -> None:
+    """What is due after an optimizer step: a log line, an evaluation, a checkpoint."""
+    t, step = run.recipe.training, state.global_step
+    due_eval = (t.eval_steps and step % t.eval_steps == 0) or (not t.eval_steps and end_of_epoch) or last
+    due_save = (t.save_steps and step % t.save_steps == 0) or (not t.save_steps and end_of_epoch)
+    if step % t.logging_steps == 0 or due_eval or due_save or last or interrupted:
+        entry = window.flush(run, state)
+        if entry:
+            progress.set_postfix(loss=f"{entry['loss']:.4f}", lr=f"{entry['learning_rate']:.2e}")
+    if due_eval:
+        evaluate_and_keep_best(run, state)
+    if due_save or interrupted:
+        save_checkpoint(run, state)
+    if due_eval or due_save:
+        window.restart()  # samples/s of the next window: training only, not this evaluation or save
 
 
 def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
@@ -233,9 +243,9 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
     weights = dist.full_state_dict(accelerator, run.model, run.launch)  # every process: gathers ZeRO-3 / FSDP shards
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = _run_files(run.recipe, run.label_names, metrics, state.history, run.carve)
+        files = run_files(run.recipe, run.label_names, metrics, state.history, run.carve)
         with ckpt.report_full_disk(f"the final adapter into {run.out}", run.checkpoints_root):
-            ckpt.save_final(run.out, run.unwrapped, run.tokenizer, files, weights)
+            ckpt.save_final(run.out, run.model_writer(files, weights))
         logger.info(
             "final: accuracy %.4f | macro-F1 %.4f | saved to %s",
             metrics["eval_accuracy"],
@@ -260,7 +270,7 @@ def finish(run: Run, state: LoopState, session: Session) -> dict[str, Any]:
 
 def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     """Checks first (seconds, before data or weights), then data, model, optimizer and schedule; resume last.
-    ``out`` is the output directory :func:`check_output_dir` accepted."""
+    ``out`` is the output directory :func:`~lora_train.preflight.check_output_dir` accepted."""
     recipe, precision_note = fp16_on_gpus_without_bf16(recipe, native_bf16())
     t = recipe.training
     startup = {"imports_s": process_seconds()}  # the interpreter, imports and recipe checks before setup
@@ -272,7 +282,6 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
 
     from accelerate import Accelerator  # heavy imports (peft, bitsandbytes) only once the checks passed
     from accelerate.utils import set_seed
-    from transformers import get_scheduler
 
     trackers = [name for name in recipe.output.report_to if _tracker_available(name)]
     accelerator = Accelerator(
@@ -284,7 +293,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     )
     launch = dist.check_launch(recipe, accelerator)  # silent duplication, unsupported recipe x launch combinations
     dist.configure_deepspeed(recipe, launch)
-    setup_logging(accelerator.is_main_process)
+    configure_logging(accelerator.is_main_process)
     if precision_note:
         logger.warning("%s", precision_note)
     if accelerator.is_main_process:
@@ -303,41 +312,26 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     startup["data_s"] = process_seconds()
     updates_per_epoch = steps_per_epoch(len(train_loader), t.gradient_accumulation_steps)
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
-
-    # NF4 weights are quantized where they load; everything else is placed by accelerator.prepare.
-    device = accelerator.device if recipe.quantization.is_4bit else None
-    model = build_classifier(recipe, data.label_names, tokenizer, device, total_steps)
-    if accelerator.device.type == "cpu":
-        use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
-    params = count_parameters(model)
-    optimizer = build_optimizer(model, recipe, accelerator.device)
-    scheduler = get_scheduler(
-        t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
-        optimizer,
-        num_warmup_steps=int(t.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if t.torch_compile:
-        model = torch.compile(model)
+    model, optimizer, scheduler, params = build_trainable(recipe, data, tokenizer, accelerator, total_steps)
     startup["model_s"] = process_seconds()
     run = Run(
-        recipe,
-        out,
-        accelerator,
-        launch,
-        tokenizer,
-        data.label_names,
-        data.carve,
-        train_loader,
-        eval_loader,
-        model,
-        optimizer,
-        scheduler,
-        total_steps,
-        updates_per_epoch,
-        params,
-        pusher,
+        recipe=recipe,
+        out=out,
+        accelerator=accelerator,
+        launch=launch,
+        tokenizer=tokenizer,
+        label_names=data.label_names,
+        carve=data.carve,
+        train_loader=train_loader,
+        eval_loader=eval_loader,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        total_steps=total_steps,
+        updates_per_epoch=updates_per_epoch,
+        params=params,
+        pusher=pusher,
+        saver=checkpoint_saver(launch, accelerator, accelerator.unwrap_model(model), optimizer, scheduler),
         startup=startup,
     )
     _log_plan(run, data)
@@ -354,6 +348,31 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
     if trackers:
         accelerator.init_trackers("lora_train", config=_flat_config(recipe))
     return run, state
+
+
+def build_trainable(recipe: Recipe, data: TaskData, tokenizer, accelerator, total_steps: int) -> tuple:
+    """The classifier in its training regime, its optimizer and schedule, prepared by Accelerate (and compiled when
+    asked); with the parameter counts taken before preparing."""
+    from transformers import get_scheduler
+
+    t = recipe.training
+    # NF4 weights are quantized where they load; everything else is placed by accelerator.prepare.
+    device = accelerator.device if recipe.quantization.is_4bit else None
+    model = build_classifier(recipe, data.label_names, tokenizer, device, total_steps)
+    if accelerator.device.type == "cpu":
+        use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
+    params = count_parameters(model)
+    optimizer = build_optimizer(model, recipe, accelerator.device)
+    scheduler = get_scheduler(
+        t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
+        optimizer,
+        num_warmup_steps=int(t.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if t.torch_compile:
+        model = torch.compile(model)
+    return model, optimizer, scheduler, params
 
 
 def fp16_on_gpus_without_bf16(recipe: Recipe, native_bf16: bool) -> tuple[Recipe, Optional[str]]:
@@ -416,16 +435,12 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
 def restore(run: Run, resume_dir: Path, saved: dict[str, Any]) -> LoopState:
     """Load a checkpoint's weights, optimizer, scheduler, RNGs (and AdaLoRA allocator); return its loop state."""
     dist.check_resume_launch(saved, run.launch)
-    if run.launch.engine_owns_optimizer:
-        loaded = dist.load_engine_state(run.accelerator, resume_dir, run.scheduler, run.launch)
-    else:
-        base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)  # the torch optimizer inside Accelerate's
-        loaded = ckpt.load_training_state(
-            resume_dir, run.unwrapped, base_optimizer, run.scheduler, run.accelerator.process_index
-        )
+    loaded = run.saver.load(resume_dir)
     state = LoopState(**loaded["loop"])
-    if run.is_adalora:
-        ckpt.load_adalora_state(run.unwrapped, loaded["extra_tensors"], loaded.get("adalora") or {})
+    method_state = run.recipe.peft.spec.resume_state
+    if method_state is not None:  # "adalora": the key of checkpoints written before the method table
+        meta = loaded.get("method_state", loaded.get("adalora")) or {}
+        method_state.load(run.unwrapped, loaded["extra_tensors"], meta)
     logger.info(
         "resumed from %s at step %d (epoch %d, batch %d)",
         resume_dir,
@@ -533,11 +548,9 @@ def evaluate_and_keep_best(run: Run, state: LoopState) -> dict[str, Any]:
         state.best_metric, state.best_step = report["accuracy"], state.global_step
         weights = dist.full_state_dict(run.accelerator, run.model, run.launch)  # every process: gathers shards
         if run.accelerator.is_main_process:
-            files = _run_files(run.recipe, run.label_names, {"step": state.global_step, **report}, carve=run.carve)
+            files = run_files(run.recipe, run.label_names, {"step": state.global_step, **report}, carve=run.carve)
             with ckpt.report_full_disk(f"the best adapter {run.out / 'best'}", run.checkpoints_root):
-                ckpt.atomic_directory(
-                    run.out / "best", lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files, weights)
-                )
+                ckpt.atomic_directory(run.out / "best", run.model_writer(files, weights))
     return report
 
 
@@ -552,35 +565,32 @@ def save_checkpoint(run: Run, state: LoopState) -> None:
             f"parameters {bad[:3]} became non-finite at optimizer step {state.global_step}; stopping"
             f" without saving. {_last_good(run.checkpoints_root)}"
         )
-    extra, adalora_meta = ckpt.adalora_state(run.unwrapped) if run.is_adalora else (None, None)
+    method_state = recipe.peft.spec.resume_state
+    extra, method_meta = method_state.save(run.unwrapped) if method_state is not None else (None, None)
     saved_state = {
         "loop": state.__dict__,
         "recipe": recipe.to_dict(),
         "num_processes": accelerator.num_processes,
-        "adalora": adalora_meta,
+        "method_state": method_meta,
     }
-    if run.launch.engine_owns_optimizer:
-        dist.save_engine_state(accelerator, path, saved_state, run.scheduler, run.launch)
-    else:
-        rng_states = dist.every_process_rng_state(accelerator)  # every process: its dropout stream is its own
-        if accelerator.is_main_process:
-            base_optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
-            ckpt.save_training_state(path, run.unwrapped, base_optimizer, run.scheduler, saved_state, extra, rng_states)
+    run.saver.save(path, saved_state, extra)
     if accelerator.is_main_process:
         ckpt.rotate_checkpoints(run.checkpoints_root, recipe.training.keep_last)
         logger.info("saved checkpoint %s", path)
         if run.pusher is not None and recipe.output.push_checkpoints:
-            card_metrics = {
-                "global_step": state.global_step,
-                "step": run.last_eval.get("step"),
-                **run.last_eval.get("report", {}),
-            }
-            files = _run_files(recipe, run.label_names, card_metrics, state.history, run.carve)
-            run.pusher.push_in_background(
-                lambda d: ckpt.save_model_dir(d, run.unwrapped, run.tokenizer, files),
-                f"lora_train: adapter at step {state.global_step}",
-            )
+            _push_checkpoint(run, state)
     accelerator.wait_for_everyone()
+
+
+def _push_checkpoint(run: Run, state: LoopState) -> None:
+    """Push the adapter at this step, with a card quoting the newest evaluation, in the background."""
+    card_metrics = {
+        "global_step": state.global_step,
+        "step": run.last_eval.get("step"),
+        **run.last_eval.get("report", {}),
+    }
+    files = run_files(run.recipe, run.label_names, card_metrics, state.history, run.carve)
+    run.pusher.push_in_background(run.model_writer(files), f"lora_train: adapter at step {state.global_step}")
 
 
 def final_metrics(run: Run, state: LoopState, session: "Session", report: dict[str, Any]) -> dict[str, Any]:
@@ -654,103 +664,7 @@ def _log_plan(run: Run, data: TaskData) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks and small pieces
-
-
-def setup_logging(is_main: bool) -> None:
-    """Readable logs on the main process; warnings only elsewhere."""
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        level=logging.INFO if is_main else logging.WARNING,
-        force=True,
-    )
-    import datasets
-    import transformers
-
-    if not is_main:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-    else:
-        transformers.utils.logging.set_verbosity_warning()
-
-
-def check_output_dir(recipe: Recipe) -> Path:
-    """Refuse to mix two runs, or a run and other files, in one directory, and unwritable directories, before any
-    work."""
-    if not recipe.output.output_dir.strip():  # what an unset shell variable gives; Path("") is the current directory
-        raise RecipeError(
-            [
-                "output.output_dir is empty: the run would write into the current directory (its README.md"
-                " replaced by the model card); name a directory, e.g. output.output_dir=runs/my_run"
-            ]
-        )
-    out = Path(recipe.output.output_dir)
-    overwrite = recipe.output.overwrite_output_dir
-    if ckpt.holds_run(out) and not overwrite and recipe.training.resume_from_checkpoint is None:
-        raise RecipeError(
-            [
-                f"output.output_dir '{out}' already holds a run. Resume it with training.resume_from_checkpoint=latest,"
-                " allow overwriting with output.overwrite_output_dir=true, or choose another directory"
-            ]
-        )
-    others = ckpt.directory_contents(out, ignore=(LOCK_FILE,))
-    if others and not ckpt.holds_run(out) and not overwrite:
-        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-        raise RecipeError(
-            [
-                f"output.output_dir '{out}' is not empty ({shown}) and holds no run: a run adds and replaces"
-                " files there (README.md becomes the model card). Choose a new or empty directory, or allow"
-                " it with output.overwrite_output_dir=true"
-            ]
-        )
-    problem = ckpt.writable_directory_problem(out)
-    if problem:
-        raise RecipeError([f"output.output_dir '{out}' {problem}; choose a directory you can write to"])
-    return out
-
-
-def check_model_fits(recipe: Recipe, config) -> None:
-    """Checks that need only config.json and file names: sequence length, target modules (model built on 'meta'),
-    safetensors weights for a local model, and bitsandbytes kernels that run when NF4 is asked."""
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and recipe.data.max_length > limit:
-        raise RecipeError(
-            [
-                f"data.max_length = {recipe.data.max_length} exceeds {recipe.model.name_or_path}'s limit"
-                f" of {limit} positions"
-            ]
-        )
-    meta = meta_model(config)
-    check_target_modules(recipe, meta)
-    check_method_runs(recipe, meta)
-    local = Path(recipe.model.name_or_path)
-    if local.is_dir() and not any(local.glob("*.safetensors")):
-        pickled = sorted(p.name for p in local.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-        raise RecipeError(
-            [
-                f"model.name_or_path '{local}' holds no .safetensors weights{f' (only {pickled})' if pickled else ''};"
-                " pickle checkpoints are never loaded. Convert it once in a trusted environment:"
-                " AutoModel.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)"
-            ]
-        )
-    if recipe.quantization.is_4bit:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        try:  # a 64x64 round trip: installed is not enough, its kernels must run on this device
-            import bitsandbytes.functional as bnb_functional
-
-            bnb_functional.dequantize_4bit(
-                *bnb_functional.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
-            )
-        except Exception as err:  # noqa: BLE001 - import, library-loading and kernel errors alike
-            raise RecipeError(
-                [
-                    f"quantization.method = 'nf4' needs bitsandbytes 4-bit kernels that run on {device}, but"
-                    f" they fail here ({type(err).__name__}: {err}). Install a bitsandbytes build for this"
-                    " platform (CPU support needs >= 0.46), or train without quantization:"
-                    " quantization.method=none"
-                ]
-            ) from None
+# Small pieces
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.optim.Optimizer:
@@ -791,35 +705,6 @@ def _flat_config(recipe: Recipe) -> dict[str, Any]:
     return flat
 
 
-def _run_files(
-    recipe: Recipe,
-    label_names: list[str],
-    metrics: dict,
-    history: Optional[list] = None,
-    carve: Optional[Carve] = None,
-) -> dict[str, str | bytes]:
-    """Files saved beside every adapter: recipe, labels, metrics, model card, the carved validation rows;
-    with a history, it and its learning curve."""
-    from lora_train.card import PLOT_NAME, model_card
-    from lora_train.plots import learning_curve_png
-
-    files: dict[str, str | bytes] = {
-        "recipe.yaml": recipe_to_yaml(recipe),
-        "labels.json": json.dumps({"id2label": dict(enumerate(label_names))}, indent=1),
-        "metrics.json": json.dumps(metrics, indent=1),
-        "README.md": model_card(recipe, metrics, plot=PLOT_NAME if history is not None else None),
-    }
-    if carve is not None:
-        files[CARVE_FILE] = carve.to_json()
-    if history is not None:
-        files["history.json"] = json.dumps(history, indent=1)
-        nf4 = " on an NF4 base" if recipe.quantization.is_4bit else ""
-        files[PLOT_NAME] = learning_curve_png(
-            history, f"{Path(recipe.output.output_dir).name} ({recipe.peft.method}{nf4})"
-        )
-    return files
-
-
 def _push_final(pusher: "hub.HubPusher", out: Path, step: int) -> None:
     """Push the final run directory; a failure leaves the saved run intact and says how to retry."""
     try:
@@ -836,55 +721,3 @@ def _last_good(checkpoints_root: Path) -> str:
     kept = ckpt.list_checkpoints(checkpoints_root)
     where = f"The last good checkpoint is kept: {kept[-1]}." if kept else "No checkpoint had been saved yet."
     return where + " Lower training.learning_rate (or raise training.warmup_ratio), or check the data for broken rows."
-
-
-class _StopFlag:
-    """SIGTERM / SIGINT request a checkpoint and a clean exit at the next optimizer step.
-
-    Launchers forward the signal they receive (torchrun's agent, srun, accelerate launch), and Slurm signals every
-    process of a step, so one request often arrives twice within milliseconds: a repeat within
-    ``DUPLICATE_WINDOW_S`` is the same request. A later second signal stops at once, without a checkpoint."""
-
-    DUPLICATE_WINDOW_S = 2.0
-
-    def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
-        self._first_at = 0.0
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, _frame) -> None:
-        if self.signal_name is not None:
-            if time.monotonic() - self._first_at < self.DUPLICATE_WINDOW_S:
-                return  # the launcher forwarding the same request
-            self.uninstall()  # a second request: stop now, as if we had not caught it
-            signal.raise_signal(signum)
-            return
-        self.signal_name = signal.Signals(signum).name
-        self._first_at = time.monotonic()
-        logger.warning(
-            "%s received: saving a checkpoint and stopping after this optimizer step (send it again after %.0f s"
-            " to stop at once, without a checkpoint)",
-            self.signal_name,
-            self.DUPLICATE_WINDOW_S,
-        )
-
-    def agreed(self, accelerator) -> bool:
-        """True on every process once any process was signalled (so all stop at the same step)."""
-        flag = self.signal_name is not None
-        if accelerator.num_processes == 1:
-            return flag
-        total = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
-        if total.item() > 0 and self.signal_name is None:
-            self.signal_name = "a signal to another process"
-        return bool(total.item() > 0)

@@ -250,8 +250,8 @@ def reload_logits(run_dir: Path, texts: list[str], max_length: int):
     from transformers import AutoTokenizer
 
     from lora_train.config import load_recipe
+    from lora_train.heads import head_linear_names
     from lora_train.modeling import (
-        head_linear_names,
         keep_4bit_training_layout,
         load_model_config,
         meta_model,

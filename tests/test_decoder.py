@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from lora_train.config import build_recipe, load_recipe, recipe_to_yaml
+from lora_train.config import RecipeError, build_recipe, load_recipe, recipe_to_yaml
 from lora_train.modeling import load_base_model, load_model_config, load_tokenizer
 from lora_train.train import train
 from tests.conftest import (
@@ -40,10 +40,11 @@ TEXTS = [
 ]
 
 
-def llama2c_classifier(num_labels: int = 2):
+def llama2c_classifier(num_labels: int = 2, pooling: str = "last"):
     """The real llama2c as a sequence classifier, with the pad token the training run would choose, and a large
     random ``score`` head so that pooling the wrong position would show in the logits."""
-    recipe = build_recipe({"model": {"name_or_path": LLAMA2C}, "peft": {"target_modules": ["q_proj", "v_proj"]}})
+    model_section = {"name_or_path": LLAMA2C, "pooling": pooling}
+    recipe = build_recipe({"model": model_section, "peft": {"target_modules": ["q_proj", "v_proj"]}})
     tokenizer = load_tokenizer(recipe)
     config = load_model_config(recipe, [str(i) for i in range(num_labels)])
     config.pad_token_id = tokenizer.pad_token_id
@@ -65,8 +66,9 @@ def test_llama2c_pads_with_unk_which_its_byte_fallback_tokenizer_never_emits():
 
 
 @needs_llama2c
-def test_llama2c_pooling_is_the_same_with_left_padding_right_padding_and_one_at_a_time():
-    model, tokenizer, _ = llama2c_classifier()
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_llama2c_pooling_is_the_same_with_left_padding_right_padding_and_one_at_a_time(pooling):
+    model, tokenizer, _ = llama2c_classifier(pooling=pooling)
     with torch.no_grad():
         alone = torch.cat([model(**tokenizer([text], return_tensors="pt")).logits for text in TEXTS])
         batched = {}
@@ -79,6 +81,32 @@ def test_llama2c_pooling_is_the_same_with_left_padding_right_padding_and_one_at_
     assert (alone[0] - alone[1]).abs().max() > 0.1
     for side, logits in batched.items():
         torch.testing.assert_close(logits, alone, atol=POOLING_TOL, rtol=0, msg=f"{side} padding")
+
+
+@needs_llama2c
+def test_mean_pooling_scores_the_mean_of_the_tokens_hidden_states():
+    """model.pooling=mean: the logits are the head applied to the mean hidden state of the text's tokens (padding
+    excluded), not the last token's; a padded batch gives each text what it gets alone."""
+    mean_model, tokenizer, _ = llama2c_classifier(pooling="mean")
+    last_model, _, _ = llama2c_classifier(pooling="last")
+    tokenizer.padding_side = "right"
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = mean_model(**batch).logits
+        for i, text in enumerate(TEXTS):
+            alone = tokenizer([text], return_tensors="pt")
+            hidden = last_model.model(**alone).last_hidden_state[0]  # the hook-free backbone: per-token states
+            torch.testing.assert_close(pooled[i], last_model.score(hidden.mean(0)), atol=POOLING_TOL, rtol=0)
+        assert (pooled - last_model(**batch).logits).abs().max() > 0.1  # mean is not last-token pooling
+
+
+def test_mean_pooling_is_refused_for_an_encoder_with_a_cls_pooler(tmp_path, tiny_bert_dir, toy_data_dir):
+    from tests.conftest import tiny_recipe
+
+    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run", model={"pooling": "mean"})
+    with pytest.raises(RecipeError, match="model.pooling = 'mean' applies to decoder classifiers"):
+        train(build_recipe(raw))
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
 
 
 @needs_llama2c

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from lora_train.config import RecipeError, build_recipe
+from lora_train.heads import head_linear_names
 from lora_train.modeling import (
     apply_regime,
     check_target_modules,
     count_parameters,
-    head_linear_names,
     load_base_model,
     load_model_config,
     load_tokenizer,

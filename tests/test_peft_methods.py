@@ -1,4 +1,4 @@
-"""The PEFT methods beyond LoRA / AdaLoRA (IA3, prompt tuning, BitFit; DoRA, rsLoRA, PiSSA, OLoRA), layer-wise
+"""The PEFT methods beyond LoRA / AdaLoRA (IA3, VeRA, prompt tuning, BitFit; DoRA, rsLoRA, PiSSA, OLoRA), layer-wise
 learning rates, and the refusals (prefix tuning, LoftQ on CPU, options set for the wrong method).
 
 Each method trains 8 steps of the tiny random BERT on the synthetic data, is saved (adapter-only where it is an
@@ -34,6 +34,7 @@ METHODS = {
         "num_virtual_tokens": 4,
         "prompt_init_text": "a good or bad film",
     },
+    "vera": {"method": "vera", "r": 16},
     "bitfit": {"method": "bitfit"},
     "dora": {"use_dora": True},
     "rslora": {"use_rslora": True},
@@ -47,6 +48,7 @@ ADAPTER_KEYS = {
     "prompt_tuning": "prompt_embeddings",
     "prompt_tuning_text": "prompt_embeddings",
     "dora": "lora_magnitude_vector",
+    "vera": "vera_lambda",
 }
 
 
@@ -66,15 +68,11 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(name, tmp_path, tiny_
     out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, METHODS[name])
     assert metrics["global_step"] == 8 and metrics["trainable_params"] > 0
     val = pd.read_parquet(toy_data_dir / "validation.parquet")
-    if name == "bitfit":  # a regime like head_only: the whole model is saved, biases + head were trained
-        assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
-        assert evaluate_run(load_run(str(out), device="cpu"))["accuracy"] == pytest.approx(
-            metrics["eval_accuracy"], abs=1e-9
-        )
-        with pytest.raises(RunError, match="already standalone"):
-            merge_adapter(str(out), tmp_path / "merged")
-        return
     from safetensors import safe_open
+
+    if name == "bitfit":
+        check_trained_tensors_run(out, tmp_path / "merged", metrics, lambda key: key.endswith(".bias"))
+        return
 
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         keys = list(f.keys())
@@ -93,6 +91,46 @@ def test_method_trains_saves_reloads_and_merges_or_refuses(name, tmp_path, tiny_
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     adapter = load_run(str(out), device="cpu")
     assert (logits_of(merged, adapter.tokenizer) - logits_of(adapter.model, adapter.tokenizer)).abs().max() < 1e-4
+
+
+def check_trained_tensors_run(out: Path, merged_dir: Path, metrics: dict, trained) -> None:
+    """A BitFit / head_only run keeps only what it trained (``trained(key)`` or the head), in both its final and best/
+    directories; it reloads onto its base to the accuracy it measured and merges into a standalone full model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    for directory in (out, out / "best"):
+        names = {p.name for p in directory.iterdir()}
+        assert "trained.safetensors" in names and not names & {"model.safetensors", "adapter_config.json"}, names
+    tensors = load_file(out / "trained.safetensors")
+    heads = ("classifier", "pooler")
+    assert all(trained(key) or any(h in key.split(".") for h in heads) for key in tensors), sorted(tensors)
+    assert any(key.startswith("classifier") for key in tensors)
+    assert sum(t.numel() for t in tensors.values()) == metrics["trainable_params"]
+    loaded = load_run(str(out), device="cpu")
+    assert evaluate_run(loaded)["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    merge_adapter(str(out), merged_dir)
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    assert (logits_of(merged, loaded.tokenizer) - logits_of(loaded.model, loaded.tokenizer)).abs().max() < 1e-5
+
+
+def test_head_only_keeps_only_the_head(tmp_path, tiny_bert_dir, toy_data_dir):
+    out, metrics = run(tmp_path, tiny_bert_dir, toy_data_dir, {"method": "head_only"})
+    check_trained_tensors_run(out, tmp_path / "merged", metrics, lambda key: False)
+
+
+def test_trained_tensors_refuse_another_base(tmp_path, tiny_bert_dir, toy_data_dir):
+    """Trained tensors applied to a base they do not fit (the recipe edited to name another model) are refused,
+    naming the tensors, not loaded partly."""
+    out, _ = run(tmp_path, tiny_bert_dir, toy_data_dir, {"method": "bitfit"})
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "trained.safetensors")
+    key = next(k for k in tensors if k.endswith("classifier.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    save_file(tensors, out / "trained.safetensors")
+    with pytest.raises(RunError, match=r"does not fit this base model: classifier.weight"):
+        load_run(str(out), device="cpu")
 
 
 def test_pissa_is_saved_as_a_plain_lora_of_the_original_base(tmp_path, tiny_bert_dir, toy_data_dir):

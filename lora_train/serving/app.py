@@ -170,6 +170,16 @@ def create_app(
     app.add_middleware(AdminGate, token=access.admin_token)
     app.add_middleware(HostCheck, allowed_hosts=access.allowed_hosts)
 
+    _add_error_handlers(app)
+    _add_status_routes(app, registry, batcher)
+    _add_admin_routes(app, registry, batcher, access)
+    _add_classify_route(app, registry, batcher, limits)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Errors as ``{"detail": ...}`` with their status; validation errors without the offending values."""
+
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, err: ServingError) -> JSONResponse:
         return JSONResponse({"detail": err.message}, status_code=err.status)
@@ -182,6 +192,10 @@ def create_app(
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in err.errors()
         ]
         return JSONResponse({"detail": problems}, status_code=422)
+
+
+def _add_status_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher) -> None:
+    """The page, liveness, readiness and the adapter listing: read-only, for any caller the Host check lets in."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> str:
@@ -214,6 +228,10 @@ def create_app(
     async def get_adapter(name: str) -> dict[str, Any]:
         return registry.get(name).describe()
 
+
+def _add_admin_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher, access: Access) -> None:
+    """Hot load and unload, behind the admin token (:class:`AdminGate`) and the adapter root."""
+
     @app.post(
         "/v1/adapters",
         response_model=AdapterInfo,
@@ -242,6 +260,10 @@ def create_app(
         await asyncio.wrap_future(batcher.call(lambda: registry.detach(name)))
         return {"unloaded": name}
 
+
+def _add_classify_route(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits) -> None:
+    """``POST /v1/classify``: one adapter, or several in shared forwards (a fan-out request)."""
+
     @app.post(
         "/v1/classify",
         response_model=ClassifyResponse | FanOutResponse,
@@ -267,8 +289,6 @@ def create_app(
             for adapter, future, (_, truncated) in zip(adapters, futures, encoded, strict=True)
         ]
         return results[0] if request.adapter is not None else {"results": results}
-
-    return app
 
 
 def _predictions(adapter, probabilities, truncated: list[bool]) -> dict[str, Any]:

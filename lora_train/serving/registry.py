@@ -4,8 +4,9 @@ Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from
 ``load_adapter`` for the others), with its own classification head (peft keeps one copy of each
 ``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters with the same
 heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
-held as its ``dense`` layer so that it mixes, see :func:`narrow_heads`); others (AdaLoRA, heads peft cannot mix)
-run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters' autocast dtype.
+held as its ``dense`` layer so that it mixes, see :func:`lora_train.heads.narrow_heads`); others (AdaLoRA, heads
+peft cannot mix) run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters'
+autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
 (:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
@@ -13,7 +14,6 @@ Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) a
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -27,6 +27,7 @@ from torch import nn
 
 from lora_train.config import Recipe
 from lora_train.data import encode_texts, padded_length
+from lora_train.heads import is_mixable, narrow_heads, saved_shapes, shaped_like_saved
 from lora_train.inference import (
     RunError,
     autocast_dtype,
@@ -40,8 +41,6 @@ from lora_train.inference import (
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
-MIXABLE_HEADS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-"""Head (``modules_to_save``) module types peft can run with several adapters in one batch."""
 FORWARD_COST_TOKENS = {"cpu": 128, "cuda": 4096}
 """What one more forward costs, in padded tokens (see :func:`length_buckets`). CPU: measured with the CPU recipes'
 MiniLM adapters on 1 torch thread, a forward of 1 x 8 tokens took 17 ms and each further token about 0.11 ms
@@ -80,6 +79,7 @@ class BaseModelId:
     dtype: str
     quantization: str
     autocast: str
+    pooling: str = "last"
 
     @classmethod
     def of(cls, recipe: Recipe) -> "BaseModelId":
@@ -93,13 +93,15 @@ class BaseModelId:
             )
         )
         autocast = recipe.training.mixed_precision
-        return cls(recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype, quant, autocast)
+        m = recipe.model
+        return cls(m.name_or_path, m.revision, m.dtype, quant, autocast, m.pooling)
 
     def __str__(self) -> str:
         # A local base model is shown by its directory's name: the listing and errors show no server paths.
         shown = Path(self.name_or_path).name if Path(self.name_or_path).is_absolute() else self.name_or_path
         return (
-            f"{shown}@{self.revision} (dtype {self.dtype}, quantization {self.quantization}, autocast {self.autocast})"
+            f"{shown}@{self.revision} (dtype {self.dtype}, quantization {self.quantization},"
+            f" autocast {self.autocast}, pooling {self.pooling})"
         )
 
 
@@ -346,9 +348,7 @@ class AdapterRegistry:
         self._head_wrappers = self._heads()
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
-        mixable = adapter.peft_type == "LORA" and all(
-            isinstance(wrapper.original_module, MIXABLE_HEADS) for wrapper in heads.values()
-        )
+        mixable = is_mixable(adapter.peft_type, list(heads.values()))
         # Rows that share a forward need copies of the same heads (see _route_heads), giving as many classes.
         adapter.mix_key = (len(adapter.label_names), adapter.heads) if mixable else None
         with self._lock:
@@ -396,23 +396,10 @@ class AdapterRegistry:
         peft copies the base model's head for each adapter and then loads the saved weights into the copy,
         which fails when the adapter has another number of labels. A copy put in place first is used as is.
         """
-        from safetensors import safe_open
-
-        with safe_open(adapter.directory / "adapter_model.safetensors", "pt") as saved:
-            shapes = {key: tuple(saved.get_slice(key).get_shape()) for key in saved.keys()}
+        shapes = saved_shapes(adapter.directory / "adapter_model.safetensors")
         for path, wrapper in self._head_wrappers.items():
-            head = copy.deepcopy(wrapper.original_module)
-            resized = False
-            for param_name, param in list(head.named_parameters()):
-                shape = shapes.get(f"{path}.{param_name}")
-                if shape is not None and shape != tuple(param.shape):
-                    owner_name, _, leaf = param_name.rpartition(".")
-                    owner = head.get_submodule(owner_name)
-                    setattr(owner, leaf, nn.Parameter(param.new_empty(shape), requires_grad=False))
-                    if isinstance(owner, nn.Linear):
-                        owner.out_features = shape[0]
-                    resized = True
-            if resized:
+            head = shaped_like_saved(wrapper.original_module, path, shapes)
+            if head is not None:
                 wrapper.modules_to_save[adapter.name] = head
 
     @torch.no_grad()
@@ -467,39 +454,6 @@ class AdapterRegistry:
             if results[index] is None:
                 results[index] = torch.stack([rows[(index, t)] for t in range(len(features))])
         return results
-
-
-def narrow_heads(model: nn.Module, modules_to_save: Optional[list[str]]) -> Optional[list[str]]:
-    """``modules_to_save`` with each entry that names a module holding all its weights in one mixable layer
-    narrowed to that layer: BERT's ``pooler`` (a Linear ``dense`` and a tanh) becomes ``pooler.dense``.
-
-    peft runs a head for several adapters in one batch only when the wrapped module is a single layer
-    (:data:`MIXABLE_HEADS`), and the CPU recipes train the pooler with the classifier. The saved tensors are named
-    the same either way (``base_model.model.bert.pooler.dense.weight``), and a tanh has no weights, so the adapter
-    computes the same; only the wrapper moves down one level.
-    """
-    from peft.utils import ModulesToSaveWrapper
-
-    if not modules_to_save:
-        return modules_to_save
-    single_layer = (ModulesToSaveWrapper, *MIXABLE_HEADS)
-
-    def has_weights(module: nn.Module, recurse: bool = True) -> bool:
-        return next(module.parameters(recurse=recurse), None) is not None
-
-    narrowed = []
-    for entry in modules_to_save:
-        matches = [m for n, m in model.named_modules() if n == entry or n.endswith(f".{entry}")]
-        holders = {name: child for m in matches for name, child in m.named_children() if has_weights(child)}
-        if (
-            matches
-            and len(holders) == 1
-            and not any(isinstance(m, single_layer) or has_weights(m, recurse=False) for m in matches)
-            and all(isinstance(child, single_layer) for child in holders.values())
-        ):
-            entry = f"{entry}.{next(iter(holders))}"
-        narrowed.append(entry)
-    return narrowed
 
 
 def length_buckets(lengths: list[int], forward_cost_tokens: int) -> list[list[int]]:
