@@ -17,8 +17,8 @@ class StopFlag:
 
     Launchers forward the signal they receive (torchrun's agent, srun, accelerate launch), and Slurm signals every
     process of a step, so one request often arrives twice within milliseconds: a repeat within
-    ``DUPLICATE_WINDOW_S`` of the first is the same request, also when it arrives after the stop has finished. A
-    later second signal stops at once, without a checkpoint."""
+    ``DUPLICATE_WINDOW_S`` of the first is the same request. A later second signal stops at once, without a
+    checkpoint."""
 
     DUPLICATE_WINDOW_S = 2.0
 
@@ -35,10 +35,12 @@ class StopFlag:
                 pass
 
     def uninstall(self) -> None:
-        """Give the signals back to their previous handlers; after a stop through :meth:`_late_repeat`, so the same
-        request still arriving from a launcher does not kill a process that stopped cleanly."""
+        """Give the caller its handlers back; after a stop, once the window is over, so a repeat of the request still
+        on its way from a launcher lands here and not in the caller's handler (the default one kills the process)."""
+        if self.signal_name is not None:
+            time.sleep(max(0.0, self._first_at + self.DUPLICATE_WINDOW_S - time.monotonic()))
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler if self.signal_name is None else self._late_repeat)
+            signal.signal(sig, handler)
 
     def _is_repeat(self) -> bool:
         return time.monotonic() - self._first_at < self.DUPLICATE_WINDOW_S
@@ -57,19 +59,8 @@ class StopFlag:
             self.DUPLICATE_WINDOW_S,
         )
 
-    def _late_repeat(self, signum, frame) -> None:
-        if self._is_repeat():
-            return
-        previous = self._previous.get(signum, signal.SIG_DFL)
-        if callable(previous):  # a Python handler (pytest's, a notebook's): it decides
-            signal.signal(signum, previous)
-            previous(signum, frame)
-        else:
-            self._stop_now(signum)
-
     def _stop_now(self, signum: int) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.uninstall()
         signal.raise_signal(signum)
 
     def agreed(self, accelerator) -> bool:
