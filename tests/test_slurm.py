@@ -100,6 +100,20 @@ def one_process_reference(bert_no_dropout, uneven_data, tmp_path_factory) -> Pat
     return out
 
 
+def sbatch(options: list[str], script_and_args: list[str], env: dict[str, str]) -> str:
+    """Submit from the project root, as a user does; the job id."""
+    submit = subprocess.run(
+        ["sbatch", "--parsable", *options, *script_and_args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr
+    return submit.stdout.strip().split(";")[0]
+
+
 def test_multi_node_sbatch_on_two_slurm_nodes_trains_like_one_process(
     tmp_path,
     cluster,
@@ -118,24 +132,11 @@ def test_multi_node_sbatch_on_two_slurm_nodes_trains_like_one_process(
         "ACCELERATE_USE_CPU": "true",
         "PROCESSES_PER_TASK": "1",
     }
-    submit = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            "--gpus-per-node=0",
-            "--cpus-per-task=1",
-            f"--output={tmp_path}/%x-%j.out",
-            "examples/slurm/multi_node.sbatch",
-            str(recipe),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    job = sbatch(
+        ["--gpus-per-node=0", "--cpus-per-task=1", f"--output={tmp_path}/%x-%j.out"],
+        ["examples/slurm/multi_node.sbatch", str(recipe)],
+        env,
     )
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
     log = tmp_path / f"lora_train-{job}.out"
     fields = wait_for_job(job, env, log)
     text = log.read_text()
@@ -174,17 +175,11 @@ def test_sweep_array_one_worker_per_task_shares_one_postgres_study(
         "PYTHONPATH": str(ROOT),
         "SWEEP_STORAGE": postgres_url,
     }
-    submit = subprocess.run(
-        ["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.out"]
-        + ["examples/slurm/sweep_array.sbatch", str(recipe), "peft.r=1,2,4", "peft.alpha=2*peft.r", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    job = sbatch(
+        ["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/task-%a.out"],
+        ["examples/slurm/sweep_array.sbatch", str(recipe), "peft.r=1,2,4", "peft.alpha=2*peft.r", "--out", str(out)],
+        env,
     )
-    assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
     for task in (0, 1):
         log = tmp_path / f"task-{task}.out"
         fields = wait_for_job(f"{job}_{task}", env, log)
