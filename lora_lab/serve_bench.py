@@ -396,6 +396,44 @@ def forward_costs(
     return rows
 
 
+def mixing_costs(
+    adapters: Sequence[str], names: Sequence[str], texts_per_adapter: int = 8, repeats: int = 3
+) -> list[dict[str, Any]]:
+    """The model worker alone, no HTTP: milliseconds for ``texts_per_adapter`` validation texts of each adapter
+    (cut to the shortest adapter's max_length) in one grouped forward
+    (:mod:`lora_train.serving.grouped`), in peft's mixed forward, and in one forward per adapter, for the first 1, 2,
+    ... adapters (best of ``repeats`` over 4 such batches)."""
+    import torch
+
+    from lora_train.serving.registry import AdapterRegistry, read_adapter
+
+    registry = AdapterRegistry()  # texts of very different lengths split as the server splits them
+    for name, source in zip(names, adapters, strict=True):
+        registry.attach(read_adapter(source, name))
+    cut = min(registry.get(name).max_length for name in names)
+    pool = {
+        name: [
+            {key: ids[:cut] for key, ids in f.items()}
+            for f in registry.get(name).encode(validation_texts(source, 4 * texts_per_adapter))[0]
+        ]
+        for name, source in zip(names, adapters, strict=True)
+    }
+    rows = []
+    for count in range(1, len(names) + 1):
+        chosen = names[:count]
+        calls = [
+            [(n, [f]) for n in chosen for f in pool[n][i * texts_per_adapter : (i + 1) * texts_per_adapter]]
+            for i in range(4)
+        ]
+        row = dict(adapters="+".join(chosen), texts=len(calls[0]), threads=torch.get_num_threads())
+        for how, group, mix in (("grouped", True, False), ("peft_mixed", False, True), ("per_adapter", False, False)):
+            registry.group, registry.mix = group, mix
+            registry.classify(calls[0])  # warm-up
+            row[f"ms_{how}"] = round(_best_seconds(registry, calls, repeats) * 1000 / len(calls), 1)
+        rows.append(row)
+    return rows
+
+
 def forward_cost_table(rows: list[dict[str, Any]], batch_size: int) -> str:
     """:func:`forward_costs` as Markdown."""
     lines = [

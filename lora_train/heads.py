@@ -8,7 +8,7 @@ model card all call this module; a new pooling or head layout is added here.
 * Pooling of decoder classifiers (``model.pooling``): transformers' ``*ForSequenceClassification`` scores every
   token and keeps the rightmost one that is not the pad token (``last``, the architecture's own); ``mean`` averages
   the hidden states of the attended tokens first (:func:`apply_pooling`).
-* Mixed serving: :data:`MIXABLE_HEADS`, :func:`narrow_heads`, :func:`is_mixable`.
+* Mixed serving: :data:`MIXABLE_HEADS`, :func:`narrow_heads`, :func:`is_mixable`, :func:`mix_any_width`.
 * Shapes: :func:`saved_shapes`, :func:`shaped_like_saved`.
 """
 
@@ -160,6 +160,41 @@ def narrow_heads(model: nn.Module, modules_to_save: Optional[list[str]]) -> Opti
 def is_mixable(peft_type: str, wrappers: list[nn.Module]) -> bool:
     """Whether an adapter with these head wrappers can share a forward with others (peft's ``adapter_names``)."""
     return peft_type == "LORA" and all(isinstance(w.original_module, MIXABLE_HEADS) for w in wrappers)
+
+
+def mix_any_width(wrapper: nn.Module) -> None:
+    """Let a head wrapper run a mixed batch whose adapters' heads differ in width (2 classes beside 6).
+
+    peft's ``ModulesToSaveWrapper`` runs each adapter's rows through its own copy and stacks the rows, which fails
+    for outputs of different widths, so adapters with different numbers of classes needed a forward each. This
+    version pads every output's last dimension with zeros to the widest; each row's first columns are exactly what
+    its adapter's copy computes (the same sub-batch call as peft's), and the caller reads only its own classes.
+    """
+    if getattr(wrapper, "_mixes_any_width", False):
+        return
+
+    def mixed_batch_forward(input: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        rows: dict[str, list[int]] = {}
+        for index, name in enumerate(adapter_names):
+            rows.setdefault(name, []).append(index)
+        outputs = []
+        for name, indices in rows.items():
+            chosen = torch.tensor(indices, device=input.device)
+            sub_batch = input[chosen]
+            if name == "__base__":
+                output = wrapper.original_module(sub_batch, *args, **kwargs)
+            else:
+                output = wrapper._forward_wrapped_mixed_batch(sub_batch, name, *args, **kwargs)
+            outputs.append((chosen, output))
+        first = outputs[0][1]
+        width = max(output.shape[-1] for _, output in outputs)
+        result = first.new_zeros((len(adapter_names), *first.shape[1:-1], width))
+        for chosen, output in outputs:
+            result[chosen, ..., : output.shape[-1]] = output
+        return result
+
+    wrapper._mixed_batch_forward = mixed_batch_forward  # the instance's, in place of peft's (see the docstring)
+    wrapper._mixes_any_width = True
 
 
 # ---------------------------------------------------------------------------------------------

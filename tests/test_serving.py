@@ -31,6 +31,7 @@ from lora_train.serving.access import Access
 from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
+from lora_train.serving.replicas import ReplicatedRegistry
 from lora_train.serving.server import build_parser
 from lora_train.serving.server import main as serve_main
 from lora_train.train import train
@@ -73,6 +74,14 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
         "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
         "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
         "bf16": train_tiny(root, "bf16", pooled_bert_dir, toy_data_dir, training={"mixed_precision": "bf16"}),
+        "bf16_three": train_tiny(
+            root,
+            "bf16_three",
+            pooled_bert_dir,
+            toy_data_dir,
+            labels=("neg", "mixed", "pos"),
+            training={"mixed_precision": "bf16", "seed": 3, "learning_rate": 2e-2},
+        ),
         # BERT's pooler trained with the head, as the CPU recipes do
         "pooled": train_tiny(
             root, "pooled", pooled_bert_dir, toy_data_dir, peft={"modules_to_save": ["pooler", "classifier"]}
@@ -102,7 +111,8 @@ def serving(registry: AdapterRegistry, access: Access, limits: Optional[Limits] 
     import uvicorn
 
     # A long wait makes requests sent together share a batch even on a loaded CI machine.
-    batcher = MicroBatcher(registry.classify, max_batch_texts=64, max_wait_s=max_wait_s)
+    runners = registry.runners() if hasattr(registry, "runners") else registry.classify  # several workers or one
+    batcher = MicroBatcher(runners, max_batch_texts=64, max_wait_s=max_wait_s)
     batcher.start()
     app = create_app(registry, batcher, limits or Limits(), access)
     port = free_port()
@@ -187,23 +197,43 @@ def test_fan_out_request_answers_every_adapter_from_one_batch(server, reference)
     assert (after["requests"] - before["requests"], after["batches"] - before["batches"]) == (2, 1)
 
 
-def test_mixed_and_per_adapter_forwards_agree(runs, reference):
-    """peft's mixed-adapter batch (2- and 3-class heads grouped by shape) equals one forward per adapter, also for an
-    adapter that trained BERT's pooler (served with its head narrowed to ``pooler.dense``, so it mixes too)."""
-    registry = AdapterRegistry("cpu")
+@pytest.mark.parametrize("how, forwards", [("grouped", 2), ("peft", 2), ("alone", 4)])
+def test_shared_and_per_adapter_forwards_agree(runs, reference, how, forwards):
+    """The rows of a shared forward get what their adapter alone gives (predict.py): grouped (the default where the
+    LoRA layers allow, lora_train/serving/grouped.py) and peft's mixed batch (2- and 3-class heads in one forward
+    either way), and one forward per adapter; also for an adapter that trained BERT's pooler (served with its head
+    narrowed to ``pooler.dense``, so it shares forwards too)."""
+    registry = AdapterRegistry("cpu", mix=how == "peft", group=how == "grouped")
     adapters = [read_adapter(str(runs[name])) for name in ("pooled", "sentiment", "three", "sentiment_b")]
     for adapter in adapters:
         registry.attach(adapter)
-    assert all(adapter.mix_key for adapter in adapters)
+    assert all(adapter.mix_key and adapter.groupable for adapter in adapters)
     assert "pooler.dense" in registry.model.peft_config["pooled"].modules_to_save
     requests = [(a.name, a.encode(TEXTS)[0]) for a in adapters] * 2
-    mixed = registry.classify(requests)
-    for adapter in adapters:
-        adapter.mix_key = None
-    alone = registry.classify(requests)
-    for (name, _), got, single in zip(requests, mixed, alone, strict=True):
+    calls = []
+    hook = registry.model.register_forward_hook(lambda *_: calls.append(1))
+    registry.forward_cost_tokens = 10**6  # no split by text length: the heads alone decide
+    served = registry.classify(requests)
+    hook.remove()
+    assert len(calls) == forwards  # shared: pooled's heads, then the other three
+    for (name, _), got in zip(requests, served, strict=True):
         torch.testing.assert_close(got, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
-        torch.testing.assert_close(single, reference[name][: len(TEXTS)], atol=1e-5, rtol=0)
+
+
+def test_a_grouped_bf16_forward_gives_each_row_its_adapter_alone_result(runs):
+    """Under bf16 autocast every rounding counts: a grouped forward of a 2-class and a 3-class adapter equals one
+    forward per adapter over the same texts (so the same padded length) to the bit."""
+    registry = AdapterRegistry("cpu", forward_cost_tokens=10**6)
+    adapters = [read_adapter(str(runs[name])) for name in ("bf16", "bf16_three")]
+    for adapter in adapters:
+        registry.attach(adapter)
+    requests = [(a.name, a.encode(TEXTS)[0]) for a in adapters]
+    assert registry._group_of(adapters[0]) == registry._group_of(adapters[1])
+    grouped = registry.classify(requests)
+    registry.group = False
+    alone = registry.classify(requests)
+    for got, single in zip(grouped, alone, strict=True):
+        torch.testing.assert_close(got, single, atol=0, rtol=0)
 
 
 def test_adalora_adapters_are_served_one_forward_each(tmp_path, pooled_bert_dir, toy_data_dir):
@@ -772,3 +802,86 @@ def test_fan_out_load_and_adapter_scaling(runs):
     assert fan_out_table(rows).count("\n") == 3
     assert scaled(["a", "b"], ["x", "y"], 5) == (["a", "b", "a", "b", "a"], ["x_0", "y_1", "x_2", "y_3", "x_4"])
     assert scaled(["a", "b"], ["x", "y"], 1) == (["a"], ["x"])
+
+
+# Several model workers (lora-serve --workers N): replicas sharing every tensor, forwards side by side, and model
+# changes that wait for the other workers' batches (lora_train/serving/replicas.py, batcher.py).
+
+
+def test_replicas_hold_one_copy_of_every_tensor(runs):
+    registry = ReplicatedRegistry("cpu", replicas=3)
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    first = dict(registry.primary.model.named_parameters(remove_duplicate=False))
+    for replica in registry.replicas[1:]:
+        assert replica.model is not registry.primary.model
+        others = dict(replica.model.named_parameters(remove_duplicate=False))
+        assert others.keys() == first.keys()
+        assert all(others[name] is first[name] for name in first)  # no tensor of its own
+        assert replica.names() == ["sentiment", "three"]
+    registry.mark_unloading("three")
+    registry.detach("three")
+    assert [replica.names() for replica in registry.replicas] == [["sentiment"]] * 3
+
+
+def test_two_workers_answer_like_predict_and_hot_changes_reach_both(runs, reference):
+    registry = ReplicatedRegistry("cpu", replicas=2)
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    access = Access(admin_token=TOKEN, adapter_root=runs["sentiment"].parent)
+    with serving(registry, access, max_wait_s=0.01) as url:
+        jobs = [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS) :][:2]) for i in range(32)]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            responses = list(pool.map(lambda job: classify(url, *job), jobs))
+        for (name, texts), response in zip(jobs, responses, strict=True):
+            start = TEXTS.index(texts[0])
+            expected = reference[name][start : start + len(texts)]
+            torch.testing.assert_close(probabilities(response), expected, atol=1e-5, rtol=0)
+        loaded = httpx.post(f"{url}/v1/adapters", json={"source": "sentiment_b", "name": "late"}, headers=ADMIN)
+        assert loaded.status_code == 201, loaded.text
+        with ThreadPoolExecutor(max_workers=8) as pool:  # whichever worker takes them has the new adapter
+            late = list(pool.map(lambda _: classify(url, "late", TEXTS), range(8)))
+        for response in late:
+            torch.testing.assert_close(
+                probabilities(response), reference["sentiment_b"][: len(TEXTS)], atol=1e-5, rtol=0
+            )
+        assert httpx.delete(f"{url}/v1/adapters/late", headers=ADMIN, timeout=60).status_code == 200
+        assert [replica.names() for replica in registry.replicas] == [["sentiment", "three"]] * 2
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+
+
+def test_a_model_change_waits_for_running_batches_and_holds_back_later_ones():
+    """Two workers; a change queued between jobs runs when no batch runs, after the jobs queued before it started,
+    and before any job queued after it."""
+    events: list[tuple[str, str, float]] = []
+    lock = threading.Lock()
+
+    def runner():
+        def run(requests):
+            with lock:
+                events.append(("start", requests[0][0], time.monotonic()))
+            time.sleep(0.2)
+            with lock:
+                events.append(("end", requests[0][0], time.monotonic()))
+            return [None] * len(requests)
+
+        return run
+
+    batcher = MicroBatcher([runner(), runner()], max_batch_texts=1, max_wait_s=0)
+    before = [batcher.submit(f"before{i}", [{}]) for i in range(2)]
+    change = batcher.call(lambda: events.append(("change", "", time.monotonic())))
+    after = [batcher.submit(f"after{i}", [{}]) for i in range(2)]
+    batcher.start()
+    try:
+        for future in [*before, change, *after]:
+            future.result(timeout=30)
+    finally:
+        batcher.stop()
+    assert batcher.workers == 2
+    moment = next(t for kind, _, t in events if kind == "change")
+    ends = {name: t for kind, name, t in events if kind == "end"}
+    starts = {name: t for kind, name, t in events if kind == "start"}
+    assert max(starts["before0"], starts["before1"]) < moment  # both ran side by side before it...
+    assert min(ends["before0"], ends["before1"]) > max(starts["before0"], starts["before1"])
+    assert max(ends["before0"], ends["before1"]) <= moment  # ...and were done when it ran
+    assert min(starts["after0"], starts["after1"]) >= moment

@@ -8,7 +8,8 @@ request; lora_lab/plain_server.py). See docs/serving.md.
 
 Each setup's servers run alone, one after the other, on 127.0.0.1 ports chosen here. Prints a Markdown table;
 --out also writes the figures as JSON. --forward-costs times the model worker alone instead (no HTTP): a text per
-forward against 16 per forward, the bound on what micro-batching can gain on this machine.
+forward against 16 per forward, the bound on what micro-batching can gain on this machine; --mixing times one
+forward shared by all the adapters (grouped, or peft's adapter_names) against one forward per adapter.
 """
 
 from __future__ import annotations
@@ -38,10 +39,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--texts-per-adapter", type=int, default=500, help="validation texts each adapter is sent")
     parser.add_argument("--server-threads", type=int, help="--threads of every server process (default: torch's)")
     parser.add_argument(
+        "--server-workers", type=int, help="--workers of lora-serve (model worker threads; default: its default)"
+    )
+    parser.add_argument(
         "--forward-costs",
         action="store_true",
         help="instead of the HTTP setups, time the model worker alone: ms per text when each text is its own forward"
         " and when 16 share one (the bound on what batching can gain here)",
+    )
+    parser.add_argument(
+        "--mixing",
+        action="store_true",
+        help="instead of the HTTP setups, time the model worker alone on 8 texts of every adapter: one grouped forward,"
+        " peft's mixed forward, one forward per adapter (lora_train.serving.grouped, registry.MIX_ADAPTERS)",
     )
     parser.add_argument(
         "--scale",
@@ -71,21 +81,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [name or default_name(source, Path(source)) for name, source in pairs]
     if len(set(names)) != len(names):
         parser.error(f"adapter names {names} repeat; name them with NAME=SOURCE")
-    if args.forward_costs:
+    if args.forward_costs or args.mixing:
         import torch
 
-        from lora_lab.serve_bench import forward_cost_table, forward_costs
+        from lora_lab.serve_bench import forward_cost_table, forward_costs, mixing_costs
 
         if args.server_threads:
             torch.set_num_threads(args.server_threads)
-        rows = forward_costs([source for _, source in pairs], names, batch_size=16)
-        print(forward_cost_table(rows, batch_size=16))
+        if args.mixing:
+            rows = mixing_costs([source for _, source in pairs], names)
+            print(json.dumps(rows, indent=1))
+        else:
+            rows = forward_costs([source for _, source in pairs], names, batch_size=16)
+            print(forward_cost_table(rows, batch_size=16))
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=1))
         return 0
     sources = [source for _, source in pairs]
     server_args = ["--threads", str(args.server_threads)] if args.server_threads else []
+    if args.server_workers:  # lora-serve's alone: the plain server takes --threads only
+        server_args += ["--workers", str(args.server_workers)]
     if args.fan_out:
         from lora_lab.serve_bench import fan_out, fan_out_table
 

@@ -25,6 +25,10 @@ from lora_train.serving.access import Access, AdminGate, HostCheck, hide_root, h
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.page import PAGE
 from lora_train.serving.registry import AdapterRegistry, ServingError, read_adapter
+from lora_train.serving.replicas import ReplicatedRegistry
+
+Registry = AdapterRegistry | ReplicatedRegistry
+"""One model, or one replica per batcher worker: the app uses the catalog both have."""
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class BodyLimit:
 
 
 def create_app(
-    registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits = Limits(), access: Optional[Access] = None
+    registry: Registry, batcher: MicroBatcher, limits: Limits = Limits(), access: Optional[Access] = None
 ) -> FastAPI:
     """The FastAPI application over a registry whose adapters are attached and a started batcher; ``access``
     says who may load and unload adapters, from where, and which Host names are answered (default: nobody,
@@ -194,7 +198,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": problems}, status_code=422)
 
 
-def _add_status_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher) -> None:
+def _add_status_routes(app: FastAPI, registry: Registry, batcher: MicroBatcher) -> None:
     """The page, liveness, readiness and the adapter listing: read-only, for any caller the Host check lets in."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -229,7 +233,7 @@ def _add_status_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBa
         return registry.get(name).describe()
 
 
-def _add_admin_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher, access: Access) -> None:
+def _add_admin_routes(app: FastAPI, registry: Registry, batcher: MicroBatcher, access: Access) -> None:
     """Hot load and unload, behind the admin token (:class:`AdminGate`) and the adapter root."""
 
     @app.post(
@@ -261,7 +265,7 @@ def _add_admin_routes(app: FastAPI, registry: AdapterRegistry, batcher: MicroBat
         return {"unloaded": name}
 
 
-def _add_classify_route(app: FastAPI, registry: AdapterRegistry, batcher: MicroBatcher, limits: Limits) -> None:
+def _add_classify_route(app: FastAPI, registry: Registry, batcher: MicroBatcher, limits: Limits) -> None:
     """``POST /v1/classify``: one adapter, or several in shared forwards (a fan-out request)."""
 
     @app.post(

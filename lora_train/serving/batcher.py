@@ -1,10 +1,16 @@
-"""The micro-batcher: one worker thread runs every model call; requests that arrive together share a forward.
+"""The micro-batcher: worker threads run every model call; requests that arrive together share a forward.
 
-Requests are tokenized by the HTTP handlers (outside the worker) and queued here. The worker takes the first
+Requests are tokenized by the HTTP handlers (outside the workers) and queued here. A free worker takes the first
 queued request, then waits at most ``max_wait_s`` for more, up to ``max_batch_texts`` texts, and runs them
-as one batch (whatever their adapters); when that batch fails, each request runs again alone, so one request
-cannot fail the others. Model changes (attach, detach) are queued as tasks in the same FIFO,
-so requests queued before an unload finish before it, and those after it never see a half-changed model.
+as one batch (whatever their adapters) on its own model replica; when that batch fails, each request runs again
+alone, so one request cannot fail the others. Model changes (attach, detach) are queued as tasks in the same FIFO
+and run as a barrier: the worker that takes one waits until the others' batches are done, and no worker takes
+anything until the change is made, so requests queued before an unload finish before it, and those after it
+never see a half-changed model.
+
+Several workers (one per replica, :mod:`lora_train.serving.replicas`) pay off on a CPU: PyTorch releases the GIL
+inside each operation, so two forwards on one torch thread each keep two cores busy, where one forward on two
+threads spends much of its time synchronising small matrix products.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Sequence
 
 from lora_train.serving.registry import ServingError
 
 log = logging.getLogger("lora_train.serving")
+RunBatch = Callable[[list[tuple[str, list]]], list[Any]]
+"""A model's forward over queued requests ``(adapter, features)``: one result (or exception) per request."""
 
 
 @dataclass
@@ -41,8 +49,8 @@ class Task:
 
 @dataclass
 class BatchStats:
-    """Counters for /healthz: how many batches the worker ran, how many requests and texts they held, and the
-    seconds it spent running them (against wall time: how busy the model is)."""
+    """Counters for /healthz: how many batches the workers ran, how many requests and texts they held, and the
+    seconds they spent running them, summed over workers (against wall time: how busy the model replicas are)."""
 
     batches: int = 0
     requests: int = 0
@@ -51,17 +59,18 @@ class BatchStats:
 
 
 class MicroBatcher:
-    """Queue of jobs and tasks served by one worker thread (see the module docstring)."""
+    """Queue of jobs and tasks served by worker threads (see the module docstring)."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[tuple[str, list]]], list[Any]],
+        run_batch: RunBatch | Sequence[RunBatch],
         max_batch_texts: int = 64,
         max_wait_s: float = 0.005,
         max_queued_texts: int = 4096,
         batching: bool = True,
     ):
-        self._run_batch = run_batch
+        """``run_batch``: the forward of one model, or one per replica (a worker each)."""
+        self._runners = list(run_batch) if isinstance(run_batch, Sequence) else [run_batch]
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_s
         self.max_queued_texts = max_queued_texts
@@ -71,22 +80,32 @@ class MicroBatcher:
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread: Optional[threading.Thread] = None
+        self._running = 0  # batches being run by workers (a task waits until none is)
+        self._changing = False  # a task was taken: no worker takes anything until it is done
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def workers(self) -> int:
+        return len(self._runners)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="model-worker", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, args=(run,), name=f"model-worker-{k}", daemon=True)
+            for k, run in enumerate(self._runners)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def submit(self, adapter: str, features: list[dict[str, list[int]]]) -> Future:
         """Queue a classification; 503 when the queue already holds ``max_queued_texts`` texts."""
@@ -118,21 +137,32 @@ class MicroBatcher:
             self._cond.notify()
         return task.future
 
-    def _loop(self) -> None:
+    def _loop(self, run_batch: Callable) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while (not self._queue or self._changing) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     self._fail_queued()
                     return
                 first = self._queue.popleft()
-                if isinstance(first, Job):
+                if isinstance(first, Task):
+                    self._changing = True
+                    while self._running:  # the other workers' batches, taken before this task, finish first
+                        self._cond.wait()
+                else:
+                    self._running += 1  # before gathering: the lock is released while it waits for more jobs
                     batch = self._gather(first)
             if isinstance(first, Task):
                 self._run_task(first)
             else:
-                self._run_jobs(batch)
+                self._run_jobs(batch, run_batch)
+            with self._cond:
+                if isinstance(first, Task):
+                    self._changing = False
+                else:
+                    self._running -= 1
+                self._cond.notify_all()
 
     def _gather(self, first: Job) -> list[Job]:
         """``first`` plus the jobs that arrive within ``max_wait_s``, up to ``max_batch_texts`` (lock held)."""
@@ -153,10 +183,10 @@ class MicroBatcher:
         self._queued_texts -= texts
         return batch
 
-    def _run_jobs(self, batch: list[Job]) -> None:
+    def _run_jobs(self, batch: list[Job], run_batch: Callable) -> None:
         start = time.perf_counter()
         try:
-            results = self._run_batch([(job.adapter, job.features) for job in batch])
+            results = run_batch([(job.adapter, job.features) for job in batch])
         except Exception as err:  # noqa: BLE001 - the requests get a 500 with the reason; the worker keeps serving
             if len(batch) == 1:
                 log.exception("request failed")
@@ -167,20 +197,22 @@ class MicroBatcher:
                 log.warning(
                     "batch of %d requests failed (%s: %s); running them one by one", len(batch), type(err).__name__, err
                 )
-                results = [self._run_alone(job) for job in batch]
-        self.stats.busy_s += time.perf_counter() - start
-        self.stats.batches += 1
-        self.stats.requests += len(batch)
-        self.stats.texts += sum(len(job.features) for job in batch)
+                results = [self._run_alone(job, run_batch) for job in batch]
+        with self._cond:
+            self.stats.busy_s += time.perf_counter() - start
+            self.stats.batches += 1
+            self.stats.requests += len(batch)
+            self.stats.texts += sum(len(job.features) for job in batch)
         for job, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
 
-    def _run_alone(self, job: Job) -> Any:
+    @staticmethod
+    def _run_alone(job: Job, run_batch: Callable) -> Any:
         try:
-            return self._run_batch([(job.adapter, job.features)])[0]
+            return run_batch([(job.adapter, job.features)])[0]
         except Exception as err:  # noqa: BLE001 - this request's own failure
             log.exception("request for adapter %r failed", job.adapter)
             return ServingError(500, f"inference failed: {type(err).__name__}: {err}")

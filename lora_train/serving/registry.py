@@ -9,7 +9,8 @@ peft cannot mix) run as one sub-batch each. The base's and the adapters' Linear 
 autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
-(:meth:`AdapterRegistry.classify`) must all run on one thread: the batcher's worker.
+(:meth:`AdapterRegistry.classify`) must all run on one thread at a time: the batcher's worker (with several workers,
+each has its own registry over shared tensors, :mod:`lora_train.serving.replicas`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lora_train.inference import (
     store_frozen_linears_in,
     training_autocast,
 )
+from lora_train.serving.grouped import GroupedLoRA
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
@@ -46,6 +48,13 @@ FORWARD_COST_TOKENS = {"cpu": 128, "cuda": 4096}
 MiniLM adapters on 1 torch thread, a forward of 1 x 8 tokens took 17 ms and each further token about 0.11 ms
 (docs/serving.md). GPU: a forward's fixed cost (kernel launches, Python) outweighs its tokens until the GPU is
 busy; not measured here."""
+MIX_ADAPTERS = {"cpu": False, "cuda": True}
+"""Whether texts of LoRA adapters that :class:`~lora_train.serving.grouped.GroupedLoRA` cannot take (a LoRA
+variant such as DoRA, a LoRA bias) share a forward through peft's ``adapter_names``, or run one forward per
+adapter. CPU: one forward per adapter is faster, since peft's mixed forward registers hooks on every module and runs
+each LoRA layer once per adapter on gathered rows (``lora-serve-bench --mixing``, docs/serving.md). GPU: a forward's
+fixed cost (kernel launches, Python) dominates until the GPU is busy, so sharing one is assumed to win; not measured
+here."""
 METRIC_KEYS = (
     "eval_accuracy",
     "eval_macro_f1",
@@ -123,6 +132,8 @@ class Adapter:
     """Set on attach: paths of the head wrappers (``modules_to_save``) that hold this adapter's copies."""
     mix_key: Optional[tuple] = None
     """Set on attach: adapters with equal keys share mixed-adapter forwards; None if this one cannot mix."""
+    groupable: bool = False
+    """Set on attach: whether its forwards with others can be grouped (:mod:`lora_train.serving.grouped`)."""
     tokenizer_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     """A fast tokenizer keeps its truncation and padding settings in shared state that every call rewrites, so two
     threads encoding at once can get each other's settings (a 256-token IMDb adapter encoded reviews of 799 tokens
@@ -237,9 +248,20 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
 class AdapterRegistry:
     """The loaded base model and its attached adapters (see the module docstring for the threading rule)."""
 
-    def __init__(self, device: Optional[str] = None, forward_cost_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        device: Optional[str] = None,
+        forward_cost_tokens: Optional[int] = None,
+        mix: Optional[bool] = None,
+        group: bool = True,
+    ):
+        """``mix``: peft's mixed forwards for adapters that cannot be grouped (default :data:`MIX_ADAPTERS`);
+        ``group``: grouped forwards where they can (off only to compare, ``lora-serve-bench --mixing``)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.forward_cost_tokens = forward_cost_tokens or FORWARD_COST_TOKENS.get(self.device.type, 4096)
+        self.mix = MIX_ADAPTERS.get(self.device.type, True) if mix is None else mix
+        self.group = group
+        self.grouped: Optional[GroupedLoRA] = None
         self.model: Optional[nn.Module] = None
         self.base: Optional[BaseModelId] = None
         self.peft_type: Optional[str] = None
@@ -349,8 +371,12 @@ class AdapterRegistry:
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
         mixable = is_mixable(adapter.peft_type, list(heads.values()))
-        # Rows that share a forward need copies of the same heads (see _route_heads), giving as many classes.
-        adapter.mix_key = (len(adapter.label_names), adapter.heads) if mixable else None
+        # Rows that share a forward need copies of the same heads (see _route_heads), of any width.
+        adapter.mix_key = ("heads", adapter.heads) if mixable else None
+        if self.grouped is None:
+            self.grouped = GroupedLoRA(self.model)
+        self.grouped.refresh()
+        adapter.groupable = mixable and self.grouped.supports({adapter.name})
         with self._lock:
             self._adapters[adapter.name] = adapter
 
@@ -369,6 +395,7 @@ class AdapterRegistry:
         """Remove adapter ``name`` (its LoRA weights and head copies) from the model."""
         self.model.delete_adapter(name)
         self._head_wrappers = self._heads()
+        self.grouped.refresh()
         with self._lock:
             del self._adapters[name]
             self._unloading.discard(name)
@@ -406,10 +433,9 @@ class AdapterRegistry:
     def classify(self, requests: list[tuple[str, list[dict[str, list[int]]]]]) -> list[Any]:
         """Class probabilities for each request ``(adapter name, token features)``, in order.
 
-        Texts of mixable adapters with the same heads and number of classes share forwards with
-        ``adapter_names``; the others run per adapter. Within a group, texts of very different lengths go to
-        separate forwards (see :func:`length_buckets`). A request whose adapter is gone gets a
-        :class:`ServingError` in place of its probabilities.
+        Texts of adapters that share forwards (:meth:`_group_of`) run together; the others run per adapter. Within
+        a group, texts of very different lengths go to separate forwards (see :func:`length_buckets`). A request
+        whose adapter is gone gets a :class:`ServingError` in place of its probabilities.
         """
         results: list[Any] = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, int]]] = {}  # group -> (request index, text index) of its texts
@@ -420,40 +446,65 @@ class AdapterRegistry:
             if adapter is None:
                 results[index] = ServingError(404, f"adapter {name!r} was unloaded before this request ran")
                 continue
-            key = ("mixed", adapter.mix_key) if adapter.mix_key else ("alone", name)
-            groups.setdefault(key, []).extend((index, text) for text in range(len(features)))
+            groups.setdefault(self._group_of(adapter), []).extend((index, text) for text in range(len(features)))
         rows: dict[tuple[int, int], torch.Tensor] = {}
-        for (mode, *_), texts in groups.items():
+        for (how, *_), texts in groups.items():
             lengths = [len(requests[i][1][t]["input_ids"]) for i, t in texts]
             for bucket in length_buckets(lengths, self.forward_cost_tokens):
                 chosen = [texts[k] for k in bucket]
                 names = [requests[i][0] for i, _ in chosen]
-                features = [requests[i][1][t] for i, t in chosen]
-                first = adapters[names[0]]
-                # Few distinct lengths under bf16: oneDNN caches its kernels per shape (lora_train.data).
-                length = padded_length(
-                    max(len(f["input_ids"]) for f in features),
-                    max(adapters[n].max_length for n in set(names)),
-                    self.device.type,
-                    autocast_dtype(first.recipe, self.device) == torch.bfloat16,
-                )
-                with first.tokenizer_lock:
-                    batch = first.tokenizer.pad(features, padding="max_length", max_length=length, return_tensors="pt")
-                batch = batch.to(self.device)
-                # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per
-                # server), so the server gives the probabilities scripts/predict.py gives.
-                self._route_heads(first.heads)
-                with training_autocast(first.recipe, self.device):
-                    if mode == "mixed" and len(set(names)) > 1:  # one adapter runs faster without adapter_names
-                        logits = self.model(**batch, adapter_names=names).logits
-                    else:
-                        self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
-                        logits = self.model(**batch).logits
-                rows.update(zip(chosen, torch.softmax(logits.float(), dim=-1).cpu(), strict=True))
+                logits = self._forward(how, names, [requests[i][1][t] for i, t in chosen], adapters)
+                rows.update(_probabilities(logits, [len(adapters[name].label_names) for name in names], chosen))
         for index, (_, features) in enumerate(requests):
             if results[index] is None:
                 results[index] = torch.stack([rows[(index, t)] for t in range(len(features))])
         return results
+
+    def _group_of(self, adapter: Adapter) -> tuple:
+        """Which texts share forwards: those of adapters with copies of the same heads (any number of classes),
+        grouped (:mod:`lora_train.serving.grouped`) where their LoRA layers allow, else through peft's
+        ``adapter_names`` where :data:`MIX_ADAPTERS` says it pays; each other adapter's texts alone."""
+        if adapter.mix_key and self.group and adapter.groupable:
+            return ("grouped", adapter.mix_key)
+        if adapter.mix_key and self.mix:
+            return ("mixed", adapter.mix_key)
+        return ("alone", adapter.name)
+
+    def _forward(self, how: str, names: list[str], features: list[dict], adapters: dict[str, Adapter]) -> torch.Tensor:
+        """The logits of one forward over ``features``, row ``i`` for adapter ``names[i]``."""
+        first = adapters[names[0]]
+        # Few distinct lengths under bf16: oneDNN caches its kernels per shape (lora_train.data).
+        length = padded_length(
+            max(len(f["input_ids"]) for f in features),
+            max(adapters[n].max_length for n in set(names)),
+            self.device.type,
+            autocast_dtype(first.recipe, self.device) == torch.bfloat16,
+        )
+        with first.tokenizer_lock:
+            batch = first.tokenizer.pad(features, padding="max_length", max_length=length, return_tensors="pt")
+        batch = batch.to(self.device)
+        # The autocast the adapters were trained and evaluated in (bf16 for the CPU recipes, one per server), so the
+        # server gives the probabilities scripts/predict.py gives.
+        self._route_heads(first.heads)
+        with training_autocast(first.recipe, self.device):
+            if len(set(names)) == 1:  # one adapter runs fastest as the active one
+                self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
+                return self.model(**batch).logits
+            if how == "grouped":
+                with self.grouped.rows(names):
+                    return self.model(**batch).logits
+            return self.model(**batch, adapter_names=names).logits
+
+
+def _probabilities(logits: torch.Tensor, classes: list[int], keys: list) -> dict[Any, torch.Tensor]:
+    """Each row's softmax over its own adapter's ``classes`` columns (a mixed head pads narrower heads with zeros),
+    on the CPU, by ``keys``."""
+    logits = logits.float().cpu()
+    out = {}
+    for width in set(classes):
+        chosen = [row for row, c in enumerate(classes) if c == width]
+        out.update(zip([keys[row] for row in chosen], torch.softmax(logits[chosen, :width], dim=-1), strict=True))
+    return out
 
 
 def length_buckets(lengths: list[int], forward_cost_tokens: int) -> list[list[int]]:

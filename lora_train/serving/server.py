@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="torch intra-op threads (default: torch's, one per core); 1 on a CPU shared with other work",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="model worker threads, each with its own replica of the model (sharing its weights): 2 with --threads 1"
+        " keeps a 2-core CPU busier than one worker on 2 threads (docs/serving.md); 1 on a GPU",
+    )
     parser.add_argument("--max-batch-texts", type=int, default=64, help="most texts in one forward")
     parser.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="longest a request waits for others to share its forward"
@@ -167,6 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for flag in (
         "port",
         "threads",
+        "workers",
         "max_batch_texts",
         "forward_cost_tokens",
         "max_texts",
@@ -189,13 +197,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from lora_train.serving.app import Limits, create_app
     from lora_train.serving.batcher import MicroBatcher
-    from lora_train.serving.registry import AdapterRegistry
+    from lora_train.serving.replicas import ReplicatedRegistry
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    registry = AdapterRegistry(args.device, args.forward_cost_tokens)
+    registry = ReplicatedRegistry(args.device, args.forward_cost_tokens, replicas=args.workers)
     try:
         for adapter in read_all(args.adapters):
             registry.attach(adapter)  # before the worker starts, so this thread may change the model
@@ -203,9 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ServingError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    log.info("base model %s on %s", registry.base, registry.device)
+    log.info("base model %s on %s, %d model worker(s)", registry.base, registry.device, args.workers)
     batcher = MicroBatcher(
-        registry.classify,
+        registry.runners(),
         max_batch_texts=args.max_batch_texts,
         max_wait_s=args.max_wait_ms / 1000,
         max_queued_texts=args.max_queued_texts,
