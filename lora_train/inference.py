@@ -124,7 +124,8 @@ def load_run_tokenizer(directory: Path):
 
 
 def is_adapter_run(directory: Path) -> bool:
-    """True for LoRA / AdaLoRA runs (adapter-only weights), False for full or head-only models."""
+    """True for peft adapter runs (LoRA, AdaLoRA...: adapter-only weights); False for BitFit / head_only runs (only
+    the trained tensors) and full models."""
     return (directory / "adapter_config.json").is_file()
 
 

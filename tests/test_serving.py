@@ -2,12 +2,14 @@
 
 Adapters are trained here in seconds (tiny random BERTs, synthetic data, 4 steps): two 2-class adapters and a
 3-class one over one base with a pooler (so the head is the ``classifier`` Linear and peft can mix them in one
-batch), one adapter of another base, and a head-only run (a full model, not an adapter).
+batch), one adapter of another base, BitFit and head-only runs (only the tensors they trained, served beside the
+LoRA adapters) and a full fine-tuning run (a whole model, not an adapter).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import os
@@ -24,6 +26,7 @@ import httpx
 import pytest
 import torch
 
+from lora_train.commands.predict import main as predict_main
 from lora_train.config import build_recipe
 from lora_train.data import padding_lengths
 from lora_train.inference import load_run, predict
@@ -32,7 +35,7 @@ from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
 from lora_train.serving.replicas import ReplicatedRegistry
-from lora_train.serving.server import build_parser
+from lora_train.serving.server import build_parser, read_all
 from lora_train.serving.server import main as serve_main
 from lora_train.train import train
 from tests.conftest import reset_accelerator_state, save_tiny_bert, tiny_recipe
@@ -73,6 +76,18 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
         "three": train_tiny(root, "three", pooled_bert_dir, toy_data_dir, labels=("neg", "mixed", "pos")),
         "other_base": train_tiny(root, "other_base", tiny_bert_dir, toy_data_dir),
         "head_only": train_tiny(root, "head_only", pooled_bert_dir, toy_data_dir, peft={"method": "head_only"}),
+        "bitfit": train_tiny(
+            root, "bitfit", pooled_bert_dir, toy_data_dir, labels=("neg", "mixed", "pos"), peft={"method": "bitfit"}
+        ),
+        "bitfit_bf16": train_tiny(
+            root,
+            "bitfit_bf16",
+            pooled_bert_dir,
+            toy_data_dir,
+            peft={"method": "bitfit"},
+            training={"mixed_precision": "bf16"},
+        ),
+        "full": train_tiny(root, "full", pooled_bert_dir, toy_data_dir, peft={"method": "full"}),
         "bf16": train_tiny(root, "bf16", pooled_bert_dir, toy_data_dir, training={"mixed_precision": "bf16"}),
         "bf16_three": train_tiny(
             root,
@@ -93,8 +108,14 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
 def reference(runs) -> dict[str, torch.Tensor]:
     """Each adapter's probabilities on TEXTS + [LONG_TEXT], from lora_train.inference alone (one model per run)."""
     expected = {}
-    for name in ("sentiment", "sentiment_b", "three", "pooled"):
+    for name in ("sentiment", "sentiment_b", "three", "pooled", "bf16"):
         rows = predict(load_run(str(runs[name]), device="cpu"), TEXTS + [LONG_TEXT])
+        expected[name] = torch.tensor([list(row["probabilities"].values()) for row in rows])
+    for name in ("bitfit", "head_only", "bitfit_bf16"):  # from scripts/predict.py's own main
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert predict_main([str(runs[name]), *TEXTS, LONG_TEXT, "--json", "--device", "cpu"]) == 0
+        rows = [json.loads(line) for line in out.getvalue().splitlines()]
         expected[name] = torch.tensor([list(row["probabilities"].values()) for row in rows])
     return expected
 
@@ -252,6 +273,76 @@ def test_adalora_adapters_are_served_one_forward_each(tmp_path, pooled_bert_dir,
         torch.testing.assert_close(served, torch.tensor([list(r["probabilities"].values()) for r in alone]))
 
 
+def served_alone_and_together(registry: AdapterRegistry, names: list[str], reference) -> None:
+    """Each adapter's texts classified in one worker batch with every other adapter's, twice over: each gets its own
+    run's probabilities, and the base model's parameters are as they were."""
+    before = {key: value.clone() for key, value in registry.model.state_dict().items()}
+    requests = [(name, registry.get(name).encode(TEXTS + [LONG_TEXT])[0]) for name in names] * 2
+    for (name, _), served in zip(requests, registry.classify(requests), strict=True):
+        torch.testing.assert_close(served, reference[name], atol=1e-5, rtol=0)
+    after = registry.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bitfit_and_head_only_runs_are_served_beside_lora_adapters(runs, reference):
+    """A BitFit run (3 classes, on a base loaded for a 2-class adapter) and a head-only run share the server with LoRA
+    adapters, one with BERT's pooler as a head; each answers as scripts/predict.py does."""
+    registry = AdapterRegistry("cpu")
+    for name in ("sentiment", "bitfit", "pooled", "head_only", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    listing = {a["name"]: a for a in registry.describe()}
+    assert listing["bitfit"]["peft_type"] == "BITFIT" and listing["head_only"]["peft_type"] == "HEAD_ONLY"
+    assert listing["bitfit"]["labels"] == ["neg", "mixed", "pos"]
+    assert registry.get("bitfit").mix_key is None and registry.get("sentiment").mix_key is not None
+    served_alone_and_together(registry, ["sentiment", "bitfit", "pooled", "head_only", "three"], reference)
+    registry.detach(registry.mark_unloading("bitfit").name)
+    registry.detach(registry.mark_unloading("pooled").name)
+    registry.detach(registry.mark_unloading("three").name)
+    with pytest.raises(ServingError, match="'sentiment' is the last loaded LORA adapter, and peft cannot add adapters"):
+        registry.mark_unloading("sentiment")
+    served_alone_and_together(registry, ["sentiment", "head_only"], reference)
+
+
+def test_a_server_started_with_trained_tensor_runs_takes_lora_adapters_after(runs, reference):
+    """The base loaded for a 3-class BitFit run becomes a PeftModel at the first LoRA adapter (2 classes), and every
+    run keeps its own answers; under bf16 autocast too, where the base's Linears are stored in bf16."""
+    registry = AdapterRegistry("cpu")
+    for name in ("bitfit", "head_only"):
+        registry.attach(read_adapter(str(runs[name])))
+    served_alone_and_together(registry, ["bitfit", "head_only"], reference)
+    for name in ("sentiment", "three"):
+        registry.attach(read_adapter(str(runs[name])))
+    served_alone_and_together(registry, ["bitfit", "sentiment", "head_only", "three"], reference)
+
+    bf16 = AdapterRegistry("cpu")
+    for name in ("bitfit_bf16", "bf16"):
+        bf16.attach(read_adapter(str(runs[name])))
+    assert bf16._base_model.classifier.weight.dtype == torch.bfloat16  # the base's own head, stored in bf16
+    served_alone_and_together(bf16, ["bitfit_bf16", "bf16"], reference)
+    with pytest.raises(ServingError, match="was trained on .* autocast bf16"):
+        bf16.attach(read_adapter(str(runs["bitfit"])))  # float32-trained: another base, as for LoRA adapters
+
+
+def test_trained_tensors_of_another_base_are_refused_naming_them(runs, tmp_path):
+    """A run whose trained.safetensors does not fit the base its recipe names is refused at load, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs["head_only"], broken)
+    tensors = load_file(broken / "trained.safetensors")
+    tensors["bert.encoder.layer.0.output.dense.bias"] = torch.zeros(7)
+    tensors["bert.encoder.layer.9.output.dense.bias"] = torch.zeros(64)
+    save_file(tensors, broken / "trained.safetensors")
+    registry = AdapterRegistry("cpu")
+    registry.attach(read_adapter(str(runs["sentiment"])))
+    with pytest.raises(ServingError) as refused:
+        registry.attach(read_adapter(str(broken)))
+    assert refused.value.status == 400
+    assert "bert.encoder.layer.0.output.dense.bias (7,) (model: (64,))" in refused.value.message
+    assert "bert.encoder.layer.9.output.dense.bias (64,) (absent)" in refused.value.message
+    assert registry.names() == ["sentiment"]
+
+
 def test_length_buckets_split_where_padding_costs_more_than_a_forward():
     def cost(buckets, lengths, per_forward):
         return sum(per_forward + len(b) * max(lengths[i] for i in b) for b in buckets)
@@ -312,6 +403,26 @@ def test_hot_load_and_unload(server, runs, reference):
     torch.testing.assert_close(
         probabilities(classify(server, "sentiment", TEXTS)), reference["sentiment"][: len(TEXTS)], atol=1e-5, rtol=0
     )
+
+
+def test_hot_load_of_bitfit_and_head_only_runs(server, runs, reference):
+    """BitFit and head-only runs load while serving, answer like scripts/predict.py alone and in a fan-out request
+    beside a LoRA adapter, and unload."""
+    for source in ("bitfit", "head_only"):
+        response = httpx.post(f"{server}/v1/adapters", json={"source": source}, headers=ADMIN, timeout=60)
+        assert response.status_code == 201, response.text
+        assert response.json()["peft_type"] == source.upper()
+        torch.testing.assert_close(probabilities(classify(server, source, TEXTS)), reference[source][: len(TEXTS)])
+    fan_out = httpx.post(
+        f"{server}/v1/classify", json={"adapters": ["bitfit", "sentiment", "head_only"], "texts": TEXTS[:2]}, timeout=60
+    )
+    assert fan_out.status_code == 200, fan_out.text
+    for result in fan_out.json()["results"]:
+        served = torch.tensor([list(p["probabilities"].values()) for p in result["predictions"]])
+        torch.testing.assert_close(served, reference[result["adapter"]][:2], atol=1e-5, rtol=0)
+    for source in ("bitfit", "head_only"):
+        assert httpx.delete(f"{server}/v1/adapters/{source}", headers=ADMIN, timeout=60).json() == {"unloaded": source}
+    assert [a["name"] for a in httpx.get(f"{server}/v1/adapters").json()] == ["sentiment", "three"]
 
 
 def test_unload_while_requests_are_in_flight(server, runs, reference):
@@ -402,8 +513,9 @@ def test_malformed_json_and_bad_loads_get_clear_errors(server, runs, tmp_path):
         not_a_run.status_code == 400
         and "'not_a_run' is not a lora_train run: it lacks ['recipe.yaml', 'labels.json']" in not_a_run.text
     )
-    head_only = load("head_only")
-    assert head_only.status_code == 400 and "not an adapter" in head_only.json()["detail"]
+    full = load("full")
+    assert full.status_code == 400 and "holds a full model (every weight trained" in full.json()["detail"]
+    assert "classify with it through scripts/predict.py" in full.json()["detail"]
     missing = load("nowhere")
     assert missing.status_code == 400 and "must be a run directory under the server's adapter root" in missing.text
     other = load("other_base").json()["detail"]
@@ -423,6 +535,9 @@ def test_command_line_refuses_adapters_of_different_bases(runs, capsys):
     err = capsys.readouterr().err
     assert "one server holds one base model" in err and "tiny_bert" in err and "pooled_bert" in err
     assert build_parser().parse_args(["run"]).host == "127.0.0.1"  # loopback unless asked
+    # BitFit / head-only runs go beside LoRA adapters of their base, in any order
+    runs_in_order = [str(runs[name]) for name in ("bitfit", "sentiment", "head_only", "three")]
+    assert [a.name for a in read_all(runs_in_order)] == ["bitfit", "sentiment", "head_only", "three"]
 
 
 def test_load_test_table_names_the_causes_of_errors():

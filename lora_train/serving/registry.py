@@ -1,8 +1,10 @@
 """The base model, loaded once in the quantization its adapters were trained with, and the adapters attached to it.
 
-Every adapter is a peft adapter of one :class:`peft.PeftModel` (``PeftModel.from_pretrained`` for the first,
-``load_adapter`` for the others), with its own classification head (peft keeps one copy of each
-``modules_to_save`` module per adapter) and its own label names. Requests for several LoRA adapters with the same
+Every LoRA / AdaLoRA adapter is a peft adapter of one :class:`peft.PeftModel` wrapping the base (``add_adapter``
+and ``load_adapter``), with its own classification head (peft keeps one copy of each ``modules_to_save`` module
+per adapter) and its own label names. A BitFit or head_only run (only the tensors it trained) adds nothing to the
+model: its texts run in forwards of their own with the peft layers off and its tensors swapped into the base
+(:mod:`lora_train.serving.trained`). Requests for several LoRA adapters with the same
 heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
 held as its ``dense`` layer so that it mixes, see :func:`lora_train.heads.narrow_heads`); others (AdaLoRA, heads
 peft cannot mix) run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters'
@@ -24,8 +26,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from lora_train.checkpoint import TRAINED_TENSORS
 from lora_train.config import Recipe
 from lora_train.data import encode_texts, padded_length
 from lora_train.heads import is_mixable, narrow_heads, saved_shapes, shaped_like_saved
@@ -33,6 +37,7 @@ from lora_train.inference import (
     RunError,
     autocast_dtype,
     is_adapter_run,
+    is_trained_tensors_run,
     load_base_for_run,
     read_run,
     resolve_run,
@@ -40,6 +45,7 @@ from lora_train.inference import (
     training_autocast,
 )
 from lora_train.serving.grouped import GroupedLoRA
+from lora_train.serving.trained import misfits, peft_layers_off, swapped_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
@@ -128,6 +134,10 @@ class Adapter:
     tokenizer: Any
     metrics: dict[str, Any]
     peft_type: str
+    """peft's type (``LORA``, ``ADALORA``...); ``BITFIT`` or ``HEAD_ONLY`` for a run of trained tensors."""
+    trained: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+    """A BitFit / head_only run's tensors (``trained.safetensors``: base parameter name -> tensor); None for a peft
+    adapter. On attach they move to the server's device."""
     heads: tuple[str, ...] = ()
     """Set on attach: paths of the head wrappers (``modules_to_save``) that hold this adapter's copies."""
     mix_key: Optional[tuple] = None
@@ -146,6 +156,11 @@ class Adapter:
     @property
     def max_length(self) -> int:
         return self.recipe.data.max_length
+
+    @property
+    def is_peft(self) -> bool:
+        """A peft adapter of the shared PeftModel (not a run of trained tensors)."""
+        return self.trained is None
 
     def describe(self) -> dict[str, Any]:
         """The adapter as the HTTP listing shows it."""
@@ -218,11 +233,12 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
         recipe, label_names = read_run(directory)
     except RunError as err:
         raise ServingError(400, str(err)) from None
-    if not is_adapter_run(directory):
+    if not is_adapter_run(directory) and not is_trained_tensors_run(directory):
         raise ServingError(
             400,
-            f"'{source}' holds a full or head-only model (no adapter_config.json), not an adapter:"
-            " only LoRA / AdaLoRA / QLoRA runs share one base model",
+            f"'{source}' holds a full model (every weight trained; no adapter_config.json or {TRAINED_TENSORS}),"
+            " not an adapter of a shared base model: classify with it through scripts/predict.py. The server takes"
+            " LoRA / AdaLoRA / QLoRA adapters and BitFit / head_only runs",
         )
     if recipe.data.text_pair_column:
         raise ServingError(
@@ -230,7 +246,10 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
             f"'{source}' classifies text pairs (data.text_pair_column = {recipe.data.text_pair_column!r}); the"
             " server takes one text per request: classify pairs with scripts/predict.py --file",
         )
-    config = json.loads((directory / "adapter_config.json").read_text())
+    if is_trained_tensors_run(directory):
+        trained, peft_type = load_file(directory / TRAINED_TENSORS), recipe.peft.method.upper()
+    else:
+        trained, peft_type = None, str(json.loads((directory / "adapter_config.json").read_text()).get("peft_type"))
     metrics_file = directory / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Adapter(
@@ -241,7 +260,8 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
         label_names=label_names,
         tokenizer=AutoTokenizer.from_pretrained(directory),
         metrics={key: metrics[key] for key in METRIC_KEYS if key in metrics},
-        peft_type=str(config.get("peft_type")),
+        peft_type=peft_type,
+        trained=trained,
     )
 
 
@@ -263,6 +283,8 @@ class AdapterRegistry:
         self.group = group
         self.grouped: Optional[GroupedLoRA] = None
         self.model: Optional[nn.Module] = None
+        """The base model, or the PeftModel wrapping it once a peft adapter is attached."""
+        self._base_model: Optional[nn.Module] = None  # the transformers model itself, wrapped or not
         self.base: Optional[BaseModelId] = None
         self.peft_type: Optional[str] = None
         self._adapters: dict[str, Adapter] = {}
@@ -315,7 +337,7 @@ class AdapterRegistry:
                     f"adapter {adapter.name!r} was trained on {adapter.base}, but this server's"
                     f" base model is {self.base}: serve it from another server",
                 )
-            if self.peft_type is not None and adapter.peft_type != self.peft_type:
+            if adapter.is_peft and self.peft_type is not None and adapter.peft_type != self.peft_type:
                 raise ServingError(
                     409,
                     f"adapter {adapter.name!r} is a {adapter.peft_type} adapter, but this server"
@@ -332,31 +354,17 @@ class AdapterRegistry:
 
     def attach(self, adapter: Adapter) -> None:
         """Add ``adapter`` to the model, loading the base model first if this is the first adapter."""
-        from peft import PeftConfig, PeftModel
-
         self.check_can_attach(adapter)
         try:
-            config = PeftConfig.from_pretrained(adapter.directory)
-            config.inference_mode = True  # as load_adapter would set it: served adapters are frozen
             if self.model is None:
-                base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
-                self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
-                self.max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(
-                    base.config, "n_positions", None
-                )
-                self.check_can_attach(adapter)
-                config.modules_to_save = narrow_heads(base, config.modules_to_save)
-                self.model = PeftModel.from_pretrained(
-                    base, adapter.directory, adapter_name=adapter.name, config=config
-                )
-                self.base, self.peft_type = adapter.base, adapter.peft_type
+                self._load_base(adapter)
+                self.check_can_attach(adapter)  # the base's module names and positions are known now
+            if adapter.is_peft:
+                self._add_peft_adapter(adapter)
             else:
-                config.modules_to_save = narrow_heads(self.model.get_base_model(), config.modules_to_save)
-                self._fit_heads(adapter)
-                self.model.add_adapter(adapter.name, config)  # with the narrowed heads; load_adapter then fills it
-                self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
+                self._add_trained_tensors(adapter)
         except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
-            if self.model is not None and adapter.name in self.model.peft_config:
+            if adapter.is_peft and self._peft_model() is not None and adapter.name in self.model.peft_config:
                 self.model.delete_adapter(adapter.name)
             if isinstance(err, ServingError):
                 raise
@@ -370,32 +378,87 @@ class AdapterRegistry:
         self._head_wrappers = self._heads()
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
-        mixable = is_mixable(adapter.peft_type, list(heads.values()))
+        mixable = adapter.is_peft and is_mixable(adapter.peft_type, list(heads.values()))
         # Rows that share a forward need copies of the same heads (see _route_heads), of any width.
         adapter.mix_key = ("heads", adapter.heads) if mixable else None
-        if self.grouped is None:
-            self.grouped = GroupedLoRA(self.model)
+        if self.grouped is None:  # it wraps LoRA layers wherever peft injects them into the base, now or later
+            self.grouped = GroupedLoRA(self._base_model)
         self.grouped.refresh()
         adapter.groupable = mixable and self.grouped.supports({adapter.name})
         with self._lock:
             self._adapters[adapter.name] = adapter
 
+    def _load_base(self, adapter: Adapter) -> None:
+        """Load the base model ``adapter`` was trained on: this server's model from now on."""
+        base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
+        self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
+        self.max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(
+            base.config, "n_positions", None
+        )
+        self.model = self._base_model = base
+        self.base = adapter.base
+
+    def _peft_model(self):
+        """The PeftModel wrapping the base, or None while no peft adapter was attached."""
+        from peft import PeftModel
+
+        return self.model if isinstance(self.model, PeftModel) else None
+
+    def _add_peft_adapter(self, adapter: Adapter) -> None:
+        """Add a LoRA / AdaLoRA adapter, with its head copies, to the PeftModel (made from the base for the first)."""
+        from peft import PeftConfig, get_peft_model
+
+        config = PeftConfig.from_pretrained(adapter.directory)
+        config.inference_mode = True  # as load_adapter would set it: served adapters are frozen
+        config.modules_to_save = narrow_heads(self._base_model, config.modules_to_save)
+        if self._peft_model() is None:  # as PeftModel.from_pretrained builds it, but with heads fitted before loading
+            self.model = get_peft_model(self._base_model, config, adapter_name=adapter.name)
+        else:
+            self.model.add_adapter(adapter.name, config)
+        self._head_wrappers = self._heads()
+        self._fit_heads(adapter)
+        self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
+        self.peft_type = adapter.peft_type
+
+    def _add_trained_tensors(self, adapter: Adapter) -> None:
+        """Check a BitFit / head_only run's tensors against the base and keep them, on the device, for its forwards."""
+        wrong = misfits(self._base_model, adapter.trained, len(adapter.label_names))
+        if wrong:
+            raise ServingError(
+                400,
+                f"{adapter.source}/{TRAINED_TENSORS} does not fit this server's base model {self.base}:"
+                f" {', '.join(wrong[:5])}; was model.name_or_path in its recipe.yaml changed after training?",
+            )
+        adapter.trained = {
+            name: nn.Parameter(value.to(self.device), requires_grad=False) for name, value in adapter.trained.items()
+        }
+
     def mark_unloading(self, name: str) -> Adapter:
         """Stop accepting requests for ``name``; those already queued still run before :meth:`detach`."""
         adapter = self.get(name)
         with self._lock:
-            if self._accepting() == [name]:  # peft cannot attach to a PeftModel left without adapters
+            accepting = [self._adapters[n] for n in self._accepting()]
+            if [a.name for a in accepting] == [name]:
                 raise ServingError(
                     409, f"{name!r} is the last loaded adapter; load another before unloading it, or stop the server"
+                )
+            if adapter.is_peft and [a.name for a in accepting if a.is_peft] == [name]:
+                # peft cannot attach to a PeftModel left without adapters
+                raise ServingError(
+                    409,
+                    f"{name!r} is the last loaded {adapter.peft_type} adapter, and peft cannot add adapters to a model"
+                    " left without one: load another LoRA / AdaLoRA adapter before unloading it, or restart the"
+                    " server without it",
                 )
             self._unloading.add(name)
         return adapter
 
     def detach(self, name: str) -> None:
-        """Remove adapter ``name`` (its LoRA weights and head copies) from the model."""
-        self.model.delete_adapter(name)
-        self._head_wrappers = self._heads()
-        self.grouped.refresh()
+        """Remove adapter ``name`` (its LoRA weights and head copies, or its trained tensors) from the server."""
+        if self._adapters[name].is_peft:
+            self.model.delete_adapter(name)
+            self._head_wrappers = self._heads()
+            self.grouped.refresh()
         with self._lock:
             del self._adapters[name]
             self._unloading.discard(name)
@@ -420,8 +483,9 @@ class AdapterRegistry:
     def _fit_heads(self, adapter: Adapter) -> None:
         """Give ``adapter`` head copies shaped like its saved head (e.g. 6 classes where the base has 2).
 
-        peft copies the base model's head for each adapter and then loads the saved weights into the copy,
-        which fails when the adapter has another number of labels. A copy put in place first is used as is.
+        peft copies the base model's head for each adapter (``add_adapter``, ``get_peft_model``) and then loads the
+        saved weights into the copy (``load_adapter``), which fails when the adapter has another number of labels
+        than the base's head (built for the first run loaded): in between, a copy of the saved shape replaces it.
         """
         shapes = saved_shapes(adapter.directory / "adapter_model.safetensors")
         for path, wrapper in self._head_wrappers.items():
@@ -487,6 +551,9 @@ class AdapterRegistry:
         # server gives the probabilities scripts/predict.py gives.
         self._route_heads(first.heads)
         with training_autocast(first.recipe, self.device):
+            if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
+                with peft_layers_off(self.model), swapped_in(self._base_model, first.trained):
+                    return self._base_model(**batch).logits
             if len(set(names)) == 1:  # one adapter runs fastest as the active one
                 self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
                 return self.model(**batch).logits

@@ -23,7 +23,8 @@ DESCRIPTION = """Serve trained adapters over HTTP: many adapters over one base m
     python scripts/serve.py sentiment=user/sst2-minilm-lora runs/cpu/emotion_lora --port 8080
 
 Each ADAPTER is a run directory (or its best/), a Hub repo id, or NAME=SOURCE to choose the adapter's name
-(default: the directory's or repo's name). All must share one base model, quantization and training autocast.
+(default: the directory's or repo's name): LoRA / AdaLoRA / QLoRA adapters, and BitFit / head_only runs (only the
+tensors they trained). All must share one base model, quantization and training autocast.
 The page is at http://HOST:PORT/, the API schema at /openapi.json; see docs/serving.md.
 
 Loading and unloading adapters while serving (POST / DELETE /v1/adapters) is off unless an admin token is given
@@ -124,6 +125,7 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
             problems.append(f"{spec}: {err.message}")
     if adapters:
         first = adapters[0]
+        first_peft = next((a for a in adapters if a.is_peft), None)  # runs of trained tensors add no peft type
         seen: set[str] = set()
         for adapter in adapters:
             if adapter.base != first.base:
@@ -131,9 +133,9 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
                     f"{adapter.source}: trained on {adapter.base}, but {first.source} on {first.base};"
                     " one server holds one base model"
                 )
-            if adapter.peft_type != first.peft_type:
+            if adapter.is_peft and adapter.peft_type != first_peft.peft_type:
                 problems.append(
-                    f"{adapter.source}: {adapter.peft_type} adapter, but {first.source} is {first.peft_type}"
+                    f"{adapter.source}: {adapter.peft_type} adapter, but {first_peft.source} is {first_peft.peft_type}"
                 )
             if adapter.name in seen:
                 problems.append(
