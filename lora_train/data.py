@@ -155,18 +155,40 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, 
 
     ``for_training`` warns about classes without training examples (evaluation only reads train for the carve).
     """
+    spec, train, evaluation = _checked_splits(spec, carve)
+    label_names, train, evaluation = _labelled(spec, train, evaluation, for_training)
+    carved = evaluation is None
+    if carved:
+        carve, train, evaluation = _carved(spec, train, carve, cfg.validation_fraction)
+    train, evaluation = _subsets(spec, train, evaluation, cfg, label_names, for_training)
+    return TaskData(spec, train, evaluation, label_names, carve if carved else None)
+
+
+def _checked_splits(
+    spec: DataSpec, carve: Optional[Carve]
+) -> tuple[DataSpec, "datasets.Dataset", Optional["datasets.Dataset"]]:
+    """The spec with its text column found, the training split and the eval split (None when the data has none),
+    their columns checked; a run's carve is refused when the data has gained an eval split since."""
     dd, origin = _load_raw(spec)
     train = dd[spec.train_split]
     spec = dataclasses.replace(spec, text_column=spec.text_column or find_text_column(train, spec))
     _check_columns(train, spec, spec.train_split, origin[spec.train_split])
-    evaluation = dd[spec.eval_split] if spec.eval_split in dd else None
-    if evaluation is not None:
-        _check_columns(evaluation, spec, spec.eval_split, origin[spec.eval_split])
-        if carve is not None:
-            raise DataError(
-                f"the run carved its validation rows out of '{spec.train_split}' ({CARVE_FILE}), but the data now"
-                f" has a '{spec.eval_split}' split; evaluate that split with --split {spec.eval_split}, or train anew"
-            )
+    if spec.eval_split not in dd:
+        return spec, train, None
+    evaluation = dd[spec.eval_split]
+    _check_columns(evaluation, spec, spec.eval_split, origin[spec.eval_split])
+    if carve is not None:
+        raise DataError(
+            f"the run carved its validation rows out of '{spec.train_split}' ({CARVE_FILE}), but the data now"
+            f" has a '{spec.eval_split}' split; evaluate that split with --split {spec.eval_split}, or train anew"
+        )
+    return spec, train, evaluation
+
+
+def _labelled(
+    spec: DataSpec, train: "datasets.Dataset", evaluation: Optional["datasets.Dataset"], for_training: bool
+) -> tuple[list[str], "datasets.Dataset", Optional["datasets.Dataset"]]:
+    """The class names, and both splits with their labels as class ids 0..K-1, checked."""
     label_names = class_names(train, evaluation, spec)
     if len(label_names) < 2:
         raise DataError(
@@ -181,21 +203,40 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, 
         check_eval_labels(evaluation, spec, label_names)
     if for_training:
         _warn_untrained_classes(train, spec, label_names, "training split")
-    carved = evaluation is None
-    if carved:
-        carve = _checked_carve(carve, train, spec) or carve_rows(train, spec, cfg.validation_fraction)
-        train, evaluation = _apply_carve(train, carve)
-        logger.info(
-            "no '%s' split in the data: carved %.0f%% of '%s' out as validation (stratified by label, seed %d):"
-            " train %d rows, validation %d rows; the rows are saved with the run (%s)",
-            spec.eval_split,
-            100 * carve.fraction,
-            spec.train_split,
-            carve.seed,
-            len(train),
-            len(evaluation),
-            CARVE_FILE,
-        )
+    return label_names, train, evaluation
+
+
+def _carved(
+    spec: DataSpec, train: "datasets.Dataset", carve: Optional[Carve], fraction: float
+) -> tuple[Carve, "datasets.Dataset", "datasets.Dataset"]:
+    """The carve (the run's own, checked against the data, or a new one of ``fraction``) and the training and
+    validation splits it makes of ``train``."""
+    carve = _checked_carve(carve, train, spec) or carve_rows(train, spec, fraction)
+    train, evaluation = _apply_carve(train, carve)
+    logger.info(
+        "no '%s' split in the data: carved %.0f%% of '%s' out as validation (stratified by label, seed %d):"
+        " train %d rows, validation %d rows; the rows are saved with the run (%s)",
+        spec.eval_split,
+        100 * carve.fraction,
+        spec.train_split,
+        carve.seed,
+        len(train),
+        len(evaluation),
+        CARVE_FILE,
+    )
+    return carve, train, evaluation
+
+
+def _subsets(
+    spec: DataSpec,
+    train: "datasets.Dataset",
+    evaluation: "datasets.Dataset",
+    cfg: DataConfig,
+    label_names: list[str],
+    for_training: bool,
+) -> tuple["datasets.Dataset", "datasets.Dataset"]:
+    """The ``data.max_train_samples`` / ``max_eval_samples`` subsets (the training one holding every class it can);
+    an empty split is refused."""
     whole = len(train)
     train = _subset_covering_classes(train, cfg.max_train_samples, spec.label_column)
     if len(train) < whole:
@@ -212,7 +253,7 @@ def load_splits(spec: DataSpec, cfg: DataConfig, carve: Optional[Carve] = None, 
     for name, split in (("train", train), ("eval", evaluation)):
         if len(split) == 0:
             raise DataError(f"the {name} split is empty; check data.{name}_split and data.max_{name}_samples")
-    return TaskData(spec, train, evaluation, label_names, carve if carved else None)
+    return train, evaluation
 
 
 def _load_raw(spec: DataSpec) -> tuple["datasets.DatasetDict", dict[str, str]]:
