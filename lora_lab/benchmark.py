@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+# The torch-importing modules of lora_train are imported inside the functions that use them, as torch itself is:
+# importing this module (a command's --help, a test) stays light.
 from lora_train.config import Recipe, build_recipe
 from lora_train.machine import machine_info
 

@@ -24,6 +24,9 @@ from typing import Any, Optional
 
 import torch
 
+from lora_train.config import build_recipe
+from lora_train.modeling import apply_regime, count_parameters, load_base_model, load_model_config
+
 LLAMA2C = "local/llama2c-stories260K"
 ONE_B_SHAPE = {
     "hidden_size": 2048,
@@ -101,9 +104,6 @@ def random_llama_dir(shape: dict, directory: Path) -> Path:
 
 def build(case: Case, name_or_path: str, device: torch.device):
     """The classifier exactly as training builds it for the GPU QLoRA recipe (or its bf16 twin)."""
-    from lora_train.config import build_recipe
-    from lora_train.modeling import apply_regime, load_base_model, load_model_config
-
     nf4 = case.base == "nf4"
     recipe = build_recipe(
         {
@@ -128,8 +128,6 @@ def build(case: Case, name_or_path: str, device: torch.device):
 
 def flops_per_token(model, seq_len: int) -> float:
     """Model FLOPs per trained token (see the module docstring)."""
-    from lora_train.modeling import count_parameters
-
     params = count_parameters(model)
     config = model.config
     attention = 12 * config.num_hidden_layers * seq_len * config.hidden_size

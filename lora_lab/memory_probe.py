@@ -53,6 +53,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    # torch, after prepare_process and the argument checks
     from lora_train.data import padded_length
     from lora_train.modeling import ATTENTION_DROPOUT_FIELDS, attention_dropout_field
 

@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence
 
 from lora_lab import sweep
 from lora_train.config import RecipeError, load_recipe
+from lora_train.plots import finish_plot, pyplot
 
 logger = logging.getLogger("lora_lab.optuna_sweep")
 
@@ -614,8 +615,6 @@ def write_plots(settings: Settings, study, rows: Sequence[dict[str, Any]]) -> li
     import optuna.visualization.matplotlib as ovm
     from optuna.trial import TrialState
 
-    from lora_train.plots import pyplot
-
     plt = pyplot()
     done = _trials(study, (TrialState.COMPLETE,))
     params = {k for t in done for k, d in t.distributions.items() if len(getattr(d, "choices", (0, 1))) > 1}
@@ -653,8 +652,6 @@ def write_plots(settings: Settings, study, rows: Sequence[dict[str, Any]]) -> li
 
 def plot_metric_vs_rank(settings: Settings, rows: Sequence[dict[str, Any]]) -> Path:
     """The metric against the LoRA rank, one line per combination of the other overrides."""
-    from lora_train.plots import finish_plot, pyplot
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.5), dpi=100)
     lines: dict[str, list[tuple[float, float]]] = {}

@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Optional, Sequence
 
+# The torch-importing modules of lora_train are imported inside the functions that use them, as torch itself is:
+# importing this module (a command's --help, a test) stays light.
 from lora_train.startup import prepare_process
 
 

@@ -19,6 +19,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from lora_train.config import load_recipe
+from lora_train.inference import RunError, evaluate_run, is_adapter_run, load_run
+from lora_train.merge import merge_adapter
 from lora_train.startup import prepare_process
 
 TEXTS = ["a gripping, beautifully acted film", "i feel so alone and sad today", "dull and far too long", "wow!"]
@@ -39,9 +42,6 @@ def plain_peft_max_difference(run_dir: Path, loaded) -> float:
 
 def check_run(run_dir: Path) -> dict[str, Any]:
     """One row: the accuracy training wrote, the reloaded one, plain peft's logit difference, the merged one."""
-    from lora_train.inference import RunError, evaluate_run, is_adapter_run, load_run
-    from lora_train.merge import merge_adapter
-
     loaded = load_run(str(run_dir), device="cpu")
     row: dict[str, Any] = {
         "run": run_dir.name,
@@ -90,8 +90,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _seed_of(run_dir: Path) -> int:
-    from lora_train.config import load_recipe
-
     return load_recipe(run_dir / "recipe.yaml").training.seed
 
 

@@ -26,6 +26,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+# The torch-importing modules of lora_train are imported inside the functions that use them, as torch itself is:
+# importing this module (a command's --help, a test) stays light.
+
 SETUPS = ("batched", "unbatched", "per-adapter", "plain")
 
 

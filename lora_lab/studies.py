@@ -16,7 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+# The torch-importing modules of lora_train are imported inside the functions that use them, as torch itself is:
+# importing this module (a command's --help, a test) stays light.
 from lora_lab import sweep
+from lora_train.config import load_recipe
 from lora_train.machine import machine_info
 from lora_train.plots import finish_plot, pyplot
 
@@ -87,8 +90,6 @@ ARM_LABELS = {
 
 def data_setting(recipe_path: str) -> str:
     """``2,048 sst2 rows, 1 epoch(s)``: the training budget of a study recipe, for titles."""
-    from lora_train.config import load_recipe
-
     recipe = load_recipe(recipe_path)
     rows = f"{recipe.data.max_train_samples:,}" if recipe.data.max_train_samples else "all"
     return f"{rows} {recipe.data.task or 'train'} rows, {recipe.training.num_epochs:g} epoch(s)"
@@ -288,7 +289,6 @@ def frozen_features(recipe_path: str, out_dir: Path) -> dict[str, Any]:
     from transformers import AutoModel
 
     from lora_train.build import load_task_data
-    from lora_train.config import load_recipe
     from lora_train.metrics import classification_report, peak_memory_mb
     from lora_train.modeling import load_tokenizer
 
@@ -521,7 +521,6 @@ def weight_footprints(recipe_path: str, cache: Path) -> dict[str, float]:
     if cache.exists():
         return json.loads(cache.read_text())
     from lora_train.build import build_classifier
-    from lora_train.config import load_recipe
     from lora_train.modeling import load_tokenizer
 
     sizes = {}

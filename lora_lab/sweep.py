@@ -242,6 +242,7 @@ def run_sweep(
 
     See :mod:`lora_lab.optuna_sweep`: other workers running the same grid share the trials, none runs twice.
     """
+    # import cycle: optuna_sweep imports this module
     from lora_lab import optuna_sweep
 
     runs = unique(runs)

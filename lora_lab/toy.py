@@ -18,6 +18,8 @@ from typing import Sequence
 
 import torch
 
+from lora_train.plots import finish_plot, pyplot
+
 
 @dataclass
 class ToyResult:
@@ -112,8 +114,6 @@ def run_toy(
 
 def plot_toy(results: Sequence[ToyResult], path) -> None:
     """Learned error and SVD bound against rank (log y), saved as a PNG."""
-    from lora_train.plots import finish_plot, pyplot
-
     plt = pyplot()
     ranks = [res.r for res in results]
     fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from lora_train.config import Recipe, recipe_to_yaml
+from lora_train.config import Recipe, build_recipe, read_yaml, recipe_to_yaml
 from lora_train.heads import pooling_outside_lora_train
 from lora_train.tasks import TASKS
 
@@ -300,8 +300,6 @@ def run_card(directory: Path, repo_id: Optional[str] = None) -> str:
     A corrupt recipe raises :class:`~lora_train.config.RecipeError`, a corrupt metrics.json ``ValueError``; both
     name the file.
     """
-    from lora_train.config import build_recipe, read_yaml
-
     recipe = build_recipe(read_yaml(directory / "recipe.yaml"), source=str(directory / "recipe.yaml"))
     metrics_file = directory / "metrics.json"
     try:

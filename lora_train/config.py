@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from lora_train.methods import METHODS, Method, method_help
+from lora_train.tasks import TASKS
 
 DType = Literal["float32", "bfloat16", "float16"]
 PeftMethod = Literal[tuple(METHODS)]  # type: ignore[valid-type]  # the method table decides
@@ -615,8 +616,6 @@ def _model_and_peft_problems(recipe: Recipe) -> list[str]:
 
 
 def _data_problems(recipe: Recipe) -> list[str]:
-    from lora_train.tasks import TASKS  # local import: tasks imports nothing heavy, but keep config standalone
-
     p = _Problems()
     need = p.need
     d = recipe.data

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Sampler
 
 from lora_train.config import DataConfig, read_text_file
+from lora_train.hub import lookup_error
 from lora_train.tasks import TASKS, canonical_dataset_id
 
 if TYPE_CHECKING:  # annotations only: datasets, pyarrow and numpy load when data does
@@ -332,8 +333,6 @@ def load_hub_dataset(dataset_id: str, config_name: Optional[str]) -> "datasets.D
     """
     import datasets
     from huggingface_hub import snapshot_download
-
-    from lora_train.hub import lookup_error
 
     try:
         card = Path(snapshot_download(dataset_id, repo_type="dataset", allow_patterns=["README.md"]))

@@ -15,6 +15,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
+from lora_train.config import RecipeError
+
 logger = logging.getLogger(__name__)
 
 PUSHED_SUFFIXES = (".safetensors", ".json", ".md", ".yaml", ".txt", ".model", ".png", ".jinja")
@@ -165,6 +167,7 @@ class HubPusher:
 
 def push_run(directory: Path, repo_id: str, private: bool = True) -> str:
     """Push an existing run directory: refresh its card for ``repo_id``, then upload it; return the commit URL."""
+    # These import torch, which scripts/push_to_hub.py --help (importing this module) need not load
     from lora_train.card import run_card
     from lora_train.checkpoint import atomic_write_text
 
@@ -184,8 +187,6 @@ def push_run(directory: Path, repo_id: str, private: bool = True) -> str:
 
 def pusher_for(recipe) -> "HubPusher | None":
     """The recipe's pusher (repo created and access checked now, before training), or None without push_to_hub."""
-    from lora_train.config import RecipeError
-
     o = recipe.output
     if not o.push_to_hub:
         return None

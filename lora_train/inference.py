@@ -17,6 +17,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from lora_train.build import build_classifier
 from lora_train.checkpoint import (
     TRAINED_TENSORS,
     load_trained_tensors,
@@ -24,7 +25,10 @@ from lora_train.checkpoint import (
     safetensors_problem,
 )
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
-from lora_train.data import encode_texts, padding_collator
+from lora_train.data import CARVE_FILE, Carve, encode_texts, load_splits, padding_collator, resolve_spec, tokenize
+from lora_train.hub import lookup_error
+from lora_train.metrics import evaluate
+from lora_train.modeling import require_tokenizer_files, tokenizer_error
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -64,8 +68,6 @@ def resolve_run(source: str, revision: Optional[str] = None, repair: bool = True
         directory = path
     elif REPO_ID.match(source):
         from huggingface_hub import snapshot_download
-
-        from lora_train.hub import lookup_error
 
         try:
             directory = Path(snapshot_download(source, revision=revision, ignore_patterns=DOWNLOAD_IGNORE))
@@ -114,8 +116,6 @@ def load_run_tokenizer(directory: Path):
     """The tokenizer a run saved, or a :class:`RunError` that says which files are missing."""
     from transformers import AutoTokenizer
 
-    from lora_train.modeling import require_tokenizer_files, tokenizer_error
-
     try:
         require_tokenizer_files(directory)
         return AutoTokenizer.from_pretrained(directory)
@@ -149,8 +149,6 @@ def default_device() -> torch.device:
 
 def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
     """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``."""
-    from lora_train.build import build_classifier
-
     return build_classifier(recipe, label_names, tokenizer, device)
 
 
@@ -370,9 +368,6 @@ def evaluate_run(
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
-
-    from lora_train.data import CARVE_FILE, Carve, load_splits, padding_collator, resolve_spec, tokenize
-    from lora_train.metrics import evaluate
 
     cfg = run.recipe.data
     # The run's classes in the run's order (string labels map to them); the whole train split gives the carve.

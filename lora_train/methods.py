@@ -320,7 +320,7 @@ def _lora_after_wrap(recipe: "Recipe", peft_model: Any) -> None:
 
         replace_lora_weights_loftq(peft_model)  # reads the unquantized weights from the checkpoint's safetensors
     elif init in ("pissa", "olora"):
-        from lora_train.mutated_init import keep_initial_adapter
+        from lora_train.mutated_init import keep_initial_adapter  # torch: the table is read by config, kept light
 
         keep_initial_adapter(peft_model)
 

@@ -13,6 +13,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from lora_train.progress import progress_bar
+
 
 def confusion_matrix(predictions: Sequence[int], references: Sequence[int], num_labels: int) -> np.ndarray:
     """``cm[true, predicted]`` counts."""
@@ -100,8 +102,6 @@ def evaluate(
     model, loader: "torch.utils.data.DataLoader", accelerator, num_labels: int, label_names: list[str]
 ) -> dict[str, Any]:
     """Exact metrics over the whole split: ``gather_for_metrics`` drops the padding of the last batch."""
-    from lora_train.progress import progress_bar
-
     model.eval()
     metric = load_metric(num_labels, label_names)
     total_loss, total_n = torch.zeros((), device=accelerator.device), 0

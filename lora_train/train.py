@@ -32,6 +32,7 @@ from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import ParamCount, count_parameters, load_model_config, load_tokenizer, use_fast_dropout
 from lora_train.optim import param_groups
 from lora_train.preflight import check_model_fits, check_output_dir
+from lora_train.progress import progress_bar
 from lora_train.run_files import run_files
 from lora_train.run_lock import is_launch_main_process, run_lock
 from lora_train.savers import CheckpointSaver, checkpoint_saver
@@ -635,8 +636,6 @@ def process_seconds() -> float:
 
 
 def _progress_bar(run: Run, state: LoopState):
-    from lora_train.progress import progress_bar
-
     return progress_bar(
         total=run.total_steps, initial=state.global_step, disable=not run.accelerator.is_main_process, desc="train"
     )

@@ -20,13 +20,23 @@ import json
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_lab.serve_bench import (
+    SETUPS,
+    fan_out,
+    fan_out_table,
+    forward_cost_table,
+    forward_costs,
+    markdown_table,
+    mixing_costs,
+    run_bench,
+    scaled,
+    summary,
+)
 from lora_train.startup import prepare_process
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     prepare_process()
-    from lora_lab.serve_bench import SETUPS
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", nargs="+", metavar="ADAPTER", help="run directory, Hub repo id, or NAME=SOURCE")
     parser.add_argument("--setups", nargs="+", choices=SETUPS, default=list(SETUPS))
@@ -73,7 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.scale and min(args.scale) <= 0:
         parser.error("--scale counts must be > 0")
 
-    from lora_lab.serve_bench import markdown_table, run_bench, scaled, summary
+    # torch: loaded once the arguments are checked (--help starts without it)
     from lora_train.serving.registry import default_name
     from lora_train.serving.server import split_name
 
@@ -83,8 +93,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"adapter names {names} repeat; name them with NAME=SOURCE")
     if args.forward_costs or args.mixing:
         import torch
-
-        from lora_lab.serve_bench import forward_cost_table, forward_costs, mixing_costs
 
         if args.server_threads:
             torch.set_num_threads(args.server_threads)
@@ -103,8 +111,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.server_workers:  # lora-serve's alone: the plain server takes --threads only
         server_args += ["--workers", str(args.server_workers)]
     if args.fan_out:
-        from lora_lab.serve_bench import fan_out, fan_out_table
-
         rows = fan_out(
             sources, names, args.clients, args.warmup, args.duration, args.texts_per_adapter, server_args, args.repeats
         )

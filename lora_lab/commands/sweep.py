@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_lab import optuna_sweep as osw
 from lora_lab.sweep import aggregate, markdown_table, plan, unique, validate_runs, write_table
 from lora_train.config import RecipeError
 from lora_train.startup import prepare_process
@@ -34,8 +35,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prepare_process()
     import argparse
     import shlex
-
-    from lora_lab import optuna_sweep as osw
 
     parser = argparse.ArgumentParser(
         formatter_class=argparse.RawDescriptionHelpFormatter,

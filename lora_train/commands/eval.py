@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.config import RecipeError
+from lora_train.plots import confusion_matrix_png
 from lora_train.startup import prepare_process
 
 
@@ -44,11 +46,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size <= 0:
         parser.error("--batch-size must be > 0")
 
+    # These import torch: loaded once the arguments are checked (--help starts without them)
     from lora_train.checkpoint import writable_directory_problem
-    from lora_train.config import RecipeError
     from lora_train.data import DataError
     from lora_train.inference import RunError, evaluate_run, load_run, resolve_run
-    from lora_train.plots import confusion_matrix_png
 
     local = Path(args.run).exists()
     out = (

@@ -15,6 +15,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from lora_train.config import RecipeError
 from lora_train.startup import prepare_process
 
 
@@ -31,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     args = parser.parse_args(argv)
 
-    from lora_train.config import RecipeError
+    # These import torch: loaded once the arguments are checked (--help starts without them)
     from lora_train.inference import RunError
     from lora_train.merge import merge_adapter
 

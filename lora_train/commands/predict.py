@@ -19,6 +19,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from lora_train.config import RecipeError
+from lora_train.progress import progress_bar, stderr_is_terminal
 from lora_train.startup import prepare_process
 
 
@@ -48,10 +50,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.texts and not args.file and sys.stdin.isatty():
         parser.error("no input: give texts as arguments, --file PATH, or pipe texts (one per line) on stdin")
 
-    from lora_train.config import RecipeError
+    # These import torch: loaded once the arguments are checked (--help starts without them)
     from lora_train.data import resolve_spec
     from lora_train.inference import RunError, load_run, predict, read_run, read_texts, resolve_run
-    from lora_train.progress import progress_bar, stderr_is_terminal
 
     try:
         directory = resolve_run(args.run)  # a Hub repo is downloaded once, here

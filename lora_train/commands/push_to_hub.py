@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.hub import HubError, push_run
 from lora_train.startup import prepare_process
 
 
@@ -25,8 +26,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.repo_id.count("/") != 1:
         parser.error(f"repo_id {args.repo_id!r} must be of the form user/name")
-
-    from lora_train.hub import HubError, push_run
 
     try:
         url = push_run(Path(args.output_dir), args.repo_id, private=not args.public)

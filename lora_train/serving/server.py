@@ -7,13 +7,13 @@ import ipaddress
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
-from lora_train.serving.registry import Adapter, ServingError, check_adapter_name
+from lora_train.serving.access import LOOPBACK_HOSTS, Access, normal_host, read_admin_token
+from lora_train.serving.batcher import MicroBatcher
+from lora_train.serving.registry import Adapter, ServingError, check_adapter_name, read_adapter
+from lora_train.serving.replicas import ReplicatedRegistry
 from lora_train.startup import prepare_process
-
-if TYPE_CHECKING:
-    from lora_train.serving.access import Access
 
 log = logging.getLogger("lora_train.serving")
 
@@ -114,8 +114,6 @@ def split_name(spec: str) -> tuple[Optional[str], str]:
 
 def read_all(specs: Sequence[str]) -> list[Adapter]:
     """Read every adapter and check they can share one base, reporting every problem at once."""
-    from lora_train.serving.registry import read_adapter
-
     adapters, problems = [], []
     for spec in specs:
         try:
@@ -147,10 +145,8 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
     return adapters
 
 
-def access_for(args: argparse.Namespace) -> "Access":
+def access_for(args: argparse.Namespace) -> Access:
     """The operator's access choices from the command line (and $LORA_SERVE_ADMIN_TOKEN), checked."""
-    from lora_train.serving.access import LOOPBACK_HOSTS, Access, normal_host, read_admin_token
-
     token = read_admin_token(args.admin_token_file)
     root = Path(args.adapter_root).expanduser() if args.adapter_root else None
     if root is not None and not root.is_dir():
@@ -197,9 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     import uvicorn
 
-    from lora_train.serving.app import Limits, create_app
-    from lora_train.serving.batcher import MicroBatcher
-    from lora_train.serving.replicas import ReplicatedRegistry
+    from lora_train.serving.app import Limits, create_app  # FastAPI: loaded to serve, not for --help or a bad flag
 
     if args.threads:
         import torch
