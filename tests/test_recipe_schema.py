@@ -28,3 +28,12 @@ def test_every_shipped_recipe_uses_only_fields_the_schema_declares():
         for section, values in load_yaml_text(path.read_text()).items():
             assert section in properties, path
             assert set(values or {}) <= set(properties[section]["properties"]), path
+
+
+def test_every_shipped_recipe_names_the_schema_for_editors():
+    """Each recipe's first line points editors' YAML language server at the schema file, by a path that resolves."""
+    for path in sorted((ROOT / "recipes").rglob("*.yaml")):
+        first = path.read_text().splitlines()[0]
+        prefix = "# yaml-language-server: $schema="
+        assert first.startswith(prefix), f"{path}: first line should be {prefix}<relative path to recipe.schema.json>"
+        assert (path.parent / first[len(prefix) :]).resolve() == SCHEMA_FILE, path
