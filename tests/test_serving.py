@@ -88,6 +88,7 @@ def runs(tmp_path_factory, pooled_bert_dir, tiny_bert_dir, toy_data_dir) -> dict
             training={"mixed_precision": "bf16"},
         ),
         "full": train_tiny(root, "full", pooled_bert_dir, toy_data_dir, peft={"method": "full"}),
+        "lora_bias": train_tiny(root, "lora_bias", pooled_bert_dir, toy_data_dir, peft={"bias": "all"}),
         "bf16": train_tiny(root, "bf16", pooled_bert_dir, toy_data_dir, training={"mixed_precision": "bf16"}),
         "bf16_three": train_tiny(
             root,
@@ -321,6 +322,24 @@ def test_a_server_started_with_trained_tensor_runs_takes_lora_adapters_after(run
     served_alone_and_together(bf16, ["bitfit_bf16", "bf16"], reference)
     with pytest.raises(ServingError, match="was trained on .* autocast bf16"):
         bf16.attach(read_adapter(str(runs["bitfit"])))  # float32-trained: another base, as for LoRA adapters
+
+
+def test_an_adapter_that_trained_the_base_biases_is_served_alone(runs, reference):
+    """peft loads a bias='all' LoRA adapter's biases into the shared base: beside it a head-only run (or another
+    LoRA adapter) would answer with those biases (a head-only run was 0.024 off in probability), so it is refused
+    beside anything, and anything beside it."""
+    registry = AdapterRegistry("cpu")
+    registry.attach(read_adapter(str(runs["head_only"])))
+    with pytest.raises(ServingError, match="'lora_bias' trained the base model's biases \\(peft bias = 'all'\\)"):
+        registry.attach(read_adapter(str(runs["lora_bias"])))
+    alone = AdapterRegistry("cpu")
+    alone.attach(read_adapter(str(runs["lora_bias"])))
+    for other in ("head_only", "sentiment"):
+        with pytest.raises(ServingError, match="serve it from a server of its own, or retrain it with peft.bias=none"):
+            alone.attach(read_adapter(str(runs[other])))
+    served = alone.classify([("lora_bias", alone.get("lora_bias").encode(TEXTS)[0])])[0]
+    expected = predict(load_run(str(runs["lora_bias"]), device="cpu"), TEXTS)
+    torch.testing.assert_close(served, torch.tensor([list(r["probabilities"].values()) for r in expected]))
 
 
 def test_trained_tensors_of_another_base_are_refused_naming_them(runs, tmp_path):

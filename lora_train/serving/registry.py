@@ -138,6 +138,9 @@ class Adapter:
     trained: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
     """A BitFit / head_only run's tensors (``trained.safetensors``: base parameter name -> tensor); None for a peft
     adapter. On attach they move to the server's device."""
+    bias: str = "none"
+    """peft's ``bias`` of the adapter: other than ``none``, the adapter trained the base model's biases, and loading it
+    writes them into the base every adapter of the server shares."""
     heads: tuple[str, ...] = ()
     """Set on attach: paths of the head wrappers (``modules_to_save``) that hold this adapter's copies."""
     mix_key: Optional[tuple] = None
@@ -247,9 +250,10 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
             " server takes one text per request: classify pairs with scripts/predict.py --file",
         )
     if is_trained_tensors_run(directory):
-        trained, peft_type = load_file(directory / TRAINED_TENSORS), recipe.peft.method.upper()
+        trained, peft_type, bias = load_file(directory / TRAINED_TENSORS), recipe.peft.method.upper(), "none"
     else:
-        trained, peft_type = None, str(json.loads((directory / "adapter_config.json").read_text()).get("peft_type"))
+        config = json.loads((directory / "adapter_config.json").read_text())
+        trained, peft_type, bias = None, str(config.get("peft_type")), str(config.get("bias") or "none")
     metrics_file = directory / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     return Adapter(
@@ -262,6 +266,7 @@ def read_adapter(source: str, name: Optional[str] = None, shown: Optional[str] =
         metrics={key: metrics[key] for key in METRIC_KEYS if key in metrics},
         peft_type=peft_type,
         trained=trained,
+        bias=bias,
     )
 
 
@@ -316,7 +321,8 @@ class AdapterRegistry:
 
     def check_can_attach(self, adapter: Adapter) -> None:
         """Refuse a name already taken or naming a module, an adapter of another base model, quantization,
-        autocast or PEFT type, or one whose max_length exceeds the base model's positions."""
+        autocast or PEFT type, one whose max_length exceeds the base model's positions, and any second adapter
+        where one writes the shared base's biases."""
         if adapter.name in self._module_names:
             # peft keys each adapter's layers by its name inside the modules, and matches modules by name
             raise ServingError(
@@ -336,6 +342,15 @@ class AdapterRegistry:
                     409,
                     f"adapter {adapter.name!r} was trained on {adapter.base}, but this server's"
                     f" base model is {self.base}: serve it from another server",
+                )
+            writer = next((a for a in [adapter, *self._adapters.values()] if a.bias != "none"), None)
+            if writer is not None and self._adapters:
+                raise ServingError(
+                    409,
+                    f"adapter {writer.name!r} trained the base model's biases (peft bias = {writer.bias!r}), and"
+                    " loading it writes them into the base that every adapter of a server shares, so the others"
+                    " would answer with its biases: serve it from a server of its own, or retrain it with"
+                    " peft.bias=none",
                 )
             if adapter.is_peft and self.peft_type is not None and adapter.peft_type != self.peft_type:
                 raise ServingError(
