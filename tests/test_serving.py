@@ -342,6 +342,28 @@ def test_an_adapter_that_trained_the_base_biases_is_served_alone(runs, reference
     torch.testing.assert_close(served, torch.tensor([list(r["probabilities"].values()) for r in expected]))
 
 
+def test_a_first_lora_adapter_that_fails_to_load_leaves_the_trained_tensor_runs_serving(runs, reference, tmp_path):
+    """A LoRA adapter whose weights do not load, hot-loaded onto a server of BitFit / head-only runs, is removed
+    with the peft wrapping it started; the runs answer as before, and a good adapter loads after it."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken_lora"
+    shutil.copytree(runs["sentiment"], broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    name = next(key for key in tensors if "lora_A" in key)
+    tensors[name] = torch.zeros(tensors[name].shape[0] + 1, tensors[name].shape[1])  # another rank than the config's
+    save_file(tensors, broken / "adapter_model.safetensors")
+    registry = AdapterRegistry("cpu")
+    for run in ("bitfit", "head_only"):
+        registry.attach(read_adapter(str(runs[run])))
+    with pytest.raises(ServingError, match="(?s)cannot load adapter 'broken_lora'.*size mismatch"):
+        registry.attach(read_adapter(str(broken)))
+    assert registry.model is registry._base_model and registry.names() == ["bitfit", "head_only"]
+    served_alone_and_together(registry, ["bitfit", "head_only"], reference)
+    registry.attach(read_adapter(str(runs["sentiment"])))
+    served_alone_and_together(registry, ["bitfit", "sentiment", "head_only"], reference)
+
+
 def test_trained_tensors_of_another_base_are_refused_naming_them(runs, tmp_path):
     """A run whose trained.safetensors does not fit the base its recipe names is refused at load, naming the tensor."""
     from safetensors.torch import load_file, save_file

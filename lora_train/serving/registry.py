@@ -379,8 +379,11 @@ class AdapterRegistry:
             else:
                 self._add_trained_tensors(adapter)
         except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
-            if adapter.is_peft and self._peft_model() is not None and adapter.name in self.model.peft_config:
-                self.model.delete_adapter(adapter.name)
+            peft_model = self._peft_model()
+            if adapter.is_peft and peft_model is not None and adapter.name in peft_model.peft_config:
+                peft_model.delete_adapter(adapter.name)
+                if not peft_model.peft_config:  # it was the first peft adapter: the base is unwrapped again
+                    self.model = peft_model.unload()
             if isinstance(err, ServingError):
                 raise
             raise ServingError(
