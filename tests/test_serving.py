@@ -1006,6 +1006,30 @@ def test_two_workers_answer_like_predict_and_hot_changes_reach_both(runs, refere
         assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
 
 
+def test_two_workers_serve_bitfit_and_head_only_runs_beside_lora_adapters(runs, reference):
+    """Each worker swaps a run's tensors into its own modules (over the shared weights), so concurrent forwards of
+    BitFit, head-only and LoRA texts on two workers each answer as scripts/predict.py does, also after a LoRA
+    adapter is hot-loaded onto a base that two trained-tensor runs loaded."""
+    registry = ReplicatedRegistry("cpu", replicas=2)
+    for name in ("bitfit", "head_only"):
+        registry.attach(read_adapter(str(runs[name])))
+    access = Access(admin_token=TOKEN, adapter_root=runs["sentiment"].parent)
+    with serving(registry, access, max_wait_s=0.01) as url:
+        loaded = httpx.post(f"{url}/v1/adapters", json={"source": "sentiment"}, headers=ADMIN, timeout=60)
+        assert loaded.status_code == 201, loaded.text
+        names = ["bitfit", "sentiment", "head_only"]
+        jobs = [(names[i % 3], TEXTS[i % len(TEXTS) :][:2]) for i in range(36)]
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            responses = list(pool.map(lambda job: classify(url, *job), jobs))
+        for (name, texts), response in zip(jobs, responses, strict=True):
+            start = TEXTS.index(texts[0])
+            expected = reference[name][start : start + len(texts)]
+            torch.testing.assert_close(probabilities(response), expected, atol=1e-5, rtol=0)
+    first = dict(registry.primary.model.named_parameters(remove_duplicate=False))
+    second = dict(registry.replicas[1].model.named_parameters(remove_duplicate=False))
+    assert second.keys() == first.keys() and all(second[n] is first[n] for n in first)  # one copy of the weights
+
+
 def test_a_model_change_waits_for_running_batches_and_holds_back_later_ones():
     """Two workers; a change queued between jobs runs when no batch runs, after the jobs queued before it started,
     and before any job queued after it."""
