@@ -218,14 +218,16 @@ def test_a_hopeless_trial_is_pruned_against_a_good_one(tmp_path, tiny_bert_dir, 
     """The median pruner (1 startup trial, no warm-up) stops the trial whose learning rate (5.0) makes it diverge
     (validation loss in the tens against ~0.7 at the same step): its child is stopped (SIGTERM) at an evaluation,
     its directory marked pruned, its row says so. The study lives in the default SQLite file of the sweep dir."""
-    recipe = quick_recipe(tmp_path, tiny_bert_dir, toy_data_dir, rows=256, eval_steps=2)  # 16 steps, 8 evaluations
+    # 64 steps, 32 evaluations: with 16 steps a loaded machine let the diverging child finish its loop before the
+    # worker read its first evaluation, and the SIGTERM then found no loop to stop.
+    recipe = quick_recipe(tmp_path, tiny_bert_dir, toy_data_dir, rows=512, eval_steps=2, num_epochs=2)
     out = tmp_path / "sweep"
     argv = [str(recipe), "training.learning_rate=5e-3,5.0", "--metric", "eval_loss", "--pruner", "median"]
     argv += ["--pruner-startup-trials", "1", "--out", str(out)]
     assert sweep_command.main(argv) == 0
     rows = {row["run"]: row for row in csv.DictReader(open(out / "results.csv"))}
     good, bad = rows["learning_rate-5e-3"], rows["learning_rate-5.0"]
-    assert good["state"] == "complete" and bad["state"] == "pruned" and int(bad["pruned_at_step"]) < 16
+    assert good["state"] == "complete" and bad["state"] == "pruned" and int(bad["pruned_at_step"]) < 64
     assert float(good["eval_loss"]) < 1 < float(bad["eval_loss"]) and bad["eval_accuracy"]  # its last evaluation
     marker = json.loads((out / "learning_rate-5.0" / osw.PRUNED_MARKER).read_text())
     assert marker["step"] == int(bad["pruned_at_step"]) and marker["pruner"] == "median"
