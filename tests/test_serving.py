@@ -252,10 +252,12 @@ def test_a_grouped_bf16_forward_gives_each_row_its_adapter_alone_result(runs):
     requests = [(a.name, a.encode(TEXTS)[0]) for a in adapters]
     assert registry._group_of(adapters[0]) == registry._group_of(adapters[1])
     grouped = registry.classify(requests)
+    one_grouped = [registry.classify([request])[0] for request in requests]  # one adapter, still grouped
     registry.group = False
-    alone = registry.classify(requests)
-    for got, single in zip(grouped, alone, strict=True):
+    alone = registry.classify(requests)  # peft's own forward, one adapter at a time (set_adapter)
+    for got, one, single in zip(grouped, one_grouped, alone, strict=True):
         torch.testing.assert_close(got, single, atol=0, rtol=0)
+        torch.testing.assert_close(one, single, atol=0, rtol=0)
 
 
 def test_adalora_adapters_are_served_one_forward_each(tmp_path, pooled_bert_dir, toy_data_dir):

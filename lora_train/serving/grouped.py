@@ -112,6 +112,13 @@ class GroupedLoRA:
         if rows is None or layer.merged or layer.disable_adapters:
             return layer._grouped_forward(x, *args, **kwargs)
         result = layer.base_layer(x, *args, **kwargs)
+        if len(rows.order) == 1:  # peft's own sum for one adapter, without its per-forward set_adapter walk
+            name = rows.order[0]
+            if name not in layer.lora_A:
+                return result
+            x = layer._cast_input_dtype(x, layer.lora_A[name].weight.dtype)
+            update = F.linear(F.linear(x, layer.lora_A[name].weight), layer.lora_B[name].weight)
+            return (result + update * layer.scaling[name]).to(result.dtype)
         stack = self._stack(layer, rows.order)
         if stack is None:  # no adapter of this batch adapts this layer
             return result
@@ -127,6 +134,8 @@ class GroupedLoRA:
         rows = self._rows
         if rows is None or wrapper.disable_adapters or any(name not in wrapper.modules_to_save for name in rows.order):
             return wrapper._grouped_forward(*args, **kwargs)
+        if len(rows.order) == 1:
+            return wrapper.modules_to_save[rows.order[0]](*args, **kwargs)
         return wrapper._mixed_batch_forward(*args, adapter_names=rows.names, **kwargs)
 
     def _stack(self, layer: nn.Module, order: tuple[str, ...]) -> Optional[_Stack]:

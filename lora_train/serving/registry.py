@@ -572,12 +572,12 @@ class AdapterRegistry:
             if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
                 with peft_layers_off(self.model), swapped_in(self._base_model, first.trained):
                     return self._base_model(**batch).logits
-            if len(set(names)) == 1:  # one adapter runs fastest as the active one
-                self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
-                return self.model(**batch).logits
-            if how == "grouped":
+            if how == "grouped":  # also for one adapter: peft's set_adapter walks every module at each switch
                 with self.grouped.rows(names):
                     return self.model(**batch).logits
+            if len(set(names)) == 1:
+                self.model.set_adapter(names[0])  # leaves the head wrappers switched as routed
+                return self.model(**batch).logits
             return self.model(**batch, adapter_names=names).logits
 
 
