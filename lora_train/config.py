@@ -227,7 +227,9 @@ class TrainingConfig:
         " warning.",
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward (less memory, ~30% slower).")
-    torch_compile: bool = _f(False, "Compile the model with torch.compile.")
+    torch_compile: bool = _f(
+        False, "Compile the model with torch.compile (slower on the 2-core CPU measured: docs/performance.md)."
+    )
     eval_steps: int = _f(0, "Evaluate every N optimizer steps; 0 = at the end of each epoch only.")
     save_steps: int = _f(0, "Save a resumable checkpoint every N optimizer steps; 0 = at the end of each epoch.")
     logging_steps: int = _f(10, "Log loss, learning rate and throughput every N optimizer steps.")
