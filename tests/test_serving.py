@@ -982,19 +982,25 @@ def test_replicas_hold_one_copy_of_every_tensor(runs):
     assert [replica.names() for replica in registry.replicas] == [["sentiment"]] * 3
 
 
+def answer_concurrently(url: str, jobs: list[tuple[str, list[str]]], reference: dict[str, torch.Tensor]) -> None:
+    """Send ``(adapter, texts of TEXTS)`` requests 16 at a time; each must get its adapter's own probabilities."""
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        responses = list(pool.map(lambda job: classify(url, *job), jobs))
+    for (name, texts), response in zip(jobs, responses, strict=True):
+        start = TEXTS.index(texts[0])
+        expected = reference[name][start : start + len(texts)]
+        torch.testing.assert_close(probabilities(response), expected, atol=1e-5, rtol=0)
+
+
 def test_two_workers_answer_like_predict_and_hot_changes_reach_both(runs, reference):
     registry = ReplicatedRegistry("cpu", replicas=2)
     for name in ("sentiment", "three"):
         registry.attach(read_adapter(str(runs[name])))
     access = Access(admin_token=TOKEN, adapter_root=runs["sentiment"].parent)
     with serving(registry, access, max_wait_s=0.01) as url:
-        jobs = [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS) :][:2]) for i in range(32)]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            responses = list(pool.map(lambda job: classify(url, *job), jobs))
-        for (name, texts), response in zip(jobs, responses, strict=True):
-            start = TEXTS.index(texts[0])
-            expected = reference[name][start : start + len(texts)]
-            torch.testing.assert_close(probabilities(response), expected, atol=1e-5, rtol=0)
+        answer_concurrently(
+            url, [("sentiment" if i % 2 else "three", TEXTS[i % len(TEXTS) :][:2]) for i in range(32)], reference
+        )
         loaded = httpx.post(f"{url}/v1/adapters", json={"source": "sentiment_b", "name": "late"}, headers=ADMIN)
         assert loaded.status_code == 201, loaded.text
         with ThreadPoolExecutor(max_workers=8) as pool:  # whichever worker takes them has the new adapter
@@ -1020,13 +1026,7 @@ def test_two_workers_serve_bitfit_and_head_only_runs_beside_lora_adapters(runs, 
         loaded = httpx.post(f"{url}/v1/adapters", json={"source": "sentiment"}, headers=ADMIN, timeout=60)
         assert loaded.status_code == 201, loaded.text
         names = ["bitfit", "sentiment", "head_only"]
-        jobs = [(names[i % 3], TEXTS[i % len(TEXTS) :][:2]) for i in range(36)]
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            responses = list(pool.map(lambda job: classify(url, *job), jobs))
-        for (name, texts), response in zip(jobs, responses, strict=True):
-            start = TEXTS.index(texts[0])
-            expected = reference[name][start : start + len(texts)]
-            torch.testing.assert_close(probabilities(response), expected, atol=1e-5, rtol=0)
+        answer_concurrently(url, [(names[i % 3], TEXTS[i % len(TEXTS) :][:2]) for i in range(36)], reference)
     first = dict(registry.primary.model.named_parameters(remove_duplicate=False))
     second = dict(registry.replicas[1].model.named_parameters(remove_duplicate=False))
     assert second.keys() == first.keys() and all(second[n] is first[n] for n in first)  # one copy of the weights
