@@ -169,9 +169,8 @@ def mix_any_width(wrapper: nn.Module) -> None:
     for outputs of different widths, so adapters with different numbers of classes needed a forward each. This
     version pads every output's last dimension with zeros to the widest; each row's first columns are exactly what
     its adapter's copy computes (the same sub-batch call as peft's), and the caller reads only its own classes.
+    Installing it again replaces it with an equal one.
     """
-    if getattr(wrapper, "_mixes_any_width", False):
-        return
 
     def mixed_batch_forward(input: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
         rows: dict[str, list[int]] = {}
@@ -194,7 +193,6 @@ def mix_any_width(wrapper: nn.Module) -> None:
         return result
 
     wrapper._mixed_batch_forward = mixed_batch_forward  # the instance's, in place of peft's (see the docstring)
-    wrapper._mixes_any_width = True
 
 
 # ---------------------------------------------------------------------------------------------

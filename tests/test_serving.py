@@ -133,8 +133,7 @@ def serving(registry: AdapterRegistry, access: Access, limits: Optional[Limits] 
     import uvicorn
 
     # A long wait makes requests sent together share a batch even on a loaded CI machine.
-    runners = registry.runners() if hasattr(registry, "runners") else registry.classify  # several workers or one
-    batcher = MicroBatcher(runners, max_batch_texts=64, max_wait_s=max_wait_s)
+    batcher = MicroBatcher(registry.runners(), max_batch_texts=64, max_wait_s=max_wait_s)
     batcher.start()
     app = create_app(registry, batcher, limits or Limits(), access)
     port = free_port()

@@ -10,7 +10,8 @@ rounded in the same dtype at the same points. Heads run each adapter's copy on i
 (:func:`lora_train.heads.mix_any_width`).
 
 Plain LoRA only: a model whose adapters use a LoRA variant (DoRA), a LoRA bias, ``fan_in_fan_out`` weights or LoRA
-layers other than Linear is served one forward per adapter (:meth:`GroupedLoRA.supports`).
+layers other than Linear is served one forward per adapter (:meth:`GroupedLoRA.supports`). Served models are in
+eval mode, where LoRA dropout is the identity, so it is not applied.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _Rows:
 
     names: list[str]
     order: tuple[str, ...]
-    """The batch's distinct adapters, in order of first row."""
+    """The batch's distinct adapters, sorted (so that a set of adapters has one key for its stacked weights)."""
     index: torch.Tensor
     """Each row's position in ``order``."""
 

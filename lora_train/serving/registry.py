@@ -23,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors.torch import load_file
@@ -510,6 +510,10 @@ class AdapterRegistry:
             head = shaped_like_saved(wrapper.original_module, path, shapes)
             if head is not None:
                 wrapper.modules_to_save[adapter.name] = head
+
+    def runners(self) -> list[Callable]:
+        """The forward of each batcher worker: this registry's alone (several: :mod:`lora_train.serving.replicas`)."""
+        return [self.classify]
 
     @torch.no_grad()
     def classify(self, requests: list[tuple[str, list[dict[str, list[int]]]]]) -> list[Any]:
