@@ -1066,3 +1066,20 @@ def test_a_model_change_waits_for_running_batches_and_holds_back_later_ones():
     assert min(ends["before0"], ends["before1"]) > max(starts["before0"], starts["before1"])
     assert max(ends["before0"], ends["before1"]) <= moment  # ...and were done when it ran
     assert min(starts["after0"], starts["after1"]) >= moment
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--server-workers", "0"], "--server-workers must be > 0"),
+        (["--server-threads", "-1"], "--server-threads must be > 0"),
+        (["--scale", "0"], "--scale counts must be > 0"),
+    ],
+)
+def test_load_test_refuses_counts_below_one_before_any_work(flag, message, capsys):
+    """0 workers or threads once meant the server's default silently."""
+    from lora_lab.commands.serve_bench import main as bench_main
+
+    with pytest.raises(SystemExit) as stopped:
+        bench_main(["not/a/run", *flag])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

@@ -82,6 +82,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--clients, --duration, --texts-per-adapter and --repeats must be > 0, --warmup >= 0")
     if args.scale and min(args.scale) <= 0:
         parser.error("--scale counts must be > 0")
+    for flag in ("server_threads", "server_workers"):  # 0 would silently mean "the server's default"
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be > 0")
 
     # torch: loaded once the arguments are checked (--help starts without it)
     from lora_train.serving.registry import default_name
