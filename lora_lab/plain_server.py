@@ -34,7 +34,7 @@ def build_app(specs: Sequence[str]):
     models = {}
     for spec in specs:
         name, source = split_name(spec)
-        run = load_run(source, device="cpu")
+        run = load_run(source, device="cpu", merge=False)  # peft's model, merged as a user merges it
         run.model = run.model.merge_and_unload().eval()
         models[name or source] = run
     locks = {name: threading.Lock() for name in models}

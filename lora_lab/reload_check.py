@@ -42,7 +42,7 @@ def plain_peft_max_difference(run_dir: Path, loaded) -> float:
 
 def check_run(run_dir: Path) -> dict[str, Any]:
     """One row: the accuracy training wrote, the reloaded one, plain peft's logit difference, the merged one."""
-    loaded = load_run(str(run_dir), device="cpu")
+    loaded = load_run(str(run_dir), device="cpu", merge=False)  # the forward training scored with
     row: dict[str, Any] = {
         "run": run_dir.name,
         "method": loaded.recipe.peft.method,

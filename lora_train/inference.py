@@ -27,6 +27,7 @@ from lora_train.checkpoint import (
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
 from lora_train.data import CARVE_FILE, Carve, encode_texts, load_splits, padding_collator, resolve_spec, tokenize
 from lora_train.hub import lookup_error
+from lora_train.merged import mergeable, merged_tensors, merges_lora, put_tensors
 from lora_train.metrics import evaluate
 from lora_train.modeling import require_tokenizer_files, tokenizer_error
 
@@ -152,8 +153,14 @@ def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device:
     return build_classifier(recipe, label_names, tokenizer, device)
 
 
-def load_run(source: str, device: Optional[str] = None, revision: Optional[str] = None) -> LoadedRun:
-    """Load a run for inference: the base in the training quantization plus the adapter, or a full model."""
+def load_run(
+    source: str, device: Optional[str] = None, revision: Optional[str] = None, merge: Optional[bool] = None
+) -> LoadedRun:
+    """Load a run for inference: the base in the training quantization plus the adapter, or a full model.
+
+    A plain LoRA adapter is merged into the base's weights where ``merge`` says (default: where that is the faster
+    forward, :data:`lora_train.merged.MERGED_FORWARDS`), as the server merges it; ``merge=False`` keeps the forward
+    training evaluated with, which reproduces ``metrics.json`` exactly (``scripts/eval.py``)."""
     from transformers import AutoModelForSequenceClassification
 
     directory = resolve_run(source, revision)
@@ -166,6 +173,10 @@ def load_run(source: str, device: Optional[str] = None, revision: Optional[str] 
         base = load_base_for_run(recipe, label_names, tokenizer, target)
         model = PeftModel.from_pretrained(base, directory)
         dtype = autocast_dtype(recipe, target)
+        if (merges_lora(target) if merge is None else merge) and mergeable(model, "default"):
+            tensors = merged_tensors(model, "default", dtype)
+            model = model.unload()
+            put_tensors(model, tensors)
         if dtype is not None:  # the server's fast path: weights stored in the autocast dtype, same outputs
             store_frozen_linears_in(model, dtype, adapters_too=True)
     elif is_trained_tensors_run(directory):

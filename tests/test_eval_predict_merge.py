@@ -151,7 +151,7 @@ def test_eval_of_a_bf16_run_reproduces_its_metrics(tmp_path_factory, tiny_bert_d
 
     bf16_run = trained(tmp_path_factory, tiny_bert_dir, toy_data_dir, "bf16", training={"mixed_precision": "bf16"})
     metrics = json.loads((bf16_run / "metrics.json").read_text())
-    report = evaluate_run(load_run(str(bf16_run), device="cpu"))
+    report = evaluate_run(load_run(str(bf16_run), device="cpu", merge=False))  # as scripts/eval.py loads it
     assert report["loss"] == pytest.approx(metrics["eval_loss"], abs=1e-6)  # batches of 64 here, 128 in training
     assert report["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-12)
 
@@ -247,7 +247,7 @@ def merged_vs_adapter(run: Path, out: Path) -> tuple[float, torch.nn.Module]:
     assert "model.safetensors" in names and not any(n.startswith("adapter_") for n in names)
     merged = AutoModelForSequenceClassification.from_pretrained(out)  # transformers alone, no peft
     assert merged.config.id2label == {0: "neg", 1: "pos"}
-    adapter = load_run(str(run), device="cpu")
+    adapter = load_run(str(run), device="cpu", merge=False)  # the adapter as trained, unmerged
     return (
         logits_of(merged, adapter.tokenizer) - logits_of(adapter.model, adapter.tokenizer)
     ).abs().max().item(), merged
@@ -268,7 +268,7 @@ def assert_merged_weights(run: Path, merged: torch.nn.Module, dtype: str) -> Non
 
     relative, absolute = ROUNDING[dtype]
     merged_layers = dict(merged.named_modules())
-    adapter = load_run(str(run), device="cpu").model
+    adapter = load_run(str(run), device="cpu", merge=False).model
     checked = 0
     for name, layer in adapter.named_modules():
         if not isinstance(layer, LoraLayer):

@@ -297,7 +297,9 @@ def test_a_text_pair_run_trains_evaluates_and_predicts_pairs_from_a_file(tmp_pat
     raw["data"].update(text_column="premise", text_pair_column="hypothesis", label_names=None)
     metrics = train(build_recipe(raw))
     assert metrics["label_names"] == ["other", "same"]
-    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-9)
+    assert evaluate_run(load_run(str(out), merge=False))["accuracy"] == pytest.approx(
+        metrics["eval_accuracy"], abs=1e-9
+    )
     predict = script("predict")
     frame.head(3).to_csv(tmp_path / "in.csv", index=False)
     assert predict.main([str(out), "--file", str(tmp_path / "in.csv")]) == 0

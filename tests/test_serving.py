@@ -223,8 +223,9 @@ def test_shared_and_per_adapter_forwards_agree(runs, reference, how, forwards):
     """The rows of a shared forward get what their adapter alone gives (predict.py): grouped (the default where the
     LoRA layers allow, lora_train/serving/grouped.py) and peft's mixed batch (2- and 3-class heads in one forward
     either way), and one forward per adapter; also for an adapter that trained BERT's pooler (served with its head
-    narrowed to ``pooler.dense``, so it shares forwards too)."""
-    registry = AdapterRegistry("cpu", mix=how == "peft", group=how == "grouped")
+    narrowed to ``pooler.dense``, so it shares forwards too). These are the GPU's forwards (the CPU merges plain
+    LoRA, lora_train/merged.py); the CPU runs them here with merging off."""
+    registry = AdapterRegistry("cpu", mix=how == "peft", group=how == "grouped", merge=False)
     adapters = [read_adapter(str(runs[name])) for name in ("pooled", "sentiment", "three", "sentiment_b")]
     for adapter in adapters:
         registry.attach(adapter)
@@ -244,7 +245,7 @@ def test_shared_and_per_adapter_forwards_agree(runs, reference, how, forwards):
 def test_a_grouped_bf16_forward_gives_each_row_its_adapter_alone_result(runs):
     """Under bf16 autocast every rounding counts: a grouped forward of a 2-class and a 3-class adapter equals one
     forward per adapter over the same texts (so the same padded length) to the bit."""
-    registry = AdapterRegistry("cpu", forward_cost_tokens=10**6)
+    registry = AdapterRegistry("cpu", forward_cost_tokens=10**6, merge=False)
     adapters = [read_adapter(str(runs[name])) for name in ("bf16", "bf16_three")]
     for adapter in adapters:
         registry.attach(adapter)
@@ -257,6 +258,56 @@ def test_a_grouped_bf16_forward_gives_each_row_its_adapter_alone_result(runs):
     for got, one, single in zip(grouped, one_grouped, alone, strict=True):
         torch.testing.assert_close(got, single, atol=0, rtol=0)
         torch.testing.assert_close(one, single, atol=0, rtol=0)
+
+
+def test_merged_adapters_answer_as_predict_to_the_bit_and_as_the_unmerged_forward_up_to_rounding(runs):
+    """On a CPU the server and predict.py merge plain LoRA into copies of the base's weights (lora_train/merged.py):
+    under bf16 the server's rows equal predict.py's to the bit (same texts, so the same padded length), for a 2- and
+    a 3-class adapter in one worker batch; the merged forward differs from training's unmerged one (eval.py) by
+    rounding alone; in float32 it is the unmerged forward to 1e-5 (a wrong merge, e.g. without the scaling, fails)."""
+    from peft import PeftModel
+
+    registry = AdapterRegistry("cpu", forward_cost_tokens=10**6)
+    adapters = [read_adapter(str(runs[name])) for name in ("bf16", "bf16_three")]
+    for adapter in adapters:
+        registry.attach(adapter)
+    assert registry._peft_model() is None and not any(adapter.is_peft for adapter in adapters)
+    served = registry.classify([(a.name, a.encode(TEXTS)[0]) for a in adapters])
+    for adapter, got in zip(adapters, served, strict=True):
+        merged = load_run(str(runs[adapter.name]), device="cpu")
+        unmerged = load_run(str(runs[adapter.name]), device="cpu", merge=False)
+        assert not isinstance(merged.model, PeftModel) and isinstance(unmerged.model, PeftModel)
+        expected = torch.tensor([list(r["probabilities"].values()) for r in predict(merged, TEXTS)])
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        training = torch.tensor([list(r["probabilities"].values()) for r in predict(unmerged, TEXTS)])
+        torch.testing.assert_close(expected, training, atol=4e-3, rtol=0)
+    for name in ("sentiment", "three", "pooled"):  # float32; "pooled" also trained BERT's pooler
+        merged, unmerged = (load_run(str(runs[name]), device="cpu", merge=merge) for merge in (True, False))
+        assert not isinstance(merged.model, PeftModel)
+        got = torch.tensor([list(r["probabilities"].values()) for r in predict(merged, TEXTS)])
+        expected = torch.tensor([list(r["probabilities"].values()) for r in predict(unmerged, TEXTS)])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_only_plain_lora_merges(runs, pooled_bert_dir):
+    """DoRA, a LoRA bias, an adapter that trained the base's biases and AdaLoRA keep the unmerged forward: their
+    update is not one weight per layer, or reaches past the Linear weights."""
+    from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lora_train.merged import mergeable
+
+    def built(config) -> bool:
+        model = AutoModelForSequenceClassification.from_pretrained(pooled_bert_dir)
+        return mergeable(get_peft_model(model, config), "default")
+
+    targets = {"target_modules": ["query", "value"], "modules_to_save": ["classifier"]}
+    assert built(LoraConfig(r=2, **targets))
+    assert not built(LoraConfig(r=2, use_dora=True, **targets))
+    assert not built(LoraConfig(r=2, lora_bias=True, **targets))
+    assert not built(LoraConfig(r=2, bias="all", **targets))
+    assert not built(AdaLoraConfig(r=2, total_step=10, **targets))
+    assert isinstance(load_run(str(runs["lora_bias"]), device="cpu").model, PeftModel)
 
 
 def test_adalora_adapters_are_served_one_forward_each(tmp_path, pooled_bert_dir, toy_data_dir):
@@ -286,22 +337,25 @@ def served_alone_and_together(registry: AdapterRegistry, names: list[str], refer
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_bitfit_and_head_only_runs_are_served_beside_lora_adapters(runs, reference):
+@pytest.mark.parametrize("merge", [True, False])
+def test_bitfit_and_head_only_runs_are_served_beside_lora_adapters(runs, reference, merge):
     """A BitFit run (3 classes, on a base loaded for a 2-class adapter) and a head-only run share the server with LoRA
-    adapters, one with BERT's pooler as a head; each answers as scripts/predict.py does."""
-    registry = AdapterRegistry("cpu")
+    adapters, one with BERT's pooler as a head, merged (the CPU's default) or in the PeftModel; each answers as
+    scripts/predict.py does. The last LoRA adapter unloads (the base is unwrapped) and a LoRA adapter loads after."""
+    registry = AdapterRegistry("cpu", merge=merge)
     for name in ("sentiment", "bitfit", "pooled", "head_only", "three"):
         registry.attach(read_adapter(str(runs[name])))
     listing = {a["name"]: a for a in registry.describe()}
     assert listing["bitfit"]["peft_type"] == "BITFIT" and listing["head_only"]["peft_type"] == "HEAD_ONLY"
-    assert listing["bitfit"]["labels"] == ["neg", "mixed", "pos"]
-    assert registry.get("bitfit").mix_key is None and registry.get("sentiment").mix_key is not None
+    assert listing["sentiment"]["peft_type"] == "LORA" and listing["bitfit"]["labels"] == ["neg", "mixed", "pos"]
+    assert registry.get("bitfit").mix_key is None and registry.get("sentiment").is_peft is not merge
+    assert (registry.get("sentiment").mix_key is not None) is not merge
     served_alone_and_together(registry, ["sentiment", "bitfit", "pooled", "head_only", "three"], reference)
-    registry.detach(registry.mark_unloading("bitfit").name)
-    registry.detach(registry.mark_unloading("pooled").name)
-    registry.detach(registry.mark_unloading("three").name)
-    with pytest.raises(ServingError, match="'sentiment' is the last loaded LORA adapter, and peft cannot add adapters"):
-        registry.mark_unloading("sentiment")
+    for name in ("bitfit", "pooled", "three", "sentiment"):
+        registry.detach(registry.mark_unloading(name).name)
+    assert registry._peft_model() is None
+    served_alone_and_together(registry, ["head_only"], reference)
+    registry.attach(read_adapter(str(runs["sentiment"])))
     served_alone_and_together(registry, ["sentiment", "head_only"], reference)
 
 
@@ -627,10 +681,10 @@ def test_each_adapter_serves_in_its_training_precision_with_few_padded_lengths(r
     )
     assert widths and all(w in padding_lengths(adapter.max_length) for w in widths)
 
-    # The base's weights are stored in bf16 once, not cast at every forward; so the server holds one precision.
-    assert registry.model.get_base_model().bert.encoder.layer[0].attention.self.query.base_layer.weight.dtype == (
-        torch.bfloat16
-    )
+    # The base's weights and the adapter's merged ones are stored in bf16 once, not cast at every forward; so the
+    # server holds one precision.
+    assert registry.model.bert.encoder.layer[0].attention.self.query.weight.dtype == torch.bfloat16
+    assert adapter.trained["bert.encoder.layer.0.attention.self.query.weight"].dtype == torch.bfloat16
     with pytest.raises(ServingError, match="autocast no.*autocast bf16") as refused:
         registry.check_can_attach(read_adapter(str(runs["sentiment"])))
     assert refused.value.status == 409

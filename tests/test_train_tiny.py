@@ -52,7 +52,7 @@ def test_tiny_bert_trains_and_saves_adapter_only(tmp_path, tiny_bert_dir, toy_da
     )
     from lora_train.inference import evaluate_run, load_run
 
-    assert evaluate_run(load_run(str(out)))["accuracy"] == pytest.approx(
+    assert evaluate_run(load_run(str(out), merge=False))["accuracy"] == pytest.approx(
         metrics["eval_accuracy"], abs=1e-9
     )  # scripts/eval.py
 

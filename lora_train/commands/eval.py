@@ -63,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem:
             where = f"--output-dir '{out}'" if args.output_dir else f"the default output directory '{out}'"
             raise RunError(f"{where} {problem}; give a directory you can write to with --output-dir DIR")
-        run = load_run(args.run, device=args.device)
+        run = load_run(args.run, device=args.device, merge=False)  # training's own forward: metrics.json's figures
         report = evaluate_run(run, args.split, args.data_path, args.max_samples, args.batch_size)
     except (RunError, RecipeError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,13 +1,16 @@
 """The base model, loaded once in the quantization its adapters were trained with, and the adapters attached to it.
 
-Every LoRA / AdaLoRA adapter is a peft adapter of one :class:`peft.PeftModel` wrapping the base (``add_adapter``
-and ``load_adapter``), with its own classification head (peft keeps one copy of each ``modules_to_save`` module
-per adapter) and its own label names. A BitFit or head_only run (only the tensors it trained) adds nothing to the
-model: its texts run in forwards of their own with the peft layers off and its tensors swapped into the base
-(:mod:`lora_train.serving.trained`). Requests for several LoRA adapters with the same
-heads and number of classes run as one mixed batch (``model(..., adapter_names=[...])``; a trained BERT pooler is
-held as its ``dense`` layer so that it mixes, see :func:`lora_train.heads.narrow_heads`); others (AdaLoRA, heads
-peft cannot mix) run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters'
+Where the device merges LoRA (the CPU, :data:`lora_train.merged.MERGED_FORWARDS`), a plain LoRA adapter is kept as
+its weights merged into copies of the base's Linear weights, plus its heads, exactly as ``scripts/predict.py``
+builds them; like a BitFit or head_only run (only the tensors it trained) it adds nothing to the model: its texts
+run in forwards of their own, with the peft layers off and its tensors swapped into the base
+(:mod:`lora_train.serving.trained`). Other LoRA / AdaLoRA adapters (and every one on a GPU) are peft adapters of one
+:class:`peft.PeftModel` wrapping the base (``add_adapter`` and ``load_adapter``), with their own classification
+heads (peft keeps one copy of each ``modules_to_save`` module per adapter) and label names. Requests for several
+such adapters with copies of the same heads share forwards: grouped (:mod:`lora_train.serving.grouped`) where their
+LoRA layers allow, else peft's mixed batch (``model(..., adapter_names=[...])``) where :data:`MIX_ADAPTERS` says; a
+trained BERT pooler is held as its ``dense`` layer so that it mixes (:func:`lora_train.heads.narrow_heads`); others
+(AdaLoRA) run as one sub-batch each. The base's and the adapters' Linear weights are stored in the adapters'
 autocast dtype.
 
 Model changes (:meth:`AdapterRegistry.attach`, :meth:`AdapterRegistry.detach`) and forwards
@@ -44,8 +47,9 @@ from lora_train.inference import (
     store_frozen_linears_in,
     training_autocast,
 )
+from lora_train.merged import mergeable, merged_tensors, merges_lora
 from lora_train.serving.grouped import GroupedLoRA
-from lora_train.serving.trained import misfits, peft_layers_off, swapped_in
+from lora_train.serving.trained import Slots, misfits, peft_layers_off, slots, swapped_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
@@ -136,8 +140,12 @@ class Adapter:
     peft_type: str
     """peft's type (``LORA``, ``ADALORA``...); ``BITFIT`` or ``HEAD_ONLY`` for a run of trained tensors."""
     trained: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
-    """A BitFit / head_only run's tensors (``trained.safetensors``: base parameter name -> tensor); None for a peft
-    adapter. On attach they move to the server's device."""
+    """Base parameter name -> tensor: a BitFit / head_only run's (``trained.safetensors``), or a plain LoRA adapter's
+    merged weights and heads, made on attach where the server merges (:mod:`lora_train.merged`); None for an adapter
+    the PeftModel holds. On attach they move to the server's device."""
+    slots: Slots = field(default_factory=list, repr=False)
+    """Set on attach for an adapter of trained tensors: where each goes in the model (:func:`~lora_train.serving.
+    trained.slots`)."""
     bias: str = "none"
     """peft's ``bias`` of the adapter: other than ``none``, the adapter trained the base model's biases, and loading it
     writes them into the base every adapter of the server shares."""
@@ -162,7 +170,7 @@ class Adapter:
 
     @property
     def is_peft(self) -> bool:
-        """A peft adapter of the shared PeftModel (not a run of trained tensors)."""
+        """A peft adapter of the shared PeftModel (not a run of trained tensors, nor a merged LoRA adapter)."""
         return self.trained is None
 
     def describe(self) -> dict[str, Any]:
@@ -279,13 +287,17 @@ class AdapterRegistry:
         forward_cost_tokens: Optional[int] = None,
         mix: Optional[bool] = None,
         group: bool = True,
+        merge: Optional[bool] = None,
     ):
         """``mix``: peft's mixed forwards for adapters that cannot be grouped (default :data:`MIX_ADAPTERS`);
-        ``group``: grouped forwards where they can (off only to compare, ``lora-serve-bench --mixing``)."""
+        ``group``: grouped forwards where they can (off only to compare, ``lora-serve-bench --mixing``); ``merge``:
+        plain LoRA adapters merged into copies of the base's weights, served one forward per adapter, as
+        ``scripts/predict.py`` computes them (default :data:`lora_train.merged.MERGED_FORWARDS`)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.forward_cost_tokens = forward_cost_tokens or FORWARD_COST_TOKENS.get(self.device.type, 4096)
         self.mix = MIX_ADAPTERS.get(self.device.type, True) if mix is None else mix
         self.group = group
+        self.merge = merges_lora(self.device) if merge is None else merge
         self.grouped: Optional[GroupedLoRA] = None
         self.model: Optional[nn.Module] = None
         """The base model, or the PeftModel wrapping it once a peft adapter is attached."""
@@ -376,14 +388,14 @@ class AdapterRegistry:
                 self.check_can_attach(adapter)  # the base's module names and positions are known now
             if adapter.is_peft:
                 self._add_peft_adapter(adapter)
-            else:
+                if self.merge and mergeable(self.model, adapter.name):
+                    self._merge_peft_adapter(adapter)
+            if not adapter.is_peft:
                 self._add_trained_tensors(adapter)
         except Exception as err:  # noqa: BLE001 - a half-loaded adapter is removed, the error goes to the client
             peft_model = self._peft_model()
-            if adapter.is_peft and peft_model is not None and adapter.name in peft_model.peft_config:
-                peft_model.delete_adapter(adapter.name)
-                if not peft_model.peft_config:  # it was the first peft adapter: the base is unwrapped again
-                    self.model = peft_model.unload()
+            if peft_model is not None and adapter.name in peft_model.peft_config:
+                self._drop_peft_adapter(adapter.name)
             if isinstance(err, ServingError):
                 raise
             raise ServingError(
@@ -438,6 +450,23 @@ class AdapterRegistry:
         self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
         self.peft_type = adapter.peft_type
 
+    def _merge_peft_adapter(self, adapter: Adapter) -> None:
+        """Keep the plain LoRA ``adapter`` just added as its merged weights and heads, served like a run of trained
+        tensors, and take it out of the PeftModel again."""
+        adapter.trained = merged_tensors(self.model, adapter.name, autocast_dtype(adapter.recipe, self.device))
+        self._drop_peft_adapter(adapter.name)
+
+    def _drop_peft_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` from the PeftModel; the bare base again once it holds no adapter."""
+        peft_model = self._peft_model()
+        peft_model.delete_adapter(name)
+        if not peft_model.peft_config:  # peft cannot add adapters to a PeftModel left without one
+            self.model = peft_model.unload()
+            self.peft_type = None
+        self._head_wrappers = self._heads()
+        if self.grouped is not None:
+            self.grouped.refresh()
+
     def _add_trained_tensors(self, adapter: Adapter) -> None:
         """Check a BitFit / head_only run's tensors against the base and keep them, on the device, for its forwards."""
         wrong = misfits(self._base_model, adapter.trained, len(adapter.label_names))
@@ -450,6 +479,7 @@ class AdapterRegistry:
         adapter.trained = {
             name: nn.Parameter(value.to(self.device), requires_grad=False) for name, value in adapter.trained.items()
         }
+        adapter.slots = slots(self._base_model, adapter.trained)
 
     def mark_unloading(self, name: str) -> Adapter:
         """Stop accepting requests for ``name``; those already queued still run before :meth:`detach`."""
@@ -460,23 +490,13 @@ class AdapterRegistry:
                 raise ServingError(
                     409, f"{name!r} is the last loaded adapter; load another before unloading it, or stop the server"
                 )
-            if adapter.is_peft and [a.name for a in accepting if a.is_peft] == [name]:
-                # peft cannot attach to a PeftModel left without adapters
-                raise ServingError(
-                    409,
-                    f"{name!r} is the last loaded {adapter.peft_type} adapter, and peft cannot add adapters to a model"
-                    " left without one: load another LoRA / AdaLoRA adapter before unloading it, or restart the"
-                    " server without it",
-                )
             self._unloading.add(name)
         return adapter
 
     def detach(self, name: str) -> None:
         """Remove adapter ``name`` (its LoRA weights and head copies, or its trained tensors) from the server."""
         if self._adapters[name].is_peft:
-            self.model.delete_adapter(name)
-            self._head_wrappers = self._heads()
-            self.grouped.refresh()
+            self._drop_peft_adapter(name)
         with self._lock:
             del self._adapters[name]
             self._unloading.discard(name)
@@ -574,7 +594,7 @@ class AdapterRegistry:
         self._route_heads(first.heads)
         with training_autocast(first.recipe, self.device):
             if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
-                with peft_layers_off(self.model), swapped_in(self._base_model, first.trained):
+                with peft_layers_off(self.model), swapped_in(first.slots):
                     return self._base_model(**batch).logits
             if how == "grouped":  # also for one adapter: peft's set_adapter walks every module at each switch
                 with self.grouped.rows(names):

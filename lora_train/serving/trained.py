@@ -65,19 +65,29 @@ def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], num_labels: int)
     return wrong
 
 
+Slots = list[tuple[nn.Module, str, nn.Parameter]]
+"""Where each of a run's tensors goes: (module holding the base parameter, its name there, the run's tensor)."""
+
+
+def slots(model: nn.Module, tensors: dict[str, nn.Parameter]) -> Slots:
+    """Where :func:`swapped_in` puts each of ``tensors`` (base parameter names) in ``model``. Resolved once per run:
+    peft keeps the base's own module objects under its wrappers (and gives them back on ``unload``), so the slots
+    hold while adapters come and go; resolving at every forward cost 0.8 ms of a 9 ms one."""
+    return [(*owner(model, name), value) for name, value in tensors.items()]
+
+
 @contextlib.contextmanager
-def swapped_in(model: nn.Module, tensors: dict[str, nn.Parameter]) -> Iterator[None]:
-    """``model`` with ``tensors`` in place of its base parameters of the same names, for the ``with`` block."""
+def swapped_in(places: Slots) -> Iterator[None]:
+    """Each slot's module with the run's tensor in place of its base parameter, for the ``with`` block."""
     originals = []
     try:
-        for name, value in tensors.items():
-            module, leaf = owner(model, name)
-            originals.append((module, leaf, getattr(module, leaf)))
-            setattr(module, leaf, value)
+        for module, leaf, value in places:
+            originals.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = value
         yield
     finally:
         for module, leaf, original in reversed(originals):
-            setattr(module, leaf, original)
+            module._parameters[leaf] = original
 
 
 @contextlib.contextmanager
