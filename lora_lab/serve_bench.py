@@ -403,21 +403,24 @@ def mixing_costs(
     adapters: Sequence[str], names: Sequence[str], texts_per_adapter: int = 8, repeats: int = 3
 ) -> list[dict[str, Any]]:
     """The model worker alone, no HTTP: milliseconds for ``texts_per_adapter`` validation texts of each adapter
-    (cut to the shortest adapter's max_length) in one grouped forward
-    (:mod:`lora_train.serving.grouped`), in peft's mixed forward, and in one forward per adapter, for the first 1, 2,
-    ... adapters (best of ``repeats`` over 4 such batches)."""
+    (cut to the shortest adapter's max_length) in one grouped forward (:mod:`lora_train.serving.grouped`), in peft's
+    mixed forward, in one forward per adapter, and in one forward per adapter merged into the base's weights
+    (:mod:`lora_train.merged`, the CPU's default), for the first 1, 2, ... adapters (best of ``repeats`` over 4
+    such batches)."""
     import torch
 
     from lora_train.serving.registry import AdapterRegistry, read_adapter
 
-    registry = AdapterRegistry()  # texts of very different lengths split as the server splits them
+    # Texts of very different lengths are split as the server splits them.
+    unmerged, merged = AdapterRegistry(merge=False), AdapterRegistry(merge=True)
     for name, source in zip(names, adapters, strict=True):
-        registry.attach(read_adapter(source, name))
-    cut = min(registry.get(name).max_length for name in names)
+        unmerged.attach(read_adapter(source, name))
+        merged.attach(read_adapter(source, name))
+    cut = min(unmerged.get(name).max_length for name in names)
     pool = {
         name: [
             {key: ids[:cut] for key, ids in f.items()}
-            for f in registry.get(name).encode(validation_texts(source, 4 * texts_per_adapter))[0]
+            for f in unmerged.get(name).encode(validation_texts(source, 4 * texts_per_adapter))[0]
         ]
         for name, source in zip(names, adapters, strict=True)
     }
@@ -429,7 +432,12 @@ def mixing_costs(
             for i in range(4)
         ]
         row = dict(adapters="+".join(chosen), texts=len(calls[0]), threads=torch.get_num_threads())
-        for how, group, mix in (("grouped", True, False), ("peft_mixed", False, True), ("per_adapter", False, False)):
+        for how, registry, group, mix in (
+            ("grouped", unmerged, True, False),
+            ("peft_mixed", unmerged, False, True),
+            ("per_adapter", unmerged, False, False),
+            ("merged", merged, True, False),
+        ):
             registry.group, registry.mix = group, mix
             registry.classify(calls[0])  # warm-up
             row[f"ms_{how}"] = round(_best_seconds(registry, calls, repeats) * 1000 / len(calls), 1)

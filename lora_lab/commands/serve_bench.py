@@ -9,7 +9,8 @@ request; lora_lab/plain_server.py). See docs/serving.md.
 Each setup's servers run alone, one after the other, on 127.0.0.1 ports chosen here. Prints a Markdown table;
 --out also writes the figures as JSON. --forward-costs times the model worker alone instead (no HTTP): a text per
 forward against 16 per forward, the bound on what micro-batching can gain on this machine; --mixing times one
-forward shared by all the adapters (grouped, or peft's adapter_names) against one forward per adapter.
+forward shared by all the adapters (grouped, or peft's adapter_names) against one forward per adapter, unmerged and
+merged into the base's weights.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--mixing",
         action="store_true",
         help="instead of the HTTP setups, time the model worker alone on 8 texts of every adapter: one grouped forward,"
-        " peft's mixed forward, one forward per adapter (lora_train.serving.grouped, registry.MIX_ADAPTERS)",
+        " peft's mixed forward, one forward per adapter, one merged forward per adapter (lora_train.serving.grouped,"
+        " registry.MIX_ADAPTERS, lora_train.merged)",
     )
     parser.add_argument(
         "--scale",
