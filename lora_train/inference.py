@@ -29,7 +29,7 @@ from lora_train.data import CARVE_FILE, Carve, encode_texts, load_splits, paddin
 from lora_train.hub import lookup_error
 from lora_train.merged import mergeable, merged_tensors, merges_lora, put_tensors
 from lora_train.metrics import evaluate
-from lora_train.modeling import require_tokenizer_files, tokenizer_error
+from lora_train.modeling import autocast_dtype, require_tokenizer_files, store_frozen_linears_in, tokenizer_error
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -149,8 +149,9 @@ def default_device() -> torch.device:
 
 
 def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
-    """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``."""
-    return build_classifier(recipe, label_names, tokenizer, device)
+    """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``; frozen, for
+    inference (so :func:`store_frozen_linears_in` stores its Linear weights in the autocast dtype)."""
+    return build_classifier(recipe, label_names, tokenizer, device).requires_grad_(False)
 
 
 def load_run(
@@ -315,15 +316,6 @@ def autocast_like_training(run: LoadedRun) -> "torch.autocast":
     return training_autocast(run.recipe, run.device)
 
 
-def autocast_dtype(recipe: Recipe, device: torch.device) -> Optional[torch.dtype]:
-    """The dtype ``recipe``'s training autocast computes in on ``device``; None when it runs in float32.
-
-    CPUs have no fp16 autocast, so an fp16 run runs (and evaluates) in fp32 there, as training would have.
-    """
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.training.mixed_precision)
-    return None if device.type == "cpu" and dtype == torch.float16 else dtype
-
-
 def training_autocast(recipe: Recipe, device: torch.device) -> "torch.autocast":
     """The autocast ``recipe`` trained under, on ``device``.
 
@@ -332,35 +324,6 @@ def training_autocast(recipe: Recipe, device: torch.device) -> "torch.autocast":
     """
     dtype = autocast_dtype(recipe, device)
     return torch.autocast(device_type=device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype, adapters_too: bool = False) -> int:
-    """Keep the weights of ``model``'s frozen base ``nn.Linear`` layers in ``dtype``; returns how many were cast.
-
-    For inference under an autocast of ``dtype`` only: autocast casts every float32 weight to ``dtype`` at every
-    forward (on a 2-core CPU, 46% of a one-sentence MiniLM forward was these copies); a weight stored in ``dtype``
-    is used as is, and the outputs are bit for bit the same. Adapter layers (LoRA A/B, ``modules_to_save``
-    heads) keep their dtype unless ``adapters_too`` (for a model that only serves: autocast casts them too, and peft
-    casts a LoRA layer's input to its weight's dtype, so bf16-stored adapters also give bit-identical outputs, and
-    a mixed-adapter batch of 16 texts took 179 instead of 222 ms), and quantized layers (not plain ``nn.Linear``)
-    are left alone.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    adapter_parts: set[int] = set()
-    for module in () if adapters_too else model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            adapter_parts.update(id(m) for m in module.modules())
-        elif isinstance(module, BaseTunerLayer):
-            for name in module.adapter_layer_names:
-                adapter_parts.update(id(m) for m in getattr(module, name).modules())
-    cast = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and id(module) not in adapter_parts and module.weight.dtype == torch.float32:
-            module.to(dtype)
-            cast += 1
-    return cast
 
 
 def evaluate_run(

@@ -29,7 +29,16 @@ from lora_train.config import Recipe, build_recipe, recipe_to_yaml
 from lora_train.data import CARVE_FILE, Carve, EpochSampler, padding_collator, steps_per_epoch, tokenize
 from lora_train.machine import hardware_summary, native_bf16
 from lora_train.metrics import evaluate, peak_memory_mb
-from lora_train.modeling import ParamCount, count_parameters, load_model_config, load_tokenizer, use_fast_dropout
+from lora_train.modeling import (
+    ParamCount,
+    autocast_dtype,
+    count_parameters,
+    keep_lora_inputs_uncast,
+    load_model_config,
+    load_tokenizer,
+    store_frozen_linears_in,
+    use_fast_dropout,
+)
 from lora_train.optim import param_groups
 from lora_train.preflight import check_model_fits, check_output_dir
 from lora_train.progress import progress_bar
@@ -354,6 +363,7 @@ def setup(recipe: Recipe, out: Path) -> tuple[Run, LoopState]:
 def build_trainable(recipe: Recipe, data: TaskData, tokenizer, accelerator, total_steps: int) -> tuple:
     """The classifier in its training regime, its optimizer and schedule, prepared by Accelerate (and compiled when
     asked); with the parameter counts taken before preparing."""
+    from accelerate import DistributedType
     from transformers import get_scheduler
 
     t = recipe.training
@@ -362,6 +372,13 @@ def build_trainable(recipe: Recipe, data: TaskData, tokenizer, accelerator, tota
     model = build_classifier(recipe, data.label_names, tokenizer, device, total_steps)
     if accelerator.device.type == "cpu":
         use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
+    dtype = autocast_dtype(recipe, accelerator.device)
+    if dtype is not None and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # autocast would cast every frozen weight at every step: the same values, stored once (ZeRO and FSDP flatten
+        # the parameters, which must then share one dtype)
+        store_frozen_linears_in(model, dtype)
+    if dtype is not None:
+        keep_lora_inputs_uncast(model)
     params = count_parameters(model)
     optimizer = build_optimizer(model, recipe, accelerator.device)
     scheduler = get_scheduler(

@@ -35,7 +35,7 @@ from lora_train.serving.app import Limits, create_app
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import AdapterRegistry, ServingError, length_buckets, read_adapter
 from lora_train.serving.replicas import ReplicatedRegistry
-from lora_train.serving.server import build_parser, read_all
+from lora_train.serving.server import build_parser, read_all, registry_for
 from lora_train.serving.server import main as serve_main
 from lora_train.train import train
 from tests.conftest import reset_accelerator_state, save_tiny_bert, tiny_recipe
@@ -287,6 +287,24 @@ def test_merged_adapters_answer_as_predict_to_the_bit_and_as_the_unmerged_forwar
         got = torch.tensor([list(r["probabilities"].values()) for r in predict(merged, TEXTS)])
         expected = torch.tensor([list(r["probabilities"].values()) for r in predict(unmerged, TEXTS)])
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_no_merge_serves_the_unmerged_forward_as_predict_no_merge(runs):
+    """``lora-serve --no-merge`` (every worker's registry) keeps LoRA adapters in the PeftModel, grouped in shared
+    forwards, and answers as ``predict.py --no-merge``; under bf16, bit for bit over the same texts."""
+    assert registry_for(build_parser().parse_args(["x", "--device", "cpu"])).primary.merge  # the CPU's default
+    registry = registry_for(build_parser().parse_args(["x", "--no-merge", "--workers", "2", "--device", "cpu"]))
+    for name in ("bf16", "bf16_three"):
+        registry.attach(read_adapter(str(runs[name])))
+    assert all(replica.get(name).groupable for replica in registry.replicas for name in ("bf16", "bf16_three"))
+    for name in ("bf16", "bf16_three"):
+        [served] = registry.replicas[1].classify([(name, registry.get(name).encode(TEXTS)[0])])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert predict_main([str(runs[name]), *TEXTS, "--json", "--device", "cpu", "--no-merge"]) == 0
+        rows = [json.loads(line) for line in out.getvalue().splitlines()]
+        expected = torch.tensor([list(row["probabilities"].values()) for row in rows])
+        torch.testing.assert_close(served, expected, atol=0, rtol=0)
 
 
 def test_only_plain_lora_merges(runs, pooled_bert_dir):

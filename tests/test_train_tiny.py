@@ -169,3 +169,50 @@ def test_nf4_run_does_not_depend_on_the_thread_count(tmp_path, tiny_bert_dir, to
     finally:
         torch.set_num_threads(before)
     assert len(results[1][0]) == 8 and results[1] == results[2]
+
+
+@pytest.mark.parametrize("method", ["lora", "bitfit"])
+def test_frozen_weights_kept_in_the_autocast_dtype_train_bit_for_bit(tmp_path, tiny_bert_dir, toy_data_dir, method):
+    """Under bf16 autocast the training loop keeps frozen Linear weights in bf16, where autocast would cast them at
+    every step, and LoRA layers' inputs in bf16, where peft would cast them to float32 for autocast to cast back
+    (``build_trainable``): a step's loss and every trainable gradient equal those of the model without either to
+    the bit (dropout off), and what trains (LoRA, the head, BitFit's biases inside frozen Linears) stays float32."""
+    import torch
+    from accelerate import Accelerator
+
+    from lora_train.build import build_classifier, load_task_data
+    from lora_train.modeling import keep_lora_inputs_uncast, load_tokenizer, store_frozen_linears_in
+    from lora_train.train import build_trainable
+
+    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run", training={"mixed_precision": "bf16"})
+    raw["peft"]["method"] = method
+    recipe = build_recipe(raw)
+    tokenizer = load_tokenizer(recipe)
+    batch = tokenizer(["a good film", "a dull, lifeless mess of a film"], padding=True, return_tensors="pt")
+    results = []
+    for store in (False, True):
+        torch.manual_seed(0)
+        model = build_classifier(recipe, ["neg", "pos"], tokenizer, None, 10).eval()
+        if store:
+            assert store_frozen_linears_in(model, torch.bfloat16) > 0
+            assert keep_lora_inputs_uncast(model) == (4 if method == "lora" else 0)  # query and value of 2 layers
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            assert trainable and all(p.dtype == torch.float32 for p in trainable)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch, labels=torch.tensor([1, 0])).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (loss_cast, grads_cast), (loss_stored, grads_stored) = results
+    assert torch.equal(loss_cast, loss_stored) and grads_cast.keys() == grads_stored.keys()
+    assert all(torch.equal(grads_cast[name], grads_stored[name]) for name in grads_cast)
+
+    reset_accelerator_state()
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = build_trainable(recipe, load_task_data(recipe), tokenizer, accelerator, 10)[0]
+    queries = [
+        p for n, p in model.named_parameters() if n.endswith(("self.query.weight", "self.query.base_layer.weight"))
+    ]
+    assert queries and all(p.dtype == torch.bfloat16 for p in queries)
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
+    reset_accelerator_state()

@@ -53,6 +53,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--server-workers", type=int, help="--workers of lora-serve (model worker threads; default: its default)"
     )
     parser.add_argument(
+        "--server-no-merge", action="store_true", help="--no-merge of lora-serve (LoRA adapters unmerged on a CPU)"
+    )
+    parser.add_argument(
         "--forward-costs",
         action="store_true",
         help="instead of the HTTP setups, time the model worker alone: ms per text when each text is its own forward"
@@ -115,6 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server_args = ["--threads", str(args.server_threads)] if args.server_threads else []
     if args.server_workers:  # lora-serve's alone: the plain server takes --threads only
         server_args += ["--workers", str(args.server_workers)]
+    if args.server_no_merge:
+        server_args += ["--no-merge"]
     if args.fan_out:
         rows = fan_out(
             sources, names, args.clients, args.warmup, args.duration, args.texts_per_adapter, server_args, args.repeats

@@ -42,6 +42,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--json", action="store_true", help="print one JSON object per text, with every class probability"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="keep a LoRA adapter unmerged (the forward training evaluated with, as eval.py and lora-serve"
+        " --no-merge); by default a CPU merges it into the base's weights, as lora-serve does: faster, the same"
+        " up to rounding",
+    )
     args = parser.parse_args(argv)
     if args.texts and args.file:
         parser.error("give texts as arguments or --file, not both")
@@ -68,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pair = args.text_pair_column or data.text_pair_column
             texts = read_texts(args.file or "-", column, pair)
             total = None if args.file in (None, "-") else sum(1 for _ in read_texts(args.file, column, pair))
-        run = load_run(str(directory), device=args.device)
+        run = load_run(str(directory), device=args.device, merge=False if args.no_merge else None)
         # A progress bar (stderr: stdout stays one result per line) once there is more than one batch to classify.
         start, count = time.perf_counter(), 0
         rows = progress_bar(

@@ -20,10 +20,16 @@ from lora_train.serving.registry import Adapter, AdapterRegistry, BaseModelId
 class ReplicatedRegistry:
     """``replicas`` registries over the same tensors; the catalog (names, lookups, checks) is the first's."""
 
-    def __init__(self, device: Optional[str] = None, forward_cost_tokens: Optional[int] = None, replicas: int = 1):
+    def __init__(
+        self,
+        device: Optional[str] = None,
+        forward_cost_tokens: Optional[int] = None,
+        replicas: int = 1,
+        merge: Optional[bool] = None,
+    ):
         if replicas < 1:
             raise ValueError(f"replicas = {replicas} must be >= 1")
-        self.replicas = [AdapterRegistry(device, forward_cost_tokens) for _ in range(replicas)]
+        self.replicas = [AdapterRegistry(device, forward_cost_tokens, merge=merge) for _ in range(replicas)]
         self.primary = self.replicas[0]
 
     @property
