@@ -865,6 +865,14 @@ class EpochSampler(Sampler[int]):
         return iter([i for b in perm for i in batches[b]])
 
 
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Evaluation order: the indices of ``lengths`` by decreasing length (ties in their order), so each batch holds
+    texts of similar lengths and is padded little (a batch is padded to its longest), and the longest batch, the
+    one that needs the most memory, comes first. Metrics are sums over the examples, so the order does not change
+    them beyond rounding."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
 def steps_per_epoch(num_batches: int, accumulation: int) -> int:
     """Optimizer steps in one epoch (a trailing partial accumulation still steps)."""
     return math.ceil(num_batches / accumulation)

@@ -25,7 +25,16 @@ from lora_train.checkpoint import (
     safetensors_problem,
 )
 from lora_train.config import Recipe, RecipeError, build_recipe, read_text_file, read_yaml
-from lora_train.data import CARVE_FILE, Carve, encode_texts, load_splits, padding_collator, resolve_spec, tokenize
+from lora_train.data import (
+    CARVE_FILE,
+    Carve,
+    encode_texts,
+    load_splits,
+    longest_first,
+    padding_collator,
+    resolve_spec,
+    tokenize,
+)
 from lora_train.hub import lookup_error
 from lora_train.merged import mergeable, merged_tensors, merges_lora, put_tensors
 from lora_train.metrics import evaluate
@@ -358,12 +367,14 @@ def evaluate_run(
         cfg = dataclasses.replace(cfg, max_eval_samples=max_samples)
     data = load_splits(resolve_spec(cfg), cfg, carve, for_training=False)
     spec, raw = data.spec, data.eval
-    dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation).remove_columns("length")
+    dataset = tokenize(raw, run.tokenizer, spec, cfg.max_length, cfg.truncation)
+    order = longest_first(dataset["length"])  # as training orders its evaluations
     accelerator = Accelerator(cpu=run.device.type == "cpu")
     loader = accelerator.prepare(
         DataLoader(
-            dataset,
+            dataset.remove_columns("length"),
             batch_size=batch_size,
+            sampler=order,
             collate_fn=padding_collator(
                 run.tokenizer, cfg.max_length, run.device.type, run.recipe.training.mixed_precision
             ),

@@ -26,7 +26,15 @@ from lora_train import distributed as dist
 from lora_train import hub
 from lora_train.build import TaskData, build_classifier, load_task_data
 from lora_train.config import Recipe, build_recipe, recipe_to_yaml
-from lora_train.data import CARVE_FILE, Carve, EpochSampler, padding_collator, steps_per_epoch, tokenize
+from lora_train.data import (
+    CARVE_FILE,
+    Carve,
+    EpochSampler,
+    longest_first,
+    padding_collator,
+    steps_per_epoch,
+    tokenize,
+)
 from lora_train.machine import hardware_summary, native_bf16
 from lora_train.metrics import evaluate, peak_memory_mb
 from lora_train.modeling import (
@@ -427,7 +435,7 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
         d = recipe.data
         train_ds = tokenize(data.train, tokenizer, data.spec, d.max_length, d.truncation)
         eval_ds = tokenize(data.eval, tokenizer, data.spec, d.max_length, d.truncation)
-    lengths = train_ds["length"]
+    lengths, eval_order = train_ds["length"], longest_first(eval_ds["length"])
     train_ds, eval_ds = train_ds.remove_columns("length"), eval_ds.remove_columns("length")
     collator = padding_collator(tokenizer, recipe.data.max_length, accelerator.device.type, t.mixed_precision)
     global_batch = t.per_device_train_batch_size * accelerator.num_processes
@@ -445,7 +453,11 @@ def make_loaders(recipe: Recipe, data: TaskData, tokenizer, accelerator) -> tupl
         **common,
     )
     eval_loader = DataLoader(
-        eval_ds, batch_size=t.per_device_eval_batch_size, generator=torch.Generator().manual_seed(t.seed), **common
+        eval_ds,
+        batch_size=t.per_device_eval_batch_size,
+        sampler=eval_order,
+        generator=torch.Generator().manual_seed(t.seed),
+        **common,
     )
     return accelerator.prepare(train_loader, eval_loader)
 

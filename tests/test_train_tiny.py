@@ -216,3 +216,34 @@ def test_frozen_weights_kept_in_the_autocast_dtype_train_bit_for_bit(tmp_path, t
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
     assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
     reset_accelerator_state()
+
+
+def test_evaluation_runs_longest_first_with_the_same_metrics(tmp_path, tiny_bert_dir, toy_data_dir):
+    """Evaluation batches hold texts of similar lengths, longest first (less padding, the peak memory at once), and
+    give the metrics of the data's own order (float32: the same accuracy, the loss up to summation order)."""
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from lora_train.build import build_classifier, load_task_data
+    from lora_train.metrics import evaluate
+    from lora_train.modeling import load_tokenizer
+    from lora_train.train import make_loaders
+
+    raw = tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "run", training={"per_device_eval_batch_size": 16})
+    recipe = build_recipe(raw)
+    tokenizer, data = load_tokenizer(recipe), load_task_data(recipe)
+    reset_accelerator_state()
+    accelerator = Accelerator(cpu=True)
+    _, ordered = make_loaders(recipe, data, tokenizer, accelerator)
+    as_stored = DataLoader(ordered.dataset, batch_size=16, collate_fn=ordered.collate_fn)
+    widths = [batch["input_ids"].shape[1] for batch in ordered]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) > 1
+    padded = [sum(batch["input_ids"].numel() for batch in loader) for loader in (ordered, as_stored)]
+    assert padded[0] < padded[1]
+    torch.manual_seed(0)
+    model = build_classifier(recipe, data.label_names, tokenizer, None, 10)
+    first, second = (evaluate(model, loader, accelerator, 2, data.label_names) for loader in (ordered, as_stored))
+    assert first["accuracy"] == second["accuracy"] and first["num_samples"] == second["num_samples"] == 128
+    assert first["loss"] == pytest.approx(second["loss"], abs=1e-6)
+    reset_accelerator_state()
