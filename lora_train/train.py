@@ -381,12 +381,12 @@ def build_trainable(recipe: Recipe, data: TaskData, tokenizer, accelerator, tota
     if accelerator.device.type == "cpu":
         use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
     dtype = autocast_dtype(recipe, accelerator.device)
-    if dtype is not None and accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        # autocast would cast every frozen weight at every step: the same values, stored once (ZeRO and FSDP flatten
-        # the parameters, which must then share one dtype)
-        store_frozen_linears_in(model, dtype)
     if dtype is not None:
         keep_lora_inputs_uncast(model)
+        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # autocast would cast every frozen weight at every step: the same values, stored once (ZeRO and FSDP
+            # flatten the parameters, which must then share one dtype)
+            store_frozen_linears_in(model, dtype)
     params = count_parameters(model)
     optimizer = build_optimizer(model, recipe, accelerator.device)
     scheduler = get_scheduler(
