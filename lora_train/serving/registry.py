@@ -20,6 +20,7 @@ each has its own registry over shared tensors, :mod:`lora_train.serving.replicas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -594,7 +595,9 @@ class AdapterRegistry:
         self._route_heads(first.heads)
         with training_autocast(first.recipe, self.device):
             if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
-                with peft_layers_off(self.model), swapped_in(first.slots):
+                # A bare base (every adapter merged) has no peft layer: no walk over its modules at each forward.
+                off = peft_layers_off(self.model) if self._peft_model() is not None else contextlib.nullcontext()
+                with off, swapped_in(first.slots):
                     return self._base_model(**batch).logits
             if how == "grouped":  # also for one adapter: peft's set_adapter walks every module at each switch
                 with self.grouped.rows(names):
