@@ -178,6 +178,32 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
     assert [type(m).__name__ for m in model.modules()].count("FastDropout") == 2 and model[2][0].p == 0.3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fast_dropout_is_bit_for_bit_the_product_with_its_mask(dtype):
+    """The uint8 mask and the custom backward are a speed change only: output and gradient equal autograd's for
+    ``x * keep * scale`` with the same draws, in either dtype."""
+    import torch
+
+    from lora_train.modeling import FastDropout
+
+    x = torch.randn(32, 22, 384).to(getattr(torch, dtype)).requires_grad_()
+    grad = torch.randn_like(x)
+    torch.manual_seed(3)
+    y = FastDropout(0.1)(x)
+    y.backward(grad)
+
+    torch.manual_seed(3)  # the same draws, as the mask was made before
+    dropped = round(0.1 * 65536)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+    keep = bits.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
+    x2 = x.detach().clone().requires_grad_()
+    expected = x2 * keep * (65536 / (65536 - dropped))
+    expected.backward(grad)
+    assert y.dtype == x.dtype and torch.equal(y, expected)
+    assert torch.equal(x.grad, x2.grad)
+    assert 0.09 < 1 - keep.float().mean().item() < 0.11
+
+
 def test_lever_ablation_times_a_bare_loop_with_and_without_each_lever(tmp_path, tiny_bert_dir, toy_data_dir):
     recipe = build_recipe(tiny_recipe(tiny_bert_dir, toy_data_dir, tmp_path / "unused", peft={"dropout": 0.1}))
     report = run_benchmark(
