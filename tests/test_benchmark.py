@@ -180,8 +180,8 @@ def test_fast_dropout_drops_p_and_keeps_the_mean():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_fast_dropout_is_bit_for_bit_the_product_with_its_mask(dtype):
-    """The uint8 mask and the custom backward are a speed change only: output and gradient equal autograd's for
-    ``x * keep * scale`` with the same draws, in either dtype."""
+    """The uint8 mask is a speed change only: output and gradient equal autograd's for ``x * keep * scale`` with a
+    bool mask of the same draws, in either dtype."""
     import torch
 
     from lora_train.modeling import FastDropout
