@@ -20,7 +20,6 @@ each has its own registry over shared tensors, :mod:`lora_train.serving.replicas
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -50,7 +49,7 @@ from lora_train.inference import (
 )
 from lora_train.merged import mergeable, merged_tensors, merges_lora
 from lora_train.serving.grouped import GroupedLoRA
-from lora_train.serving.trained import Slots, misfits, peft_layers_off, slots, swapped_in
+from lora_train.serving.trained import Slots, misfits, peft_layers, peft_layers_off, slots, swapped_in
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """Adapter names: peft keeps them as ModuleDict keys, so no dots."""
@@ -307,6 +306,7 @@ class AdapterRegistry:
         self.peft_type: Optional[str] = None
         self._adapters: dict[str, Adapter] = {}
         self._head_wrappers: dict[str, nn.Module] = {}
+        self._peft_layers: list[nn.Module] = []  # switched off for the forwards of trained-tensor runs
         self._module_names: set[str] = set()  # the base model's module names, which adapter names must avoid
         self.max_positions: Optional[int] = None  # the base model's position limit, which max_length must respect
         self._unloading: set[str] = set()
@@ -406,7 +406,7 @@ class AdapterRegistry:
         dtype = autocast_dtype(adapter.recipe, self.device)
         if dtype is not None:  # every adapter of this server runs under it (BaseModelId): the base's and the new
             store_frozen_linears_in(self.model, dtype, adapters_too=True)  # adapter's weights, stored in it once
-        self._head_wrappers = self._heads()
+        self._find_wrappers()
         heads = {path: w for path, w in self._head_wrappers.items() if adapter.name in w.modules_to_save}
         adapter.heads = tuple(sorted(heads))
         mixable = adapter.is_peft and is_mixable(adapter.peft_type, list(heads.values()))
@@ -446,7 +446,7 @@ class AdapterRegistry:
             self.model = get_peft_model(self._base_model, config, adapter_name=adapter.name)
         else:
             self.model.add_adapter(adapter.name, config)
-        self._head_wrappers = self._heads()
+        self._find_wrappers()
         self._fit_heads(adapter)
         self.model.load_adapter(adapter.directory, adapter_name=adapter.name)
         self.peft_type = adapter.peft_type
@@ -464,7 +464,7 @@ class AdapterRegistry:
         if not peft_model.peft_config:  # peft cannot add adapters to a PeftModel left without one
             self.model = peft_model.unload()
             self.peft_type = None
-        self._head_wrappers = self._heads()
+        self._find_wrappers()
         if self.grouped is not None:
             self.grouped.refresh()
 
@@ -502,11 +502,13 @@ class AdapterRegistry:
             del self._adapters[name]
             self._unloading.discard(name)
 
-    def _heads(self) -> dict[str, nn.Module]:
-        """The model's ``modules_to_save`` wrappers (each holds one head copy per adapter), by module path."""
+    def _find_wrappers(self) -> None:
+        """After the model's modules changed: its ``modules_to_save`` wrappers (each holds one head copy per adapter),
+        by module path, and its peft layers."""
         from peft.utils import ModulesToSaveWrapper
 
-        return {path: m for path, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        self._head_wrappers = {p: m for p, m in self.model.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        self._peft_layers = peft_layers(self.model)
 
     def _route_heads(self, heads: tuple[str, ...]) -> None:
         """Switch on exactly the head wrappers in ``heads`` for the next forward.
@@ -595,9 +597,7 @@ class AdapterRegistry:
         self._route_heads(first.heads)
         with training_autocast(first.recipe, self.device):
             if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
-                # A bare base (every adapter merged) has no peft layer: no walk over its modules at each forward.
-                off = peft_layers_off(self.model) if self._peft_model() is not None else contextlib.nullcontext()
-                with off, swapped_in(first.slots):
+                with peft_layers_off(self._peft_layers), swapped_in(first.slots):
                     return self._base_model(**batch).logits
             if how == "grouped":  # also for one adapter: peft's set_adapter walks every module at each switch
                 with self.grouped.rows(names):

@@ -15,7 +15,7 @@ the autocast dtype are cast to it by autocast either way.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -90,17 +90,23 @@ def swapped_in(places: Slots) -> Iterator[None]:
             module._parameters[leaf] = original
 
 
+def peft_layers(model: nn.Module) -> list[nn.Module]:
+    """Every peft layer of ``model``: found once per change of the model, not at each forward (a walk over every
+    module)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
 @contextlib.contextmanager
-def peft_layers_off(model: nn.Module) -> Iterator[None]:
-    """Every peft layer of ``model`` (LoRA, AdaLoRA...) passes through to its base layer for the ``with`` block.
+def peft_layers_off(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """The peft layers ``layers`` (LoRA, AdaLoRA...: :func:`peft_layers` of the model) pass through to their base
+    layers for the ``with`` block.
 
     Head wrappers are not touched: the registry switches them per forward (``AdapterRegistry._route_heads``; all off
     for these runs). peft's ``PeftModel.disable_adapter()`` would switch both, and warns when the heads were left
     switched unevenly, as the registry leaves them.
     """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
     for layer in layers:
         layer.enable_adapters(False)
     try:
