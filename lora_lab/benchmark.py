@@ -508,8 +508,13 @@ def bench_trainer(job: dict[str, Any], out_dir: Path, padding: str) -> dict[str,
     total_steps = t.max_steps if t.max_steps > 0 else math.ceil(t.num_epochs * updates_per_epoch)
     set_seed(t.seed)
     cuda = torch.cuda.is_available()
-    model = build_classifier(
-        recipe, data.label_names, tokenizer, torch.device("cuda:0" if cuda else "cpu"), total_steps
+    model = build_classifier(  # as transformers builds it: the Trainer's users have no first-position last layer
+        recipe,
+        data.label_names,
+        tokenizer,
+        torch.device("cuda:0" if cuda else "cpu"),
+        total_steps,
+        full_last_layer=True,
     )
 
     counter = _CountingCollator(DataCollatorWithPadding(tokenizer))

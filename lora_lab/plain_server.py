@@ -34,7 +34,8 @@ def build_app(specs: Sequence[str]):
     models = {}
     for spec in specs:
         name, source = split_name(spec)
-        run = load_run(source, device="cpu", merge=False)  # peft's model, merged as a user merges it
+        # peft's model as transformers builds it, merged as a user merges it
+        run = load_run(source, device="cpu", merge=False, full_last_layer=True)
         run.model = run.model.merge_and_unload().eval()
         models[name or source] = run
     locks = {name: threading.Lock() for name in models}

@@ -15,7 +15,7 @@ from torch import nn
 
 from lora_train.config import Recipe
 from lora_train.data import Carve, TaskData, load_splits, resolve_spec
-from lora_train.modeling import apply_regime, load_base_model, load_model_config
+from lora_train.modeling import apply_regime, last_layer_at_first_position, load_base_model, load_model_config
 
 
 def load_task_data(
@@ -33,6 +33,7 @@ def build_classifier(
     tokenizer,
     device: Optional[torch.device] = None,
     total_steps: Optional[int] = None,
+    full_last_layer: bool = False,
 ) -> nn.Module:
     """The recipe's sequence classifier with the task's labels and the tokenizer's pad token.
 
@@ -40,6 +41,10 @@ def build_classifier(
     it afterwards. With ``total_steps`` the recipe's training regime is applied (adapters + head, head only, or
     everything trainable; AdaLoRA's schedule needs the step count); without it the bare base model is returned,
     ready for an adapter to be loaded onto it.
+
+    The last encoder layer of a classifier whose head reads the first position only computes that position
+    (:func:`lora_train.modeling.last_layer_at_first_position`) unless ``full_last_layer``: the baselines the
+    benchmarks compare against keep the model as transformers builds it.
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -48,6 +53,8 @@ def build_classifier(
         config.pad_token_id = tokenizer.pad_token_id
     device_map = {"": device or torch.device("cpu")} if recipe.quantization.is_4bit else None
     model, trainable_heads = load_base_model(recipe, config, device_map)
+    if not full_last_layer:
+        last_layer_at_first_position(model)
     if device is not None and not recipe.quantization.is_4bit and not is_deepspeed_zero3_enabled():
         model = model.to(device)  # ZeRO-3 places (partitions) the weights itself
     if total_steps is None:

@@ -38,7 +38,13 @@ from lora_train.data import (
 from lora_train.hub import lookup_error
 from lora_train.merged import mergeable, merged_tensors, merges_lora, put_tensors
 from lora_train.metrics import evaluate
-from lora_train.modeling import autocast_dtype, require_tokenizer_files, store_frozen_linears_in, tokenizer_error
+from lora_train.modeling import (
+    autocast_dtype,
+    last_layer_at_first_position,
+    require_tokenizer_files,
+    store_frozen_linears_in,
+    tokenizer_error,
+)
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DOWNLOAD_IGNORE = ["*.png", "checkpoints/*", "best/*"]
@@ -157,20 +163,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_base_for_run(recipe: Recipe, label_names: list[str], tokenizer, device: torch.device):
+def load_base_for_run(
+    recipe: Recipe, label_names: list[str], tokenizer, device: torch.device, full_last_layer: bool = False
+):
     """The run's base model with its label mapping, quantized (NF4) as in training, on ``device``; frozen, for
     inference (so :func:`store_frozen_linears_in` stores its Linear weights in the autocast dtype)."""
-    return build_classifier(recipe, label_names, tokenizer, device).requires_grad_(False)
+    return build_classifier(recipe, label_names, tokenizer, device, full_last_layer=full_last_layer).requires_grad_(
+        False
+    )
 
 
 def load_run(
-    source: str, device: Optional[str] = None, revision: Optional[str] = None, merge: Optional[bool] = None
+    source: str,
+    device: Optional[str] = None,
+    revision: Optional[str] = None,
+    merge: Optional[bool] = None,
+    full_last_layer: bool = False,
 ) -> LoadedRun:
     """Load a run for inference: the base in the training quantization plus the adapter, or a full model.
 
     A plain LoRA adapter is merged into the base's weights where ``merge`` says (default: where that is the faster
     forward, :data:`lora_train.merged.MERGED_FORWARDS`), as the server merges it; ``merge=False`` keeps the forward
-    training evaluated with, which reproduces ``metrics.json`` exactly (``scripts/eval.py``)."""
+    training evaluated with, which reproduces ``metrics.json`` exactly (``scripts/eval.py``). The last encoder layer
+    computes only the position the head reads, as in training, unless ``full_last_layer`` (the model as transformers
+    builds it, for baselines)."""
     from transformers import AutoModelForSequenceClassification
 
     directory = resolve_run(source, revision)
@@ -180,7 +196,7 @@ def load_run(
     if is_adapter_run(directory):
         from peft import PeftModel
 
-        base = load_base_for_run(recipe, label_names, tokenizer, target)
+        base = load_base_for_run(recipe, label_names, tokenizer, target, full_last_layer)
         model = PeftModel.from_pretrained(base, directory)
         dtype = autocast_dtype(recipe, target)
         if (merges_lora(target) if merge is None else merge) and mergeable(model, "default"):
@@ -190,12 +206,15 @@ def load_run(
         if dtype is not None:  # the server's fast path: weights stored in the autocast dtype, same outputs
             store_frozen_linears_in(model, dtype, adapters_too=True)
     elif is_trained_tensors_run(directory):
-        model = apply_trained_tensors(directory, load_base_for_run(recipe, label_names, tokenizer, target))
+        base = load_base_for_run(recipe, label_names, tokenizer, target, full_last_layer)
+        model = apply_trained_tensors(directory, base)
     else:
         m = recipe.model
         model = AutoModelForSequenceClassification.from_pretrained(
             directory, trust_remote_code=m.trust_remote_code, dtype="auto" if m.dtype == "auto" else m.dtype
         ).to(target)
+        if not full_last_layer:
+            last_layer_at_first_position(model)
     return LoadedRun(model.eval(), tokenizer, recipe, label_names, directory, source)
 
 

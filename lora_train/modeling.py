@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -453,3 +454,71 @@ def keep_lora_inputs_uncast(model: nn.Module) -> int:
             module.cast_input_dtype_enabled = False
             switched += 1
     return switched
+
+
+# Sequence classifiers whose head reads the encoder's first position only ([CLS] or <s>), and where their encoder's
+# layers are. The last layer's keys and values still need every position; its query, attention output and
+# feed-forward are needed at that position only.
+FIRST_POSITION_CLASSIFIERS = {
+    "BertForSequenceClassification": "bert.encoder.layer",
+    "RobertaForSequenceClassification": "roberta.encoder.layer",
+    "XLMRobertaForSequenceClassification": "roberta.encoder.layer",
+    "ElectraForSequenceClassification": "electra.encoder.layer",
+}
+_FIRST_POSITION_LAYERS: dict[type, type] = {}
+
+
+def last_layer_at_first_position(model: nn.Module) -> bool:
+    """Make the encoder's last layer compute its output at the first position only, the one the classifier's head
+    reads; returns whether ``model`` (or the model a peft model wraps) is one of :data:`FIRST_POSITION_CLASSIFIERS`.
+
+    The layer's keys and values still come from every position. Its query, attention output projection,
+    feed-forward, LayerNorms and dropouts run on one position instead of all, in the forward and in the backward:
+    for MiniLM's 6 layers that is 10/72 of the Linear layers' arithmetic. The logits, and so the loss and every
+    gradient, are the full layer's up to float rounding. Parameter names, saved files and peft's wrapping do not
+    change (the layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache)
+    or cross-attention takes the full layer.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    path = FIRST_POSITION_CLASSIFIERS.get(type(base).__name__)
+    if path is None:
+        return False
+    layer = base.get_submodule(path)[-1]
+    full = type(layer)
+    if full in _FIRST_POSITION_LAYERS.values():
+        return True
+    if full not in _FIRST_POSITION_LAYERS:
+        # a subclass, so transformers wraps its forward for gradient checkpointing as it wraps the layer's own
+        _FIRST_POSITION_LAYERS[full] = type(f"FirstPosition{full.__name__}", (full,), {"forward": _first_position})
+    layer.__class__ = _FIRST_POSITION_LAYERS[full]
+    return True
+
+
+def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    full_forward = super(type(layer), layer).forward
+    if encoder_hidden_states is not None or kwargs.get("cache") is not None:
+        return full_forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+    kwargs.pop("cache", None)
+    kwargs.pop("encoder_attention_mask", None)
+    attention = layer.attention.self
+    first = hidden_states[:, :1]
+    heads = lambda x: x.view(*x.shape[:2], -1, attention.attention_head_size).transpose(1, 2)  # noqa: E731
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :1]  # the first query's row (or the one row every query shares)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
+        attention.config._attn_implementation, sys.modules[type(attention).__module__].eager_attention_forward
+    )
+    out, _ = attend(
+        attention,
+        heads(attention.query(first)),
+        heads(attention.key(hidden_states)),
+        heads(attention.value(hidden_states)),
+        attention_mask,
+        dropout=attention.dropout.p if attention.training else 0.0,
+        scaling=attention.scaling,
+        **kwargs,
+    )
+    attended = layer.attention.output(out.reshape(first.shape[0], 1, -1), first)
+    return layer.feed_forward_chunk(attended)

@@ -8,9 +8,11 @@ import torch
 from lora_train.config import RecipeError, build_recipe
 from lora_train.heads import head_linear_names
 from lora_train.modeling import (
+    FIRST_POSITION_CLASSIFIERS,
     apply_regime,
     check_target_modules,
     count_parameters,
+    last_layer_at_first_position,
     load_base_model,
     load_model_config,
     load_tokenizer,
@@ -162,3 +164,86 @@ def test_loading_reports_only_weights_missing_outside_the_new_head(caplog):
     [record] = caplog.records
     assert "1 weights were not in the checkpoint" in record.getMessage()
     assert "bert.encoder.layer.0.attention.self.query.weight" in record.getMessage()
+
+
+def tiny_first_position_classifier(class_name: str, attn: str) -> torch.nn.Module:
+    """A randomly initialised 2-layer model of ``class_name`` (dropout off, so train-mode gradients compare)."""
+    import transformers
+
+    config = getattr(transformers, class_name.replace("ForSequenceClassification", "Config"))(
+        vocab_size=50,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        classifier_dropout=0.0,
+    )
+    config._attn_implementation = attn
+    torch.manual_seed(0)
+    return getattr(transformers, class_name)(config)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("class_name", sorted(FIRST_POSITION_CLASSIFIERS))
+def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradients(class_name, attn, checkpointing):
+    import copy
+
+    full = tiny_first_position_classifier(class_name, attn)
+    fast = copy.deepcopy(full)
+    assert last_layer_at_first_position(fast)
+    assert last_layer_at_first_position(fast)  # a second call leaves it as it is
+    positions = []
+    layers = fast.get_submodule(FIRST_POSITION_CLASSIFIERS[class_name])
+    layers[-1].register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    ids = torch.randint(5, 50, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = mask[2, 3:] = 0  # padded rows: the first position must not attend to their padding
+    labels = torch.tensor([0, 2, 1])
+    grads = []
+    for model in (full, fast):
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads.append((out.logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert positions == [1]
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-6)
+    assert grads[1][1].keys() == grads[0][1].keys()
+    for name, grad in grads[0][1].items():
+        torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():  # and in evaluation, padded rows next to full ones
+        torch.testing.assert_close(
+            fast.eval()(input_ids=ids, attention_mask=mask).logits, grads[0][0], atol=1e-5, rtol=1e-5
+        )
+
+
+def test_classifiers_outside_the_table_keep_their_last_layer(tiny_llama_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2)
+    classes = [type(m) for m in model.modules()]
+    assert not last_layer_at_first_position(model)
+    assert [type(m) for m in model.modules()] == classes
+
+
+def test_a_cached_forward_takes_the_full_last_layer():
+    """A cache (a BERT decoder's, or a prefix) holds every position's keys and values: the layer runs in full."""
+    import copy
+
+    full = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
+    full.config.is_decoder = True
+    fast = copy.deepcopy(full)
+    last_layer_at_first_position(fast)
+    positions = []
+    fast.bert.encoder.layer[-1].register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
+    ids = torch.randint(5, 50, (2, 7))
+    with torch.no_grad():
+        logits = [m.eval()(input_ids=ids, use_cache=True).logits for m in (full, fast)]
+    assert positions == [7]
+    torch.testing.assert_close(logits[1], logits[0])
