@@ -658,7 +658,9 @@ def compute_bound(job: dict[str, Any], size: int = 1024, repeats: int = 10) -> d
     """What the hardware allows: the best matmul rate at the run's thread count and compute dtype (bf16 under bf16
     autocast, else float32) on ``size`` x ``size`` matrices, and the FLOPs a training step spends per padded token
     by this estimate: 2 per base Linear weight forward and 2 backward (the input gradient; the frozen weights get
-    none), LoRA, attention scores and elementwise work left out (a few percent at these lengths)."""
+    none), LoRA, attention scores and elementwise work left out (a few percent at these lengths). It counts every
+    position through every layer, as the Trainer's model computes them: our loop, whose last layer computes one
+    position (:func:`lora_train.modeling.last_layer_at_first_position`), is credited with the work it skips."""
     import torch
 
     from lora_train.modeling import head_modules, load_model_config, meta_model
