@@ -184,8 +184,9 @@ def load_run(
 
     A plain LoRA adapter is merged into the base's weights where ``merge`` says (default: where that is the faster
     forward, :data:`lora_train.merged.MERGED_FORWARDS`), as the server merges it; ``merge=False`` keeps the forward
-    training evaluated with, which reproduces ``metrics.json`` exactly (``scripts/eval.py``). The last encoder layer
-    computes only the position the head reads, as in training, unless ``full_last_layer`` (the model as transformers
+    training evaluated with, which reproduces ``metrics.json`` exactly (``scripts/eval.py``). Where it merges, the
+    last encoder layer computes only the position the head reads (:func:`last_layer_at_first_position`: that forward
+    rounds differently anyway), as the merging server's does, unless ``full_last_layer`` (the model as transformers
     builds it, for baselines)."""
     from transformers import AutoModelForSequenceClassification
 
@@ -193,13 +194,14 @@ def load_run(
     recipe, label_names = read_run(directory)
     target = torch.device(device) if device else default_device()
     tokenizer = load_run_tokenizer(directory)
+    merging = merges_lora(target) if merge is None else merge
     if is_adapter_run(directory):
         from peft import PeftModel
 
         base = load_base_for_run(recipe, label_names, tokenizer, target, full_last_layer)
         model = PeftModel.from_pretrained(base, directory)
         dtype = autocast_dtype(recipe, target)
-        if (merges_lora(target) if merge is None else merge) and mergeable(model, "default"):
+        if merging and mergeable(model, "default"):
             tensors = merged_tensors(model, "default", dtype)
             model = model.unload()
             put_tensors(model, tensors)
@@ -213,8 +215,8 @@ def load_run(
         model = AutoModelForSequenceClassification.from_pretrained(
             directory, trust_remote_code=m.trust_remote_code, dtype="auto" if m.dtype == "auto" else m.dtype
         ).to(target)
-        if not full_last_layer:
-            last_layer_at_first_position(model)
+    if not full_last_layer:
+        last_layer_at_first_position(model, in_evaluation=merging)
     return LoadedRun(model.eval(), tokenizer, recipe, label_names, directory, source)
 
 
@@ -359,14 +361,16 @@ def evaluate_run(
     split: Optional[str] = None,
     data_path: Optional[str] = None,
     max_samples: Optional[int] = None,
-    batch_size: int = 64,
+    batch_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """Accuracy, macro-F1, per-class P/R/F1 and confusion matrix of ``run`` on a split of its task.
 
     ``split=None`` evaluates exactly the recipe's evaluation set, also the rows a run carved out of train
     (``data_split.json``), so the figures reproduce ``metrics.json``; another split name is loaded from the same data.
     ``data_path`` replaces the recipe's ``data.path``; when it is one file, all of its rows are evaluated.
-    The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`).
+    The loop and the metric are training's own (:func:`lora_train.metrics.evaluate`), and so are the batches unless
+    ``batch_size`` says otherwise (default: the recipe's ``training.per_device_eval_batch_size``): under bf16 a
+    product rounds by its batch's shape, so other batches can move an example that sits at a margin of ~1e-3.
     """
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
@@ -392,7 +396,7 @@ def evaluate_run(
     loader = accelerator.prepare(
         DataLoader(
             dataset.remove_columns("length"),
-            batch_size=batch_size,
+            batch_size=batch_size or run.recipe.training.per_device_eval_batch_size,
             sampler=order,
             collate_fn=padding_collator(
                 run.tokenizer, cfg.max_length, run.device.type, run.recipe.training.mixed_precision

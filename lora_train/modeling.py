@@ -468,16 +468,19 @@ FIRST_POSITION_CLASSIFIERS = {
 _FIRST_POSITION_LAYERS: dict[type, type] = {}
 
 
-def last_layer_at_first_position(model: nn.Module) -> bool:
+def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) -> bool:
     """Make the encoder's last layer compute its output at the first position only, the one the classifier's head
-    reads; returns whether ``model`` (or the model a peft model wraps) is one of :data:`FIRST_POSITION_CLASSIFIERS`.
+    reads, in training, and in evaluation too where ``in_evaluation``; returns whether ``model`` (or the model a peft
+    model wraps) is one of :data:`FIRST_POSITION_CLASSIFIERS`.
 
     The layer's keys and values still come from every position. Its query, attention output projection,
     feed-forward, LayerNorms and dropouts run on one position instead of all, in the forward and in the backward:
     for MiniLM's 6 layers that is 10/72 of the Linear layers' arithmetic. The logits, and so the loss and every
-    gradient, are the full layer's up to float rounding. Parameter names, saved files and peft's wrapping do not
-    change (the layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache)
-    or cross-attention takes the full layer.
+    gradient, are the full layer's up to float rounding; in bf16 that rounding can move a borderline example, so the
+    evaluations behind ``metrics.json`` (training's and ``scripts/eval.py``'s) keep the full layer, which plain
+    transformers + peft reproduce to the bit. Parameter names, saved files and peft's wrapping do not change (the
+    layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache) or
+    cross-attention takes the full layer.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     path = FIRST_POSITION_CLASSIFIERS.get(type(base).__name__)
@@ -485,12 +488,12 @@ def last_layer_at_first_position(model: nn.Module) -> bool:
         return False
     layer = base.get_submodule(path)[-1]
     full = type(layer)
-    if full in _FIRST_POSITION_LAYERS.values():
-        return True
-    if full not in _FIRST_POSITION_LAYERS:
-        # a subclass, so transformers wraps its forward for gradient checkpointing as it wraps the layer's own
-        _FIRST_POSITION_LAYERS[full] = type(f"FirstPosition{full.__name__}", (full,), {"forward": _first_position})
-    layer.__class__ = _FIRST_POSITION_LAYERS[full]
+    if full not in _FIRST_POSITION_LAYERS.values():
+        if full not in _FIRST_POSITION_LAYERS:
+            # a subclass, so transformers wraps its forward for gradient checkpointing as it wraps the layer's own
+            _FIRST_POSITION_LAYERS[full] = type(f"FirstPosition{full.__name__}", (full,), {"forward": _first_position})
+        layer.__class__ = _FIRST_POSITION_LAYERS[full]
+    layer.first_position_in_evaluation = in_evaluation
     return True
 
 
@@ -498,7 +501,8 @@ def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_st
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     full_forward = super(type(layer), layer).forward
-    if encoder_hidden_states is not None or kwargs.get("cache") is not None:
+    in_use = layer.training or layer.first_position_in_evaluation
+    if not in_use or encoder_hidden_states is not None or kwargs.get("cache") is not None:
         return full_forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
     kwargs.pop("cache", None)
     kwargs.pop("encoder_attention_mask", None)

@@ -217,10 +217,12 @@ def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradi
     assert grads[1][1].keys() == grads[0][1].keys()
     for name, grad in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    with torch.no_grad():  # and in evaluation, padded rows next to full ones
-        torch.testing.assert_close(
-            fast.eval()(input_ids=ids, attention_mask=mask).logits, grads[0][0], atol=1e-5, rtol=1e-5
-        )
+    with torch.no_grad():  # evaluation keeps the full layer unless asked, then gives the same logits
+        for in_evaluation, expected in ((False, 9), (True, 1)):
+            last_layer_at_first_position(fast, in_evaluation=in_evaluation)
+            logits = fast.eval()(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(logits, grads[0][0], atol=1e-5, rtol=1e-5)
+            assert positions[-1] == expected
 
 
 def test_classifiers_outside_the_table_keep_their_last_layer(tiny_llama_dir):
@@ -239,7 +241,7 @@ def test_a_cached_forward_takes_the_full_last_layer():
     full = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
     full.config.is_decoder = True
     fast = copy.deepcopy(full)
-    last_layer_at_first_position(fast)
+    last_layer_at_first_position(fast, in_evaluation=True)
     positions = []
     fast.bert.encoder.layer[-1].register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
     ids = torch.randint(5, 50, (2, 7))

@@ -35,7 +35,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         " recipe's data.path)",
     )
     parser.add_argument("--max-samples", type=int, help="evaluate a fixed random subset of this many rows")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="texts per forward (default: the run's training.per_device_eval_batch_size, the batches of its"
+        " metrics.json: under bf16 other batches round differently)",
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda when available)")
     parser.add_argument(
         "--output-dir", help="where the JSON and PNG go (default: RUN/eval, or runs/eval/<user--name> for a Hub repo)"
@@ -43,7 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.max_samples is not None and args.max_samples <= 0:
         parser.error("--max-samples must be > 0")
-    if args.batch_size <= 0:
+    if args.batch_size is not None and args.batch_size <= 0:
         parser.error("--batch-size must be > 0")
 
     # These import torch: loaded once the arguments are checked (--help starts without them)

@@ -48,6 +48,7 @@ from lora_train.inference import (
     training_autocast,
 )
 from lora_train.merged import mergeable, merged_tensors, merges_lora
+from lora_train.modeling import last_layer_at_first_position
 from lora_train.serving.grouped import GroupedLoRA
 from lora_train.serving.trained import Slots, misfits, peft_layers, peft_layers_off, slots, swapped_in
 
@@ -422,6 +423,8 @@ class AdapterRegistry:
     def _load_base(self, adapter: Adapter) -> None:
         """Load the base model ``adapter`` was trained on: this server's model from now on."""
         base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
+        # as predict.py's merged forward: the last layer at the first position (--no-merge: the full one, as eval.py's)
+        last_layer_at_first_position(base, in_evaluation=self.merge)
         self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
         self.max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(
             base.config, "n_positions", None
