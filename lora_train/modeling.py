@@ -465,6 +465,9 @@ FIRST_POSITION_CLASSIFIERS = {
     "XLMRobertaForSequenceClassification": "roberta.encoder.layer",
     "ElectraForSequenceClassification": "electra.encoder.layer",
 }
+FIRST_POSITION_ATTENTION = ("eager", "sdpa")
+"""Attention implementations the first-position layer is tested with (one query against every key and value);
+others (flash_attention_2's unpadded path) keep the full layer."""
 _FIRST_POSITION_LAYERS: dict[type, type] = {}
 
 
@@ -484,9 +487,12 @@ def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) 
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     path = FIRST_POSITION_CLASSIFIERS.get(type(base).__name__)
-    if path is None:
+    if path is None or base.config._attn_implementation not in FIRST_POSITION_ATTENTION:
         return False
-    layer = base.get_submodule(path)[-1]
+    layers = base.get_submodule(path)
+    if len(layers) == 0:  # no layer: the head reads the embeddings
+        return False
+    layer = layers[-1]
     full = type(layer)
     if full not in _FIRST_POSITION_LAYERS.values():
         if full not in _FIRST_POSITION_LAYERS:

@@ -225,6 +225,18 @@ def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradi
             assert positions[-1] == expected
 
 
+@pytest.mark.parametrize("change", ["flash_attention_2", "no layers"])
+def test_untested_attention_and_layerless_encoders_keep_the_full_model(change):
+    model = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
+    if change == "no layers":
+        model.bert.encoder.layer = torch.nn.ModuleList()
+    else:
+        model.config._attn_implementation = change  # only the name: the test needs no flash-attn installed
+    classes = [type(m) for m in model.modules()]
+    assert not last_layer_at_first_position(model)
+    assert [type(m) for m in model.modules()] == classes
+
+
 def test_classifiers_outside_the_table_keep_their_last_layer(tiny_llama_dir):
     from transformers import AutoModelForSequenceClassification
 
