@@ -6,6 +6,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -497,7 +498,9 @@ def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) 
     if full not in _FIRST_POSITION_LAYERS.values():
         if full not in _FIRST_POSITION_LAYERS:
             # a subclass, so transformers wraps its forward for gradient checkpointing as it wraps the layer's own
-            _FIRST_POSITION_LAYERS[full] = type(f"FirstPosition{full.__name__}", (full,), {"forward": _first_position})
+            _FIRST_POSITION_LAYERS[full] = type(
+                f"FirstPosition{full.__name__}", (full,), {"forward": _first_position, "full_layer": full}
+            )
         layer.__class__ = _FIRST_POSITION_LAYERS[full]
     layer.first_position_in_evaluation = in_evaluation
     return True
@@ -506,7 +509,8 @@ def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) 
 def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    full_forward = super(type(layer), layer).forward
+    # the layer's own class by name, not super(): FSDP2 subclasses the class again, which super(type(...)) would loop on
+    full_forward = partial(layer.full_layer.forward, layer)
     in_use = layer.training or layer.first_position_in_evaluation
     if not in_use or encoder_hidden_states is not None or kwargs.get("cache") is not None:
         return full_forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)

@@ -261,3 +261,14 @@ def test_a_cached_forward_takes_the_full_last_layer():
         logits = [m.eval()(input_ids=ids, use_cache=True).logits for m in (full, fast)]
     assert positions == [7]
     torch.testing.assert_close(logits[1], logits[0])
+
+
+def test_a_subclass_of_the_first_position_layer_still_falls_back_to_the_full_layer():
+    """FSDP2 turns a module's class into a subclass of it; the fallback must reach the original layer, not loop."""
+    full = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
+    last_layer_at_first_position(full)
+    layer = full.bert.encoder.layer[-1]
+    layer.__class__ = type(f"FSDP{type(layer).__name__}", (type(layer),), {})
+    ids = torch.randint(5, 50, (2, 7))
+    with torch.no_grad():
+        assert full.eval()(input_ids=ids).logits.shape == (2, 3)  # evaluation: the full layer's forward
