@@ -6,7 +6,6 @@ import logging
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -481,9 +480,9 @@ def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) 
     feed-forward, LayerNorms and dropouts run on one position instead of all, in the forward and in the backward:
     for MiniLM's 6 layers that is 10/72 of the Linear layers' arithmetic. The logits, and so the loss and every
     gradient, are the full layer's up to float rounding; in bf16 that rounding can move a borderline example, so the
-    evaluations behind ``metrics.json`` (training's and ``scripts/eval.py``'s) keep the full layer, which plain
-    transformers + peft reproduce to the bit. Parameter names, saved files and peft's wrapping do not change (the
-    layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache) or
+    evaluations behind ``metrics.json`` (training's and ``scripts/eval.py``'s, which reproduces it to the bit) keep
+    the full layer, as plain transformers + peft have it. Parameter names, saved files and peft's wrapping do not
+    change (the layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache) or
     cross-attention takes the full layer.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -509,11 +508,10 @@ def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) 
 def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    # the layer's own class by name, not super(): FSDP2 subclasses the class again, which super(type(...)) would loop on
-    full_forward = partial(layer.full_layer.forward, layer)
     in_use = layer.training or layer.first_position_in_evaluation
     if not in_use or encoder_hidden_states is not None or kwargs.get("cache") is not None:
-        return full_forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
+        # the layer's own class by name, not super(): FSDP2 subclasses the class again, which super(type(...)) loops on
+        return layer.full_layer.forward(layer, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
     kwargs.pop("cache", None)
     kwargs.pop("encoder_attention_mask", None)
     attention = layer.attention.self
