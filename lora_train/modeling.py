@@ -369,7 +369,8 @@ class FastDropout(nn.Dropout):
 
     The mask is uint8, not bool: a product with a bool tensor first copies it to the activation's dtype, forward
     and backward (121 us against 46 us with uint8 for a 32 x 22 x 384 activation on 2 cores), and the result is bit
-    for bit the same. The saved mask stays one byte per element.
+    for bit the same. The saved mask stays one byte per element. Mask and scale are applied in one pass, forward and
+    backward (:class:`_MaskProduct`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -379,11 +380,34 @@ class FastDropout(nn.Dropout):
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         torch.ge(bits.view(torch.int16)[: x.numel()].view(x.shape), dropped - 32768, out=keep)
-        return (x * keep).mul_(65536 / (65536 - dropped))
+        return _MaskProduct.apply(x, keep, 65536 / (65536 - dropped))
+
+
+class _MaskProduct(torch.autograd.Function):
+    """``x * keep * scale`` in one pass, and its gradient in one (autograd's two products took two each).
+
+    ``addcmul`` onto -0.0 gives autograd's bits exactly, the sign of a dropped zero included (+0.0 would turn a -0.0
+    into +0.0).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.addcmul(x.new_full((), -0.0), x, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_full((), -0.0), grad, keep, value=ctx.scale), None, None
 
 
 def use_fast_dropout(model: nn.Module) -> int:
-    """Swap every ``nn.Dropout`` of ``model`` for :class:`FastDropout` (same p); return how many were swapped."""
+    """Swap every ``nn.Dropout`` of ``model`` for :class:`FastDropout` (same p); return how many were swapped.
+
+    A BERT-family classifier's self-attention layers then also apply theirs to the attention probabilities in
+    training (:func:`fast_dropout_attention`), where they passed its p to SDPA.
+    """
     swapped = 0
     for module in model.modules():
         for name, child in module.named_children():
@@ -392,6 +416,8 @@ def use_fast_dropout(model: nn.Module) -> int:
                 fast.train(child.training)
                 setattr(module, name, fast)
                 swapped += 1
+    for layer in _bert_family_layers(model):
+        _rewrite_forward(layer.attention.self, "FastDropout", _self_attention)
     return swapped
 
 
@@ -456,75 +482,93 @@ def keep_lora_inputs_uncast(model: nn.Module) -> int:
     return switched
 
 
-# Sequence classifiers whose head reads the encoder's first position only ([CLS] or <s>), and where their encoder's
-# layers are. The last layer's keys and values still need every position; its query, attention output and
-# feed-forward are needed at that position only.
-FIRST_POSITION_CLASSIFIERS = {
+# BERT-family sequence classifiers (their head reads the encoder's first position only, [CLS] or <s>; their
+# self-attention has query/key/value/dropout/scaling) and where their encoder's layers are. Their last layer can run
+# at the first position only (last_layer_at_first_position), and their attention can drop out with FastDropout.
+BERT_FAMILY_CLASSIFIERS = {
     "BertForSequenceClassification": "bert.encoder.layer",
     "RobertaForSequenceClassification": "roberta.encoder.layer",
     "XLMRobertaForSequenceClassification": "roberta.encoder.layer",
     "ElectraForSequenceClassification": "electra.encoder.layer",
 }
-FIRST_POSITION_ATTENTION = ("eager", "sdpa")
-"""Attention implementations the first-position layer is tested with (one query against every key and value);
-others (flash_attention_2's unpadded path) keep the full layer."""
-_FIRST_POSITION_LAYERS: dict[type, type] = {}
+BERT_FAMILY_ATTENTION = ("eager", "sdpa")
+"""Attention implementations the rewritten forwards below are tested with; others (flash_attention_2's unpadded
+path) keep transformers' forwards."""
+_REWRITTEN: dict[tuple[type, str], type] = {}
 
 
-def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) -> bool:
-    """Make the encoder's last layer compute its output at the first position only, the one the classifier's head
-    reads, in training, and in evaluation too where ``in_evaluation``; returns whether ``model`` (or the model a peft
-    model wraps) is one of :data:`FIRST_POSITION_CLASSIFIERS`.
-
-    The layer's keys and values still come from every position. Its query, attention output projection,
-    feed-forward, LayerNorms and dropouts run on one position instead of all, in the forward and in the backward:
-    for MiniLM's 6 layers that is 10/72 of the Linear layers' arithmetic. The logits, and so the loss and every
-    gradient, are the full layer's up to float rounding; in bf16 that rounding can move a borderline example, so the
-    evaluations behind ``metrics.json`` (training's and ``scripts/eval.py``'s, which reproduces it to the bit) keep
-    the full layer, as plain transformers + peft have it. Parameter names, saved files and peft's wrapping do not
-    change (the layer's class becomes a subclass of its own). A prefix (peft's prefix tuning passes it as a cache) or
-    cross-attention takes the full layer.
-    """
+def _bert_family_layers(model: nn.Module) -> nn.ModuleList:
+    """The encoder layers of ``model`` (or of the model a peft model wraps) when it is one of
+    :data:`BERT_FAMILY_CLASSIFIERS` with an attention of :data:`BERT_FAMILY_ATTENTION`; else an empty list."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    path = FIRST_POSITION_CLASSIFIERS.get(type(base).__name__)
-    if path is None or base.config._attn_implementation not in FIRST_POSITION_ATTENTION:
-        return False
-    layers = base.get_submodule(path)
-    if len(layers) == 0:  # no layer: the head reads the embeddings
-        return False
-    layer = layers[-1]
-    full = type(layer)
-    if full not in _FIRST_POSITION_LAYERS.values():
-        if full not in _FIRST_POSITION_LAYERS:
-            # a subclass, so transformers wraps its forward for gradient checkpointing as it wraps the layer's own
-            _FIRST_POSITION_LAYERS[full] = type(
-                f"FirstPosition{full.__name__}", (full,), {"forward": _first_position, "full_layer": full}
-            )
-        layer.__class__ = _FIRST_POSITION_LAYERS[full]
-    layer.first_position_in_evaluation = in_evaluation
-    return True
+    path = BERT_FAMILY_CLASSIFIERS.get(type(base).__name__)
+    if path is None or base.config._attn_implementation not in BERT_FAMILY_ATTENTION:
+        return nn.ModuleList()
+    return base.get_submodule(path)
 
 
-def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+def _rewrite_forward(module: nn.Module, name: str, forward) -> None:
+    """Give ``module`` a subclass of its class whose forward is ``forward``; the class's own stays reachable as
+    ``module.original_class.forward``. A subclass, so transformers wraps its forward for gradient checkpointing as it
+    wrapped the original; parameter names, saved files and peft's wrapping do not change. Idempotent."""
+    cls = type(module)
+    if getattr(cls, "rewritten_as", None) == name:  # (its forward may since be wrapped for checkpointing)
+        return
+    if (cls, name) not in _REWRITTEN:
+        # __module__: code that finds a class's module by name (the eager attention beside it) finds the original's
+        members = {"forward": forward, "original_class": cls, "rewritten_as": name, "__module__": cls.__module__}
+        _REWRITTEN[cls, name] = type(f"{name}{cls.__name__}", (cls,), members)
+    module.__class__ = _REWRITTEN[cls, name]
+
+
+def fast_dropout_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager attention (``(batch, heads, positions, head_dim)`` in, ``(batch, positions, heads,
+    head_dim)`` out, and the probabilities), with ``module.dropout`` (a :class:`FastDropout`) applied to the
+    probabilities; ``dropout`` is that module's p and not used.
+
+    On a CPU, SDPA's flash kernel takes no dropout: with one, SDPA runs its math path, which draws a random number per
+    probability. For MiniLM's 32 x 12 heads x 22 x 22 probabilities, forward + backward took 2.75 ms there and 1.49 ms
+    here (2 threads). An SDPA mask (bool, True where a query may attend) becomes eager's additive one.
+    """
+    scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            dtype = torch.promote_types(scores.dtype, torch.float32)
+            additive = torch.zeros(attention_mask.shape, dtype=dtype, device=scores.device)
+            attention_mask = additive.masked_fill_(~attention_mask, torch.finfo(additive.dtype).min)
+        # in place where that keeps the dtype; a float32 mask promotes bf16 scores, as eager's sum does
+        scores = scores.add_(attention_mask) if attention_mask.dtype == scores.dtype else scores + attention_mask
+    probabilities = module.dropout(nn.functional.softmax(scores, dim=-1))
+    return torch.matmul(probabilities, value).transpose(1, 2).contiguous(), probabilities
+
+
+def _attend(attention: nn.Module, queries_from: torch.Tensor, hidden_states: torch.Tensor, attention_mask, **kwargs):
+    """A BERT-family self-attention's output, ``(batch, queries, hidden)``, and probabilities, for the queries of
+    ``queries_from`` over keys and values from every position of ``hidden_states``: :func:`fast_dropout_attention`
+    in training with a FastDropout, else the implementation the config names."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    in_use = layer.training or layer.first_position_in_evaluation
-    if not in_use or encoder_hidden_states is not None or kwargs.get("cache") is not None:
-        # the layer's own class by name, not super(): FSDP2 subclasses the class again, which super(type(...)) loops on
-        return layer.full_layer.forward(layer, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
-    kwargs.pop("cache", None)
-    kwargs.pop("encoder_attention_mask", None)
-    attention = layer.attention.self
-    first = hidden_states[:, :1]
     heads = lambda x: x.view(*x.shape[:2], -1, attention.attention_head_size).transpose(1, 2)  # noqa: E731
-    if attention_mask is not None and attention_mask.dim() == 4:
-        attention_mask = attention_mask[:, :, :1]  # the first query's row (or the one row every query shares)
-    attend = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attention.config._attn_implementation, sys.modules[type(attention).__module__].eager_attention_forward
+    drops = attention.training and isinstance(attention.dropout, FastDropout) and attention.dropout.p > 0
+    attend = (
+        fast_dropout_attention
+        if drops
+        else ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention.config._attn_implementation, sys.modules[type(attention).__module__].eager_attention_forward
+        )
     )
-    out, _ = attend(
+    out, probabilities = attend(
         attention,
-        heads(attention.query(first)),
+        heads(attention.query(queries_from)),
         heads(attention.key(hidden_states)),
         heads(attention.value(hidden_states)),
         attention_mask,
@@ -532,5 +576,50 @@ def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_st
         scaling=attention.scaling,
         **kwargs,
     )
-    attended = layer.attention.output(out.reshape(first.shape[0], 1, -1), first)
+    return out.reshape(*queries_from.shape[:-1], -1), probabilities
+
+
+def _self_attention(attention, hidden_states, attention_mask=None, cache=None, **kwargs):
+    """A BERT-family self-attention's forward with :func:`_attend`; a cache takes the original forward."""
+    if cache is not None:
+        return attention.original_class.forward(attention, hidden_states, attention_mask, cache, **kwargs)
+    return _attend(attention, hidden_states, hidden_states, attention_mask, **kwargs)
+
+
+def last_layer_at_first_position(model: nn.Module, in_evaluation: bool = False) -> bool:
+    """Make the encoder's last layer compute its output at the first position only, the one the classifier's head
+    reads, in training, and in evaluation too where ``in_evaluation``; returns whether ``model`` (or the model a peft
+    model wraps) is one of :data:`BERT_FAMILY_CLASSIFIERS` (with an encoder layer to change).
+
+    The layer's keys and values still come from every position. Its query, attention output projection,
+    feed-forward, LayerNorms and dropouts run on one position instead of all, in the forward and in the backward:
+    for MiniLM's 6 layers that is 10/72 of the Linear layers' arithmetic. The logits, and so the loss and every
+    gradient, are the full layer's up to float rounding; in bf16 that rounding can move a borderline example, so the
+    evaluations behind ``metrics.json`` (training's and ``scripts/eval.py``'s, which reproduces it to the bit) keep
+    the full layer, as plain transformers + peft have it. Parameter names, saved files and peft's wrapping do not
+    change (:func:`_rewrite_forward`). A prefix (peft's prefix tuning passes it as a cache) or cross-attention takes
+    the full layer.
+    """
+    layers = _bert_family_layers(model)
+    if len(layers) == 0:  # not the BERT family, or no layer: the head reads the embeddings
+        return False
+    _rewrite_forward(layers[-1], "FirstPosition", _first_position)
+    layers[-1].first_position_in_evaluation = in_evaluation
+    return True
+
+
+def _first_position(layer, hidden_states, attention_mask=None, encoder_hidden_states=None, *args, **kwargs):
+    in_use = layer.training or layer.first_position_in_evaluation
+    if not in_use or encoder_hidden_states is not None or kwargs.get("cache") is not None:
+        # the original class by name, not super(): FSDP2 subclasses the class again, which super(type(...)) loops on
+        return layer.original_class.forward(
+            layer, hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs
+        )
+    kwargs.pop("cache", None)
+    kwargs.pop("encoder_attention_mask", None)
+    first = hidden_states[:, :1]
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attention_mask = attention_mask[:, :, :1]  # the first query's row (or the one row every query shares)
+    out, _ = _attend(layer.attention.self, first, hidden_states, attention_mask, **kwargs)
+    attended = layer.attention.output(out, first)
     return layer.feed_forward_chunk(attended)

@@ -8,7 +8,7 @@ import torch
 from lora_train.config import RecipeError, build_recipe
 from lora_train.heads import head_linear_names
 from lora_train.modeling import (
-    FIRST_POSITION_CLASSIFIERS,
+    BERT_FAMILY_CLASSIFIERS,
     apply_regime,
     check_target_modules,
     count_parameters,
@@ -166,8 +166,9 @@ def test_loading_reports_only_weights_missing_outside_the_new_head(caplog):
     assert "bert.encoder.layer.0.attention.self.query.weight" in record.getMessage()
 
 
-def tiny_first_position_classifier(class_name: str, attn: str) -> torch.nn.Module:
-    """A randomly initialised 2-layer model of ``class_name`` (dropout off, so train-mode gradients compare)."""
+def tiny_first_position_classifier(class_name: str, attn: str, attention_dropout: float = 0.0) -> torch.nn.Module:
+    """A randomly initialised 2-layer model of ``class_name`` (dropout off unless asked, so train-mode gradients
+    compare)."""
     import transformers
 
     config = getattr(transformers, class_name.replace("ForSequenceClassification", "Config"))(
@@ -179,7 +180,7 @@ def tiny_first_position_classifier(class_name: str, attn: str) -> torch.nn.Modul
         max_position_embeddings=64,
         num_labels=3,
         hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+        attention_probs_dropout_prob=attention_dropout,
         classifier_dropout=0.0,
     )
     config._attn_implementation = attn
@@ -189,7 +190,7 @@ def tiny_first_position_classifier(class_name: str, attn: str) -> torch.nn.Modul
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("class_name", sorted(FIRST_POSITION_CLASSIFIERS))
+@pytest.mark.parametrize("class_name", sorted(BERT_FAMILY_CLASSIFIERS))
 def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradients(class_name, attn, checkpointing):
     import copy
 
@@ -198,7 +199,7 @@ def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradi
     assert last_layer_at_first_position(fast)
     assert last_layer_at_first_position(fast)  # a second call leaves it as it is
     positions = []
-    layers = fast.get_submodule(FIRST_POSITION_CLASSIFIERS[class_name])
+    layers = fast.get_submodule(BERT_FAMILY_CLASSIFIERS[class_name])
     layers[-1].register_forward_hook(lambda module, args, out: positions.append(out.shape[1]))
     ids = torch.randint(5, 50, (3, 9))
     mask = torch.ones_like(ids)
@@ -225,6 +226,76 @@ def test_last_layer_at_the_first_position_gives_the_full_layers_logits_and_gradi
             assert positions[-1] == expected
 
 
+def train_step_outputs(model: torch.nn.Module, seed: int = 0, autocast: bool = False) -> tuple:
+    """Logits and parameter gradients of one training forward + backward over padded rows, from ``seed``."""
+    ids = torch.randint(5, 50, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = mask[2, 3:] = 0
+    model.train().zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 2, 1]))
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", ["eager", "sdpa", "sdpa+checkpointing", "sdpa+bf16 autocast"])
+@pytest.mark.parametrize("class_name", sorted(BERT_FAMILY_CLASSIFIERS))
+def test_fast_dropout_attention_is_eager_attention_with_fastdropouts_mask(class_name, variant, monkeypatch):
+    """In training, the rewritten self-attention is transformers' eager attention with a FastDropout on the
+    probabilities: the same logits and gradients from the same random draws (with checkpointing too, which must
+    replay the masks), and the model's own forward in evaluation."""
+    import copy
+
+    from lora_train.modeling import FastDropout, use_fast_dropout
+
+    original = tiny_first_position_classifier(class_name, variant.split("+")[0], attention_dropout=0.3)
+    fast, reference = copy.deepcopy(original), copy.deepcopy(original)
+    use_fast_dropout(fast)
+    attention = [m for m in fast.modules() if type(m).__name__.endswith("SelfAttention")]
+    assert len(attention) == 2 and all(type(m).__name__.startswith("FastDropout") for m in attention)
+    if "checkpointing" in variant:
+        fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the reference: eager attention whose functional dropout draws FastDropout's mask
+    reference.config._attn_implementation = "eager"
+    monkeypatch.setattr(
+        torch.nn.functional, "dropout", lambda x, p=0.5, training=True, inplace=False: FastDropout(p).train(training)(x)
+    )
+    autocast = "autocast" in variant
+    logits, grads = train_step_outputs(fast, autocast=autocast)
+    expected_logits, expected_grads = train_step_outputs(reference, autocast=autocast)
+    different_draws, _ = train_step_outputs(fast, seed=1, autocast=autocast)
+    assert not torch.allclose(different_draws, logits)  # the dropout is on
+    # under autocast, bf16 rounding: eager may add a bf16 mask where an SDPA mask is converted to a float32 one
+    close = dict(rtol=1.6e-2, atol=2e-4) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits, **close)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, **close, msg=name)
+    with torch.no_grad():  # evaluation: transformers' own attention, bit for bit
+        ids = torch.randint(5, 50, (2, 7))
+        assert torch.equal(fast.eval()(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
+
+
+def test_fast_dropout_attention_in_the_first_position_layer_replays_under_checkpointing():
+    """The last layer at the first position drops out its one query's probabilities the same way; checkpointing's
+    recomputation draws the same masks, so the gradients are those of the run without it."""
+    import copy
+
+    from lora_train.modeling import use_fast_dropout
+
+    model = tiny_first_position_classifier("BertForSequenceClassification", "sdpa", attention_dropout=0.3)
+    last_layer_at_first_position(model)
+    use_fast_dropout(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    logits, grads = train_step_outputs(model)
+    again_logits, again_grads = train_step_outputs(checkpointed)
+    assert torch.equal(logits, again_logits)
+    assert all(torch.equal(again_grads[name], grad) for name, grad in grads.items())
+    assert not torch.allclose(train_step_outputs(model, seed=1)[0], logits)
+
+
 @pytest.mark.parametrize("change", ["flash_attention_2", "no layers"])
 def test_untested_attention_and_layerless_encoders_keep_the_full_model(change):
     model = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
@@ -240,9 +311,12 @@ def test_untested_attention_and_layerless_encoders_keep_the_full_model(change):
 def test_classifiers_outside_the_table_keep_their_last_layer(tiny_llama_dir):
     from transformers import AutoModelForSequenceClassification
 
+    from lora_train.modeling import use_fast_dropout
+
     model = AutoModelForSequenceClassification.from_pretrained(tiny_llama_dir, num_labels=2)
     classes = [type(m) for m in model.modules()]
     assert not last_layer_at_first_position(model)
+    use_fast_dropout(model)  # no nn.Dropout to swap, and its attention is not the BERT family's
     assert [type(m) for m in model.modules()] == classes
 
 
