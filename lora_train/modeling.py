@@ -376,11 +376,15 @@ class FastDropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
+        return _MaskProduct.apply(x, *self.mask(x))
+
+    def mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """A fresh keep-mask for ``x`` (uint8, ``x``'s shape) and the scale of what it keeps."""
         dropped = min(round(self.p * 65536), 65535)  # a p in [0, 1) just below 1 would round to 1: nothing kept
         bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64, device=x.device).random_(-(2**63), None)
         keep = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
         torch.ge(bits.view(torch.int16)[: x.numel()].view(x.shape), dropped - 32768, out=keep)
-        return _MaskProduct.apply(x, keep, 65536 / (65536 - dropped))
+        return keep, 65536 / (65536 - dropped)
 
 
 class _MaskProduct(torch.autograd.Function):
@@ -419,6 +423,99 @@ def use_fast_dropout(model: nn.Module) -> int:
     for layer in _bert_family_layers(model):
         _rewrite_forward(layer.attention.self, "FastDropout", _self_attention)
     return swapped
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Make peft's LoRA layers over a plain ``nn.Linear`` compute base and adapter in one autograd Function when they
+    train (:class:`_LoraProduct`); returns how many layers were switched. For training on a CPU, with the weights
+    whole on the device (not ZeRO or FSDP shards, which their hooks on the base layer gather).
+
+    peft's forward is ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: beside the products, a scaling and a sum
+    over the whole output, forward and backward, the dropout's two passes, and the sum of the input's two gradients.
+    Here the adapter's product is added into the base's output by the matrix product itself, the dropout is one
+    pass, and its gradient is added into the base's in one more. Evaluation, merged or mixed-adapter forwards, DoRA
+    and other variants take peft's forward.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    switched = 0
+    for module in model.modules():
+        if getattr(type(module), "original_class", type(module)) is LoraLinear and type(module.base_layer) is nn.Linear:
+            _rewrite_forward(module, "Fused", _fused_lora_forward)
+            switched += 1
+    return switched
+
+
+def _fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    active = layer.active_adapters
+    name = active[0] if len(active) == 1 else None
+    base = layer.base_layer
+    if (
+        not layer.training
+        or args
+        or kwargs
+        or layer.disable_adapters
+        or layer.merged
+        or name not in layer.lora_A
+        or name in layer.lora_variant
+        or layer.lora_B[name].bias is not None
+        or any(p.requires_grad for p in base.parameters())
+        or not isinstance(layer.lora_dropout[name], (FastDropout, nn.Identity))
+    ):
+        return layer.original_class.forward(layer, x, *args, **kwargs)
+    dropout = layer.lora_dropout[name]
+    keep, keep_scale = dropout.mask(x) if isinstance(dropout, FastDropout) and dropout.p > 0 else (None, 1.0)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _LoraProduct.apply(
+        x,
+        base.weight,
+        base.bias,
+        layer.lora_A[name].weight,
+        layer.lora_B[name].weight,
+        keep,
+        keep_scale,
+        layer.scaling[name],
+        dtype,
+    )
+
+
+class _LoraProduct(torch.autograd.Function):
+    """``x @ W.T + b + scaling * (dropout(x) @ A.T) @ B.T`` for a frozen ``W``, ``b``, in ``dtype`` (the autocast's,
+    as autocast would cast each product's operands), with its gradients for ``x``, ``A`` and ``B``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, keep, keep_scale: float, scaling: float, dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias.to(dtype), rows, weight.t())
+            if keep is not None:
+                rows = torch.addcmul(rows.new_full((), -0.0), rows, keep.view(rows.shape), value=keep_scale)
+            down = torch.mm(rows, lora_a.t())
+            out.addmm_(down, lora_b.t(), alpha=scaling)
+        ctx.save_for_backward(weight, lora_a, lora_b, keep, rows, down)
+        ctx.keep_scale, ctx.scaling, ctx.x_shape, ctx.x_dtype = keep_scale, scaling, x.shape, x.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, lora_a, lora_b, keep, rows, down = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        grad_down = torch.mm(grad, lora_b).mul_(ctx.scaling)
+        grad_b = torch.mm(grad.t(), down).mul_(ctx.scaling)
+        grad_a = torch.mm(grad_down.t(), rows)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight)
+            through_adapter = torch.mm(grad_down, lora_a)
+            if keep is None:
+                grad_x.add_(through_adapter)
+            else:
+                grad_x.addcmul_(through_adapter, keep.view(through_adapter.shape), value=ctx.keep_scale)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        # autograd casts grad_a and grad_b to the adapter weights' dtype
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def store_frozen_linears_in(model: nn.Module, dtype: torch.dtype, adapters_too: bool = False) -> int:

@@ -46,6 +46,7 @@ from lora_train.modeling import (
     load_tokenizer,
     store_frozen_linears_in,
     use_fast_dropout,
+    use_fused_lora,
 )
 from lora_train.optim import param_groups
 from lora_train.preflight import check_model_fits, check_output_dir
@@ -378,12 +379,15 @@ def build_trainable(recipe: Recipe, data: TaskData, tokenizer, accelerator, tota
     # NF4 weights are quantized where they load; everything else is placed by accelerator.prepare.
     device = accelerator.device if recipe.quantization.is_4bit else None
     model = build_classifier(recipe, data.label_names, tokenizer, device, total_steps)
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
     if accelerator.device.type == "cpu":
         use_fast_dropout(model)  # bernoulli_ is slow on CPU; CUDA's fused dropout is not
+        if not sharded:  # ZeRO-3 / FSDP gather a layer's weights in hooks on the base layer, which this bypasses
+            use_fused_lora(model)
     dtype = autocast_dtype(recipe, accelerator.device)
     if dtype is not None:
         keep_lora_inputs_uncast(model)
-        if accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        if not sharded:
             # autocast would cast every frozen weight at every step: the same values, stored once (ZeRO and FSDP
             # flatten the parameters, which must then share one dtype)
             store_frozen_linears_in(model, dtype)

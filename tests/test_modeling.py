@@ -271,7 +271,7 @@ def test_fast_dropout_attention_is_eager_attention_with_fastdropouts_mask(class_
     torch.testing.assert_close(logits, expected_logits, **close)
     assert grads.keys() == expected_grads.keys()
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(grads[name], grad, **close, msg=name)
+        torch.testing.assert_close(grads[name], grad, **close, msg=lambda m, name=name: f"{name}: {m}")
     with torch.no_grad():  # evaluation: transformers' own attention, bit for bit
         ids = torch.randint(5, 50, (2, 7))
         assert torch.equal(fast.eval()(input_ids=ids).logits, original.eval()(input_ids=ids).logits)
@@ -294,6 +294,48 @@ def test_fast_dropout_attention_in_the_first_position_layer_replays_under_checkp
     assert torch.equal(logits, again_logits)
     assert all(torch.equal(again_grads[name], grad) for name, grad in grads.items())
     assert not torch.allclose(train_step_outputs(model, seed=1)[0], logits)
+
+
+@pytest.mark.parametrize("variant", ["float32", "float32+checkpointing", "bf16 autocast"])
+def test_fused_lora_layers_train_as_pefts_layers(variant):
+    """A LoRA layer's fused forward and backward (one autograd Function) give peft's logits and gradients from the
+    same dropout draws; evaluation is peft's own forward, bit for bit."""
+    import copy
+
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from lora_train.modeling import keep_lora_inputs_uncast, store_frozen_linears_in, use_fast_dropout, use_fused_lora
+
+    base = tiny_first_position_classifier("BertForSequenceClassification", "sdpa")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.2, target_modules=["query", "value", "dense"]
+    )
+    model = get_peft_model(base, config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero, where A's gradient would be zero too
+            torch.nn.init.normal_(param, std=0.2)
+    use_fast_dropout(model)
+    autocast = "autocast" in variant
+    if autocast:  # as training sets a bf16 run up
+        keep_lora_inputs_uncast(model)
+        store_frozen_linears_in(model, torch.bfloat16)
+    fused = copy.deepcopy(model)
+    assert use_fused_lora(fused) == 2 * 2 + 2 * 3 + 1  # query, value, three dense layers per layer, the pooler
+    if "checkpointing" in variant:
+        fused.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fused.enable_input_require_grads()
+    logits, grads = train_step_outputs(fused, autocast=autocast)
+    expected_logits, expected_grads = train_step_outputs(model, autocast=autocast)
+    assert not torch.allclose(train_step_outputs(fused, seed=1, autocast=autocast)[0], logits)  # dropout is on
+    # bf16: a few units of its last place, through three products of other rounding order
+    close = dict(rtol=5e-2, atol=5e-3) if autocast else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(logits, expected_logits, **close)
+    assert grads.keys() == expected_grads.keys() and any("lora_A" in name for name in grads)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, **close, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ids = torch.randint(5, 50, (2, 7))
+        assert torch.equal(fused.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
 
 
 @pytest.mark.parametrize("change", ["flash_attention_2", "no layers"])
