@@ -459,7 +459,8 @@ def _fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         or name not in layer.lora_A
         or name in layer.lora_variant
         or layer.lora_B[name].bias is not None
-        or any(p.requires_grad for p in base.parameters())
+        or base.weight.requires_grad
+        or (base.bias is not None and base.bias.requires_grad)
         or not isinstance(layer.lora_dropout[name], (FastDropout, nn.Identity))
     ):
         return layer.original_class.forward(layer, x, *args, **kwargs)

@@ -180,11 +180,18 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
 def fit(run: Run, state: LoopState, stop: StopFlag) -> Session:
     """The optimisation loop, from ``state`` to ``total_steps`` or a stop signal."""
+    from accelerate import DistributedType
+
     accelerator, model, t = run.accelerator, run.model, run.recipe.training
     per_process_batches, first_step = len(run.train_loader), state.global_step
     window = LogWindow(accelerator.device)
     step_hook = run.recipe.peft.spec.step_hook  # e.g. AdaLoRA's rank allocation
     progress = _progress_bar(run, state)
+    # What clipping walks: the parameters that train (walking every module's at each step cost about 1 ms of a
+    # MiniLM step on a CPU); Accelerate's FSDP clipping looks for the model's whole list.
+    clipped = list(model.parameters())
+    if accelerator.distributed_type != DistributedType.FSDP:
+        clipped = [p for p in clipped if p.requires_grad]
     model.train()
     interrupted = False
     while state.global_step < run.total_steps and not interrupted:
@@ -195,7 +202,7 @@ def fit(run: Run, state: LoopState, stop: StopFlag) -> Session:
                 window.add_micro_batch(outputs.loss, batch)
                 if accelerator.sync_gradients:
                     if t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        accelerator.clip_grad_norm_(clipped, t.max_grad_norm)
                     run.optimizer.step()
                     run.scheduler.step()
                     if step_hook is not None:
