@@ -464,10 +464,14 @@ def _fused_lora_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
         or not isinstance(layer.lora_dropout[name], (FastDropout, nn.Identity))
     ):
         return layer.original_class.forward(layer, x, *args, **kwargs)
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device)
+    if not autocast and x.dtype != layer.lora_A[name].weight.dtype:
+        # a bf16 model with float32 adapters: peft computes the adapter in float32, the base in bf16
+        return layer.original_class.forward(layer, x, *args, **kwargs)
     dropout = layer.lora_dropout[name]
     keep, keep_scale = dropout.mask(x) if isinstance(dropout, FastDropout) and dropout.p > 0 else (None, 1.0)
-    device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
     return _LoraProduct.apply(
         x,
         base.weight,
