@@ -56,18 +56,21 @@ CONTENDER_LABELS = {
     "trainer_dynamic": "Trainer + PEFT, dynamic padding + group_by_length",
 }
 LEVERS = {
-    "plain": (False, False),
-    "fast_dropout": (True, False),
-    "fused_adamw": (False, True),
-    "both": (True, True),
+    "plain": (False, False, False),
+    "fast_dropout": (True, False, False),
+    "fused_lora": (True, True, False),  # the fused LoRA layers take FastDropout's masks (else peft's forward)
+    "fused_adamw": (False, False, True),
+    "all": (True, True, True),
 }
-"""Ablation (``--levers``): a bare loop over our data and model with (FastDropout, fused AdamW) on or off."""
+"""Ablation (``--levers``): a bare loop over our data and model with (FastDropout, fused LoRA layers, fused AdamW)
+on or off."""
 LABELS = {
     **CONTENDER_LABELS,
-    "plain": "bare loop: torch dropout, foreach AdamW",
-    "fast_dropout": "bare loop + FastDropout",
+    "plain": "bare loop: torch dropout, peft's LoRA layers, foreach AdamW",
+    "fast_dropout": "bare loop + FastDropout (and the BERT family's attention dropout with it)",
+    "fused_lora": "bare loop + FastDropout + fused LoRA layers",
     "fused_adamw": "bare loop + fused AdamW",
-    "both": "bare loop + FastDropout + fused AdamW (= our loop)",
+    "all": "bare loop + FastDropout + fused LoRA layers + fused AdamW (our loop's CPU levers)",
 }
 MEMORY_VARIANTS = {
     "fp32": ["model.dtype=float32", "quantization.method=none"],
@@ -709,16 +712,17 @@ def bench_weights(job: dict[str, Any]) -> dict[str, Any]:
     return weight_memory(model)
 
 
-def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> dict[str, Any]:
+def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_lora: bool, fused_adamw: bool) -> dict[str, Any]:
     """A bare loop (forward, backward, clip, AdamW step) over our sampler, collator and model, with each lever
-    on or off: what FastDropout and fused AdamW buy, without the rest of :func:`train` around them."""
+    on or off: what FastDropout, the fused LoRA layers and fused AdamW buy, without the rest of :func:`train` around
+    them."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding, set_seed
 
     from lora_train.build import build_classifier, load_task_data
     from lora_train.data import EpochSampler, tokenize
-    from lora_train.modeling import count_parameters, load_tokenizer, use_fast_dropout
+    from lora_train.modeling import count_parameters, load_tokenizer, use_fast_dropout, use_fused_lora
 
     recipe = build_recipe(job["recipe"])
     t, d = recipe.training, recipe.data
@@ -735,6 +739,8 @@ def bench_lever(job: dict[str, Any], fast_dropout: bool, fused_adamw: bool) -> d
     model = build_classifier(recipe, data.label_names, tokenizer, total_steps=100)
     if fast_dropout:
         use_fast_dropout(model)
+    if fused_lora:
+        use_fused_lora(model)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.learning_rate, fused=fused_adamw
     )

@@ -213,13 +213,13 @@ def test_lever_ablation_times_a_bare_loop_with_and_without_each_lever(tmp_path, 
         recipe,
         Settings(warmup_steps=1, measure_steps=3, repeats=1, threads=1),
         tmp_path / "levers",
-        ("plain", "both"),
+        ("plain", "all"),
         log=lambda _: None,
-        reference="both",
+        reference="all",
     )
-    assert {r["contender"] for r in report["runs"]} == {"plain", "both"}
+    assert {r["contender"] for r in report["runs"]} == {"plain", "all"}
     assert all(r["steps"] == 3 and r["samples"] == 3 * 16 for r in report["runs"])
-    assert_summary_adds_up(report, "both")
-    plain, both = sorted(report["runs"], key=lambda r: r["contender"] != "plain")
-    assert plain["tokens"] == both["tokens"]  # both levers' loops timed the same batches
+    assert_summary_adds_up(report, "all")
+    plain, levers_on = sorted(report["runs"], key=lambda r: r["contender"] != "plain")
+    assert plain["tokens"] == levers_on["tokens"]  # both loops timed the same batches
     assert "FastDropout" in (tmp_path / "levers" / "results.md").read_text()

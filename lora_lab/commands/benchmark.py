@@ -5,7 +5,7 @@
     # accuracy at equal epochs (whole epochs timed, then the full validation split)
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_train_samples=8000 --epochs 1 --seed-per-repeat \\
         --out runs/bench/epochs
-    # ablation: a bare loop with FastDropout / fused AdamW on and off
+    # ablation: a bare loop with FastDropout / the fused LoRA layers / fused AdamW on and off
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml data.max_length=128 --levers --out runs/bench/levers
     # memory: weight bytes and peak memory of fp32, bf16, NF4 and NF4 + double quant LoRA
     python scripts/benchmark.py recipes/cpu/sst2_lora.yaml --memory --out runs/bench/memory
@@ -78,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.levers:
             if args.epochs is not None:
                 raise ValueError("--levers times --steps after --warmup; it has no --epochs mode")
-            report = run_benchmark(recipe, settings, Path(args.out), tuple(LEVERS), reference="both")
+            report = run_benchmark(recipe, settings, Path(args.out), tuple(LEVERS), reference="all")
         else:
             report = run_benchmark(recipe, settings, Path(args.out), tuple(args.contenders))
     except ValueError as err:
