@@ -387,23 +387,25 @@ class FastDropout(nn.Dropout):
         return keep, 65536 / (65536 - dropped)
 
 
-class _MaskProduct(torch.autograd.Function):
-    """``x * keep * scale`` in one pass, and its gradient in one (autograd's two products took two each).
+def _masked(x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * keep * scale`` in one pass. ``addcmul`` onto -0.0 gives the bits of the two products exactly, the sign of a
+    dropped zero included (+0.0 would turn a -0.0 into +0.0)."""
+    return torch.addcmul(x.new_full((), -0.0), x, keep, value=scale)
 
-    ``addcmul`` onto -0.0 gives autograd's bits exactly, the sign of a dropped zero included (+0.0 would turn a -0.0
-    into +0.0).
-    """
+
+class _MaskProduct(torch.autograd.Function):
+    """:func:`_masked` and its gradient, one pass each (autograd's two products took two each)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return torch.addcmul(x.new_full((), -0.0), x, keep, value=scale)
+        return _masked(x, keep, scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return torch.addcmul(grad.new_full((), -0.0), grad, keep, value=ctx.scale), None, None
+        return _masked(grad, keep, ctx.scale), None, None
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -496,7 +498,7 @@ class _LoraProduct(torch.autograd.Function):
             weight, lora_a, lora_b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             out = torch.mm(rows, weight.t()) if bias is None else torch.addmm(bias.to(dtype), rows, weight.t())
             if keep is not None:
-                rows = torch.addcmul(rows.new_full((), -0.0), rows, keep.view(rows.shape), value=keep_scale)
+                rows = _masked(rows, keep.view(rows.shape), keep_scale)
             down = torch.mm(rows, lora_a.t())
             out.addmm_(down, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(weight, lora_a, lora_b, keep, rows, down)
@@ -638,8 +640,9 @@ def fast_dropout_attention(
     probabilities; ``dropout`` is that module's p and not used.
 
     On a CPU, SDPA's flash kernel takes no dropout: with one, SDPA runs its math path, which draws a random number per
-    probability. For MiniLM's 32 x 12 heads x 22 x 22 probabilities, forward + backward took 2.75 ms there and 1.49 ms
-    here (2 threads). An SDPA mask (bool, True where a query may attend) becomes eager's additive one.
+    probability. For MiniLM's 32 x 12 heads x 22 x 22 probabilities, forward + backward took 2,893 us there and 1,738 us
+    here (2 threads; docs/performance.md, [F]). An SDPA mask (bool, True where a query may attend) becomes eager's
+    additive one.
     """
     scores = torch.matmul(query, key.transpose(2, 3)).mul_(scaling)
     if attention_mask is not None:
@@ -660,10 +663,9 @@ def _attend(attention: nn.Module, queries_from: torch.Tensor, hidden_states: tor
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     heads = lambda x: x.view(*x.shape[:2], -1, attention.attention_head_size).transpose(1, 2)  # noqa: E731
-    drops = attention.training and isinstance(attention.dropout, FastDropout) and attention.dropout.p > 0
     attend = (
         fast_dropout_attention
-        if drops
+        if _drops_out(attention)
         else ALL_ATTENTION_FUNCTIONS.get_interface(
             attention.config._attn_implementation, sys.modules[type(attention).__module__].eager_attention_forward
         )
@@ -681,9 +683,15 @@ def _attend(attention: nn.Module, queries_from: torch.Tensor, hidden_states: tor
     return out.reshape(*queries_from.shape[:-1], -1), probabilities
 
 
+def _drops_out(attention: nn.Module) -> bool:
+    """Whether a BERT-family self-attention drops out its probabilities with a FastDropout now (in training)."""
+    return attention.training and isinstance(attention.dropout, FastDropout) and attention.dropout.p > 0
+
+
 def _self_attention(attention, hidden_states, attention_mask=None, cache=None, **kwargs):
-    """A BERT-family self-attention's forward with :func:`_attend`; a cache takes the original forward."""
-    if cache is not None:
+    """A BERT-family self-attention's forward: with :func:`fast_dropout_attention` where it drops out (and has no
+    cache), else transformers' own."""
+    if cache is not None or not _drops_out(attention):
         return attention.original_class.forward(attention, hidden_states, attention_mask, cache, **kwargs)
     return _attend(attention, hidden_states, hidden_states, attention_mask, **kwargs)
 
