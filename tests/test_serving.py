@@ -16,6 +16,8 @@ import os
 import random
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -919,6 +921,61 @@ def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
     assert classify(server, "sentiment", TEXTS).status_code == 200
 
 
+def test_command_line_kernel_cache_bounds_both_caches_before_the_model_loads(runs, monkeypatch, capsys):
+    from lora_train.machine import KERNEL_CACHE_VARIABLES
+
+    for name in KERNEL_CACHE_VARIABLES:
+        monkeypatch.setenv(name, "unset")  # records the variable as it was, to put it back afterwards
+        monkeypatch.delenv(name)
+    assert serve_main([str(runs["sentiment"]), "--kernel-cache", "0", "--port", str(free_port())]) == 2
+    assert "--kernel-cache must be > 0" in capsys.readouterr().err
+    assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)
+    # set before the adapters are read (here refused: two bases), so before any of the model's kernels
+    assert serve_main([str(runs["sentiment"]), str(runs["other_base"]), "--kernel-cache", "16"]) == 2
+    assert [os.environ[name] for name in KERNEL_CACHE_VARIABLES] == ["16", "16"]
+
+
+KERNEL_SHAPES = """
+import re, sys, torch
+from lora_train.machine import bound_kernel_caches
+if sys.argv[1] != "default":
+    bound_kernel_caches(int(sys.argv[1]))
+torch.set_num_threads(1)
+rss = lambda: int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+weight = torch.randn(1536, 384).to(torch.bfloat16)
+with torch.inference_mode():
+    torch.nn.functional.gelu(torch.nn.functional.linear(torch.randn(8, 384).to(torch.bfloat16), weight))
+    before = rss()
+    for rows in range(1, 61):  # 60 shapes: 60 products and 60 GELUs for oneDNN to compile
+        torch.nn.functional.gelu(torch.nn.functional.linear(torch.randn(rows, 384, dtype=torch.bfloat16), weight))
+print(rss() - before)
+"""
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available() or not torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    reason="no oneDNN bf16 kernels on this CPU, so no kernel caches to bound",
+)
+def test_bounded_kernel_caches_hold_less_memory_across_shapes():
+    """Each cache alone kept the kernels (oneDNN's bounded: +0.4 MB a shape); both bounded, the growth goes."""
+    from lora_train.machine import KERNEL_CACHE_VARIABLES
+
+    env = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHE_VARIABLES}
+    grown = {}
+    for capacity in ("default", "4"):
+        done = subprocess.run(
+            [sys.executable, "-c", KERNEL_SHAPES, capacity],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=300,
+            env=env,
+        )
+        grown[capacity] = float(done.stdout.split()[-1])
+    assert grown["default"] > 15, grown  # 60 x (0.3 to 0.7) MB measured with the caches at 1024
+    assert grown["4"] < grown["default"] / 3, grown
+
+
 def test_command_line_says_what_a_valid_adapter_name_is(runs, capsys):
     """Before: '<b>x</b>=RUN' became one path and the error said it was neither a run directory nor a Hub id."""
     assert serve_main([f"<b>x</b>={runs['sentiment']}", "--port", str(free_port())]) == 2
@@ -1146,6 +1203,7 @@ def test_a_model_change_waits_for_running_batches_and_holds_back_later_ones():
         (["--server-workers", "0"], "--server-workers must be > 0"),
         (["--server-threads", "-1"], "--server-threads must be > 0"),
         (["--scale", "0"], "--scale counts must be > 0"),
+        (["--server-kernel-cache", "0"], "--server-kernel-cache must be > 0"),
     ],
 )
 def test_load_test_refuses_counts_below_one_before_any_work(flag, message, capsys):

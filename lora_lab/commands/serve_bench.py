@@ -53,6 +53,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "--server-workers", type=int, help="--workers of lora-serve (model worker threads; default: its default)"
     )
     parser.add_argument(
+        "--server-kernel-cache",
+        type=int,
+        metavar="N",
+        help="--kernel-cache of lora-serve (compiled oneDNN kernels kept; default: its default)",
+    )
+    parser.add_argument(
         "--server-no-merge", action="store_true", help="--no-merge of lora-serve (LoRA adapters unmerged on a CPU)"
     )
     parser.add_argument(
@@ -87,7 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--clients, --duration, --texts-per-adapter and --repeats must be > 0, --warmup >= 0")
     if args.scale and min(args.scale) <= 0:
         parser.error("--scale counts must be > 0")
-    for flag in ("server_threads", "server_workers"):  # 0 would silently mean "the server's default"
+    for flag in (
+        "server_threads",
+        "server_workers",
+        "server_kernel_cache",
+    ):  # 0 would silently mean "the server's default"
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
 
@@ -118,6 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     server_args = ["--threads", str(args.server_threads)] if args.server_threads else []
     if args.server_workers:  # lora-serve's alone: the plain server takes --threads only
         server_args += ["--workers", str(args.server_workers)]
+    if args.server_kernel_cache:
+        server_args += ["--kernel-cache", str(args.server_kernel_cache)]
     if args.server_no_merge:
         server_args += ["--no-merge"]
     if args.fan_out:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from lora_train.machine import bound_kernel_caches
 from lora_train.serving.access import LOOPBACK_HOSTS, Access, normal_host, read_admin_token
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import Adapter, ServingError, check_adapter_name, read_adapter
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="padding tokens one more forward is worth: a batch is split by text length where that saves more"
         " (default: 104 on CPU, 4096 on GPU)",
+    )
+    parser.add_argument(
+        "--kernel-cache",
+        type=int,
+        metavar="N",
+        help="compiled oneDNN kernels kept on a CPU, in each of oneDNN's and PyTorch's caches (default: theirs, 1024):"
+        " fewer hold less memory under load and compile more often (measured in docs/serving.md)",
     )
     parser.add_argument("--max-texts", type=int, default=64, help="most texts per request (more: 413)")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (more: 413)")
@@ -189,6 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "workers",
         "max_batch_texts",
         "forward_cost_tokens",
+        "kernel_cache",
         "max_texts",
         "max_body_bytes",
         "max_queued_texts",
@@ -213,6 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.kernel_cache:
+        bound_kernel_caches(args.kernel_cache)  # before the model's first oneDNN kernel
     registry = registry_for(args)
     try:
         for adapter in read_all(args.adapters):
