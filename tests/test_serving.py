@@ -923,16 +923,32 @@ def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
 
 def test_command_line_kernel_cache_bounds_both_caches_before_the_model_loads(runs, monkeypatch, capsys):
     from lora_train.machine import KERNEL_CACHE_VARIABLES
+    from lora_train.serving.server import DEFAULT_KERNEL_CACHE
 
-    for name in KERNEL_CACHE_VARIABLES:
-        monkeypatch.setenv(name, "unset")  # records the variable as it was, to put it back afterwards
-        monkeypatch.delenv(name)
+    def cleared() -> None:
+        for name in KERNEL_CACHE_VARIABLES:
+            monkeypatch.setenv(name, "unset")  # records the variable as it was, to put it back afterwards
+            monkeypatch.delenv(name)
+
+    def settings() -> list[Optional[str]]:
+        return [os.environ.get(name) for name in KERNEL_CACHE_VARIABLES]
+
+    two_bases = [str(runs["sentiment"]), str(runs["other_base"])]  # refused after the caches are set, before a model
+    cleared()
     assert serve_main([str(runs["sentiment"]), "--kernel-cache", "0", "--port", str(free_port())]) == 2
     assert "--kernel-cache must be > 0" in capsys.readouterr().err
-    assert not any(name in os.environ for name in KERNEL_CACHE_VARIABLES)
-    # set before the adapters are read (here refused: two bases), so before any of the model's kernels
-    assert serve_main([str(runs["sentiment"]), str(runs["other_base"]), "--kernel-cache", "16"]) == 2
-    assert [os.environ[name] for name in KERNEL_CACHE_VARIABLES] == ["16", "16"]
+    assert settings() == [None, None]
+    assert serve_main(two_bases) == 2
+    assert settings() == [str(DEFAULT_KERNEL_CACHE)] * 2
+    cleared()
+    assert serve_main([*two_bases, "--kernel-cache", "16"]) == 2
+    assert settings() == ["16", "16"]
+    cleared()
+    monkeypatch.setenv(KERNEL_CACHE_VARIABLES[0], "512")  # the operator's own choice is kept without the flag
+    assert serve_main(two_bases) == 2
+    assert settings() == ["512", None]
+    assert serve_main([*two_bases, "--kernel-cache", "32"]) == 2  # and the flag wins over it
+    assert settings() == ["32", "32"]
 
 
 KERNEL_SHAPES = """
