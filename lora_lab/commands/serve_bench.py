@@ -93,11 +93,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("--clients, --duration, --texts-per-adapter and --repeats must be > 0, --warmup >= 0")
     if args.scale and min(args.scale) <= 0:
         parser.error("--scale counts must be > 0")
-    for flag in (
-        "server_threads",
-        "server_workers",
-        "server_kernel_cache",
-    ):  # 0 would silently mean "the server's default"
+    # 0 would silently mean "the server's default"
+    for flag in ("server_threads", "server_workers", "server_kernel_cache"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             parser.error(f"--{flag.replace('_', '-')} must be > 0")
 

@@ -242,7 +242,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ServingError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    log.info("base model %s on %s, %d model worker(s)", registry.base, registry.device, args.workers)
+    log.info(
+        "base model %s on %s, %d model worker(s), oneDNN kernel caches of %s",
+        registry.base,
+        registry.device,
+        args.workers,
+        kernel_cache or "the environment's size",
+    )
     batcher = MicroBatcher(
         registry.runners(),
         max_batch_texts=args.max_batch_texts,
