@@ -174,6 +174,14 @@ def read_all(specs: Sequence[str]) -> list[Adapter]:
     return adapters
 
 
+def kernel_cache_for(requested: Optional[int]) -> Optional[int]:
+    """How many compiled kernels each oneDNN cache keeps: ``--kernel-cache``, else :data:`DEFAULT_KERNEL_CACHE` unless
+    the environment already sizes either cache (None: left as it says)."""
+    if requested:
+        return requested
+    return None if any(name in os.environ for name in KERNEL_CACHE_VARIABLES) else DEFAULT_KERNEL_CACHE
+
+
 def access_for(args: argparse.Namespace) -> Access:
     """The operator's access choices from the command line (and $LORA_SERVE_ADMIN_TOKEN), checked."""
     token = read_admin_token(args.admin_token_file)
@@ -229,9 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    kernel_cache = args.kernel_cache or (
-        None if any(name in os.environ for name in KERNEL_CACHE_VARIABLES) else DEFAULT_KERNEL_CACHE
-    )
+    kernel_cache = kernel_cache_for(args.kernel_cache)
     if kernel_cache:
         bound_kernel_caches(kernel_cache)  # before the model's first oneDNN kernel
     registry = registry_for(args)
@@ -242,13 +248,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ServingError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    log.info(
-        "base model %s on %s, %d model worker(s), oneDNN kernel caches of %s",
-        registry.base,
-        registry.device,
-        args.workers,
-        kernel_cache or "the environment's size",
-    )
+    workers = f"{args.workers} model worker(s), oneDNN kernel caches: {kernel_cache or 'as the environment sets'}"
+    log.info("base model %s on %s, %s", registry.base, registry.device, workers)
     batcher = MicroBatcher(
         registry.runners(),
         max_batch_texts=args.max_batch_texts,
