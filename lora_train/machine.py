@@ -39,23 +39,6 @@ def native_bf16() -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
-"""oneDNN's primitive cache and PyTorch's own cache of oneDNN kernels (ideep's): each keeps up to 1024 compiled
-kernels by default; one more shape of a bf16 matrix product held about 0.6 MB in the two, of a GELU 0.3 MB
-(docs/serving.md)."""
-
-
-def bound_kernel_caches(capacity: int) -> None:
-    """Keep at most ``capacity`` compiled oneDNN kernels in each of :data:`KERNEL_CACHE_VARIABLES`' caches.
-
-    oneDNN compiles a kernel per operation and shape, and a batching server meets many shapes (texts per batch times
-    padded length), so these caches are most of what a CPU server's memory grows by under load. Bounding only
-    oneDNN's own leaves PyTorch's holding the same kernels. Each cache reads its variable when first used: call this
-    before the process's first oneDNN operation (a bf16 product or GELU on a CPU)."""
-    for name in KERNEL_CACHE_VARIABLES:
-        os.environ[name] = str(capacity)
-
-
 def machine_info(threads: Optional[int] = None) -> dict[str, Any]:
     """CPU, cores, GPU, torch threads, load average and library versions: where a figure comes from."""
     import peft

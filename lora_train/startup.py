@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import logging
+import os
 import sys
 import warnings
 
@@ -81,6 +82,23 @@ def prepare_process() -> None:
     # peft 0.21 reads ``model.is_gradient_checkpointing``, which transformers 5 deprecates with a FutureWarning on every
     # run; the attribute is peft's to rename, nothing in a recipe changes it.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+KERNEL_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+"""oneDNN's primitive cache and PyTorch's own cache of oneDNN kernels (ideep's): each keeps up to 1024 compiled
+kernels by default; one more shape of a bf16 matrix product held about 0.6 MB in the two, of a GELU 0.3 MB
+(docs/serving.md)."""
+
+
+def bound_kernel_caches(capacity: int) -> None:
+    """Keep at most ``capacity`` compiled oneDNN kernels in each of :data:`KERNEL_CACHE_VARIABLES`' caches.
+
+    oneDNN compiles a kernel per operation and shape, and a batching server meets many shapes (texts per batch times
+    padded length), so these caches are most of what a CPU server's memory grows by under load. Bounding only
+    oneDNN's own leaves PyTorch's holding the same kernels. Each cache reads its variable when first used: call this
+    before the process's first oneDNN operation (a bf16 product or GELU on a CPU)."""
+    for name in KERNEL_CACHE_VARIABLES:
+        os.environ[name] = str(capacity)
 
 
 def configure_logging(is_main: bool) -> None:

@@ -922,8 +922,8 @@ def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
 
 
 def test_command_line_kernel_cache_bounds_both_caches_before_the_model_loads(runs, monkeypatch, capsys):
-    from lora_train.machine import KERNEL_CACHE_VARIABLES
     from lora_train.serving.server import DEFAULT_KERNEL_CACHE
+    from lora_train.startup import KERNEL_CACHE_VARIABLES
 
     def cleared() -> None:
         for name in KERNEL_CACHE_VARIABLES:
@@ -953,7 +953,7 @@ def test_command_line_kernel_cache_bounds_both_caches_before_the_model_loads(run
 
 KERNEL_SHAPES = """
 import re, sys, torch
-from lora_train.machine import bound_kernel_caches
+from lora_train.startup import bound_kernel_caches
 if sys.argv[1] != "default":
     bound_kernel_caches(int(sys.argv[1]))
 torch.set_num_threads(1)
@@ -974,7 +974,7 @@ print(rss() - before)
 )
 def test_bounded_kernel_caches_hold_less_memory_across_shapes():
     """Each cache alone kept the kernels (oneDNN's bounded: +0.4 MB a shape); both bounded, the growth goes."""
-    from lora_train.machine import KERNEL_CACHE_VARIABLES
+    from lora_train.startup import KERNEL_CACHE_VARIABLES
 
     env = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHE_VARIABLES}
     grown = {}

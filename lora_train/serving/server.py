@@ -10,17 +10,16 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from lora_train.machine import KERNEL_CACHE_VARIABLES, bound_kernel_caches
 from lora_train.serving.access import LOOPBACK_HOSTS, Access, normal_host, read_admin_token
 from lora_train.serving.batcher import MicroBatcher
 from lora_train.serving.registry import Adapter, ServingError, check_adapter_name, read_adapter
 from lora_train.serving.replicas import ReplicatedRegistry
-from lora_train.startup import prepare_process
+from lora_train.startup import KERNEL_CACHE_VARIABLES, bound_kernel_caches, prepare_process
 
 log = logging.getLogger("lora_train.serving")
 
 DEFAULT_KERNEL_CACHE = 128
-"""Compiled oneDNN kernels a CPU server keeps in each cache (:func:`lora_train.machine.bound_kernel_caches`). With
+"""Compiled oneDNN kernels a CPU server keeps in each cache (:func:`lora_train.startup.bound_kernel_caches`). With
 the libraries' 1,024 a server of two short-text adapters held 852 and 861 MB against the plain server's 836; with
 128, 808 and 782 MB at 2.59x and 2.72x its requests/s (docs/serving.md, "Both kernel caches bounded")."""
 
@@ -248,8 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ServingError as err:
         print(f"error: {err.message}", file=sys.stderr)
         return 2
-    workers = f"{args.workers} model worker(s), oneDNN kernel caches: {kernel_cache or 'as the environment sets'}"
-    log.info("base model %s on %s, %s", registry.base, registry.device, workers)
+    setup = f"{args.workers} model worker(s), oneDNN kernel caches: {kernel_cache or 'as the environment sets'}"
+    log.info("base model %s on %s, %s", registry.base, registry.device, setup)
     batcher = MicroBatcher(
         registry.runners(),
         max_batch_texts=args.max_batch_texts,
