@@ -7,12 +7,14 @@ who imports peft or bitsandbytes in their own program and wants the same protect
 
 from __future__ import annotations
 
+import ctypes
 import importlib.abc
 import importlib.machinery
 import logging
 import os
 import sys
 import warnings
+from typing import Callable, Optional
 
 
 class _ExecWithoutHubKernels(importlib.abc.Loader):
@@ -99,6 +101,24 @@ def bound_kernel_caches(capacity: int) -> None:
     before the process's first oneDNN operation (a bf16 product or GELU on a CPU)."""
     for name in KERNEL_CACHE_VARIABLES:
         os.environ[name] = str(capacity)
+
+
+def heap_release() -> Optional[Callable[[], object]]:
+    """glibc's ``malloc_trim(0)``: hands the free pages of every malloc arena back to the OS; None where the C library
+    has no such call (macOS, musl).
+
+    A long-running CPU server allocates and frees activations of every batch shape in several threads, and glibc keeps
+    what is freed in each thread's arena: with two model workers, a server of two short-text adapters held 856 to 867
+    MB under load, 782 to 784 MB when trimmed at most every 0.25 s, at the same requests/s (docs/serving.md, "Free
+    memory handed back")."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the process already runs on
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
 
 
 def configure_logging(is_main: bool) -> None:

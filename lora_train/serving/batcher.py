@@ -21,11 +21,15 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from lora_train.serving.registry import ServingError
+from lora_train.startup import heap_release
 
 log = logging.getLogger("lora_train.serving")
+HEAP_RELEASE_INTERVAL_S = 0.25
+"""After a batch, a worker hands the C heap's free pages back to the OS (:func:`lora_train.startup.heap_release`)
+when this long has passed since it was last done, by any worker: about 2 ms a time on this CPU, so at most 1%."""
 RunBatch = Callable[[list[tuple[str, list]]], list[Any]]
 """A model's forward over queued requests ``(adapter, features)``: one result (or exception) per request."""
 
@@ -68,13 +72,18 @@ class MicroBatcher:
         max_wait_s: float = 0.005,
         max_queued_texts: int = 4096,
         batching: bool = True,
+        heap_release_interval_s: Optional[float] = HEAP_RELEASE_INTERVAL_S,
     ):
-        """``run_batch``: the forward of one model, or one per replica (a worker each)."""
+        """``run_batch``: the forward of one model, or one per replica (a worker each). ``heap_release_interval_s``:
+        see :data:`HEAP_RELEASE_INTERVAL_S`; None never releases."""
         self._runners = list(run_batch) if isinstance(run_batch, Sequence) else [run_batch]
         self.max_batch_texts = max_batch_texts
         self.max_wait_s = max_wait_s
         self.max_queued_texts = max_queued_texts
         self.batching = batching
+        self._heap_release = heap_release() if heap_release_interval_s is not None else None
+        self._heap_release_interval_s = heap_release_interval_s or 0.0
+        self._heap_released_at = time.monotonic()
         self.stats = BatchStats()
         self._queue: deque = deque()
         self._queued_texts = 0
@@ -208,6 +217,13 @@ class MicroBatcher:
                 job.future.set_exception(result)
             else:
                 job.future.set_result(result)
+        self._release_heap()  # after the answers, so no request waits for it
+
+    def _release_heap(self) -> None:
+        now = time.monotonic()
+        if self._heap_release is not None and now - self._heap_released_at >= self._heap_release_interval_s:
+            self._heap_released_at = now  # unlocked: two workers may both release once, which is harmless
+            self._heap_release()
 
     @staticmethod
     def _run_alone(job: Job, run_batch: Callable) -> Any:
