@@ -108,9 +108,7 @@ def heap_release() -> Optional[Callable[[], object]]:
     has no such call (macOS, musl).
 
     A long-running CPU server allocates and frees activations of every batch shape in several threads, and glibc keeps
-    what is freed in each thread's arena: with two model workers, a server of two short-text adapters held 856 to 867
-    MB under load, 782 to 784 MB when trimmed at most every 0.25 s, at the same requests/s (docs/serving.md, "Free
-    memory handed back")."""
+    what is freed in each thread's arena (docs/serving.md, "Free heap memory handed back")."""
     if not sys.platform.startswith("linux"):
         return None
     try:
