@@ -32,7 +32,7 @@ HEAP_RELEASE_INTERVAL_S = 2.0
 when this long has passed since it was last done, by any worker. The call takes about 2 ms, but the pages it returns
 are faulted in again by the next batches: every 0.25 s it cost 6% of a server's requests/s, every 2 s about 1%
 (within the noise), for 748 to 752 MB instead of 769 to 804 under load (docs/serving.md, "Free heap memory handed
-back")."""
+back"). Only a batch releases: a server that goes idle keeps what it held after its last one."""
 RunBatch = Callable[[list[tuple[str, list]]], list[Any]]
 """A model's forward over queued requests ``(adapter, features)``: one result (or exception) per request."""
 
