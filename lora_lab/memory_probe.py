@@ -12,11 +12,10 @@ Measured figures: docs/results.md ("Memory: where the IMDb recipe's gigabytes we
 from __future__ import annotations
 
 import argparse
-import ctypes
 import time
 from typing import Optional, Sequence
 
-from lora_train.startup import prepare_process
+from lora_train.startup import heap_release, prepare_process
 
 
 def _status_mb(field: str) -> int:
@@ -48,6 +47,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
     if args.attention_dropout is not None and not 0 <= args.attention_dropout < 1:
         parser.error("--attention-dropout must be in [0, 1)")
+    release_heap = heap_release()
+    if release_heap is None:
+        parser.error("this probe needs glibc's malloc_trim (Linux with glibc)")
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -57,7 +59,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from lora_train.data import padded_length
     from lora_train.modeling import ATTENTION_DROPOUT_FIELDS, attention_dropout_field
 
-    libc = ctypes.CDLL("libc.so.6")
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(args.model, num_labels=2)
     if args.attention_dropout is not None:
@@ -91,7 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         if step % 10 == 0:
             rss = _status_mb("VmRSS")
-            libc.malloc_trim(0)  # hand freed heap back, so what remains is live memory
+            release_heap()  # hand freed heap back, so what remains is live memory
             print(
                 f"step {step}: RSS {rss} MB, after malloc_trim {_status_mb('VmRSS')} MB,"
                 f" peak {_status_mb('VmHWM')} MB, {time.perf_counter() - start:.0f} s",

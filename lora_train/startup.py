@@ -96,7 +96,8 @@ def bound_kernel_caches(capacity: int) -> None:
     """Keep at most ``capacity`` compiled oneDNN kernels in each of :data:`KERNEL_CACHE_VARIABLES`' caches.
 
     oneDNN compiles a kernel per operation and shape, and a batching server meets many shapes (texts per batch times
-    padded length), so these caches are most of what a CPU server's memory grows by under load. Bounding only
+    padded length), so these caches are much of what a CPU server's memory grows by under load (the rest is free
+    heap memory glibc keeps, see :func:`heap_release`). Bounding only
     oneDNN's own leaves PyTorch's holding the same kernels. Each cache reads its variable when first used: call this
     before the process's first oneDNN operation (a bf16 product or GELU on a CPU)."""
     for name in KERNEL_CACHE_VARIABLES:
