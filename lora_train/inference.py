@@ -41,6 +41,8 @@ from lora_train.metrics import evaluate
 from lora_train.modeling import (
     autocast_dtype,
     last_layer_at_first_position,
+    pack_padded_tokens,
+    packed_tokens,
     require_tokenizer_files,
     store_frozen_linears_in,
     tokenizer_error,
@@ -217,6 +219,8 @@ def load_run(
         ).to(target)
     if not full_last_layer:
         last_layer_at_first_position(model, in_evaluation=merging)
+    if merging:  # and on the real tokens only, within predict's packed_tokens()
+        pack_padded_tokens(model)
     return LoadedRun(model.eval(), tokenizer, recipe, label_names, directory, source)
 
 
@@ -232,7 +236,7 @@ def predict(run: LoadedRun, texts: Iterable[str | tuple[str, str]], batch_size: 
         firsts, pairs = _split_pairs(batch, data.text_pair_column)
         enc = encode_texts(run.tokenizer, firsts, data.max_length, data.truncation, pairs)
         enc = collate([{key: enc[key][i] for key in enc.keys()} for i in range(len(firsts))])
-        with autocast_like_training(run):  # the precision the run was trained and scored in
+        with autocast_like_training(run), packed_tokens():  # the precision the run was trained and scored in
             probs = torch.softmax(run.model(**enc.to(run.device)).logits.float(), dim=-1).cpu()
         for i, row in enumerate(probs):
             best = int(row.argmax())

@@ -291,6 +291,31 @@ def test_merged_adapters_answer_as_predict_to_the_bit_and_as_the_unmerged_forwar
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+def test_merged_forwards_run_the_real_tokens_only_in_one_forward_as_predict(runs):
+    """A merging server's forward of one adapter skips the padding (lora_train.modeling.packed_tokens): texts of very
+    different lengths run as one forward whose products see only their real tokens, not split by length, and answer
+    as predict.py over the same texts; an unmerged (grouped) forward keeps the padded batch."""
+    texts = [LONG_TEXT, *TEXTS]
+    rows = {}
+    for merge in (True, False):
+        registry = AdapterRegistry("cpu", merge=merge)
+        registry.attach(read_adapter(str(runs["bf16"])))
+        features, _ = registry.get("bf16").encode(texts)
+        real = sum(len(f["input_ids"]) for f in features)
+        layer = registry.model.get_base_model() if registry._peft_model() else registry.model
+        dense = layer.bert.encoder.layer[0].intermediate.dense
+        seen = []
+        hook = dense.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0].shape[:-1]))
+        [served] = registry.classify([("bf16", features)])
+        hook.remove()
+        rows[merge] = seen
+        expected = predict(load_run(str(runs["bf16"]), device="cpu", merge=merge), texts)
+        torch.testing.assert_close(served, torch.tensor([list(r["probabilities"].values()) for r in expected]))
+    assert len(rows[True]) == 1 and len(rows[True][0]) == 1  # one forward, over packed token rows
+    assert real <= rows[True][0][0] < len(texts) * 32  # the real tokens (up to a bf16 bucket), not 6 x 32 padded
+    assert all(len(shape) == 2 for shape in rows[False])  # (texts, positions): the padded batch
+
+
 def test_no_merge_serves_the_unmerged_forward_as_predict_no_merge(runs):
     """``lora-serve --no-merge`` (every worker's registry) keeps LoRA adapters in the PeftModel, grouped in shared
     forwards, and answers as ``predict.py --no-merge``; under bf16, bit for bit over the same texts."""

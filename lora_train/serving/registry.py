@@ -48,7 +48,7 @@ from lora_train.inference import (
     training_autocast,
 )
 from lora_train.merged import mergeable, merged_tensors, merges_lora
-from lora_train.modeling import last_layer_at_first_position
+from lora_train.modeling import last_layer_at_first_position, pack_padded_tokens, packed_tokens
 from lora_train.serving.grouped import GroupedLoRA
 from lora_train.serving.trained import Slots, misfits, peft_layers, peft_layers_off, slots, swapped_in
 
@@ -425,6 +425,8 @@ class AdapterRegistry:
         base = load_base_for_run(adapter.recipe, adapter.label_names, adapter.tokenizer, self.device)
         # as predict.py's merged forward: the last layer at the first position (--no-merge: the full one, as eval.py's)
         last_layer_at_first_position(base, in_evaluation=self.merge)
+        if self.merge:  # and on the real tokens only, in the merged forwards (lora_train.modeling.packed_tokens)
+            pack_padded_tokens(base)
         self._module_names = {part for name, _ in base.named_modules() for part in name.split(".") if part}
         self.max_positions = getattr(base.config, "max_position_embeddings", None) or getattr(
             base.config, "n_positions", None
@@ -546,8 +548,9 @@ class AdapterRegistry:
         """Class probabilities for each request ``(adapter name, token features)``, in order.
 
         Texts of adapters that share forwards (:meth:`_group_of`) run together; the others run per adapter. Within
-        a group, texts of very different lengths go to separate forwards (see :func:`length_buckets`). A request
-        whose adapter is gone gets a :class:`ServingError` in place of its probabilities.
+        a group, texts of very different lengths go to separate forwards (see :func:`length_buckets`), except in a
+        packed forward (:func:`lora_train.modeling.packed_tokens`), which computes no padding outside the attention.
+        A request whose adapter is gone gets a :class:`ServingError` in place of its probabilities.
         """
         results: list[Any] = [None] * len(requests)
         groups: dict[tuple, list[tuple[int, int]]] = {}  # group -> (request index, text index) of its texts
@@ -562,7 +565,10 @@ class AdapterRegistry:
         rows: dict[tuple[int, int], torch.Tensor] = {}
         for (how, *_), texts in groups.items():
             lengths = [len(requests[i][1][t]["input_ids"]) for i, t in texts]
-            for bucket in length_buckets(lengths, self.forward_cost_tokens):
+            # A packed forward (merged and trained-tensor runs where the server merges) does not compute the padding
+            # but in the attention, so splitting it by length would save little for another forward's fixed cost.
+            packs = self.merge and not adapters[requests[texts[0][0]][0]].is_peft
+            for bucket in [list(range(len(texts)))] if packs else length_buckets(lengths, self.forward_cost_tokens):
                 chosen = [texts[k] for k in bucket]
                 names = [requests[i][0] for i, _ in chosen]
                 logits = self._forward(how, names, [requests[i][1][t] for i, t in chosen], adapters)
@@ -600,7 +606,7 @@ class AdapterRegistry:
         self._route_heads(first.heads)
         with training_autocast(first.recipe, self.device):
             if not first.is_peft:  # the bare base with the run's tensors in place (lora_train.serving.trained)
-                with peft_layers_off(self._peft_layers), swapped_in(first.slots):
+                with peft_layers_off(self._peft_layers), swapped_in(first.slots), packed_tokens():
                     return self._base_model(**batch).logits
             if how == "grouped":  # also for one adapter: peft's set_adapter walks every module at each switch
                 with self.grouped.rows(names):

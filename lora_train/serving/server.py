@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--forward-cost-tokens",
         type=int,
         help="padding tokens one more forward is worth: a batch is split by text length where that saves more"
-        " (default: 104 on CPU, 4096 on GPU)",
+        " (default: 104 on CPU, 4096 on GPU; a merged forward skips padding and is not split)",
     )
     parser.add_argument(
         "--kernel-cache",
