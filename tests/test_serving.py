@@ -302,8 +302,8 @@ def test_merged_forwards_run_the_real_tokens_only_in_one_forward_as_predict(runs
         registry.attach(read_adapter(str(runs["bf16"])))
         features, _ = registry.get("bf16").encode(texts)
         real = sum(len(f["input_ids"]) for f in features)
-        layer = registry.model.get_base_model() if registry._peft_model() else registry.model
-        dense = layer.bert.encoder.layer[0].intermediate.dense
+        base = registry.model.get_base_model() if registry._peft_model() else registry.model
+        dense = base.bert.encoder.layer[0].intermediate.dense
         seen = []
         hook = dense.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0].shape[:-1]))
         [served] = registry.classify([("bf16", features)])

@@ -565,9 +565,10 @@ class AdapterRegistry:
         rows: dict[tuple[int, int], torch.Tensor] = {}
         for (how, *_), texts in groups.items():
             lengths = [len(requests[i][1][t]["input_ids"]) for i, t in texts]
+            adapter = adapters[requests[texts[0][0]][0]]  # a group's adapters are alike (peft or not)
             # A packed forward (merged and trained-tensor runs where the server merges) does not compute the padding
             # but in the attention, so splitting it by length would save little for another forward's fixed cost.
-            packs = self.merge and not adapters[requests[texts[0][0]][0]].is_peft
+            packs = self.merge and not adapter.is_peft
             for bucket in [list(range(len(texts)))] if packs else length_buckets(lengths, self.forward_cost_tokens):
                 chosen = [texts[k] for k in bucket]
                 names = [requests[i][0] for i, _ in chosen]
