@@ -129,6 +129,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+APPS: dict[str, object] = {}
+"""The app behind each URL :func:`serving` yields."""
+
+
 @contextlib.contextmanager
 def serving(registry: AdapterRegistry, access: Access, limits: Optional[Limits] = None, max_wait_s: float = 0.05):
     """The real app under uvicorn on 127.0.0.1 (a free port) over ``registry``; yields its URL."""
@@ -147,9 +151,12 @@ def serving(registry: AdapterRegistry, access: Access, limits: Optional[Limits] 
     while not uv.started:
         assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    APPS[url] = app
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
+        APPS.pop(url, None)
         uv.should_exit = True
         thread.join(timeout=10)
         batcher.stop()
@@ -928,6 +935,37 @@ def test_a_request_that_fails_its_batch_fails_alone(runs, reference):
     finally:
         batcher.stop()
     assert (batcher.stats.batches, batcher.stats.requests) == (1, 3)  # they did share the batch
+
+
+def test_valid_json_requests_take_the_fast_path_and_get_the_route_s_answer_to_the_byte(server):
+    """ClassifyFastPath answers a valid JSON request before FastAPI's route, with the route's answer to the byte. A
+    body opening with a byte-order mark, which Python's JSON parser takes and pydantic's does not, goes on to the
+    route: the two answers of each body are compared."""
+    stats = APPS[server].state.fast_path
+    bodies = [
+        {"adapter": "three", "texts": TEXTS[:3]},
+        {"adapters": ["three", "sentiment"], "texts": TEXTS[:2]},
+        {"adapter": "nope", "texts": ["a"]},
+        {"adapter": "sentiment", "texts": ["x"] * (MAX_TEXTS + 1)},
+    ]
+    types = ["application/json", "application/json; charset=utf-8", "application/x+json", "Application/JSON"]
+    for body, json_type in zip(bodies, types, strict=True):
+        raw = json.dumps(body).encode()
+        before = stats.answered
+        fast = httpx.post(f"{server}/v1/classify", content=raw, headers={"content-type": json_type}, timeout=60)
+        assert stats.answered == before + 1
+        route = httpx.post(
+            f"{server}/v1/classify", content=b"\xef\xbb\xbf" + raw, headers={"content-type": json_type}, timeout=60
+        )
+        assert stats.answered == before + 1
+        assert fast.status_code in (200, 404, 413)
+        assert (fast.status_code, fast.headers["content-type"], fast.content) == (
+            route.status_code,
+            route.headers["content-type"],
+            route.content,
+        )
+    untyped = httpx.post(f"{server}/v1/classify", content=json.dumps(bodies[0]).encode(), timeout=60)
+    assert untyped.status_code == 422 and stats.answered == before + 1  # FastAPI's rule: JSON only when typed so
 
 
 def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
