@@ -968,6 +968,23 @@ def test_valid_json_requests_take_the_fast_path_and_get_the_route_s_answer_to_th
     assert untyped.status_code == 422 and stats.answered == before + 1  # FastAPI's rule: JSON only when typed so
 
 
+def test_a_short_request_waits_for_a_busy_tokenizer_off_the_event_loop(runs, reference):
+    """A short request is tokenized on the event loop's thread only where its adapter's tokenizer is free: while
+    another thread holds it (a long request's encode in the thread pool, a batch's padding on the worker), the
+    request waits in the pool, and the server goes on answering."""
+    registry = AdapterRegistry("cpu")
+    registry.attach(read_adapter(str(runs["sentiment"])))
+    with serving(registry, Access()) as url, ThreadPoolExecutor(max_workers=1) as pool:
+        with registry.get("sentiment").tokenizer_lock:
+            pending = pool.submit(classify, url, "sentiment", TEXTS[:2])
+            time.sleep(0.5)
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code == 200  # the event loop is not held
+            assert not pending.done()
+        torch.testing.assert_close(
+            probabilities(pending.result(timeout=60)), reference["sentiment"][:2], atol=1e-5, rtol=0
+        )
+
+
 def test_text_or_source_that_is_not_unicode_is_a_client_error(server):
     lone = httpx.post(
         f"{server}/v1/classify",

@@ -166,11 +166,11 @@ class BodyLimit:
 
 
 INLINE_ENCODE_CHARS = 1024
-"""Requests whose texts hold at most this many characters are tokenized on the event loop's thread, longer ones in
-its thread pool. On the AMD host, a 160-character SST-2 sentence took 0.07 ms to tokenize and 16 of them (1,918
-characters) 0.57 ms, less than the hop to a pool thread and back costs the GIL; a 1,943-character IMDb review took
-1.7 ms, long enough to hold up other requests. Mix B, alternating runs: 186.5 against 178.1 requests/s (median
-of 3 each; docs/serving.md)."""
+"""Requests whose texts hold at most this many characters are tokenized on the event loop's thread where the
+adapter's tokenizer is free (else, and for longer ones, in its thread pool). On the AMD host, a 160-character SST-2
+sentence took 0.07 ms to tokenize and 16 of them (1,918 characters) 0.57 ms, less than the hop to a pool thread and
+back costs the GIL; a 1,943-character IMDb review took 1.7 ms, long enough to hold up other requests. Mix B,
+alternating runs: 186.5 against 178.1 requests/s (median of 3 each; docs/serving.md)."""
 Answer = Callable[["ClassifyRequest"], Awaitable[dict[str, Any]]]
 """What ``POST /v1/classify`` answers to a valid request (raises :class:`ServingError`)."""
 CLASSIFY_ANSWER = TypeAdapter(ClassifyResponse | FanOutResponse)
@@ -367,9 +367,9 @@ def _classify_answer(registry: Registry, batcher: MicroBatcher, limits: Limits) 
             key = (adapter.max_length, adapter.recipe.data.truncation)
             if key in encodings:
                 continue
-            if sum(map(len, request.texts)) <= INLINE_ENCODE_CHARS:
-                encodings[key] = adapter.encode(request.texts)
-            else:
+            short = sum(map(len, request.texts)) <= INLINE_ENCODE_CHARS
+            encodings[key] = adapter.encode_if_free(request.texts) if short else None
+            if encodings[key] is None:  # a long request, or the tokenizer in use by another thread
                 encodings[key] = await run_in_threadpool(adapter.encode, request.texts)
         encoded = [encodings[(a.max_length, a.recipe.data.truncation)] for a in adapters]
         futures = batcher.submit_together([(a.name, features) for a, (features, _) in zip(adapters, encoded)])

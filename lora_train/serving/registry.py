@@ -190,15 +190,28 @@ class Adapter:
     def encode(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
         """Token ids of each text (cut to the adapter's ``max_length``) and whether it was cut."""
         with self.tokenizer_lock:
-            enc = encode_texts(self.tokenizer, texts, self.max_length, self.recipe.data.truncation)
-            features = [{key: enc[key][i] for key in enc.keys()} for i in range(len(texts))]
-            # Only a text that (nearly: head_tail keeps one token spare) fills max_length may have been cut:
-            # tokenize just those again, uncut, to know.
-            truncated = [
-                len(f["input_ids"]) >= self.max_length - 1
-                and len(self.tokenizer(text, verbose=False)["input_ids"]) > self.max_length
-                for text, f in zip(texts, features, strict=True)
-            ]
+            return self._encode(texts)
+
+    def encode_if_free(self, texts: list[str]) -> Optional[tuple[list[dict[str, list[int]]], list[bool]]]:
+        """:meth:`encode`, or None at once while another thread uses the tokenizer (a long request's encode in the
+        thread pool, or a batch's padding on the worker): the event loop's thread must not wait for either."""
+        if not self.tokenizer_lock.acquire(blocking=False):
+            return None
+        try:
+            return self._encode(texts)
+        finally:
+            self.tokenizer_lock.release()
+
+    def _encode(self, texts: list[str]) -> tuple[list[dict[str, list[int]]], list[bool]]:
+        enc = encode_texts(self.tokenizer, texts, self.max_length, self.recipe.data.truncation)
+        features = [{key: enc[key][i] for key in enc.keys()} for i in range(len(texts))]
+        # Only a text that (nearly: head_tail keeps one token spare) fills max_length may have been cut:
+        # tokenize just those again, uncut, to know.
+        truncated = [
+            len(f["input_ids"]) >= self.max_length - 1
+            and len(self.tokenizer(text, verbose=False)["input_ids"]) > self.max_length
+            for text, f in zip(texts, features, strict=True)
+        ]
         return features, truncated
 
 
