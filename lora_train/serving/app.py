@@ -159,10 +159,16 @@ class BodyLimit:
             )
             return await response(scope, receive, send)
 
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
+        return await self.app(scope, _replay(body), send)
 
-        return await self.app(scope, replay, send)
+
+def _replay(body: bytes):
+    """An ASGI ``receive`` that hands on a body already read, whole, in one message."""
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 INLINE_ENCODE_CHARS = 1024
@@ -216,11 +222,7 @@ class ClassifyFastPath:
         try:
             request = ClassifyRequest.model_validate_json(body)
         except ValidationError:
-
-            async def replay():
-                return {"type": "http.request", "body": body, "more_body": False}
-
-            return await self.app(scope, replay, send)
+            return await self.app(scope, _replay(body), send)
         try:
             answer = CLASSIFY_ANSWER.dump_json(CLASSIFY_ANSWER.validate_python(await self.answer(request)))
             response = Response(answer, media_type="application/json")
@@ -363,11 +365,11 @@ def _classify_answer(registry: Registry, batcher: MicroBatcher, limits: Limits) 
         adapters = [registry.get(name) for name in names]
         # Adapters of one base share its tokenizer: the texts are tokenized once per max_length and truncation.
         encodings: dict[tuple, tuple] = {}
+        short = sum(map(len, request.texts)) <= INLINE_ENCODE_CHARS
         for adapter in adapters:
             key = (adapter.max_length, adapter.recipe.data.truncation)
             if key in encodings:
                 continue
-            short = sum(map(len, request.texts)) <= INLINE_ENCODE_CHARS
             encodings[key] = adapter.encode_if_free(request.texts) if short else None
             if encodings[key] is None:  # a long request, or the tokenizer in use by another thread
                 encodings[key] = await run_in_threadpool(adapter.encode, request.texts)
