@@ -757,8 +757,8 @@ def pack_padded_tokens(model: nn.Module) -> bool:
     layer's products, LayerNorms and GELU on those rows alone, and each text's tokens attend over their own, text by
     text, without padding or mask (:func:`_per_text_attention`). Four batches of 8 SST-2 validation sentences, padded
     to their longest (33 to 48 tokens), held 40% padding (848 real of 1,416 tokens). Each row of a product is the same
-    dot products as padded; the attention over fewer keys rounds differently (the probabilities within 2.5e-4 of
-    the padded forward's in bf16, docs/serving.md). The last layer at the first position
+    dot products as padded; the attention over fewer keys rounds differently (the logits within 0.002 of the
+    padded forward's in bf16, docs/serving.md). The last layer at the first position
     (:func:`last_layer_at_first_position`) takes each text's first token as its queries. Training, a batch without
     padding or of one text, a decoder, a cache or cross-attention, a chunked feed-forward or a first position that is
     padding (left padding) take transformers' forward.
@@ -848,7 +848,7 @@ def _per_text_attention(attention, tokens: torch.Tensor, lengths: list[int], kwa
     """A BERT-family self-attention's output for packed ``tokens``: each text's tokens (``lengths``, in order) attend
     over their own, one call per text, without padding or a mask. A padded batch's attention is quadratic in the
     longest text: in a batch of 8 SST-2 sentences of 9 to 48 tokens, padded to 48, 55% of its attention's work is
-    padding; attending text by text made such forwards 7% to 15% faster on a CPU (docs/serving.md)."""
+    padding; attending text by text made forwards of 8 or 16 short texts 4% to 9% faster on a CPU (docs/serving.md)."""
     size, attend = attention.attention_head_size, _attention_function(attention)
     projected = [attention.query(tokens), attention.key(tokens), attention.value(tokens)]
     outputs, start = [], 0
