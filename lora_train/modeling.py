@@ -834,9 +834,19 @@ def _packed_encoder(encoder, hidden_states, attention_mask=None, encoder_hidden_
         )
         hidden = last.feed_forward_chunk(last.attention.output(attended, queries)).unsqueeze(1)
     else:
-        padded = tokens.new_zeros(batch * length, width).index_copy_(0, where, tokens[: len(where)])
-        hidden = padded.view(batch, length, width)
+        hidden = _unpacked(tokens, where, (batch, length))
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden)
+
+
+def _unpacked(tokens: torch.Tensor, where: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Packed rows (the real tokens at ``where`` first) laid out as the padded batch of ``shape``, zeros at the
+    padding: ``(batch, positions, width)``."""
+    batch, length = shape
+    return (
+        tokens.new_zeros(batch * length, tokens.shape[-1])
+        .index_copy_(0, where, tokens[: len(where)])
+        .view(batch, length, -1)
+    )
 
 
 def _rows(tokens: torch.Tensor, rows: int) -> torch.Tensor:
@@ -851,12 +861,11 @@ def _per_text_attention(attention, tokens: torch.Tensor, lengths: list[int], kwa
     padding; attending text by text made forwards of 8 or 16 short texts 4% to 9% faster on a CPU (docs/serving.md)."""
     size, attend = attention.attention_head_size, _attention_function(attention)
     projected = [attention.query(tokens), attention.key(tokens), attention.value(tokens)]
+    options = {**kwargs, "dropout": 0.0, "scaling": attention.scaling, "is_causal": False}
     outputs, start = [], 0
     for n in lengths:
         heads = [x[start : start + n].view(1, n, -1, size).transpose(1, 2) for x in projected]
-        out, _ = attend(
-            attention, *heads, None, dropout=0.0, scaling=attention.scaling, **{**kwargs, "is_causal": False}
-        )
+        out, _ = attend(attention, *heads, None, **options)
         outputs.append(out.reshape(n, -1))
         start += n
     return _rows(torch.cat(outputs), len(tokens))
@@ -867,14 +876,12 @@ def _first_position_attention(attention, queries, tokens, where, shape: tuple[in
     keys and values of the packed ``tokens``, laid out again as the padded batch of ``shape``, under
     ``attention_mask``; one row per text."""
     batch, length = shape
+    size = attention.attention_head_size
     keys, values = (
-        x.new_zeros(batch * length, x.shape[-1])
-        .index_copy_(0, where, x[: len(where)])
-        .view(batch, length, -1, attention.attention_head_size)
-        .transpose(1, 2)
+        _unpacked(x, where, shape).view(batch, length, -1, size).transpose(1, 2)
         for x in (attention.key(tokens), attention.value(tokens))
     )
-    query = attention.query(queries).view(batch, 1, -1, attention.attention_head_size).transpose(1, 2)
+    query = attention.query(queries).view(batch, 1, -1, size).transpose(1, 2)
     out, _ = _attention_function(attention)(
         attention, query, keys, values, attention_mask, dropout=0.0, scaling=attention.scaling, **kwargs
     )
